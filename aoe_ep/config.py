@@ -1,0 +1,326 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with `section.field=value` overrides.
+
+Every impossible setting becomes one `ConfigError` that names the field. Numbers such as d_wide = 3840 are derived
+here (Eq. 5) or written in `configs/*.yaml`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+SCORERS = ("aoe", "router", "self_routing")
+NORMS = ("l2", "l1", "linf")
+SELECTIONS = ("top_k", "top_p", "expert_choice")
+GATES = ("softmax_topk", "softmax_all")
+DISPATCHERS = ("allgather", "alltoall")
+FFNS = ("dense", "moe")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message starts with the field's dotted name."""
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _one_of(value: Any, choices: tuple, name: str) -> None:
+    _require(value in choices, name, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def derive_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
+    """Eq. 5: the AoE width that keeps the expert's parameter count equal to a SwiGLU expert of width d_ffn.
+
+    d_wide = (3·d·d_ffn − d_low·d) / (d_low + 2·d), rounded up (the paper's 6469.2 becomes 6470).
+    """
+    exact = (3 * d_model * d_ffn - d_low * d_model) / (d_low + 2 * d_model)
+    return math.ceil(exact - 1e-9)
+
+
+@dataclass
+class MoEConfig:
+    """One MoE / AoE / Self-Routing FFN layer (DESIGN.md section 5)."""
+
+    d_model: int = 0
+    num_experts: int = 8
+    top_k: int = 2
+    scorer: str = "aoe"
+    d_ffn: int = 3072
+    d_low: int = 256
+    d_wide: Optional[int] = None
+    norm: str = "l2"
+    selection: str = "top_k"
+    gate: str = "softmax_topk"
+    top_p: float = 0.6
+    capacity_factor: float = 2.0
+    aux_loss_coeff: float = 0.01
+    top_p_entropy_coeff: float = 1e-4
+    self_routing_offset: int = 0
+    dispatcher: str = "allgather"
+
+    def __post_init__(self) -> None:
+        if self.scorer == "aoe" and self.d_wide is None and isinstance(self.d_low, int) and self.d_low > 0:
+            if isinstance(self.d_model, int) and isinstance(self.d_ffn, int):
+                self.d_wide = derive_d_wide(self.d_model, self.d_ffn, self.d_low)
+        self.validate("moe")
+
+    def validate(self, prefix: str = "moe") -> None:
+        p = prefix + "."
+        _require(_is_int(self.d_model) and self.d_model > 0, p + "d_model", f"must be a positive integer, got {self.d_model!r}")
+        _require(_is_int(self.num_experts) and self.num_experts > 0, p + "num_experts",
+                 f"must be a positive integer, got {self.num_experts!r}")
+        _one_of(self.scorer, SCORERS, p + "scorer")
+        _one_of(self.norm, NORMS, p + "norm")
+        _one_of(self.selection, SELECTIONS, p + "selection")
+        _one_of(self.gate, GATES, p + "gate")
+        _one_of(self.dispatcher, DISPATCHERS, p + "dispatcher")
+        _require(_is_int(self.top_k) and self.top_k > 0, p + "top_k", f"must be a positive integer, got {self.top_k!r}")
+        _require(self.top_k <= self.num_experts, p + "top_k",
+                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        _require(_is_int(self.d_ffn) and self.d_ffn > 0, p + "d_ffn", f"must be a positive integer, got {self.d_ffn!r}")
+        if self.scorer == "aoe":
+            _require(_is_int(self.d_low) and self.d_low > 0, p + "d_low", f"must be a positive integer, got {self.d_low!r}")
+            _require(_is_int(self.d_wide) and self.d_wide > 0, p + "d_wide",
+                     f"must be a positive integer, got {self.d_wide!r}")
+        _require(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0, p + "top_p",
+                 f"must lie in (0, 1], got {self.top_p!r}")
+        _require(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0, p + "capacity_factor",
+                 f"must be positive, got {self.capacity_factor!r}")
+        _require(isinstance(self.aux_loss_coeff, (int, float)) and self.aux_loss_coeff >= 0, p + "aux_loss_coeff",
+                 f"must be >= 0, got {self.aux_loss_coeff!r}")
+        _require(isinstance(self.top_p_entropy_coeff, (int, float)) and self.top_p_entropy_coeff >= 0,
+                 p + "top_p_entropy_coeff", f"must be >= 0, got {self.top_p_entropy_coeff!r}")
+        if self.scorer == "self_routing":
+            _require(_is_int(self.self_routing_offset) and self.self_routing_offset >= 0, p + "self_routing_offset",
+                     f"must be a non-negative integer, got {self.self_routing_offset!r}")
+            _require(self.self_routing_offset + self.num_experts <= self.d_model, p + "num_experts",
+                     f"self_routing reads channels [{self.self_routing_offset}, "
+                     f"{self.self_routing_offset + self.num_experts}) but d_model={self.d_model}")
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of one expert: d_wide for AoE, d_ffn otherwise."""
+        return self.d_wide if self.scorer == "aoe" else self.d_ffn
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder; `ffn` picks a dense SwiGLU (width `d_ffn`) or the MoE layer of `Config.moe`."""
+
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    ffn: str = "moe"
+    d_ffn: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def validate(self, prefix: str = "model") -> None:
+        p = prefix + "."
+        for name in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len", "d_ffn"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, p + name, f"must be a positive integer, got {value!r}")
+        _one_of(self.ffn, FFNS, p + "ffn")
+        _require(self.d_model % self.n_heads == 0, p + "n_heads",
+                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+
+@dataclass
+class ParallelConfig:
+    """World = data_parallel x expert_parallel (EP inner)."""
+
+    expert_parallel_size: int = 1
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _require(_is_int(self.expert_parallel_size) and self.expert_parallel_size > 0,
+                 prefix + ".expert_parallel_size", f"must be a positive integer, got {self.expert_parallel_size!r}")
+
+
+@dataclass
+class Config:
+    """The whole experiment. `moe.d_model` follows `model.d_model` when the YAML leaves it out."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: Optional[MoEConfig] = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.parallel.validate("parallel")
+        if self.model.ffn == "moe":
+            _require(self.moe is not None, "moe", "model.ffn is 'moe' but no moe section is given")
+        if self.moe is not None:
+            _require(self.moe.d_model == self.model.d_model, "moe.d_model",
+                     f"{self.moe.d_model} differs from model.d_model={self.model.d_model}")
+            ep = self.parallel.expert_parallel_size
+            _require(self.moe.num_experts % ep == 0, "moe.num_experts",
+                     f"num_experts={self.moe.num_experts} is not divisible by "
+                     f"parallel.expert_parallel_size={ep}")
+        return self
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML loading and overrides
+
+
+def _build(cls: type, raw: Any, prefix: str, extra: Optional[dict] = None) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = dict(extra or {})
+    for key, value in raw.items():
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        message = str(err)
+        if not message.startswith(prefix + "."):
+            message = f"{prefix}.{message.split('.', 1)[-1]}"
+        raise ConfigError(message) from None
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """YAML gives ints for floats (`top_p: 1`) and strings for everything on the command line; accept both."""
+    target = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+    if value is None or target is Any:
+        return value
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if target in (int, float, str, bool) and not isinstance(value, target):
+        raise ConfigError(f"{name}: expected {target.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a `Config` from a nested mapping (the parsed YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
+    model = _build(ModelConfig, raw.get("model", {}), "model")
+    parallel = _build(ParallelConfig, raw.get("parallel", {}), "parallel")
+    moe = None
+    if raw.get("moe") is not None:
+        moe_raw = dict(raw["moe"]) if isinstance(raw["moe"], dict) else raw["moe"]
+        if isinstance(moe_raw, dict):
+            moe_raw.setdefault("d_model", model.d_model)
+        moe = _build(MoEConfig, moe_raw, "moe")
+    return Config(model=model, moe=moe, parallel=parallel).validate()
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.field=value` strings (values parsed as YAML) to a nested mapping, returning a new one."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{item}: an override must read section.field=value, e.g. moe.top_k=4")
+        section, name = parts
+        value = yaml.safe_load(text) if text.strip() else None
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            out[section] = {}
+        out[section][name] = value
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A file path, or the name of a preset in configs/ (`tiny` -> configs/tiny.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIGS_DIR / name_or_path, CONFIGS_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
+    raise ConfigError(f"config: no file or preset named {name_or_path!r} (presets: {', '.join(presets)})")
+
+
+def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML file or preset, apply overrides, validate."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter count
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Total and active parameters.
+
+    Convention (the paper's): `total` counts the vocabulary matrix once, `active` counts it twice (embedding and
+    output head), so the 12-layer d=768 configuration reads 732.4M / 247.4M and the 4B one 3.97B / 1.18B. An AoE
+    expert's active parameters are its whole factorised expert (Wdown_i included) for each of the K it selects, as in
+    the paper; `active_compute` also counts the Wdown of the unselected experts, which every token multiplies.
+    `total_untied` is the exact count of the model as built (untied embedding and head, norms included).
+    """
+
+    total: int
+    active: int
+    active_compute: int
+    total_untied: int
+
+
+def ffn_param_count(model: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, int, int]:
+    """(all, active, active_compute) parameters of one FFN layer; see `ParamCount`."""
+    d = model.d_model
+    if model.ffn == "dense" or moe is None:
+        n = 3 * d * model.d_ffn
+        return n, n, n
+    if moe.scorer == "aoe":
+        selector_per_expert = d * moe.d_low
+        per_expert = selector_per_expert + (d + moe.d_low + d) * moe.d_wide
+        shared = 0
+    else:
+        selector_per_expert = 0
+        per_expert = 3 * d * moe.d_ffn
+        shared = moe.num_experts * d if moe.scorer == "router" else 0
+    # top-P activates an input-dependent number of experts (reported at K); expert choice capacity_factor on average.
+    active_experts = moe.capacity_factor if moe.selection == "expert_choice" else moe.top_k
+    total = shared + moe.num_experts * per_expert
+    active = shared + active_experts * per_expert
+    compute = active + (moe.num_experts - active_experts) * selector_per_expert
+    return total, int(active), int(compute)
+
+
+def count_parameters(cfg: Config) -> ParamCount:
+    """Parameter counts of the decoder described by `cfg` (see `ParamCount` for the conventions)."""
+    m = cfg.model
+    per_layer = 4 * m.d_model * m.d_model + 2 * m.d_model  # attention projections and the two RMSNorms
+    ffn_all, ffn_active, ffn_compute = ffn_param_count(m, cfg.moe)
+    vocab = m.vocab_size * m.d_model
+    return ParamCount(total=m.n_layers * (per_layer + ffn_all) + vocab,
+                      active=m.n_layers * (per_layer + ffn_active) + 2 * vocab,
+                      active_compute=m.n_layers * (per_layer + ffn_compute) + 2 * vocab,
+                      total_untied=m.n_layers * (per_layer + ffn_all) + 2 * vocab + m.d_model)

@@ -1,0 +1,6 @@
+"""Router-free and routed Mixture-of-Experts layers: scorers, selection, experts, losses, statistics, the layer."""
+
+from aoe_ep.moe.layer import MoEInfo, MoELayer
+from aoe_ep.moe.stats import LoadStats, idle_time
+
+__all__ = ["LoadStats", "MoEInfo", "MoELayer", "idle_time"]

@@ -1,0 +1,25 @@
+"""Cost model of one FFN layer (DESIGN.md section 6): forward FLOPs per token, a multiply-add counting 2.
+
+Backward is about twice the forward, so forward+backward ratios equal forward ratios; benchmarks print their
+measured throughput ratios next to the bounds these give.
+"""
+
+from __future__ import annotations
+
+from aoe_ep.config import MoEConfig
+
+
+def dense_flops(d_model: int, d_ffn: int) -> float:
+    """Dense SwiGLU: three d×d_ffn matmuls."""
+    return 6.0 * d_model * d_ffn
+
+
+def moe_flops(cfg: MoEConfig) -> float:
+    """Forward FLOPs per token of `cfg`'s layer with top-K selection (top-P and expert choice average to it)."""
+    d, n, k = cfg.d_model, cfg.num_experts, cfg.top_k
+    if cfg.selection == "expert_choice":
+        k = cfg.capacity_factor
+    if cfg.scorer == "aoe":
+        return 2.0 * n * d * cfg.d_low + k * (2.0 * cfg.d_low * cfg.d_wide + 4.0 * d * cfg.d_wide)
+    router = 2.0 * d * n if cfg.scorer == "router" else 0.0
+    return router + k * dense_flops(d, cfg.d_ffn)

@@ -1,0 +1,85 @@
+"""Selection strategies over any score matrix s_TE (router logits, AoE norms, Self-Routing logits).
+
+Every strategy breaks ties the same way: the lower expert index first (for expert choice, the lower token index),
+which is what a stable descending sort gives. `torch.topk` makes no such promise, so it is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from aoe_ep.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class Selection:
+    """mask_TE: which experts process which token; gates_TE: their weights (zero off the mask);
+    probs_TE: softmax of the scores over all experts (for the aux loss, Ent_conf and the top-P regulariser)."""
+
+    mask_TE: torch.Tensor
+    gates_TE: torch.Tensor
+    probs_TE: torch.Tensor
+
+
+def _ranked(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Indices that sort `values` descending along `dim`, ties kept in index order."""
+    return torch.sort(values, dim=dim, descending=True, stable=True).indices
+
+
+def top_k_mask(s_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Token choice: each token's k highest-scoring experts."""
+    order_TK = _ranked(s_TE, dim=1)[:, :k]
+    return torch.zeros_like(s_TE, dtype=torch.bool).scatter_(1, order_TK, True)
+
+
+def top_p_mask(probs_TE: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-P token choice (Huang et al., 2024): the smallest prefix of experts, ranked by probability,
+    whose mass reaches p; an expert is kept iff the mass ranked before it is still below p."""
+    order_TE = _ranked(probs_TE, dim=1)
+    sorted_TE = probs_TE.gather(1, order_TE)
+    mass_before_TE = torch.cumsum(sorted_TE, dim=1).roll(1, dims=1)
+    mass_before_TE[:, 0] = 0.0
+    keep_TE = mass_before_TE < p
+    return torch.zeros_like(keep_TE).scatter_(1, order_TE, keep_TE)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Expert choice capacity C = ceil(T·capacity_factor/n), at most T (Zhou et al., 2022)."""
+    return min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts))
+
+
+def expert_choice_mask(probs_TE: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Expert choice: each expert takes the `capacity` tokens that give it the highest probability."""
+    order_CE = _ranked(probs_TE, dim=0)[:capacity]
+    return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, order_CE, True)
+
+
+def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str) -> torch.Tensor:
+    """`softmax_topk`: softmax over each token's selected experts; `softmax_all`: the full softmax, unrenormalised.
+
+    The masked softmax is written out so that a token no expert chose (expert choice) gets zero gates, not NaN.
+    """
+    if gate == "softmax_all":
+        return probs_TE * mask_TE
+    neg_inf = float("-inf")
+    row_max_T1 = s_TE.detach().masked_fill(~mask_TE, neg_inf).amax(dim=1, keepdim=True)
+    row_max_T1 = torch.where(torch.isfinite(row_max_T1), row_max_T1, torch.zeros_like(row_max_T1))
+    e_TE = torch.exp((s_TE - row_max_T1).masked_fill(~mask_TE, neg_inf))
+    return e_TE / e_TE.sum(dim=1, keepdim=True).clamp_min(torch.finfo(e_TE.dtype).tiny)
+
+
+def select(s_TE: torch.Tensor, cfg: MoEConfig) -> Selection:
+    """Apply `cfg.selection` and `cfg.gate` to the global score matrix s_TE."""
+    probs_TE = torch.softmax(s_TE, dim=1)
+    with torch.no_grad():
+        if cfg.selection == "top_k":
+            mask_TE = top_k_mask(s_TE, cfg.top_k)
+        elif cfg.selection == "top_p":
+            mask_TE = top_p_mask(probs_TE, cfg.top_p)
+        else:
+            capacity = expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor)
+            mask_TE = expert_choice_mask(probs_TE, capacity)
+    return Selection(mask_TE=mask_TE, gates_TE=gate_weights(s_TE, probs_TE, mask_TE, cfg.gate), probs_TE=probs_TE)

@@ -149,16 +149,83 @@ class ParallelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Training data: megatron-core indexed datasets (`paths` are .bin/.idx prefixes, blended by `weights`), or the
+    built-in default corpus when `paths` is empty."""
+
+    paths: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    split: str = "98,2,0"
+    tokenizer: str = "byte"
+    seq_len: int = 128
+    cache_dir: str = ".cache/aoe_ep"
+
+    def validate(self, prefix: str = "data") -> None:
+        p = prefix + "."
+        _require(_is_int(self.seq_len) and self.seq_len > 0, p + "seq_len", f"must be a positive integer, got {self.seq_len!r}")
+        _require(isinstance(self.paths, list) and all(isinstance(x, str) for x in self.paths), p + "paths",
+                 "must be a list of dataset prefixes")
+        _require(not self.weights or len(self.weights) == len(self.paths), p + "weights",
+                 f"{len(self.weights)} weights for {len(self.paths)} paths")
+        _require(all(isinstance(w, (int, float)) and w >= 0 for w in self.weights), p + "weights",
+                 "must be non-negative numbers")
+        parts = str(self.split).split(",")
+        _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts), p + "split",
+                 f"must read 'train,valid,test' weights such as '98,2,0', got {self.split!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The paper's recipe: AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, linear warm-up then cosine decay."""
+
+    max_steps: int = 200
+    global_batch_tokens: int = 4096
+    micro_batch_size: int = 8
+    lr: float = 2e-4
+    min_lr: float = 1.28e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    eval_steps: int = 4
+    save_interval: int = 100
+    log_interval: int = 10
+    out_dir: str = "runs/default"
+    seed: int = 1234
+
+    def validate(self, prefix: str = "train") -> None:
+        p = prefix + "."
+        for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_interval", "eval_steps",
+                     "save_interval", "log_interval"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, p + name, f"must be a positive integer, got {value!r}")
+        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, p + "warmup_steps",
+                 f"must be a non-negative integer, got {self.warmup_steps!r}")
+        _require(self.lr > 0, p + "lr", f"must be positive, got {self.lr!r}")
+        _require(0 <= self.min_lr <= self.lr, p + "min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr!r}")
+        _require(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, p + "beta1",
+                 f"betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
+        _require(self.grad_clip > 0, p + "grad_clip", f"must be positive, got {self.grad_clip!r}")
+
+
+@dataclass
 class Config:
     """The whole experiment. `moe.d_model` follows `model.d_model` when the YAML leaves it out."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: Optional[MoEConfig] = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
         self.model.validate("model")
         self.parallel.validate("parallel")
+        self.data.validate("data")
+        self.train.validate("train")
         if self.model.ffn == "moe":
             _require(self.moe is not None, "moe", "model.ffn is 'moe' but no moe section is given")
         if self.moe is not None:
@@ -206,6 +273,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return value
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if target is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if target is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if target in (int, float, str, bool) and not isinstance(value, target):
@@ -229,7 +301,9 @@ def config_from_dict(raw: dict) -> Config:
         if isinstance(moe_raw, dict):
             moe_raw.setdefault("d_model", model.d_model)
         moe = _build(MoEConfig, moe_raw, "moe")
-    return Config(model=model, moe=moe, parallel=parallel).validate()
+    data = _build(DataConfig, raw.get("data", {}), "data")
+    train = _build(TrainConfig, raw.get("train", {}), "train")
+    return Config(model=model, moe=moe, parallel=parallel, data=data, train=train).validate()
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -35,6 +35,13 @@ def check_input(x: torch.Tensor, d_model: int) -> None:
         raise ValueError(f"MoELayer input holds {bad} NaN or infinite value(s); refusing to route them")
 
 
+def mark_expert_parameters(params) -> None:
+    """Tag parameters sharded over the expert-parallel group: their gradients are reduced over the expert-data-parallel
+    group (sum, divided by the world size), every other parameter's over the whole data-parallel world."""
+    for p in params:
+        p.expert_parallel = True
+
+
 class MoELayer(nn.Module):
     """AoE, routed-MoE or Self-Routing FFN layer (DESIGN.md sections 1 and 5).
 
@@ -48,6 +55,7 @@ class MoELayer(nn.Module):
         self.scorer = build_scorer(cfg)
         self.experts = build_experts(cfg)
         self.dispatcher = LocalDispatcher()
+        mark_expert_parameters(self.experts.parameters())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEInfo]:
         cfg = self.cfg

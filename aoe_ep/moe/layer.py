@@ -48,9 +48,11 @@ class MoELayer(nn.Module):
     `y, info = layer(x)` maps x [..., d_model] to y of the same shape: y = Σ_{i∈I} g_i · E_i(x).
     """
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, ep_group=None):
         super().__init__()
         cfg.validate("moe")
+        if ep_group is not None and ep_group.size() > 1:
+            raise NotImplementedError("expert parallelism (ep_group of size > 1) is not available in this build yet")
         self.cfg = cfg
         self.scorer = build_scorer(cfg)
         self.experts = build_experts(cfg)

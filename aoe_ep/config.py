@@ -22,6 +22,7 @@ NORMS = ("l2", "l1", "linf")
 SELECTIONS = ("top_k", "top_p", "expert_choice")
 GATES = ("softmax_topk", "softmax_all")
 DISPATCHERS = ("allgather", "alltoall")
+EXPERT_KINDS = ("auto", "swiglu", "factorized")
 FFNS = ("dense", "moe")
 
 
@@ -67,9 +68,11 @@ class MoEConfig:
     top_p_entropy_coeff: float = 1e-4
     self_routing_offset: int = 0
     dispatcher: str = "allgather"
+    expert_kind: str = "auto"
+    router_hidden: int = 0
 
     def __post_init__(self) -> None:
-        if self.scorer == "aoe" and self.d_wide is None and isinstance(self.d_low, int) and self.d_low > 0:
+        if self.factorized and self.d_wide is None and isinstance(self.d_low, int) and self.d_low > 0:
             if isinstance(self.d_model, int) and isinstance(self.d_ffn, int):
                 self.d_wide = derive_d_wide(self.d_model, self.d_ffn, self.d_low)
         self.validate("moe")
@@ -84,11 +87,18 @@ class MoEConfig:
         _one_of(self.selection, SELECTIONS, p + "selection")
         _one_of(self.gate, GATES, p + "gate")
         _one_of(self.dispatcher, DISPATCHERS, p + "dispatcher")
+        _one_of(self.expert_kind, EXPERT_KINDS, p + "expert_kind")
+        _require(not (self.scorer == "aoe" and self.expert_kind == "swiglu"), p + "expert_kind",
+                 "AoE experts are factorised (they reuse the scorer's cache); 'swiglu' needs a router or self_routing")
+        _require(_is_int(self.router_hidden) and self.router_hidden >= 0, p + "router_hidden",
+                 f"must be a non-negative integer, got {self.router_hidden!r}")
+        _require(self.router_hidden == 0 or self.scorer == "router", p + "router_hidden",
+                 f"only a learned router has a hidden layer, scorer is {self.scorer!r}")
         _require(_is_int(self.top_k) and self.top_k > 0, p + "top_k", f"must be a positive integer, got {self.top_k!r}")
         _require(self.top_k <= self.num_experts, p + "top_k",
                  f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         _require(_is_int(self.d_ffn) and self.d_ffn > 0, p + "d_ffn", f"must be a positive integer, got {self.d_ffn!r}")
-        if self.scorer == "aoe":
+        if self.factorized:
             _require(_is_int(self.d_low) and self.d_low > 0, p + "d_low", f"must be a positive integer, got {self.d_low!r}")
             _require(_is_int(self.d_wide) and self.d_wide > 0, p + "d_wide",
                      f"must be a positive integer, got {self.d_wide!r}")
@@ -108,9 +118,15 @@ class MoEConfig:
                      f"{self.self_routing_offset + self.num_experts}) but d_model={self.d_model}")
 
     @property
+    def factorized(self) -> bool:
+        """Experts with W_g = Wdown·Wup (Eq. 4): always for AoE; for the others with `expert_kind: factorized`
+        (the paper's Table 2 config 3)."""
+        return self.scorer == "aoe" or self.expert_kind == "factorized"
+
+    @property
     def expert_width(self) -> int:
-        """Hidden width of one expert: d_wide for AoE, d_ffn otherwise."""
-        return self.d_wide if self.scorer == "aoe" else self.d_ffn
+        """Hidden width of one expert: d_wide for factorised experts, d_ffn otherwise."""
+        return self.d_wide if self.factorized else self.d_ffn
 
 
 @dataclass
@@ -372,14 +388,13 @@ def ffn_param_count(model: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, 
     if model.ffn == "dense" or moe is None:
         n = 3 * d * model.d_ffn
         return n, n, n
-    if moe.scorer == "aoe":
-        selector_per_expert = d * moe.d_low
-        per_expert = selector_per_expert + (d + moe.d_low + d) * moe.d_wide
-        shared = 0
+    per_expert = d * moe.d_low + (d + moe.d_low + d) * moe.d_wide if moe.factorized else 3 * d * moe.d_ffn
+    selector_per_expert = d * moe.d_low if moe.scorer == "aoe" else 0
+    if moe.scorer == "router":
+        shared = (d * moe.router_hidden + moe.router_hidden * moe.num_experts) if moe.router_hidden \
+            else moe.num_experts * d
     else:
-        selector_per_expert = 0
-        per_expert = 3 * d * moe.d_ffn
-        shared = moe.num_experts * d if moe.scorer == "router" else 0
+        shared = 0
     # top-P activates an input-dependent number of experts (reported at K); expert choice capacity_factor on average.
     active_experts = moe.capacity_factor if moe.selection == "expert_choice" else moe.top_k
     total = shared + moe.num_experts * per_expert

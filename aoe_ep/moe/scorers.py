@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aoe_ep.config import MoEConfig
@@ -25,15 +26,25 @@ class Scores:
 
 
 class RouterScorer(nn.Module):
-    """Learned router, Eq. 2: logits = x Wr (stored as `weight [n, d]`, applied as x @ weight.T)."""
+    """Learned router, Eq. 2: logits = x Wr (stored as `weight [n, d]`, applied as x @ weight.T).
+
+    With `router_hidden` = h it is the paper's "large router" (Table 2 config 4): SiLU(x @ w_hidden) @ weight.T,
+    w_hidden [d, h], weight [n, h]; h = n·d_low puts as many parameters into selection as AoE's Wdown.
+    """
 
     def __init__(self, cfg: MoEConfig, num_experts: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, cfg.d_model))
-        nn.init.normal_(self.weight, std=cfg.d_model ** -0.5)
+        width = cfg.router_hidden or cfg.d_model
+        self.w_hidden = None
+        if cfg.router_hidden:
+            self.w_hidden = nn.Parameter(torch.empty(cfg.d_model, cfg.router_hidden))
+            nn.init.normal_(self.w_hidden, std=cfg.d_model ** -0.5)
+        self.weight = nn.Parameter(torch.empty(num_experts, width))
+        nn.init.normal_(self.weight, std=width ** -0.5)
 
     def forward(self, x_TD: torch.Tensor) -> Scores:
-        return Scores(s_TE=x_TD @ self.weight.t())
+        h_TH = x_TD if self.w_hidden is None else F.silu(x_TD @ self.w_hidden)
+        return Scores(s_TE=h_TH @ self.weight.t())
 
 
 class AoEScorer(nn.Module):

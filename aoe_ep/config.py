@@ -24,6 +24,9 @@ GATES = ("softmax_topk", "softmax_all")
 DISPATCHERS = ("allgather", "alltoall")
 EXPERT_KINDS = ("auto", "swiglu", "factorized")
 FFNS = ("dense", "moe")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+DENSE_PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -210,6 +213,15 @@ class TrainConfig:
     log_interval: int = 10
     out_dir: str = "runs/default"
     seed: int = 1234
+    lr_decay_style: str = "cosine"
+    lr_decay_steps: Optional[int] = None
+    eval_at_start: bool = True
+    exit_at_step: int = 0
+    keep_checkpoints: int = 0
+    precision: str = "auto"
+    dense_parallel: str = "ddp"
+    device: str = "auto"
+    peak_tflops: float = 0.0
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix + "."
@@ -225,6 +237,19 @@ class TrainConfig:
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, p + "beta1",
                  f"betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
         _require(self.grad_clip > 0, p + "grad_clip", f"must be positive, got {self.grad_clip!r}")
+        # lr_decay_steps (None: max_steps) and the step to stop at early (0: max_steps); the schedule is unchanged.
+        _one_of(self.lr_decay_style, LR_DECAY_STYLES, p + "lr_decay_style")
+        decay = self.max_steps if self.lr_decay_steps is None else self.lr_decay_steps
+        _require(_is_int(decay) and decay > self.warmup_steps, p + "lr_decay_steps",
+                 f"must be an integer above warmup_steps={self.warmup_steps}, got {decay!r}")
+        for name in ("exit_at_step", "keep_checkpoints"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 0, p + name, f"must be a non-negative integer, got {value!r}")
+        _one_of(self.precision, PRECISIONS, p + "precision")
+        _one_of(self.dense_parallel, DENSE_PARALLEL, p + "dense_parallel")
+        _one_of(self.device, ("auto", "cpu", "cuda"), p + "device")
+        _require(isinstance(self.peak_tflops, (int, float)) and self.peak_tflops >= 0, p + "peak_tflops",
+                 f"must be >= 0 (0: look the GPU up), got {self.peak_tflops!r}")
 
 
 @dataclass

@@ -1,5 +1,8 @@
-"""Llama-style decoder pieces; the FFN is dense SwiGLU or an MoE layer."""
+"""Llama-style decoder with a pluggable FFN: dense SwiGLU, routed MoE, AoE or Self-Routing."""
 
+from aoe_ep.model.attention import CausalSelfAttention, Rotary
+from aoe_ep.model.decoder import Decoder, DecoderBlock, DecoderOutput, token_cross_entropy
 from aoe_ep.model.ffn import DenseSwiGLU
 
-__all__ = ["DenseSwiGLU"]
+__all__ = ["CausalSelfAttention", "Decoder", "DecoderBlock", "DecoderOutput", "DenseSwiGLU", "Rotary",
+           "token_cross_entropy"]

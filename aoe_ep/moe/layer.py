@@ -1,13 +1,18 @@
 """The MoE layer: score → select → dispatch → experts → combine, plus its aux loss and load statistics.
 
-The layer never asks about ranks: the dispatcher decides which rows reach the experts it holds.
+The layer never asks about ranks: the dispatcher, chosen from `ep_group` and `cfg.dispatcher`, decides which tokens
+are scored here, which rows reach the experts this layer holds, and how global sums are formed.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from aoe_ep.config import MoEConfig
@@ -16,15 +21,24 @@ from aoe_ep.moe.losses import aux_loss, token_entropy
 from aoe_ep.moe.scorers import build_scorer
 from aoe_ep.moe.selection import select
 from aoe_ep.moe.stats import LoadStats
-from aoe_ep.parallel.local import LocalDispatcher
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """Wall-clock seconds of this rank's forward: in its experts, and in the combine (where it waits for others)."""
+
+    expert_seconds: float
+    combine_seconds: float
 
 
 @dataclass(frozen=True)
 class MoEInfo:
-    """aux_loss: this layer's auxiliary loss (add it to the training loss); stats: its `LoadStats`."""
+    """aux_loss: this layer's auxiliary loss over the EP group's batch (add it to the training loss; the same value
+    on every rank); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`."""
 
     aux_loss: torch.Tensor
     stats: LoadStats
+    timing: LayerTiming
 
 
 def check_input(x: torch.Tensor, d_model: int) -> None:
@@ -42,39 +56,72 @@ def mark_expert_parameters(params) -> None:
         p.expert_parallel = True
 
 
-class MoELayer(nn.Module):
-    """AoE, routed-MoE or Self-Routing FFN layer (DESIGN.md sections 1 and 5).
+def build_dispatcher(cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup]):
+    from aoe_ep.parallel import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
 
-    `y, info = layer(x)` maps x [..., d_model] to y of the same shape: y = Σ_{i∈I} g_i · E_i(x).
+    if ep_group is None or dist.get_world_size(ep_group) == 1:
+        return LocalDispatcher()
+    if cfg.num_experts % dist.get_world_size(ep_group):
+        raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel size "
+                         f"{dist.get_world_size(ep_group)}")
+    cls = AllGatherDispatcher if cfg.dispatcher == "allgather" else AllToAllDispatcher
+    return cls(ep_group, cfg.num_experts)
+
+
+class MoELayer(nn.Module):
+    """AoE, routed-MoE or Self-Routing FFN layer (DESIGN.md sections 1, 2 and 5).
+
+    `y, info = layer(x)` maps x [..., d_model] to y of the same shape: y = Σ_{i∈I} g_i · E_i(x). With `ep_group`,
+    this rank holds experts [r·n/EP, (r+1)·n/EP) and x is this rank's tokens; info is the same on every rank.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group=None):
+    def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         cfg.validate("moe")
-        if ep_group is not None and ep_group.size() > 1:
-            raise NotImplementedError("expert parallelism (ep_group of size > 1) is not available in this build yet")
         self.cfg = cfg
-        self.scorer = build_scorer(cfg)
-        self.experts = build_experts(cfg)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = build_dispatcher(cfg, ep_group)
+        ep_size, ep_rank = self.dispatcher.ep_size, self.dispatcher.ep_rank
+        self.num_local_experts = cfg.num_experts // ep_size
+        self.expert_offset = ep_rank * self.num_local_experts
+        # Under `allgather` each rank scores only its own experts' Wdown; under `alltoall` the selector is replicated.
+        self.scorer_is_sharded = cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and ep_size > 1
+        self.scorer = build_scorer(cfg, self.num_local_experts if self.scorer_is_sharded else cfg.num_experts)
+        self.experts = build_experts(cfg, self.num_local_experts)
         mark_expert_parameters(self.experts.parameters())
+        if self.scorer_is_sharded:
+            mark_expert_parameters(self.scorer.parameters())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEInfo]:
-        cfg = self.cfg
+        cfg, d = self.cfg, self.dispatcher
         check_input(x, cfg.d_model)
         x_TD = x.reshape(-1, cfg.d_model)
-        num_tokens = x_TD.shape[0]
 
-        scores = self.scorer(x_TD)
-        sel = select(scores.s_TE, cfg)
-        entropy_T = token_entropy(scores.s_TE, sel.probs_TE)
-        tokens_per_expert_E = sel.mask_TE.sum(dim=0)
+        layout = d.layout(x_TD)
+        xs_SD = d.scored_tokens(x_TD, layout)
+        scores = self.scorer(xs_SD)
+        s_SE = d.all_expert_scores(scores.s_TE, layout)
+        sel = select(s_SE, cfg, expert_choice=partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
+                                                      layout=layout))
+        entropy_S = token_entropy(s_SE, sel.probs_TE)
+        sums = d.global_sums(sel.mask_TE, sel.probs_TE, entropy_S, s_SE, layout)
+        own = d.own_rows(layout)
+        loss = aux_loss(cfg, sel.probs_TE[own], entropy_S[own], sums)
 
-        rows, state = self.dispatcher.dispatch(x_TD, scores.cache_TEL, sel.mask_TE, sel.gates_TE)
+        rows, state = d.dispatch(x_TD, xs_SD, scores.cache_TEL, sel.mask_TE, sel.gates_TE, layout)
+        start = time.perf_counter()
         out_MD = self.experts(rows.x_MD, rows.counts, rows.cache_ML)
-        y_TD = self.dispatcher.combine(out_MD, state)
+        expert_seconds = time.perf_counter() - start
+        y_TD = d.combine(out_MD, state)
+        combine_seconds = time.perf_counter() - start - expert_seconds
 
-        loss = aux_loss(cfg, sel.probs_TE, entropy_T, tokens_per_expert_E, num_tokens)
-        stats = LoadStats.from_counts(tokens_per_expert_E, entropy_T.detach().sum(), scores.s_TE.detach().sum(dim=0),
-                                      num_tokens)
-        return y_TD.view(x.shape), MoEInfo(aux_loss=loss, stats=stats)
+        info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds))
+        return y_TD.view(x.shape), info
+
+    def load_full_state_dict(self, state: dict) -> None:
+        """Load the single-device layer's parameters (all n experts), keeping the slice this rank holds."""
+        local = {}
+        own = slice(self.expert_offset, self.expert_offset + self.num_local_experts)
+        for name, tensor in state.items():
+            sharded = name.startswith("experts.") or (self.scorer_is_sharded and name.startswith("scorer."))
+            local[name] = tensor[own] if sharded else tensor
+        self.load_state_dict(local)

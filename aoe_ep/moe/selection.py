@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -71,14 +72,21 @@ def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tens
     return e_TE / e_TE.sum(dim=1, keepdim=True).clamp_min(torch.finfo(e_TE.dtype).tiny)
 
 
-def select(s_TE: torch.Tensor, cfg: MoEConfig) -> Selection:
-    """Apply `cfg.selection` and `cfg.gate` to the global score matrix s_TE."""
+def select(s_TE: torch.Tensor, cfg: MoEConfig,
+           expert_choice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Selection:
+    """Apply `cfg.selection` and `cfg.gate` to the score matrix s_TE [tokens, all n experts].
+
+    Token choice needs only each token's row; expert choice ranks tokens over the whole batch, so a dispatcher whose
+    rows are not the whole batch passes `expert_choice`, mapping these rows' probabilities to their mask.
+    """
     probs_TE = torch.softmax(s_TE, dim=1)
     with torch.no_grad():
         if cfg.selection == "top_k":
             mask_TE = top_k_mask(s_TE, cfg.top_k)
         elif cfg.selection == "top_p":
             mask_TE = top_p_mask(probs_TE, cfg.top_p)
+        elif expert_choice is not None:
+            mask_TE = expert_choice(probs_TE)
         else:
             capacity = expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor)
             mask_TE = expert_choice_mask(probs_TE, capacity)

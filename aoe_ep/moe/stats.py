@@ -9,6 +9,27 @@ import torch
 
 
 @dataclass(frozen=True)
+class BatchSums:
+    """Detached sums over the EP group's batch from which the aux loss value and `LoadStats` are built; a parallel
+    dispatcher produces them by all-reducing the local sums (or by summing a gathered matrix)."""
+
+    tokens_per_expert: torch.Tensor
+    probs_sum: torch.Tensor
+    entropy_sum: torch.Tensor
+    score_sum: torch.Tensor
+    num_tokens: int
+
+    @classmethod
+    def of(cls, mask_TE: torch.Tensor, probs_TE: torch.Tensor, entropy_T: torch.Tensor, s_TE: torch.Tensor) -> "BatchSums":
+        return cls(tokens_per_expert=mask_TE.sum(dim=0), probs_sum=probs_TE.detach().sum(dim=0),
+                   entropy_sum=entropy_T.detach().sum(), score_sum=s_TE.detach().sum(dim=0),
+                   num_tokens=mask_TE.shape[0])
+
+    def stats(self) -> "LoadStats":
+        return LoadStats.from_counts(self.tokens_per_expert, self.entropy_sum, self.score_sum, self.num_tokens)
+
+
+@dataclass(frozen=True)
 class LoadStats:
     """Per-layer statistics (AoE paper, Section 4.3).
 

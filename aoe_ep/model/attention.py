@@ -1,0 +1,50 @@
+"""Causal self-attention with rotary position embeddings (RoPE, Su et al. 2021), as in Llama."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for positions [0, max_seq_len); rotates channel pairs (i, i + d_head/2) ("rotate half")."""
+
+    def __init__(self, d_head: int, max_seq_len: int, theta: float):
+        super().__init__()
+        if d_head % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got {d_head}")
+        inv_freq_H = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
+        angles_SH = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq_H)
+        angles_SK = torch.cat([angles_SH, angles_SH], dim=-1)
+        # Not persistent: derived from the config, so checkpoints hold only learned weights.
+        self.register_buffer("cos_SK", angles_SK.cos().float(), persistent=False)
+        self.register_buffer("sin_SK", angles_SK.sin().float(), persistent=False)
+
+    def forward(self, x_BNSK: torch.Tensor) -> torch.Tensor:
+        seq = x_BNSK.shape[-2]
+        cos, sin = self.cos_SK[:seq].to(x_BNSK.dtype), self.sin_SK[:seq].to(x_BNSK.dtype)
+        first, second = x_BNSK.chunk(2, dim=-1)
+        return x_BNSK * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention: fused QKV projection, RoPE on q and k, `scaled_dot_product_attention`."""
+
+    def __init__(self, d_model: int, n_heads: int, max_seq_len: int, rope_theta: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.d_head = d_model // n_heads
+        self.wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.wo = nn.Linear(d_model, d_model, bias=False)
+        self.rotary = Rotary(self.d_head, max_seq_len, rope_theta)
+        for linear in (self.wqkv, self.wo):
+            nn.init.normal_(linear.weight, std=d_model ** -0.5)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x_BSD.shape
+        qkv_BS3NK = self.wqkv(x_BSD).view(batch, seq, 3, self.n_heads, self.d_head)
+        q_BNSK, k_BNSK, v_BNSK = qkv_BS3NK.permute(2, 0, 3, 1, 4).unbind(0)
+        q_BNSK, k_BNSK = self.rotary(q_BNSK), self.rotary(k_BNSK)
+        o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNSK, v_BNSK, is_causal=True)
+        return self.wo(o_BNSK.transpose(1, 2).reshape(batch, seq, d_model))

@@ -1,0 +1,86 @@
+"""Llama-style decoder: token embedding, pre-RMSNorm blocks (RoPE causal attention, then an FFN), final RMSNorm and
+an untied output head. The FFN is a dense SwiGLU or an `MoELayer` (routed MoE, AoE or Self-Routing) per config.
+
+The model never asks about ranks: an expert-parallel group, when there is one, is handed to the MoE layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aoe_ep.config import MoEConfig, ModelConfig
+from aoe_ep.model.attention import CausalSelfAttention
+from aoe_ep.model.ffn import DenseSwiGLU
+from aoe_ep.moe import MoEInfo, MoELayer
+
+
+@dataclass(frozen=True)
+class DecoderOutput:
+    """logits [B, S, vocab]; aux_loss: the sum of every MoE layer's auxiliary loss (each already carries its
+    coefficient; a 0-dim zero for a dense model); moe: each MoE layer's `MoEInfo`, in layer order."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    moe: list[MoEInfo]
+
+
+class DecoderBlock(nn.Module):
+    """h = x + Attn(RMSNorm(x)); y = h + FFN(RMSNorm(h))."""
+
+    def __init__(self, model: ModelConfig, moe: Optional[MoEConfig], ep_group=None):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
+        self.attn = CausalSelfAttention(model.d_model, model.n_heads, model.max_seq_len, model.rope_theta)
+        self.ffn_norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
+        self.is_moe = model.ffn == "moe"
+        self.ffn = MoELayer(moe, ep_group=ep_group) if self.is_moe else DenseSwiGLU(model.d_model, model.d_ffn)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Optional[MoEInfo]]:
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        if self.is_moe:
+            f_BSD, info = self.ffn(self.ffn_norm(h_BSD))
+            return h_BSD + f_BSD, info
+        return h_BSD + self.ffn(self.ffn_norm(h_BSD)), None
+
+
+class Decoder(nn.Module):
+    """`out = model(tokens)` maps tokens [B, S] (S <= max_seq_len) to a `DecoderOutput`."""
+
+    def __init__(self, model: ModelConfig, moe: Optional[MoEConfig] = None, ep_group=None):
+        super().__init__()
+        model.validate("model")
+        if model.ffn == "moe" and moe is None:
+            raise ValueError("model.ffn is 'moe' but no MoEConfig was given")
+        self.cfg = model
+        self.embed = nn.Embedding(model.vocab_size, model.d_model)
+        self.blocks = nn.ModuleList(DecoderBlock(model, moe, ep_group) for _ in range(model.n_layers))
+        self.norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
+        self.head = nn.Linear(model.d_model, model.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=model.d_model ** -0.5)
+
+    def forward(self, tokens_BS: torch.Tensor) -> DecoderOutput:
+        if tokens_BS.shape[-1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens_BS.shape[-1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x_BSD = self.embed(tokens_BS)
+        aux = x_BSD.new_zeros((), dtype=torch.float32)
+        infos = []
+        for block in self.blocks:
+            x_BSD, info = block(x_BSD)
+            if info is not None:
+                aux = aux + info.aux_loss.float()
+                infos.append(info)
+        return DecoderOutput(logits=self.head(self.norm(x_BSD)), aux_loss=aux, moe=infos)
+
+
+def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,
+                        loss_mask_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ masked next-token cross-entropy, Σ mask), in fp32 whatever the logits' dtype; the caller divides."""
+    ce_N = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
+    mask_N = loss_mask_BS.flatten().to(ce_N.dtype)
+    return (ce_N * mask_N).sum(), mask_N.sum()

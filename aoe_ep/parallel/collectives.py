@@ -35,7 +35,10 @@ class CommCounter:
 
 
 def _nbytes(rows: int, t: torch.Tensor) -> int:
-    return rows * (t[0].numel() if t.dim() > 1 else 1) * t.element_size()
+    row_elems = 1
+    for size in t.shape[1:]:
+        row_elems *= size
+    return rows * row_elems * t.element_size()
 
 
 def all_gather_sizes(n: int, group: dist.ProcessGroup, counter: CommCounter, device: torch.device) -> list[int]:

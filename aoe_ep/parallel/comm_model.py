@@ -1,0 +1,94 @@
+"""Communication model: the bytes each rank sends in one EP layer, forward and backward (DESIGN.md section 2).
+
+Notation: T_r tokens on rank r, T = Σ T_r over the EP group, d = d_model, L = d_low, n experts, n_l = n/EP local
+experts, b bytes per element, 8 bytes per int64 count. "Sent" excludes what a rank keeps for itself.
+
+allgather (forward; backward mirrors each term with the reverse collective):
+  sizes    (EP−1)·8                             row counts, before the uneven all-gather
+  tokens   (EP−1)·T_r·d·b                       all-gather of x;        backward: reduce-scatter (T − T_r)·d·b
+  norms    (EP−1)·n_l·T·b   (AoE only)          all-gather of ||C_i||;  backward: the same amount
+  combine  Σ_{q≠r} A_rq·d·b                     A_rq = tokens of rank q with ≥1 winner among r's experts
+                                                 backward: Σ_{q≠r} A_qr·d·b
+alltoall:
+  sizes    (EP−1)·8
+  counts   (EP−1)·n_l·8                         rows per (rank, local expert)
+  stats    (EP−1)·(3n+1)·8                      one all-reduce of counts, Σp, Σs, Σ entropy (float64)
+  probs    (EP−1)·T_r·n·b   (expert choice)     all-gather of the softmax for the global ranking
+  dispatch Σ_{q≠r} W_rq·(d + L_c)·b             W_rq = winning (token of r, expert of q) pairs; L_c = L when the
+                                                 rows carry the AoE cache, else 0;  backward: Σ_{q≠r} W_qr·(d+L_c)·b
+  combine  Σ_{q≠r} W_qr·d·b                     backward: Σ_{q≠r} W_rq·d·b
+
+The data-dependent terms (A, W) come from the routing mask; under uniform routing with K experts per token their
+expectations are W_rq = T_r·K/EP and A_rq = T_q·(1 − C(n−n_l, K)/C(n, K)), which `expected_bytes_per_token` uses.
+"""
+
+from __future__ import annotations
+
+from math import comb
+from typing import Sequence
+
+import torch
+
+
+def _pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Tensor:
+    """W[r, q]: winning (token of rank r, expert of rank q) pairs."""
+    owner_T = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes)))
+    per_rank_TQ = mask_TE.view(mask_TE.shape[0], ep, -1).sum(dim=2)
+    return torch.stack([per_rank_TQ[owner_T == r].sum(dim=0) for r in range(len(sizes))])
+
+
+def _any_pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Tensor:
+    """A[r, q]: tokens of rank q with at least one winner among rank r's experts."""
+    owner_T = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes)))
+    any_TR = mask_TE.view(mask_TE.shape[0], ep, -1).any(dim=2)
+    return torch.stack([any_TR[owner_T == q].sum(dim=0) for q in range(len(sizes))]).t()
+
+
+def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], rank: int, d_model: int, d_low: int,
+                elem_bytes: int, aoe_cache: bool, expert_choice: bool) -> dict[str, int]:
+    """Bytes rank `rank` sends in one forward and backward, keyed like `CommCounter.as_dict()`.
+
+    mask_TE is the EP group's global routing mask over the concatenated batch, `sizes` its tokens per rank.
+    """
+    ep = len(sizes)
+    n = mask_TE.shape[1]
+    n_local = n // ep
+    total, mine = sum(sizes), sizes[rank]
+    others = [q for q in range(ep) if q != rank]
+    out = {"sizes/fwd": (ep - 1) * 8}
+    if dispatcher == "allgather":
+        a = _any_pairs(mask_TE, sizes, ep)
+        out["tokens/fwd"] = (ep - 1) * mine * d_model * elem_bytes
+        out["tokens/bwd"] = (total - mine) * d_model * elem_bytes
+        if aoe_cache:
+            out["norms/fwd"] = out["norms/bwd"] = (ep - 1) * n_local * total * elem_bytes
+        out["combine/fwd"] = int(sum(a[rank, q] for q in others)) * d_model * elem_bytes
+        out["combine/bwd"] = int(sum(a[q, rank] for q in others)) * d_model * elem_bytes
+    else:
+        w = _pairs(mask_TE, sizes, ep)
+        row = d_model + (d_low if aoe_cache else 0)
+        out["counts/fwd"] = (ep - 1) * n_local * 8
+        out["stats/fwd"] = (ep - 1) * (3 * n + 1) * 8
+        if expert_choice:
+            out["probs/fwd"] = (ep - 1) * mine * n * elem_bytes
+        sent = int(sum(w[rank, q] for q in others))
+        received = int(sum(w[q, rank] for q in others))
+        out["dispatch/fwd"], out["dispatch/bwd"] = sent * row * elem_bytes, received * row * elem_bytes
+        out["combine/fwd"], out["combine/bwd"] = received * d_model * elem_bytes, sent * d_model * elem_bytes
+    return {k: v for k, v in sorted(out.items()) if v or k.endswith("/fwd")}
+
+
+def expected_bytes_per_token(dispatcher: str, d_model: int, d_low: int, num_experts: int, top_k: int, ep: int,
+                             elem_bytes: int = 4, aoe_cache: bool = True) -> dict[str, float]:
+    """Forward and backward bytes sent per token, per rank, under uniform top-K routing and equal token counts
+    (the per-step constants, sizes/counts/stats, are left out: they do not grow with T)."""
+    n_local = num_experts // ep
+    if ep == 1:
+        return {"fwd": 0.0, "bwd": 0.0}
+    if dispatcher == "allgather":
+        p_any = 1.0 - comb(num_experts - n_local, top_k) / comb(num_experts, top_k)
+        fwd = (ep - 1) * d_model + (aoe_cache * (ep - 1) * n_local * ep) + (ep - 1) * p_any * d_model
+        return {"fwd": fwd * elem_bytes, "bwd": fwd * elem_bytes}
+    remote = top_k * (ep - 1) / ep
+    row = d_model + (d_low if aoe_cache else 0)
+    return {"fwd": remote * (row + d_model) * elem_bytes, "bwd": remote * (row + d_model) * elem_bytes}

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.parallel.spawn import run_distributed
+from aoe_ep.parallel.spawn import run_distributed
 
 SCORERS = ("aoe", "router", "self_routing")
 SELECTIONS = ("top_k", "top_p", "expert_choice")

@@ -1,4 +1,5 @@
-"""The one helper every distributed test uses: run `fn(rank, world, *args)` in `world` real gloo processes."""
+"""Run `fn(rank, world, *args)` in `world` local gloo processes and collect the results: the one launcher every
+distributed test and the dispatch benchmark use (training goes through torchrun instead)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, fn, args, threads: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
@@ -33,11 +34,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(world: int, fn, *args) -> list:
+def run_distributed(world: int, fn, *args, threads: int = 1) -> list:
     """Results of `fn` on every rank, in rank order; a failure on any rank raises with its traceback."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.spawn(_worker, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, _free_port(), out_dir, fn, args, threads), nprocs=world, join=True)
         except Exception as err:
             messages = []
             for rank in range(world):

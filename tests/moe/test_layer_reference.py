@@ -1,0 +1,376 @@
+"""MoELayer against a per-token reference written from the formulas of the layer contract.
+
+The reference below loops over tokens in Python and uses only elementary torch ops (matmul, exp, log, sum) and
+Python sorting for the discrete choices; it shares nothing with aoe_ep except the parameters, which it reads from the
+layer by name so that both sides use identical weights. Everything runs in float64 so that the comparison can be tight.
+"""
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from aoe_ep.config import MoEConfig
+from aoe_ep.moe import MoELayer
+
+RTOL = 1e-9
+ATOL = 1e-10
+
+SCORERS = ("aoe", "router", "self_routing")
+SELECTIONS = ("top_k", "top_p", "expert_choice")
+GATES = ("softmax_topk", "softmax_all")
+NORMS = ("l2", "l1", "linf")
+
+D_MODEL = 16
+D_FFN = 12
+D_LOW = 6
+D_WIDE = 10
+NUM_EXPERTS = {"aoe": 6, "router": 8, "self_routing": 5}
+
+EXPECTED_PARAMS = {
+    "router": ("scorer.weight", "experts.w_gate", "experts.w_p", "experts.w_o"),
+    "aoe": ("scorer.w_down", "experts.w_up", "experts.w_p", "experts.w_o"),
+    "self_routing": ("experts.w_gate", "experts.w_p", "experts.w_o"),
+}
+
+# Scales chosen so that scores of different experts differ by O(1): no accidental ties, and top_p picks a varying
+# number of experts per token.
+PARAM_SCALE = {
+    "scorer.weight": 0.35,
+    "experts.w_gate": 0.3,
+    "experts.w_p": 0.3,
+    "experts.w_o": 0.3,
+    "experts.w_up": 0.3,
+}
+W_DOWN_SCALE = {"l2": 0.3, "l1": 0.12, "linf": 0.35}
+X_SCALE = {"aoe": 1.0, "router": 1.0, "self_routing": 1.5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # the tensors here are tiny: intra-op threads only add contention on a busy CI machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _seed(*parts):
+    return zlib.crc32(repr(parts).encode())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reference, per token.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _silu(a):
+    return a / (1.0 + torch.exp(-a))
+
+
+def _softmax(s):
+    e = torch.exp(s - s.max())
+    return e / e.sum()
+
+
+def _entropy(p):
+    return -(p * torch.log(p)).sum()
+
+
+def reference_forward(cfg, params, x):
+    """Returns y (shape of x), aux loss (0-dim), stats (dict of python / torch values), masks (list of sets)."""
+    n, K, d = cfg.num_experts, cfg.top_k, cfg.d_model
+    lead = x.shape[:-1]
+    xt = x.reshape(-1, d)
+    T = xt.shape[0]
+
+    # 1. scores per token (and the AoE cache)
+    scores, caches = [], []
+    for t in range(T):
+        row = xt[t]
+        if cfg.scorer == "router":
+            w = params["scorer.weight"]
+            s = torch.stack([(row * w[i]).sum() for i in range(n)])
+            caches.append(None)
+        elif cfg.scorer == "aoe":
+            wd = params["scorer.w_down"]
+            cache, s_list = [], []
+            for i in range(n):
+                c = row.unsqueeze(0).matmul(wd[i]).squeeze(0)  # [d_low]
+                cache.append(c)
+                if cfg.norm == "l2":
+                    s_list.append(torch.sqrt((c * c).sum()))
+                elif cfg.norm == "l1":
+                    s_list.append(c.abs().sum())
+                else:
+                    s_list.append(c.abs().max())
+            s = torch.stack(s_list)
+            caches.append(cache)
+        else:
+            off = cfg.self_routing_offset
+            s = torch.stack([row[off + i] for i in range(n)])
+            caches.append(None)
+        scores.append(s)
+
+    # 2. softmax over all n experts
+    probs = [_softmax(s) for s in scores]
+    sv = [s.detach().tolist() for s in scores]
+    pv = [p.detach().tolist() for p in probs]
+
+    # 3. selection (sets of expert indices per token)
+    masks = [set() for _ in range(T)]
+    if cfg.selection == "top_k":
+        for t in range(T):
+            order = sorted(range(n), key=lambda i: (-sv[t][i], i))
+            # the test data must not sit on a tie at the K boundary
+            if K < n:
+                assert sv[t][order[K - 1]] - sv[t][order[K]] > 1e-6, "test data too close to a tie"
+            masks[t] = set(order[:K])
+    elif cfg.selection == "top_p":
+        for t in range(T):
+            order = sorted(range(n), key=lambda i: (-pv[t][i], i))
+            mass = 0.0
+            for i in order:
+                assert abs(mass - cfg.top_p) > 1e-7, "test data too close to the top_p boundary"
+                if mass < cfg.top_p:
+                    masks[t].add(i)
+                    mass += pv[t][i]
+                else:
+                    break
+    else:
+        cap = min(T, math.ceil(T * cfg.capacity_factor / n))
+        for i in range(n):
+            order = sorted(range(T), key=lambda t: (-pv[t][i], t))
+            if cap < T:
+                assert pv[order[cap - 1]][i] - pv[order[cap]][i] > 1e-9, "test data too close to a tie"
+            for t in order[:cap]:
+                masks[t].add(i)
+
+    # 4.-6. gates and the weighted sum of expert outputs
+    ys = []
+    for t in range(T):
+        row = xt[t]
+        sel = sorted(masks[t])
+        out = torch.zeros(d, dtype=x.dtype)
+        if sel:
+            if cfg.gate == "softmax_topk":
+                s_sel = torch.stack([scores[t][i] for i in sel])
+                e = torch.exp(s_sel - s_sel.max())
+                g = e / e.sum()
+                gates = {i: g[j] for j, i in enumerate(sel)}
+            else:
+                gates = {i: probs[t][i] for i in sel}
+            for i in sel:
+                if cfg.scorer == "aoe":
+                    a = caches[t][i].unsqueeze(0).matmul(params["experts.w_up"][i]).squeeze(0)
+                else:
+                    a = row.unsqueeze(0).matmul(params["experts.w_gate"][i]).squeeze(0)
+                b = row.unsqueeze(0).matmul(params["experts.w_p"][i]).squeeze(0)
+                e_out = (_silu(a) * b).unsqueeze(0).matmul(params["experts.w_o"][i]).squeeze(0)
+                out = out + gates[i] * e_out
+        ys.append(out)
+    y = torch.stack(ys).reshape(*lead, d)
+
+    # 7. aux loss
+    counts = [sum(1 for t in range(T) if i in masks[t]) for i in range(n)]
+    if cfg.selection == "expert_choice":
+        aux = torch.zeros((), dtype=x.dtype)
+    else:
+        aux = torch.zeros((), dtype=x.dtype)
+        for i in range(n):
+            f_i = counts[i] / T
+            p_bar = sum(probs[t][i] for t in range(T)) / T
+            aux = aux + f_i * p_bar
+        aux = cfg.aux_loss_coeff * n * aux
+        if cfg.selection == "top_p":
+            h = sum(_entropy(probs[t]) for t in range(T)) / T
+            aux = aux + cfg.top_p_entropy_coeff * h
+
+    # 8. statistics, from python floats
+    total = sum(counts)
+    load = [c / total for c in counts] if total > 0 else [0.0] * n
+    ent_load = -sum(l * math.log(l) for l in load if l > 0)
+    ent_conf = sum(-sum(p * math.log(p) for p in pv[t] if p > 0) for t in range(T)) / T
+    stats = {
+        "tokens_per_expert": counts,
+        "load": load,
+        "ent_load": ent_load,
+        "ent_conf": ent_conf,
+        "max_minus_min": max(load) - min(load),
+        "score_mean": [sum(sv[t][i] for t in range(T)) / T for i in range(n)],
+        "num_tokens": T,
+    }
+    return y, aux, stats, masks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Harness
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_cfg(scorer, selection, gate, norm="l2", **over):
+    kw = dict(
+        d_model=D_MODEL,
+        num_experts=NUM_EXPERTS[scorer],
+        top_k=2,
+        scorer=scorer,
+        d_ffn=D_FFN,
+        d_low=D_LOW,
+        d_wide=D_WIDE,
+        norm=norm,
+        selection=selection,
+        gate=gate,
+        top_p=0.6,
+        capacity_factor=2.0,
+        aux_loss_coeff=0.3,
+        top_p_entropy_coeff=0.05,
+    )
+    kw.update(over)
+    return MoEConfig(**kw)
+
+
+def build_layer(cfg, seed):
+    """A float64 layer whose parameters are overwritten with seeded values (independent of the package's init)."""
+    layer = MoELayer(cfg).to(torch.float64)
+    names = {name for name, _ in layer.named_parameters()}
+    assert names == set(EXPECTED_PARAMS[cfg.scorer]), names
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(layer.named_parameters()):
+            scale = W_DOWN_SCALE[cfg.norm] if name == "scorer.w_down" else PARAM_SCALE[name]
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
+    return layer
+
+
+def _close(got, want, what, dtype_hint=None):
+    got_t = torch.as_tensor(got).detach()
+    want_t = torch.as_tensor(want, dtype=torch.float64)
+    # statistics are not required to be float64; allow float32 rounding if the package keeps them in float32
+    if got_t.dtype == torch.float32:
+        rtol, atol = 1e-5, 1e-6
+    else:
+        rtol, atol = RTOL, ATOL
+    assert tuple(got_t.shape) == tuple(want_t.shape), f"{what}: shape {tuple(got_t.shape)} vs {tuple(want_t.shape)}"
+    torch.testing.assert_close(got_t.to(torch.float64), want_t, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def run_and_compare(cfg, shape, seed, g_scale=1.0):
+    layer = build_layer(cfg, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x0 = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * X_SCALE[cfg.scorer]
+    g = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * g_scale
+
+    # package
+    x = x0.clone().requires_grad_(True)
+    y, info = layer(x)
+    assert y.shape == x.shape and y.dtype == torch.float64
+    aux = info.aux_loss
+    assert torch.is_tensor(aux) and aux.dim() == 0
+    loss = (y * g).sum() + aux
+    loss.backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+
+    # reference, on detached copies of the same parameters
+    ref_params = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
+    x_ref = x0.clone().requires_grad_(True)
+    y_ref, aux_ref, stats_ref, masks = reference_forward(cfg, ref_params, x_ref)
+    loss_ref = (y_ref * g).sum() + aux_ref
+    names = sorted(ref_params)
+    ref_grads = torch.autograd.grad(loss_ref, [x_ref] + [ref_params[k] for k in names], allow_unused=True)
+
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=RTOL, atol=ATOL, msg=lambda m: f"y: {m}")
+    torch.testing.assert_close(
+        aux.detach().to(torch.float64), aux_ref.detach(), rtol=RTOL, atol=ATOL, msg=lambda m: f"aux_loss: {m}"
+    )
+
+    st = info.stats
+    tpe = st.tokens_per_expert
+    assert torch.is_tensor(tpe) and tpe.dtype == torch.int64, f"tokens_per_expert dtype {getattr(tpe, 'dtype', None)}"
+    assert tpe.tolist() == stats_ref["tokens_per_expert"], (tpe.tolist(), stats_ref["tokens_per_expert"])
+    for field in ("load", "ent_load", "ent_conf", "max_minus_min", "score_mean"):
+        val = getattr(st, field)
+        if torch.is_tensor(val):
+            assert not val.requires_grad, f"stats.{field} must be detached"
+        _close(val, stats_ref[field], f"stats.{field}")
+    assert int(st.num_tokens) == stats_ref["num_tokens"]
+
+    ref_x_grad = ref_grads[0]
+    torch.testing.assert_close(x.grad, ref_x_grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad x: {m}")
+    for name, rg in zip(names, ref_grads[1:]):
+        got = grads[name]
+        if rg is None:
+            rg = torch.zeros_like(ref_params[name])
+        if got is None:
+            got = torch.zeros_like(rg)
+        torch.testing.assert_close(got, rg, rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"grad {name}: {m}")
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------------------
+
+CASES = [(s, sel, g, "l2") for s in SCORERS for sel in SELECTIONS for g in GATES]
+CASES += [("aoe", sel, g, norm) for norm in ("l1", "linf") for sel in SELECTIONS for g in GATES]
+SHAPES = [(3, 4), (13,)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scorer,selection,gate,norm", CASES)
+def test_layer_matches_reference(scorer, selection, gate, norm, shape):
+    cfg = make_cfg(scorer, selection, gate, norm)
+    masks = run_and_compare(cfg, shape, _seed(scorer, selection, gate, norm, shape))
+    sizes = [len(m) for m in masks]
+    if selection == "top_p":
+        # the data must exercise a varying number of experts per token
+        assert len(set(sizes)) >= 2, sizes
+    if selection == "expert_choice":
+        assert len(set(sizes)) >= 2, sizes
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_layer_matches_reference_one_token(scorer, selection):
+    cfg = make_cfg(scorer, selection, "softmax_topk")
+    run_and_compare(cfg, (1, 1), _seed("one", scorer, selection))
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("gate", GATES)
+def test_expert_choice_low_capacity_leaves_tokens_unrouted(scorer, gate):
+    # capacity = ceil(12 * 0.5 / n): at most 10 of the 12 tokens can be taken, the rest must come out as exactly 0
+    cfg = make_cfg(scorer, "expert_choice", gate, capacity_factor=0.5)
+    masks = run_and_compare(cfg, (2, 6), _seed("ec", scorer, gate))
+    assert any(len(m) == 0 for m in masks), [len(m) for m in masks]
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("top_p", [0.35, 0.9])
+def test_top_p_other_thresholds(scorer, top_p):
+    cfg = make_cfg(scorer, "top_p", "softmax_topk", top_p=top_p)
+    run_and_compare(cfg, (11,), _seed("tp", scorer, top_p))
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_top_k_other_k(scorer, top_k):
+    cfg = make_cfg(scorer, "top_k", "softmax_topk", top_k=top_k)
+    run_and_compare(cfg, (2, 5), _seed("tk", scorer, top_k))
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_self_routing_offset(selection):
+    cfg = make_cfg("self_routing", selection, "softmax_all", self_routing_offset=3)
+    run_and_compare(cfg, (12,), _seed("off", selection))
+
+
+def test_default_loss_coefficients():
+    # the documented defaults (aux_loss_coeff=0.01, top_p_entropy_coeff=1e-4, top_p=0.6) reach the loss
+    cfg = MoEConfig(
+        d_model=D_MODEL, num_experts=6, top_k=2, scorer="aoe", d_ffn=D_FFN, d_low=D_LOW, d_wide=D_WIDE,
+        selection="top_p",
+    )
+    assert cfg.aux_loss_coeff == 0.01 and cfg.top_p_entropy_coeff == 1e-4 and cfg.top_p == 0.6
+    # a large g would drown the aux loss in the gradient; a small one keeps it visible at atol 1e-10
+    run_and_compare(cfg, (10,), _seed("defaults"), g_scale=1e-3)

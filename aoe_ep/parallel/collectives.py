@@ -28,7 +28,7 @@ class CommCounter:
         return sum(v for (_, d), v in self.bytes.items() if direction is None or d == direction)
 
     def as_dict(self) -> dict[str, int]:
-        return {f"{name}/{direction}": v for (name, direction), v in sorted(self.bytes.items())}
+        return {f"{name}/{direction}": v for (name, direction), v in sorted(self.bytes.items()) if v}
 
     def reset(self) -> None:
         self.bytes.clear()

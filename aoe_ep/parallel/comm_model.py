@@ -46,7 +46,7 @@ def _any_pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Te
 
 def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], rank: int, d_model: int, d_low: int,
                 elem_bytes: int, aoe_cache: bool, expert_choice: bool) -> dict[str, int]:
-    """Bytes rank `rank` sends in one forward and backward, keyed like `CommCounter.as_dict()`.
+    """Bytes rank `rank` sends in one forward and backward, keyed like `CommCounter.as_dict()` (zeros left out).
 
     mask_TE is the EP group's global routing mask over the concatenated batch, `sizes` its tokens per rank.
     """
@@ -75,7 +75,7 @@ def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], ra
         received = int(sum(w[q, rank] for q in others))
         out["dispatch/fwd"], out["dispatch/bwd"] = sent * row * elem_bytes, received * row * elem_bytes
         out["combine/fwd"], out["combine/bwd"] = received * d_model * elem_bytes, sent * d_model * elem_bytes
-    return {k: v for k, v in sorted(out.items()) if v or k.endswith("/fwd")}
+    return {k: v for k, v in sorted(out.items()) if v}
 
 
 def expected_bytes_per_token(dispatcher: str, d_model: int, d_low: int, num_experts: int, top_k: int, ep: int,

@@ -10,25 +10,13 @@ rank, the summed weighted row to the rank that owns the token.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
-from aoe_ep.moe.stats import BatchSums
-from aoe_ep.parallel.collectives import CommCounter, all_gather_rows, all_gather_sizes, all_to_all_rows
-from aoe_ep.parallel.local import DispatchState, ExpertRows, TokenLayout, group_rows, weighted_sum
+from aoe_ep.parallel.collectives import all_gather_rows, all_to_all_rows
+from aoe_ep.parallel.local import DispatchState, ExpertRows, GroupDispatcher, TokenLayout, group_rows, weighted_sum
 
 
-class AllGatherDispatcher:
-    def __init__(self, group: dist.ProcessGroup, num_experts: int):
-        self.group = group
-        self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
-        self.num_experts = num_experts
-        self.num_local = num_experts // self.ep_size
-        self.counter = CommCounter()
-
-    def layout(self, x_TD: torch.Tensor) -> TokenLayout:
-        return TokenLayout(tuple(all_gather_sizes(x_TD.shape[0], self.group, self.counter, x_TD.device)), self.ep_rank)
+class AllGatherDispatcher(GroupDispatcher):
+    """Selection, expert choice and global sums are the local dispatcher's: the scored rows are the whole EP batch."""
 
     def scored_tokens(self, x_TD: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         return all_gather_rows(x_TD, layout.sizes, self.group, self.counter, "tokens")
@@ -42,12 +30,6 @@ class AllGatherDispatcher:
 
     def own_rows(self, layout: TokenLayout) -> slice:
         return slice(layout.offset, layout.offset + layout.sizes[layout.rank])
-
-    def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> torch.Tensor:
-        return expert_choice_mask(probs_SE, expert_capacity(probs_SE.shape[0], self.num_experts, capacity_factor))
-
-    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout) -> BatchSums:
-        return BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE)  # the rows are already the whole EP batch
 
     def dispatch(self, x_TD, xs_SD, cache_SEL, mask_SE, gates_SE, layout: TokenLayout):
         local = slice(self.ep_rank * self.num_local, (self.ep_rank + 1) * self.num_local)

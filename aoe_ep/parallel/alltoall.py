@@ -9,37 +9,15 @@ expert's rank, and a second all-to-all returns the expert outputs, which the own
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 
 from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
-from aoe_ep.parallel.collectives import (CommCounter, all_gather_rows, all_gather_sizes, all_reduce_sum,
-                                         all_to_all_counts, all_to_all_rows)
-from aoe_ep.parallel.local import DispatchState, ExpertRows, TokenLayout, group_rows, weighted_sum
+from aoe_ep.parallel.collectives import all_gather_rows, all_reduce_sum, all_to_all_counts, all_to_all_rows
+from aoe_ep.parallel.local import DispatchState, ExpertRows, GroupDispatcher, TokenLayout, group_rows, weighted_sum
 
 
-class AllToAllDispatcher:
-    def __init__(self, group: dist.ProcessGroup, num_experts: int):
-        self.group = group
-        self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
-        self.num_experts = num_experts
-        self.num_local = num_experts // self.ep_size
-        self.counter = CommCounter()
-
-    def layout(self, x_TD: torch.Tensor) -> TokenLayout:
-        return TokenLayout(tuple(all_gather_sizes(x_TD.shape[0], self.group, self.counter, x_TD.device)), self.ep_rank)
-
-    def scored_tokens(self, x_TD: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        return x_TD
-
-    def all_expert_scores(self, s_SE: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        return s_SE
-
-    def own_rows(self, layout: TokenLayout) -> slice:
-        return slice(None)
-
+class AllToAllDispatcher(GroupDispatcher):
     def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> torch.Tensor:
         """Experts rank tokens over the whole EP batch, so the probabilities (n per token) are all-gathered."""
         probs_all = all_gather_rows(probs_SE.detach(), layout.sizes, self.group, self.counter, "probs")

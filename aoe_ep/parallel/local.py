@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import permute, unpermute
 
 from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
-from aoe_ep.parallel.collectives import CommCounter
+from aoe_ep.parallel.collectives import CommCounter, all_gather_sizes
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,19 @@ class LocalDispatcher:
 
     def combine(self, out_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return weighted_sum(out_MD, state.token_index_M, state.mask_TE, state.gates_TE, state.num_tokens)
+
+
+class GroupDispatcher(LocalDispatcher):
+    """Common ground of the expert-parallel dispatchers: an explicit EP group, n/EP local experts, and the token
+    layout every forward starts with (one all-gather of the row counts)."""
+
+    def __init__(self, group: dist.ProcessGroup, num_experts: int):
+        super().__init__()
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        self.num_experts = num_experts
+        self.num_local = num_experts // self.ep_size
+
+    def layout(self, x_TD: torch.Tensor) -> TokenLayout:
+        return TokenLayout(tuple(all_gather_sizes(x_TD.shape[0], self.group, self.counter, x_TD.device)), self.ep_rank)

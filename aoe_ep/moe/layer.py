@@ -68,12 +68,24 @@ def build_dispatcher(cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup]):
     return cls(ep_group, cfg.num_experts)
 
 
+def _wait(x: torch.Tensor, synchronize: bool) -> float:
+    """The time now, after the accelerator has finished its queued work when `synchronize` is set."""
+    if synchronize and x.device.type != "cpu":
+        torch.accelerator.synchronize(x.device)
+    return time.perf_counter()
+
+
 class MoELayer(nn.Module):
     """AoE, routed-MoE or Self-Routing FFN layer (DESIGN.md sections 1, 2 and 5).
 
     `y, info = layer(x)` maps x [..., d_model] to y of the same shape: y = Σ_{i∈I} g_i · E_i(x). With `ep_group`,
     this rank holds experts [r·n/EP, (r+1)·n/EP) and x is this rank's tokens; info is the same on every rank.
+
+    `info.timing` is host wall-clock; on an accelerator it measures device work only while `synchronize_timing` is
+    set (the trainer sets it on logging steps, as synchronising every layer costs throughput).
     """
+
+    synchronize_timing = False
 
     def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
@@ -108,11 +120,12 @@ class MoELayer(nn.Module):
         loss = aux_loss(cfg, sel.probs_TE[own], entropy_S[own], sums)
 
         rows, state = d.dispatch(x_TD, xs_SD, scores.cache_TEL, sel.mask_TE, sel.gates_TE, layout)
-        start = time.perf_counter()
+        sync = self.synchronize_timing
+        start = _wait(x, sync)
         out_MD = self.experts(rows.x_MD, rows.counts, rows.cache_ML)
-        expert_seconds = time.perf_counter() - start
+        after_experts = _wait(x, sync)
         y_TD = d.combine(out_MD, state)
-        combine_seconds = time.perf_counter() - start - expert_seconds
+        expert_seconds, combine_seconds = after_experts - start, _wait(x, sync) - after_experts
 
         info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds))
         return y_TD.view(x.shape), info

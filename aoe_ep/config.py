@@ -170,7 +170,8 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     """Training data: megatron-core indexed datasets (`paths` are .bin/.idx prefixes, blended by `weights`), or the
-    built-in default corpus when `paths` is empty."""
+    built-in default corpus when `paths` is empty (this Python's standard library sources, the first
+    `default_corpus_max_bytes` of them). `tokenizer`: "byte", a tokenizers .json file or a sentencepiece .model."""
 
     paths: list = field(default_factory=list)
     weights: list = field(default_factory=list)
@@ -178,10 +179,17 @@ class DataConfig:
     tokenizer: str = "byte"
     seq_len: int = 128
     cache_dir: str = ".cache/aoe_ep"
+    default_corpus_max_bytes: int = 16_000_000
 
     def validate(self, prefix: str = "data") -> None:
         p = prefix + "."
         _require(_is_int(self.seq_len) and self.seq_len > 0, p + "seq_len", f"must be a positive integer, got {self.seq_len!r}")
+        _require(isinstance(self.tokenizer, str) and self.tokenizer.strip() != "", p + "tokenizer",
+                 f"must be 'byte' or a tokenizer file path, got {self.tokenizer!r}")
+        _require(isinstance(self.cache_dir, str) and self.cache_dir.strip() != "", p + "cache_dir",
+                 f"must be a directory path, got {self.cache_dir!r}")
+        _require(_is_int(self.default_corpus_max_bytes) and self.default_corpus_max_bytes > 0,
+                 p + "default_corpus_max_bytes", f"must be a positive integer, got {self.default_corpus_max_bytes!r}")
         _require(isinstance(self.paths, list) and all(isinstance(x, str) for x in self.paths), p + "paths",
                  "must be a list of dataset prefixes")
         _require(not self.weights or len(self.weights) == len(self.paths), p + "weights",
@@ -191,6 +199,7 @@ class DataConfig:
         parts = str(self.split).split(",")
         _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts), p + "split",
                  f"must read 'train,valid,test' weights such as '98,2,0', got {self.split!r}")
+        _require(float(parts[0]) > 0, p + "split", f"gives the train part no weight: {self.split!r}")
 
 
 @dataclass
@@ -239,9 +248,12 @@ class TrainConfig:
         _require(self.grad_clip > 0, p + "grad_clip", f"must be positive, got {self.grad_clip!r}")
         # lr_decay_steps (None: max_steps) and the step to stop at early (0: max_steps); the schedule is unchanged.
         _one_of(self.lr_decay_style, LR_DECAY_STYLES, p + "lr_decay_style")
-        decay = self.max_steps if self.lr_decay_steps is None else self.lr_decay_steps
-        _require(_is_int(decay) and decay > self.warmup_steps, p + "lr_decay_steps",
-                 f"must be an integer above warmup_steps={self.warmup_steps}, got {decay!r}")
+        if self.lr_decay_steps is None:
+            _require(self.max_steps > self.warmup_steps, p + "warmup_steps",
+                     f"{self.warmup_steps} warm-up steps leave no decay before max_steps={self.max_steps}")
+        else:
+            _require(_is_int(self.lr_decay_steps) and self.lr_decay_steps > self.warmup_steps, p + "lr_decay_steps",
+                     f"must be an integer above warmup_steps={self.warmup_steps}, got {self.lr_decay_steps!r}")
         for name in ("exit_at_step", "keep_checkpoints"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, p + name, f"must be a non-negative integer, got {value!r}")

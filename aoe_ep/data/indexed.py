@@ -29,6 +29,7 @@ HEADER_BYTES = 34
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
           8: np.uint16}
 META_FORMAT = "aoe-ep indexed dataset"
+_CHUNK = 1 << 24  # index entries checked at a time
 
 
 @dataclass(frozen=True)
@@ -78,20 +79,25 @@ def inspect_dataset(prefix: str) -> IndexInfo:
     if n_seq == 0:
         raise DataError(f"{idx}: the dataset holds no documents")
 
-    lengths = np.fromfile(idx, dtype=np.int32, count=n_seq, offset=HEADER_BYTES)
-    pointers = np.fromfile(idx, dtype=np.int64, count=n_seq, offset=HEADER_BYTES + 4 * n_seq)
-    bounds = np.fromfile(idx, dtype=np.int64, count=n_doc, offset=HEADER_BYTES + 12 * n_seq)
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=HEADER_BYTES, shape=(n_seq,))
+    pointers = np.memmap(idx, dtype=np.int64, mode="r", offset=HEADER_BYTES + 4 * n_seq, shape=(n_seq,))
+    bounds = np.memmap(idx, dtype=np.int64, mode="r", offset=HEADER_BYTES + 12 * n_seq, shape=(n_doc,))
     dtype = DTYPES[code]
     itemsize = np.dtype(dtype).itemsize
-    if lengths.min() < 0:
-        raise DataError(f"{idx} is corrupt: negative sequence length")
-    ends = np.cumsum(lengths, dtype=np.int64) * itemsize
-    if pointers[0] != 0 or not np.array_equal(pointers[1:], ends[:-1]):
-        raise DataError(f"{idx} is corrupt: its byte offsets do not follow from its sequence lengths")
-    if n_doc < 2 or bounds[0] != 0 or bounds[-1] != n_seq or np.any(np.diff(bounds) < 0):
+    end = 0  # bytes of .bin before the current chunk; chunks keep the memory bounded for billions of documents
+    for i in range(0, n_seq, _CHUNK):
+        chunk = np.asarray(lengths[i:i + _CHUNK], dtype=np.int64)
+        if chunk.min() < 0:
+            raise DataError(f"{idx} is corrupt: negative sequence length")
+        starts = end + np.concatenate(([0], np.cumsum(chunk[:-1]))) * itemsize
+        if not np.array_equal(pointers[i:i + _CHUNK], starts):
+            raise DataError(f"{idx} is corrupt: its byte offsets do not follow from its sequence lengths")
+        end = int(starts[-1] + chunk[-1] * itemsize)
+    if n_doc < 2 or bounds[0] != 0 or bounds[-1] != n_seq or any(
+            np.any(np.diff(bounds[i:i + _CHUNK + 1]) < 0) for i in range(0, n_doc, _CHUNK)):
         raise DataError(f"{idx} is corrupt: its document boundaries do not run from 0 to {n_seq}")
 
-    bin_size, bin_expected = os.path.getsize(bin_), int(ends[-1])
+    bin_size, bin_expected = os.path.getsize(bin_), end
     if bin_expected == 0:
         raise DataError(f"{idx}: the dataset holds no tokens")
     if bin_size != bin_expected:

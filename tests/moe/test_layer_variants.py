@@ -12,9 +12,9 @@ def _reference(x, scores_fn, expert_fn, n, k, coeff):
     ys, probs, chosen = [], [], []
     for t in range(x.shape[0]):
         s = scores_fn(x[t])
-        order = sorted(range(n), key=lambda i: (-float(s[i]), i))[:k]
+        order = sorted(range(n), key=lambda i: (-float(s[i].detach()), i))[:k]
         g = torch.softmax(s[order], dim=0)
-        ys.append(sum(g[j] * expert_fn(order[i := j], x[t]) for j in range(k)) if k else x[t] * 0)
+        ys.append(sum(g[j] * expert_fn(order[j], x[t]) for j in range(k)))
         probs.append(torch.softmax(s, dim=0))
         chosen.append(order)
     counts = torch.tensor([sum(i in c for c in chosen) for i in range(n)], dtype=x.dtype)

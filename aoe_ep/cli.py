@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value; may repeat")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint under train.out_dir, or from the CHECKPOINT directory")
+                   help="continue from the newest checkpoint under train.out_dir, or from the CHECKPOINT directory; "
+                        "'--resume auto' starts fresh when there is none yet (for requeued jobs)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")

@@ -204,7 +204,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The paper's recipe: AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, linear warm-up then cosine decay."""
+    """The paper's recipe: AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, linear warm-up then cosine decay.
+
+    global_batch_tokens per optimiser step (split into micro-batches of micro_batch_size sequences per rank);
+    eval_steps global batches of validation data every eval_interval steps; lr_decay_style over lr_decay_steps
+    (None: max_steps); exit_at_step stops (with a checkpoint) before max_steps without changing the schedule;
+    keep_checkpoints (0: all); precision "auto" = bf16 autocast on GPU, fp32 on CPU; dense_parallel "ddp" or "fsdp"
+    (FSDP2) for the non-expert weights; device "auto" | "cpu" | "cuda"; peak_tflops per GPU for MFU (0: by name).
+    """
 
     max_steps: int = 200
     global_batch_tokens: int = 4096

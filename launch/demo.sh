@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: installs what is missing, prints the paper configurations' parameter counts,
-# then benchmarks the AoE, MoE and dense FFN layers side by side (`aoe-ep bench layer`).
+# The main job on a fresh machine: installs what is missing, then trains the tiny AoE model on the built-in corpus
+# (this Python's standard library sources, byte tokenizer) on CPU in a few minutes. It shows a progress bar, prints
+# the validation loss every 100 steps (from 5.9 at step 0 to about 1.6), and writes tensorboard events, a JSON log
+# and checkpoints under runs/tiny-demo-<time>/ (OUT_DIR overrides). Extra arguments go to `aoe-ep train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-aoe-ep params paper/moe_732m paper/aoe_732m paper/moe_4b paper/aoe_4b self_routing_732m
-aoe-ep bench layer "$@"
+OUT_DIR=${OUT_DIR:-runs/tiny-demo-$(date +%Y%m%d-%H%M%S)}
+aoe-ep train --config tiny --set train.out_dir="$OUT_DIR" "$@"
+echo "continue an interrupted run: aoe-ep train --config tiny --set train.out_dir=$OUT_DIR --resume"
+echo "curves:                     tensorboard --logdir $OUT_DIR/tb"

@@ -18,8 +18,9 @@ class Rotary(nn.Module):
         angles_SH = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq_H)
         angles_SK = torch.cat([angles_SH, angles_SH], dim=-1)
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
-        self.register_buffer("cos_SK", angles_SK.cos().float(), persistent=False)
-        self.register_buffer("sin_SK", angles_SK.sin().float(), persistent=False)
+        dtype = torch.get_default_dtype()
+        self.register_buffer("cos_SK", angles_SK.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_SK", angles_SK.sin().to(dtype), persistent=False)
 
     def forward(self, x_BNSK: torch.Tensor) -> torch.Tensor:
         seq = x_BNSK.shape[-2]

@@ -1,0 +1,142 @@
+"""What the trainer reports: MoE load statistics per layer, tensorboard scalars, a JSON-lines log, a progress bar.
+
+Statistics are values (each layer's `LoadStats` per micro-batch), summed here over the steps between two logs and
+over the ranks, then rebuilt with `LoadStats.from_counts` so that every figure (load, Ent_load, Ent_conf, max − min,
+per-device load, the idle-time metric) is the one of the global batch of those steps.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from aoe_ep.moe import LoadStats, MoEInfo, idle_time
+from aoe_ep.train.distributed import Runtime, all_reduce_
+
+
+class MoEStatsAccumulator:
+    """Per layer: Σ tokens_per_expert, Σ token entropy, Σ score per expert, Σ tokens, and this rank's seconds in
+    expert compute and in the combine collective (`MoEInfo.timing`) of the micro-batches added with `timed`: the
+    layers synchronise the accelerator for their timing only on those (the trainer's logging steps)."""
+
+    def __init__(self) -> None:
+        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 2] float64: counts, score sums, entropy sum, tokens
+        self.seconds: Optional[torch.Tensor] = None  # [L, 2] float64: expert, combine
+
+    def add(self, infos: list[MoEInfo], timed: bool = True) -> None:
+        if not infos:
+            return
+        rows = []
+        for info in infos:
+            s = info.stats
+            n = float(s.num_tokens)
+            rows.append(torch.cat([s.tokens_per_expert.double(), s.score_mean.double() * n,
+                                   (s.ent_conf.double() * n).view(1), s.ent_conf.new_full((1,), n).double()]))
+        sums = torch.stack(rows)
+        self.sums = sums if self.sums is None else self.sums + sums
+        if timed:
+            seconds = torch.tensor([[i.timing.expert_seconds, i.timing.combine_seconds] for i in infos],
+                                   dtype=torch.float64)
+            self.seconds = seconds if self.seconds is None else self.seconds + seconds
+
+    def reduce(self, runtime: Runtime) -> tuple[list[LoadStats], Optional[torch.Tensor]]:
+        """(global `LoadStats` per layer, [L, 2, 2] seconds: (expert, combine) x (max, min) over ranks); resets.
+
+        `MoEInfo.stats` is already global over the EP group, so the sum runs over the expert-data-parallel group
+        (one rank of each EP group); with EP = 1 that group is the whole world."""
+        if self.sums is None:
+            return [], None
+        sums = all_reduce_(self.sums.clone(), group=runtime.groups.expert_dp_group)
+        seconds = (self.seconds if self.seconds is not None else torch.zeros(sums.shape[0], 2)).to(runtime.device)
+        hi = all_reduce_(seconds.clone(), op=dist.ReduceOp.MAX)
+        lo = all_reduce_(seconds.clone(), op=dist.ReduceOp.MIN)
+        num_experts = (sums.shape[1] - 2) // 2
+        stats = []
+        for row in sums.cpu():
+            counts, score_sum = row[:num_experts], row[num_experts:2 * num_experts]
+            entropy_sum, tokens = row[2 * num_experts], int(row[2 * num_experts + 1])
+            stats.append(LoadStats.from_counts(counts.round().long(), entropy_sum, score_sum, tokens))
+        self.sums = self.seconds = None
+        return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
+
+
+def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int) -> dict[str, float]:
+    """Tensorboard tags for the MoE layers: per layer and expert, per device, and the idle-time sums."""
+    out: dict[str, float] = {}
+    for i, s in enumerate(stats):
+        prefix = f"moe/layer{i:02d}"
+        out[f"{prefix}/ent_load"] = float(s.ent_load)
+        out[f"{prefix}/ent_conf"] = float(s.ent_conf)
+        out[f"{prefix}/max_minus_min"] = float(s.max_minus_min)
+        for e, (load, score) in enumerate(zip(s.load.tolist(), s.score_mean.tolist())):
+            out[f"{prefix}/load/expert{e}"] = load
+            out[f"{prefix}/score_mean/expert{e}"] = score
+        if ep_size > 1:
+            for k, load in enumerate(s.device_load(ep_size).tolist()):
+                out[f"{prefix}/device_load/device{k}"] = load
+            out[f"{prefix}/device_max_minus_min"] = float(s.device_max_minus_min(ep_size))
+    if stats:
+        out["moe/idle_time"] = idle_time(stats)
+        out["moe/idle_time_device"] = idle_time(stats, num_devices=ep_size)
+    if seconds is not None:
+        total = seconds.sum(dim=0)  # [2 (expert, combine), 2 (max, min)] summed over layers
+        for j, name in enumerate(("expert", "combine")):
+            out[f"moe/seconds/{name}_max"] = float(total[j, 0])
+            out[f"moe/seconds/{name}_min"] = float(total[j, 1])
+        out["moe/seconds/expert_max_minus_min"] = float(total[0, 0] - total[0, 1])
+    return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The CUDA allocator's peak on GPU; the process's peak resident set on CPU (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RunLogger:
+    """Rank 0 writes tensorboard events under `<out_dir>/tb` and one JSON object per record to `<out_dir>/log.jsonl`;
+    other ranks write nothing. `purge_step` (the resumed step) drops events a crashed run logged after its last
+    checkpoint."""
+
+    def __init__(self, out_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=purge_step)
+            self.jsonl = open(out_dir / "log.jsonl", "a")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """Rank 0's bar: steps done, loss and tokens/s as postfix, elapsed and ETA from tqdm."""
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                mininterval=0.5 if interactive else 15.0, desc="train")

@@ -1,0 +1,336 @@
+"""The training loop, top to bottom: setup, then per step micro-batches → backward → expert-gradient reduction →
+clipping → scheduler → AdamW, with validation, logging and checkpoints at their intervals.
+
+    with Trainer(load_config("tiny")) as trainer:
+        result = trainer.fit()
+
+A step minimises the mean over micro-batches and ranks of (token-mean cross-entropy + Σ_layers aux loss); the
+logged `loss` is the cross-entropy part (validation perplexity is its exp), `aux_loss` the rest. Under expert
+parallelism each rank's aux loss is its EP group's value whose gradient flows through the rank's own tokens only
+(summed over the group it is the single-device gradient), so it is scaled by the EP size before the world-wide mean
+that DDP takes, which keeps its weight equal to the single-device recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from aoe_ep.config import Config, ConfigError
+from aoe_ep.model import Decoder, token_cross_entropy
+from aoe_ep.moe import MoELayer
+from aoe_ep.train import checkpoint as ckpt
+from aoe_ep.train.batches import BatchPlan, collate, plan_batches
+from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
+from aoe_ep.train.flops import peak_flops, train_flops_per_token
+from aoe_ep.train.metrics import MoEStatsAccumulator, RunLogger, moe_scalars, peak_memory_bytes, progress_bar
+from aoe_ep.train.optim import build_optimizer, build_scheduler
+from aoe_ep.train.parallelize import DataParallelModel, init_experts_ep_invariant
+
+# The data pipeline's two entry points (aoe_ep.data's signatures); tests hand in small in-memory versions.
+DataBuilders = tuple[Callable, Callable]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    loss: float
+    aux_loss: float
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class TrainResult:
+    """step: the step reached; history: one record per step run here; evals: (step, validation loss) pairs;
+    checkpoint: the last checkpoint written (or found at that step); seconds: wall time of `fit`; is_main: rank 0."""
+
+    step: int
+    is_main: bool = True
+    history: list[StepRecord] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint: Optional[Path] = None
+    seconds: float = 0.0
+
+
+def default_data_builders() -> DataBuilders:
+    from aoe_ep.data import build_datasets, build_tokenizer
+
+    return build_tokenizer, build_datasets
+
+
+class Trainer:
+    """Builds everything in `__init__` (process groups, data, model, optimizer, schedule, resume); `fit` trains.
+
+    resume: None (a fresh run; an out_dir that already holds checkpoints is refused), "latest" (the newest
+    checkpoint under train.out_dir), "auto" ("latest" when there is one, else a fresh run) or a checkpoint path.
+    """
+
+    def __init__(self, cfg: Config, resume: Optional[str] = None, data: Optional[DataBuilders] = None):
+        self.cfg = cfg
+        self.runtime = setup_runtime(cfg.train, cfg.parallel.expert_parallel_size)
+        try:
+            self._setup(resume, data or default_data_builders())
+        except BaseException:
+            teardown(self.runtime)
+            raise
+
+    # ------------------------------------------------------------------------------------------------------------
+    # setup
+
+    def _setup(self, resume: Optional[str], data: DataBuilders) -> None:
+        cfg, rt = self.cfg, self.runtime
+        self.out_dir = Path(cfg.train.out_dir)
+        self.plan: BatchPlan = plan_batches(cfg, rt.world_size, rt.rank)
+        build_tokenizer, build_datasets = data
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if cfg.model.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the "
+                              f"tokenizer {cfg.data.tokenizer!r} ({tokenizer.vocab_size} ids); set model.vocab_size "
+                              f">= {tokenizer.vocab_size}")
+
+        self.ckpt_root = ckpt.checkpoint_root(self.out_dir)
+        resume_path = self._resolve_resume(resume)
+
+        # Data before the model, so that a data problem is reported before minutes of model building.
+        meta = ckpt.read_meta(resume_path) if resume_path is not None else {"step": 0, "consumed_samples": 0}
+        remaining = max(0, cfg.train.max_steps - int(meta["step"]))
+        self.train_ds, self.valid_ds = build_datasets(
+            cfg.data, tokenizer, train_samples=int(meta["consumed_samples"]) + remaining * self.plan.global_samples,
+            valid_samples=cfg.train.eval_steps * self.plan.global_samples, seed=cfg.train.seed)
+        self.eval_batches = min(cfg.train.eval_steps, len(self.valid_ds) // self.plan.global_samples) \
+            if self.valid_ds is not None else 0
+
+        torch.manual_seed(cfg.train.seed)  # the same dense initialisation on every rank
+        with torch.device(rt.device):  # built in place: a GPU rank never holds the model in host memory
+            model = Decoder(cfg.model, cfg.moe, ep_group=rt.groups.ep_group)
+        init_experts_ep_invariant(model, cfg.train.seed)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self.dp = DataParallelModel(model, rt, cfg.train.dense_parallel)
+        self.optimizer = build_optimizer(model, cfg.train, rt.device, allow_apex=self.dp.kind != "fsdp")
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.step, self.consumed_samples = 0, 0
+
+        self.resumed_from = resume_path
+        if resume_path is not None:
+            progress = ckpt.load_checkpoint(resume_path, model, self.optimizer, self.scheduler, rt)
+            self.step, self.consumed_samples = int(progress["step"]), int(progress["consumed_samples"])
+
+        self.autocast_dtype = self._autocast_dtype()
+        self.flops_per_token = train_flops_per_token(cfg, self.plan.seq_len)
+        self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
+        self.moe_stats = MoEStatsAccumulator()
+        self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None)
+
+    def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
+        """The checkpoint to start from (None: a fresh run), after clearing what an interrupted save left."""
+        if self.runtime.is_main:
+            for path in ckpt.remove_stale_tmp(self.ckpt_root):
+                print(f"removed {path}, left by an interrupted checkpoint save")
+        dist.barrier()
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if resume == "auto":
+            resume = ckpt.LATEST if latest is not None else None
+        if resume is None:
+            if latest is not None:
+                raise ckpt.CheckpointError(f"{self.ckpt_root} already holds checkpoints: pass --resume to continue "
+                                           f"that run, or set train.out_dir to a new directory")
+            return None
+        path = ckpt.resolve_checkpoint(resume, self.out_dir)
+        self._check_compatible(path)
+        return path
+
+    def _check_compatible(self, path: Path) -> None:
+        """A checkpoint of another model would fail deep inside DCP, or worse, load; name the differing fields.
+        How tokens travel (`moe.dispatcher`) and the RoPE table length (`model.max_seq_len`) may change."""
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        now = dataclasses.asdict(self.cfg)
+        free = {("moe", "dispatcher"), ("model", "max_seq_len")}
+        diffs = [f"{section}.{key}: {(saved.get(section) or {}).get(key)!r} in the checkpoint, {value!r} now"
+                 for section in ("model", "moe") for key, value in (now.get(section) or {}).items()
+                 if (section, key) not in free and (saved.get(section) or {}).get(key) != value]
+        if (saved.get("moe") is None) != (now.get("moe") is None):
+            diffs.append("moe: present in only one of the checkpoint and the config")
+        if diffs:
+            raise ckpt.CheckpointError(f"{path} was written for a different model: {'; '.join(diffs)}")
+
+    def _autocast_dtype(self) -> Optional[torch.dtype]:
+        precision = self.cfg.train.precision
+        if precision == "bf16" or (precision == "auto" and self.runtime.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.runtime.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        stop = min(t.max_steps, t.exit_at_step) if t.exit_at_step else t.max_steps
+        result = TrainResult(step=self.step, is_main=self.runtime.is_main)
+        start = time.perf_counter()
+        self._announce(stop)
+        if self.step == 0 and t.eval_at_start:
+            result.evals.append((0, self._evaluate_and_log()))
+        bar = progress_bar(t.max_steps, self.step, self.runtime.is_main)
+        window: list[StepRecord] = []
+        window_start = time.perf_counter()
+        while self.step < stop:
+            record = self._train_step(timed=(self.step + 1) % t.log_interval == 0 or self.step + 1 == stop)
+            result.history.append(record)
+            window.append(record)
+            bar.update(1)
+            step_tokens_per_s = len(window) * self.plan.tokens_per_step / (time.perf_counter() - window_start)
+            bar.set_postfix(loss=f"{record.loss:.4f}", tok_s=f"{step_tokens_per_s:,.0f}", refresh=False)
+            last = self.step == stop
+            if self.step % t.log_interval == 0 or last:
+                self._log_window(window, time.perf_counter() - window_start)
+                window, window_start = [], time.perf_counter()
+            if self.step % t.eval_interval == 0 or last:
+                result.evals.append((self.step, self._evaluate_and_log(bar)))
+            if self.step % t.save_interval == 0 or last:
+                result.checkpoint = self.save() or result.checkpoint
+        bar.close()
+        self.logger.flush()
+        result.step, result.seconds = self.step, time.perf_counter() - start
+        return result
+
+    def _train_step(self, timed: bool) -> StepRecord:
+        """One optimiser step; `timed`: the MoE layers synchronise the accelerator to time their phases."""
+        model, plan, rt = self.dp.module, self.plan, self.runtime
+        model.train()
+        for layer in self.moe_layers:
+            layer.synchronize_timing = timed
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # Σ lm loss, Σ aux loss over micro-batches
+        for micro in range(plan.num_micro_batches):
+            batch = collate(self.train_ds, plan.indices(self.consumed_samples, micro), rt.device)
+            last = micro == plan.num_micro_batches - 1
+            with self.dp.sync_context(last):
+                with self._autocast():
+                    out = model(batch.tokens)
+                    ce_sum, count = token_cross_entropy(out.logits, batch.labels, batch.loss_mask)
+                    lm = ce_sum / count.clamp_min(1.0)
+                    loss = (lm + rt.ep_size * out.aux_loss) / plan.num_micro_batches
+                loss.backward()
+            sums += torch.stack([lm.detach(), out.aux_loss.detach()]).double()
+            self.moe_stats.add(out.moe, timed)
+        self.dp.reduce_expert_grads()
+        grad_norm = self.dp.clip_grad_norm_(self.cfg.train.grad_clip)
+        self.scheduler.step(1)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        elif rt.is_main:
+            print(f"step {self.step + 1}: gradient norm is {grad_norm}; update skipped")
+        self.step += 1
+        self.consumed_samples += plan.global_samples
+        losses = all_reduce_(sums / plan.num_micro_batches) / rt.world_size
+        return StepRecord(step=self.step, loss=float(losses[0]), aux_loss=float(losses[1]), grad_norm=grad_norm,
+                          lr=self.optimizer.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Token-mean cross-entropy over `eval_steps` global batches of the validation set (the same samples at
+        every evaluation, whatever the number of ranks); None when the validation split is empty."""
+        if self.eval_batches == 0:
+            return None
+        model, plan, rt = self.dp.model, self.plan, self.runtime
+        model.eval()
+        sums = torch.zeros(2, device=rt.device, dtype=torch.float64)
+        for batch_index in range(self.eval_batches):
+            for micro in range(plan.num_micro_batches):
+                batch = collate(self.valid_ds, plan.indices(batch_index * plan.global_samples, micro), rt.device)
+                with self._autocast():
+                    logits = model(batch.tokens).logits
+                ce_sum, count = token_cross_entropy(logits, batch.labels, batch.loss_mask)
+                sums += torch.stack([ce_sum, count]).double()
+        model.train()
+        all_reduce_(sums)
+        return float(sums[0] / sums[1].clamp_min(1.0))
+
+    def _evaluate_and_log(self, bar=None) -> Optional[float]:
+        loss = self.evaluate()
+        if loss is None:
+            return None
+        ppl = math.exp(min(loss, 50.0))
+        self.logger.log(self.step, {"valid/loss": loss, "valid/ppl": ppl})
+        if self.runtime.is_main:
+            message = f"step {self.step}: validation loss {loss:.4f}, perplexity {ppl:.2f}"
+            (bar.write if bar is not None else print)(message)
+        return loss
+
+    def _log_window(self, window: list[StepRecord], seconds: float) -> None:
+        stats, timing = self.moe_stats.reduce(self.runtime)
+        if not self.runtime.is_main:
+            return
+        tokens_per_s = len(window) * self.plan.tokens_per_step / max(seconds, 1e-9)
+        scalars = {
+            "train/loss": sum(r.loss for r in window) / len(window),
+            "train/aux_loss": sum(r.aux_loss for r in window) / len(window),
+            "train/grad_norm": sum(r.grad_norm for r in window) / len(window),
+            "train/lr": window[-1].lr,
+            "train/consumed_tokens": float(self.consumed_samples * self.plan.seq_len),
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/step_seconds": seconds / len(window),
+            "perf/peak_memory_gib": peak_memory_bytes(self.runtime.device) / 2 ** 30,
+        }
+        if self.peak_flops:
+            scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
+        scalars.update(moe_scalars(stats, timing, self.runtime.ep_size))
+        self.logger.log(self.step, scalars)
+
+    def save(self) -> Optional[Path]:
+        """Checkpoint the current step (collective). None if that step's checkpoint already exists."""
+        rt = self.runtime
+        progress = {"step": self.step, "consumed_samples": self.consumed_samples}
+        state = ckpt.training_state(self.dp.model, self.optimizer, self.scheduler, progress, rt)
+        meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,
+                    consumed_tokens=self.consumed_samples * self.plan.seq_len)
+        config_yaml = yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, config_yaml,
+                                    keep=self.cfg.train.keep_checkpoints)
+        return path if path is not None else self.ckpt_root / ckpt.step_name(self.step)
+
+    def _announce(self, stop: int) -> None:
+        if not self.runtime.is_main:
+            return
+        cfg, rt, plan = self.cfg, self.runtime, self.plan
+        kind = cfg.moe.scorer if cfg.model.ffn == "moe" else "dense"
+        print(f"aoe-ep train: {kind} decoder, {self.num_params / 1e6:,.2f}M parameters on this rank; "
+              f"{rt.world_size} rank(s) on {rt.device.type} (EP {rt.ep_size}, dense weights: {self.dp.kind}); "
+              f"{plan.tokens_per_step:,} tokens/step = {plan.num_micro_batches} micro-batch(es) of "
+              f"{plan.micro_batch_size} x {plan.seq_len} per rank; {type(self.optimizer).__name__}; "
+              f"precision {self.autocast_dtype or torch.float32}; steps {self.step} -> {stop}; out_dir {self.out_dir}")
+        if self.resumed_from is not None:
+            print(f"resumed from {ckpt.describe(self.resumed_from)}")
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.logger.close()
+        teardown(self.runtime)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def train(cfg: Config, resume: Optional[str] = None, data: Optional[DataBuilders] = None) -> TrainResult:
+    with Trainer(cfg, resume=resume, data=data) as trainer:
+        return trainer.fit()

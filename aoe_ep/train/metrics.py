@@ -94,6 +94,17 @@ def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size
     return out
 
 
+def comm_scalars(moe_layers: list, steps: int) -> dict[str, float]:
+    """Bytes this rank sent per step in the MoE layers' collectives since the last call, by collective and
+    direction (the dispatchers' counters, which `aoe_ep.parallel.comm_model` predicts); resets the counters."""
+    totals: dict[str, int] = {}
+    for layer in moe_layers:
+        for name, value in layer.dispatcher.counter.as_dict().items():
+            totals[name] = totals.get(name, 0) + value
+        layer.dispatcher.counter.reset()
+    return {f"moe/bytes_per_step/{name}": value / max(steps, 1) for name, value in sorted(totals.items())}
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """The CUDA allocator's peak on GPU; the process's peak resident set on CPU (Linux reports KiB)."""
     if device.type == "cuda":

@@ -32,7 +32,8 @@ from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
-from aoe_ep.train.metrics import MoEStatsAccumulator, RunLogger, moe_scalars, peak_memory_bytes, progress_bar
+from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, moe_scalars, peak_memory_bytes,
+                                  progress_bar)
 from aoe_ep.train.optim import build_optimizer, build_scheduler
 from aoe_ep.train.parallelize import DataParallelModel, init_experts_ep_invariant
 
@@ -275,6 +276,7 @@ class Trainer:
 
     def _log_window(self, window: list[StepRecord], seconds: float) -> None:
         stats, timing = self.moe_stats.reduce(self.runtime)
+        comm = comm_scalars(self.moe_layers, len(window))
         if not self.runtime.is_main:
             return
         tokens_per_s = len(window) * self.plan.tokens_per_step / max(seconds, 1e-9)
@@ -291,6 +293,7 @@ class Trainer:
         if self.peak_flops:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
         scalars.update(moe_scalars(stats, timing, self.runtime.ep_size))
+        scalars.update(comm)
         self.logger.log(self.step, scalars)
 
     def save(self) -> Optional[Path]:

@@ -72,3 +72,51 @@ def test_flops_per_token_by_hand():
     assert forward_flops_per_token(cfg, seq) == 12 * (attention + ffn) + 2 * d * v
     assert peak_flops(torch.device("cpu")) is None
     assert peak_flops(torch.device("cpu"), peak_tflops=100.0) == 1e14
+
+
+def _ep_window(rank: int, world: int) -> dict:
+    from aoe_ep.train.metrics import comm_scalars
+
+    rt = setup_runtime(TrainConfig(), expert_parallel_size=world)
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, num_experts=4, top_k=2, d_ffn=8, d_low=4, dispatcher="alltoall")
+    full = [MoELayer(cfg), MoELayer(cfg)]
+    layers = []
+    for ref in full:
+        layer = MoELayer(cfg, ep_group=rt.groups.ep_group)
+        layer.load_full_state_dict(ref.state_dict())
+        layers.append(layer)
+    xs = [torch.randn(6 + r, 16, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    acc = MoEStatsAccumulator()
+    x = xs[rank]
+    infos = []
+    for layer in layers:
+        x, info = layer(x)
+        infos.append(info)
+    acc.add(infos)
+    stats, seconds = acc.reduce(rt)
+    tags = moe_scalars(stats, seconds, rt.ep_size)
+    comm = comm_scalars(layers, steps=1)
+    with torch.no_grad():  # the single-device model on the concatenated batch
+        x_all, ref_stats = torch.cat(xs), []
+        for ref in full:
+            x_all, info = ref(x_all)
+            ref_stats.append(info.stats)
+    teardown(rt)
+    return {"tags": tags, "seconds": seconds, "ref": moe_scalars(ref_stats, None, world), "comm": comm}
+
+
+def test_ep_window_gives_global_device_load_idle_time_and_timing_spread():
+    from aoe_ep.parallel.spawn import run_distributed
+
+    per_rank = run_distributed(2, _ep_window)
+    ref = per_rank[0]["ref"]
+    for r in per_rank:
+        for tag in ("moe/idle_time", "moe/idle_time_device", "moe/layer01/device_load/device0",
+                    "moe/layer00/device_max_minus_min", "moe/layer00/load/expert3"):
+            assert r["tags"][tag] == pytest.approx(ref[tag], abs=1e-12), tag
+    # the max / min of each rank's seconds reach every rank, so both report the same spread
+    assert torch.equal(per_rank[0]["seconds"], per_rank[1]["seconds"])
+    assert (per_rank[0]["seconds"][..., 0] >= per_rank[0]["seconds"][..., 1]).all()
+    for r in per_rank:
+        assert r["comm"]["moe/bytes_per_step/dispatch/fwd"] > 0 and r["comm"]["moe/bytes_per_step/sizes/fwd"] == 2 * 8

@@ -8,8 +8,9 @@ separately, per collective name; `parallel/comm_model.py` predicts the same numb
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,9 +21,20 @@ class CommCounter:
     """Bytes sent by this rank, keyed by (collective name, "fwd" | "bwd")."""
 
     bytes: dict = field(default_factory=lambda: defaultdict(int))
+    enabled: bool = True
 
     def add(self, name: str, direction: str, nbytes: int) -> None:
-        self.bytes[(name, direction)] += int(nbytes)
+        if self.enabled:
+            self.bytes[(name, direction)] += int(nbytes)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing inside (e.g. validation passes between two training logs)."""
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
 
     def total(self, direction: Optional[str] = None) -> int:
         return sum(v for (_, d), v in self.bytes.items() if direction is None or d == direction)

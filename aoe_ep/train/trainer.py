@@ -249,9 +249,19 @@ class Trainer:
         every evaluation, whatever the number of ranks); None when the validation split is empty."""
         if self.eval_batches == 0:
             return None
-        model, plan, rt = self.dp.model, self.plan, self.runtime
+        model, rt = self.dp.model, self.runtime
         model.eval()
         sums = torch.zeros(2, device=rt.device, dtype=torch.float64)
+        with contextlib.ExitStack() as uncounted:  # the logged bytes per step are those of training steps
+            for layer in self.moe_layers:
+                uncounted.enter_context(layer.dispatcher.counter.paused())
+            self._evaluate_batches(model, sums)
+        model.train()
+        all_reduce_(sums)
+        return float(sums[0] / sums[1].clamp_min(1.0))
+
+    def _evaluate_batches(self, model, sums: torch.Tensor) -> None:
+        plan, rt = self.plan, self.runtime
         for batch_index in range(self.eval_batches):
             for micro in range(plan.num_micro_batches):
                 batch = collate(self.valid_ds, plan.indices(batch_index * plan.global_samples, micro), rt.device)
@@ -259,9 +269,6 @@ class Trainer:
                     logits = model(batch.tokens).logits
                 ce_sum, count = token_cross_entropy(logits, batch.labels, batch.loss_mask)
                 sums += torch.stack([ce_sum, count]).double()
-        model.train()
-        all_reduce_(sums)
-        return float(sums[0] / sums[1].clamp_min(1.0))
 
     def _evaluate_and_log(self, bar=None) -> Optional[float]:
         loss = self.evaluate()

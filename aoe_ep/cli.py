@@ -1,4 +1,4 @@
-"""`aoe-ep` command line: `aoe-ep params CONFIG`, `aoe-ep train --config CONFIG`, `aoe-ep bench layer`.
+"""`aoe-ep` command line: `train`, `preprocess`, `params`, `bench layer`, `bench dispatch`.
 
 Subcommands import their modules lazily: megatron-core takes seconds to import and `--help` should not wait.
 """

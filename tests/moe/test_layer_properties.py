@@ -15,15 +15,6 @@ SCORERS = ("aoe", "router", "self_routing")
 SELECTIONS = ("top_k", "top_p", "expert_choice")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # the tensors here are tiny: intra-op threads only add contention on a busy CI machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _seed(*parts):
     return zlib.crc32(repr(parts).encode())
 

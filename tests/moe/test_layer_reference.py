@@ -47,15 +47,6 @@ W_DOWN_SCALE = {"l2": 0.3, "l1": 0.12, "linf": 0.35}
 X_SCALE = {"aoe": 1.0, "router": 1.0, "self_routing": 1.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # the tensors here are tiny: intra-op threads only add contention on a busy CI machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _seed(*parts):
     return zlib.crc32(repr(parts).encode())
 

@@ -27,7 +27,7 @@ def _init(tensor: torch.Tensor, fan_in: int) -> None:
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype expert matmuls run in: autocast's for the rows' device when it is on, else the rows' own."""
-    if x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type):
+    if x.dtype.is_floating_point and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

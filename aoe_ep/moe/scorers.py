@@ -71,7 +71,12 @@ def _norm(c: torch.Tensor, ord: float) -> torch.Tensor:
 
 
 def _norm_grad(c: torch.Tensor, ord: float, ds: torch.Tensor) -> torch.Tensor:
-    """∂L/∂c from ∂L/∂‖c‖ for each row of c, exactly as autograd differentiates the norm (ties of L∞ included)."""
+    """∂L/∂c from ∂L/∂‖c‖ for each row of c, exactly as autograd differentiates the norm: L2 written out
+    (c · ds/‖c‖, zero where ‖c‖ = 0), the others (ties of L∞ included) through autograd itself."""
+    if ord == 2.0:
+        s = _norm(c, ord)
+        scale = (ds / s).masked_fill_(s == 0, 0.0)
+        return at_least_fp32(c) * scale.unsqueeze(-1)
     with torch.enable_grad():
         c = c.detach().requires_grad_()
         (dc,) = torch.autograd.grad(_norm(c, ord), c, ds)

@@ -11,7 +11,6 @@ mean of the ranks' losses.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import math
 
@@ -23,7 +22,6 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from aoe_ep.config import ConfigError
-from aoe_ep.moe import MoELayer
 from aoe_ep.train.distributed import Runtime, all_reduce_
 from aoe_ep.train.optim import is_expert_param
 
@@ -70,17 +68,6 @@ class DataParallelModel:
             self.module = model
         # After wrapping: FSDP2 replaces the dense parameters by DTensor ones.
         self.dense_params, self.expert_params = split_params(model)
-        self._sync_experts_from_first_replica()
-
-    def _sync_experts_from_first_replica(self) -> None:
-        """Expert weights must start equal across their expert-DP group (DDP and FSDP2 handle the dense ones)."""
-        group = self.runtime.groups.expert_dp_group
-        if self.kind == "none" or group is None or dist.get_world_size(group) == 1:
-            return
-        src = dist.get_global_rank(group, 0)
-        with torch.no_grad():
-            for p in self.expert_params:
-                dist.broadcast(p.data, src=src, group=group)
 
     def sync_context(self, last_micro_batch: bool):
         """Reduce dense gradients only on the last micro-batch of a step (gradient accumulation)."""
@@ -136,27 +123,3 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.
         return torch.zeros((), device=device, dtype=torch.float32)
     norms = torch._foreach_norm(tensors, 2.0)
     return torch.stack([n.float() for n in norms]).square().sum()
-
-
-def init_experts_ep_invariant(model: nn.Module, seed: int) -> None:
-    """Draw every expert's weights from a generator of (seed, layer, name, global expert index), with the layers'
-    own rule std = fan_in^-0.5 (fan_in: dim 1 of the stacked [E, in, out] tensor). Each EP rank fills the experts it
-    holds: no two experts start equal (drawn from one stream, the EP ranks would repeat each other's experts), and
-    an expert starts the same whatever the expert-parallel size."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    with torch.no_grad():
-        for index, layer in enumerate(layers):
-            offset = layer.expert_offset
-            for name, p in layer.named_parameters():
-                if not is_expert_param(p):
-                    continue
-                for local in range(p.shape[0]):
-                    key = f"{seed}/{index}/{name}/{offset + local}".encode()
-                    gen = torch.Generator().manual_seed(_stable_hash(key))
-                    value = torch.randn(p.shape[1:], generator=gen) * p.shape[1] ** -0.5
-                    p[local].copy_(value.to(p.dtype))
-
-
-def _stable_hash(data: bytes) -> int:
-    """63 bits of SHA-256 (Python's `hash` of bytes is salted per process)."""
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1

@@ -6,6 +6,7 @@ Subcommands import their modules lazily: megatron-core takes seconds to import a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -124,8 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HEAVY_COMMANDS = ("train", "bench")  # long CPU work: worth the allocator (aoe_ep/cpu_allocator.py)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY_COMMANDS:
+        from aoe_ep import cpu_allocator
+
+        cpu_allocator.ensure_allocator(sys.argv[1:])  # re-executes this command once, if it changes anything
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(cpu_allocator.announce(), file=sys.stderr, flush=True)
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
 

@@ -1,4 +1,4 @@
-"""`aoe-ep` command line: `train`, `preprocess`, `params`, `bench layer`, `bench dispatch`.
+"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, params, bench layer, bench dispatch.
 
 Subcommands import their modules lazily: megatron-core takes seconds to import and `--help` should not wait.
 """
@@ -72,6 +72,41 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from aoe_ep.eval.perplexity import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
+                                 expert_parallel_size=args.expert_parallel_size, device=args.device)
+    if _is_main_process():
+        if args.json:
+            print(json.dumps(result.as_dict()))
+        else:
+            source = ", ".join(result.data) if result.data else "the run's validation split"
+            print(f"{result.checkpoint} (step {result.step}) on {source}: loss {result.loss:.4f}, "
+                  f"perplexity {result.perplexity:.3f}, {result.tokens:,} tokens, "
+                  f"{result.loss / math.log(2):.4f} bits per token")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aoe-ep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint under train.out_dir, or from the CHECKPOINT directory; "
                         "'--resume auto' starts fresh when there is none yet (for requeued jobs)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint (one process, or every rank under torchrun)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--data", nargs="+", metavar="PREFIX_OR_TEXT",
+                   help="megatron-core dataset prefixes (PREFIX.bin/.idx) or .txt/.jsonl files; default: the run's "
+                        "validation split, exactly as the trainer evaluates it")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="sequences per rank and micro-batch "
+                                                                "(default: the run's train.micro_batch_size)")
+    p.add_argument("--expert-parallel-size", type=_positive_int, metavar="EP",
+                   help="default: the checkpoint's when it divides the number of processes, else 1")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the checkpoint config's train.device")
+    p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, tokens, ...")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
@@ -128,9 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
+    from aoe_ep.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
+    except CheckpointError as err:
+        print(f"aoe-ep: checkpoint error: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"aoe-ep: config error: {err}", file=sys.stderr)
         return 2

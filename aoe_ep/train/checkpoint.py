@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from aoe_ep.train.distributed import Runtime
@@ -126,14 +127,20 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
                    runtime: Runtime) -> dict:
     """The nested dict DCP saves and loads. Expert tensors become DTensors [Replicate on "dp", Shard(0) on "ep"]."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    mesh = runtime.mesh
-
-    def to_dtensor(t: torch.Tensor) -> DTensor:
-        return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False)
-
-    _map_experts(model_sd, optim_sd, expert_names(model), to_dtensor)
+    _map_experts(model_sd, optim_sd, expert_names(model), _expert_dtensor(runtime))
     return {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "progress": dict(progress),
             f"rng_rank{runtime.rank}": _rng_state(runtime.device)}
+
+
+def _expert_dtensor(runtime: Runtime):
+    def to_dtensor(t: torch.Tensor) -> DTensor:
+        return DTensor.from_local(t, runtime.mesh, [Replicate(), Shard(0)], run_check=False)
+
+    return to_dtensor
+
+
+def _to_local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,16 +239,29 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise CheckpointError(f"{path}: cannot be loaded into this model and optimizer: "
                               f"{str(err).strip().splitlines()[-1]}") from err
 
-    def to_local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if isinstance(t, DTensor) else t
-
-    _map_experts(state["model"], state["optim"], expert_names(model), to_local)
+    _map_experts(state["model"], state["optim"], expert_names(model), _to_local)
     state["optim"]["param_groups"] = param_groups
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(state["scheduler"])
     if rng_key in state:
         _set_rng_state(state[rng_key], runtime.device)
     return state["progress"]
+
+
+def load_model_weights(path: Path, model: nn.Module, runtime: Runtime) -> None:
+    """Restore only the model's weights (for evaluation and generation: no optimizer is built), in whatever
+    layout `model` has now (this rank's expert slice under expert parallelism)."""
+    experts = expert_names(model)
+    model_sd = get_model_state_dict(model)
+    _map_experts(model_sd, {}, experts, _expert_dtensor(runtime))
+    state = {"model": model_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be loaded into this model: "
+                              f"{str(err).strip().splitlines()[-1]}") from err
+    _map_experts(state["model"], {}, experts, _to_local)
+    set_model_state_dict(model, state["model"])
 
 
 def describe(path: Path) -> str:

@@ -9,6 +9,10 @@ import argparse
 import sys
 
 
+class CommandError(Exception):
+    """Bad input to a subcommand that argparse cannot see (e.g. a prompt too long for the model): one line, exit 2."""
+
+
 def default_device() -> str:
     """The one place a device is chosen when the user names none."""
     import torch
@@ -91,6 +95,29 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from aoe_ep.data import build_tokenizer
+    from aoe_ep.eval.generate import SamplingConfig, generate
+    from aoe_ep.eval.loading import open_checkpoint
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.top_p is None or args.greedy,
+                              temperature=args.temperature, top_p=1.0 if args.top_p is None else args.top_p,
+                              seed=args.seed)
+    try:
+        sampling.validate()
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    with open_checkpoint(args.checkpoint, expert_parallel_size=1, device=args.device) as loaded:
+        tokenizer = build_tokenizer(loaded.cfg.data.tokenizer)
+        prompt = tokenizer.encode(args.prompt)
+        try:
+            new = generate(loaded.model, prompt, sampling, stop_id=tokenizer.eod)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -140,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, tokens, ...")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint (greedy or top-p sampling, KV cache)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample from the nucleus of mass P (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before top-p sampling")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --top-p)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the checkpoint config's train.device")
+    p.set_defaults(func=_generate)
+
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
                    help=".txt or .jsonl files, or directories searched recursively for them")
@@ -183,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CheckpointError as err:
         print(f"aoe-ep: checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except CommandError as err:
+        print(f"aoe-ep {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ConfigError as err:
         print(f"aoe-ep: config error: {err}", file=sys.stderr)

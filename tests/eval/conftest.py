@@ -22,3 +22,14 @@ def tiny_run(tmp_path_factory):
     logged = {r["step"]: r["valid/loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
               if "valid/loss" in r}
     return run, logged
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # the models here are tiny: intra-op threads only add contention on a busy CI machine
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -118,6 +118,15 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from aoe_ep.eval.harness import main
+    except ImportError as err:
+        raise CommandError(f"needs lm-evaluation-harness ({err}): pip install -e '.[eval]'") from None
+    main(args.harness_args)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -178,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the checkpoint config's train.device")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the model 'aoe-ep' registered; arguments go to it",
+                       add_help=False)
+    p.add_argument("harness_args", nargs=argparse.REMAINDER,
+                   help="e.g. --model aoe-ep --model_args checkpoint=runs/tiny --tasks arc_easy")
+    p.set_defaults(func=_lm_eval)
 
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",

@@ -9,7 +9,7 @@ models generate differently with and without the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -57,9 +57,10 @@ def next_token(logits_V: torch.Tensor, sampling: SamplingConfig, generator: torc
 
 @torch.no_grad()
 def generate(model: Decoder, prompt: Sequence[int], sampling: SamplingConfig, stop_id: Optional[int] = None,
-             use_cache: bool = True) -> list[int]:
-    """The new token ids after `prompt` (stop_id, when reached, ends them and is not included). `use_cache=False`
-    re-runs the whole sequence for every token (the reference the cache is tested against)."""
+             use_cache: bool = True, should_stop: Optional[Callable[[list[int]], bool]] = None) -> list[int]:
+    """The new token ids after `prompt` (stop_id, when reached, ends them and is not included; `should_stop` of
+    the new ids so far ends them after a token, e.g. at a stop string). `use_cache=False` re-runs the whole
+    sequence for every token (the reference the cache is tested against)."""
     sampling.validate()
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
@@ -81,5 +82,7 @@ def generate(model: Decoder, prompt: Sequence[int], sampling: SamplingConfig, st
             break
         new.append(token)
         ids.append(token)
+        if should_stop is not None and should_stop(new):
+            break
         step_input = torch.tensor([[token]], device=device)
     return new

@@ -127,6 +127,45 @@ def _lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router_free(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from aoe_ep.analysis.router_free import ALL_NODES, evaluate_node, load_mixtral, read_text_ids, windows
+    from aoe_ep.data import build_tokenizer
+
+    nodes = list(ALL_NODES) if "all" in args.node else list(dict.fromkeys(args.node))
+    spec = args.tokenizer
+    if spec is None:
+        found = [p for p in (Path(args.hf_dir) / "tokenizer.json", Path(args.hf_dir) / "tokenizer.model")
+                 if p.is_file()]
+        if not found:
+            raise CommandError(f"{args.hf_dir} has no tokenizer.json or tokenizer.model: pass --tokenizer "
+                               f"(e.g. 'byte' for the demo checkpoints)")
+        spec = str(found[0])
+    try:
+        model = load_mixtral(args.hf_dir, device=args.device or default_device())
+        ids = read_text_ids(args.text, build_tokenizer(spec), args.max_bytes)
+        seq_len = min(args.seq_len, model.config.max_position_embeddings)
+        results = []
+        with tqdm(total=len(nodes) * len(windows(ids, seq_len)), unit="window", desc="router-free",
+                  dynamic_ncols=True) as bar:
+            for node in nodes:
+                results.append(evaluate_node(model, ids, node, args.norm, args.gate, seq_len, progress=bar))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results]))
+        return 0
+    print(f"{args.hf_dir}: {results[0].tokens:,} predicted tokens, norm {args.norm}, gates {args.gate}")
+    print(f"{'node':<14}{'perplexity':>12}{'loss':>9}{'overlap w. router':>19}{'seconds':>9}")
+    for r in results:
+        print(f"{r.node:<14}{r.perplexity:>12.3f}{r.loss:>9.4f}{r.router_overlap:>19.3f}{r.seconds:>9.2f}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -193,6 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("harness_args", nargs=argparse.REMAINDER,
                    help="e.g. --model aoe-ep --model_args checkpoint=runs/tiny --tasks arc_easy")
     p.set_defaults(func=_lm_eval)
+
+    p = sub.add_parser("router-free", help="Section 3.1: remove a Mixtral checkpoint's routers, let experts choose "
+                                           "themselves by activation norm; perplexity per pause node")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers MixtralForCausalLM directory")
+    p.add_argument("--node", nargs="+", required=True,
+                   choices=["xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output", "router", "all"],
+                   help="pause node(s) whose activation norm ranks the experts; 'router': as trained; 'all'")
+    p.add_argument("--norm", default="l2", choices=["l2", "l1", "linf"], help="activation norm (default l2)")
+    p.add_argument("--gate", default="softmax", choices=["softmax", "uniform"],
+                   help="weights of the chosen experts: softmax of their norms (AoE) or equal")
+    p.add_argument("--text", metavar="FILE", help="text to measure perplexity on (default: the last files of the "
+                                                  "built-in corpus)")
+    p.add_argument("--max-bytes", type=_positive_int, default=65536, help="bytes of the text used (default 65536)")
+    p.add_argument("--tokenizer", help="aoe-ep tokenizer spec ('byte', a .json or .model file); default: the "
+                                       "directory's tokenizer.json / tokenizer.model")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (capped by the model's)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="one JSON list: per node perplexity, loss, tokens, "
+                                                       "router_overlap, seconds, load")
+    p.set_defaults(func=_router_free)
 
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",

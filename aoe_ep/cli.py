@@ -166,6 +166,21 @@ def _router_free(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy(args: argparse.Namespace) -> int:
+    import json
+
+    from aoe_ep.analysis.toy import ToyConfig, describe, run_toy
+
+    cfg = ToyConfig(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, dim=args.dim, seed=args.seed)
+    result = run_toy(args.out, cfg)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print("\n".join(describe(result["summary"])))
+    print(f"figures: {', '.join(result['figures'])}; data: {result['json']}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -252,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON list: per node perplexity, loss, tokens, "
                                                        "router_overlap, seconds, load")
     p.set_defaults(func=_router_free)
+
+    p = sub.add_parser("toy", help="Appendix B: tiny AoE vs MoE classifiers on Gaussian classes, in two stages")
+    p.add_argument("--out", default="runs/toy", help="directory for toy_load.png, toy_score.png, toy.json")
+    p.add_argument("--stage1-steps", type=_positive_int, default=300, help="steps on classes 1 and 2")
+    p.add_argument("--stage2-steps", type=_positive_int, default=600, help="steps once class 3 is added")
+    p.add_argument("--dim", type=_positive_int, default=16, help="input dimension")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the summary (per model and stage) as JSON")
+    p.set_defaults(func=_toy)
 
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",

@@ -128,7 +128,8 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[Sequence[str]] = None, b
         cfg, rt = loaded.cfg, loaded.runtime
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         if data:
-            dataset, plan, num_batches = _data_windows(loaded, tokenizer, data, batch_size or cfg.train.micro_batch_size)
+            dataset, plan, num_batches = _data_windows(loaded, tokenizer, data,
+                                                       batch_size or cfg.train.micro_batch_size)
         else:
             dataset, plan, num_batches = _validation_split(loaded, tokenizer, batch_size)
             if num_batches == 0:

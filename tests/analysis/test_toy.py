@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from aoe_ep.analysis.toy import ToyConfig, run_toy, summarize, train_toy
+from aoe_ep.analysis.toy import ToyConfig, summarize, train_toy
 from aoe_ep.cli import main
 
 pytest.importorskip("matplotlib")

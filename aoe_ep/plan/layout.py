@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from aoe_ep.config import Config, ConfigError
+from aoe_ep.config import Config, ConfigError, MoEConfig
 from aoe_ep.parallel.comm_model import bytes_from_pairs
 from aoe_ep.plan.activations import MicroBatch, activation_bytes, routed_rows
 from aoe_ep.plan.flops import step_flops
@@ -94,15 +94,16 @@ def _transient_bytes(cfg: Config, micro: MicroBatch) -> float:
     return micro.tokens * cfg.model.vocab_size * (micro.compute_bytes + FP32)
 
 
-def _ep_bytes(cfg: Config, ep: int, micro: MicroBatch, routing: Optional[RoutingModel]) -> dict[str, float]:
-    """Bytes this rank sends in one MoE layer's forward and backward (the communication model of
-    `aoe_ep.parallel.comm_model`, with the routing model's expected pair counts)."""
-    if routing is None or ep == 1:
+def ep_layer_bytes(moe: MoEConfig, ep: int, tokens_per_rank: int, elem_bytes: int, routing: RoutingModel,
+                   rank: int = 0) -> dict[str, float]:
+    """Bytes rank `rank` of the EP group sends in one MoE layer's forward and backward: the communication model of
+    `aoe_ep.parallel.comm_model` with the routing model's expected pair counts, every rank holding
+    `tokens_per_rank` tokens. Keys as the dispatchers' `CommCounter.as_dict()`."""
+    if ep == 1:
         return {}
-    moe = cfg.moe
-    t = micro.tokens
-    return bytes_from_pairs(moe.dispatcher, routing.pairs(moe.dispatcher, t, ep), [t] * ep, 0, moe.num_experts,
-                            moe.d_model, moe.d_low, micro.compute_bytes, aoe_cache=moe.scorer == "aoe",
+    pairs = routing.pairs(moe.dispatcher, tokens_per_rank, ep)
+    return bytes_from_pairs(moe.dispatcher, pairs, [tokens_per_rank] * ep, rank, moe.num_experts, moe.d_model,
+                            moe.d_low, elem_bytes, aoe_cache=moe.scorer == "aoe",
                             expert_choice=moe.selection == "expert_choice")
 
 
@@ -167,7 +168,8 @@ def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None
     micro, rows, acts = _micro_batch(cfg, mb, ep, routing)
     steps = batches.num_micro_batches
 
-    comm = {f"ep.{name}": steps * cfg.model.n_layers * v for name, v in _ep_bytes(cfg, ep, micro, routing).items()}
+    layer = ep_layer_bytes(cfg.moe, ep, micro.tokens, micro.compute_bytes, routing) if routing is not None else {}
+    comm = {f"ep.{name}": steps * cfg.model.n_layers * v for name, v in layer.items()}
     dp_comm = gradient_sync_bytes(cfg.train.dense_parallel, world, ep, state.params_dense, state.params_expert,
                                   steps)
     comm.update({f"dp.{name}": v for name, v in dp_comm.items()})

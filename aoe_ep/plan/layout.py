@@ -164,9 +164,9 @@ def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None
                            world, 0)
     hardware = GPUS[gpu]
     routing = _routing(cfg, ep, mb * cfg.data.seq_len, hot_share)
-    state = rank_state(cfg, ep, world, params)
-    micro, rows, acts = _micro_batch(cfg, mb, ep, routing)
     steps = batches.num_micro_batches
+    state = rank_state(cfg, ep, world, params, steps)
+    micro, rows, acts = _micro_batch(cfg, mb, ep, routing)
 
     layer = ep_layer_bytes(cfg.moe, ep, micro.tokens, micro.compute_bytes, routing) if routing is not None else {}
     comm = {f"ep.{name}": steps * cfg.model.n_layers * v for name, v in layer.items()}

@@ -57,6 +57,15 @@ def state_shards(dense_parallel: str, world: int, ep: int) -> tuple[int, int]:
     return 1, 1
 
 
+def gradient_shards(dense_parallel: str, world: int, ep: int, micro_batches: int) -> tuple[int, int]:
+    """Like `state_shards`, for the gradients at their peak: FSDP2 accumulates unsharded gradients over the
+    micro-batches that skip the reduce-scatter (`set_requires_gradient_sync(False)`), so with gradient accumulation
+    a rank holds them whole until the step's last backward."""
+    if micro_batches > 1:
+        return 1, 1
+    return state_shards(dense_parallel, world, ep)
+
+
 def _shard_numel(shape: tuple[int, ...], shards: int) -> int:
     """FSDP2 splits dim 0 into `shards` chunks of ⌈dim0 / shards⌉ rows (the last ones may be shorter or empty)."""
     rest = math.prod(shape[1:])
@@ -78,12 +87,14 @@ class RankState:
     numel_local: int
 
 
-def rank_state(cfg: Config, ep: int, world: int, params: list[ParamShape] | None = None) -> RankState:
+def rank_state(cfg: Config, ep: int, world: int, params: list[ParamShape] | None = None,
+               micro_batches: int = 1) -> RankState:
     """The state rank 0 of a world of `world` ranks holds with expert-parallel size `ep` (FSDP2's first shard is
-    the largest); `params`: `model_parameters(cfg)` when the caller has them already."""
+    the largest) and `micro_batches` per step; `params`: `model_parameters(cfg)` when the caller has them."""
     kind = cfg.train.dense_parallel
     dense_shards, expert_shards = state_shards(kind, world, ep)
-    params_dense = params_expert = numel = 0
+    dense_grad_shards, expert_grad_shards = gradient_shards(kind, world, ep, micro_batches)
+    params_dense = params_expert = numel = grad_numel = 0
     tensors = 0
     for p in params if params is not None else model_parameters(cfg):
         shape = p.shape
@@ -91,12 +102,14 @@ def rank_state(cfg: Config, ep: int, world: int, params: list[ParamShape] | None
             shape = (shape[0] // ep,) + shape[1:]
             params_expert += math.prod(shape)
             numel += _shard_numel(shape, expert_shards)
+            grad_numel += _shard_numel(shape, expert_grad_shards)
         else:
             params_dense += math.prod(shape)
             numel += _shard_numel(shape, dense_shards)
+            grad_numel += _shard_numel(shape, dense_grad_shards)
         tensors += 1
     return RankState(params_dense=params_dense, params_expert=params_expert, bytes_weights=numel * FP32,
-                     bytes_grads=numel * FP32, bytes_optimizer=ADAM_MOMENTS * numel * FP32 + tensors * FP32,
+                     bytes_grads=grad_numel * FP32, bytes_optimizer=ADAM_MOMENTS * numel * FP32 + tensors * FP32,
                      numel_local=numel)
 
 

@@ -39,6 +39,9 @@ def test_expert_parallel_and_fsdp_divide_the_state(tmp_path):
     one, four = rank_state(cfg, ep=1, world=1), rank_state(cfg, ep=4, world=4)
     assert four.params_expert * 4 == one.params_expert and four.params_dense == one.params_dense
     assert state_shards("ddp", 8, 4) == (1, 1) and state_shards("fsdp", 8, 4) == (8, 2)
-    fsdp = small_config(tmp_path, "moe.num_experts=4", "train.dense_parallel=fsdp")
-    sharded = rank_state(fsdp, ep=2, world=4)
-    assert sharded.bytes_weights < rank_state(fsdp, ep=2, world=2).bytes_weights
+    fsdp = small_config(tmp_path, "moe.num_experts=4", "moe.dispatcher=alltoall", "train.dense_parallel=fsdp")
+    sharded, unsharded = rank_state(fsdp, ep=2, world=4), rank_state(cfg, ep=2, world=4)
+    assert sharded.bytes_weights < unsharded.bytes_weights and sharded.bytes_grads < unsharded.bytes_grads
+    # with gradient accumulation FSDP2 holds the unsharded gradients until the last micro-batch
+    accumulating = rank_state(fsdp, ep=2, world=4, micro_batches=2)
+    assert accumulating.bytes_grads == unsharded.bytes_grads and accumulating.bytes_weights == sharded.bytes_weights

@@ -36,6 +36,7 @@ def test_plan_bad_input_is_one_line_and_exit_code_2(capsys):
     for argv, message in ((["--ep", "3"], "--ep: moe.num_experts=8 is not divisible by 3"),
                           (["--hot-expert-share", "0.7"], "--hot-expert-share must lie in (0, 1/top_k = 0.5]"),
                           (["--micro-batch", "0"], "--micro-batch: must be a positive integer"),
+                          (["--gpu", "v100"], "--gpu: 'v100' is not one of a100, h100, h200"),
                           (["--dp", "3", "--ep", "1"], "train.global_batch_tokens")):
         assert main(["plan", "paper/aoe_4b", *argv]) == 2
         err = capsys.readouterr().err.strip()

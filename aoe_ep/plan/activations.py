@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aoe_ep.config import Config, MoEConfig
+from aoe_ep.moe.selection import expert_capacity
 
 FP32 = 4
 INDEX = 8  # int64
@@ -78,14 +79,14 @@ def aoe_cache_bytes(kept: str, tokens: int, num_experts: int, top_k: int, d_low:
 
 def routed_rows(cfg: MoEConfig, tokens: int) -> float:
     """(token, expert) rows the EP group's T tokens produce: T·K under top-K (top-P is reported at K), n·C under
-    expert choice (C = ⌈T·capacity_factor/n⌉, at most T)."""
+    expert choice."""
     if cfg.selection == "expert_choice":
-        return cfg.num_experts * min(tokens, -(-int(tokens * cfg.capacity_factor) // cfg.num_experts))
+        return cfg.num_experts * expert_capacity(tokens, cfg.num_experts, cfg.capacity_factor)
     return tokens * cfg.top_k
 
 
-def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_tokens: int, rows: float,
-                    autocast: bool) -> dict[str, float]:
+def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_tokens: int,
+                    rows: float) -> dict[str, float]:
     """One MoE layer, by part. `scored_tokens`: the tokens this rank scores (its own, or the EP group's under
     `allgather`); `rows`: the routed rows reaching this rank's experts; `num_local`: the experts it holds (the
     scorer's Wdown is sharded like them under `allgather`).
@@ -100,7 +101,7 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
       [M, W] tensors (the gate matmul output, SiLU's output, the x·Wp output, their product);
     - combine: the transposed mask and gates [n, T], the routed gate values [M] and expert outputs [M, d].
     """
-    t, c, d, n = scored_tokens, mb.compute_bytes, cfg.d_model, cfg.num_experts
+    t, c, d, n, autocast = scored_tokens, mb.compute_bytes, cfg.d_model, cfg.num_experts, mb.autocast
     n_scored = num_local if (cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and num_local < n) else n
     aoe = cfg.scorer == "aoe"
     gathered = t > mb.tokens  # `allgather`: the scorer reads a new [EP·T, d] tensor
@@ -113,7 +114,7 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
     out["scorer"] = scorer
     balance = n * c if cfg.selection != "expert_choice" else 0  # the aux loss's tokens_per_expert cast
     out["selection"] = 3 * t * n * c + t * n + 2 * t * c + balance + rows * INDEX * (2 if aoe else 1)
-    casts = (2 if not cfg.factorized else 1) if autocast else 1
+    casts = 2 if autocast and not aoe else 1  # AoE experts read x once (x·Wp); the others twice
     expert = casts * rows * d * c + 4 * rows * cfg.expert_width * c
     if cfg.factorized:
         expert += rows * cfg.d_low * c
@@ -134,8 +135,10 @@ def moe_weight_copy_bytes(cfg: MoEConfig, num_local: int, c: int, autocast: bool
         if cfg.scorer == "router":
             out += (n * (cfg.router_hidden or d) + d * cfg.router_hidden) * c
         w = cfg.expert_width
-        per_expert = (cfg.d_low * w + 2 * d * w + (d * cfg.d_low if cfg.expert_kind == "factorized"
-                                                  and cfg.scorer != "aoe" else 0)) if cfg.factorized else 3 * d * w
+        if cfg.factorized:  # Wup, Wp, Wo; a routed MoE's factorised experts hold their own Wdown too
+            per_expert = cfg.d_low * w + 2 * d * w + (d * cfg.d_low if cfg.scorer != "aoe" else 0)
+        else:
+            per_expert = 3 * d * w
         out += num_local * per_expert * c
     return out
 
@@ -161,7 +164,7 @@ def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float) -
         moe = cfg.moe
         num_local = moe.num_experts // ep
         scored = mb.tokens * ep if (moe.dispatcher == "allgather" and ep > 1) else mb.tokens
-        parts = moe_layer_bytes(moe, mb, num_local, scored, expert_rows, mb.autocast)
+        parts = moe_layer_bytes(moe, mb, num_local, scored, expert_rows)
         out["moe"] = float(m.n_layers * sum(parts.values()))
         copies += m.n_layers * moe_weight_copy_bytes(moe, num_local, mb.compute_bytes, mb.autocast)
     else:

@@ -109,16 +109,16 @@ def ep_layer_bytes(moe: MoEConfig, ep: int, tokens_per_rank: int, elem_bytes: in
 
 def _step_seconds(gpu: GPU, precision_bytes: int, flops: float, memory_bytes: float, ep_bytes: float,
                   dp_bytes: float, ep: int, world: int) -> dict[str, float]:
+    """Seconds per part, added without overlap. EP groups are consecutive ranks, so one of up to 8 stays in a node;
+    a data-parallel group (the world, or the expert-DP group with stride EP) crosses nodes when the world does."""
     peak = gpu.bf16_flops if precision_bytes == 2 else gpu.fp32_flops
-    intra = inter = 0.0
-    ep_seconds = ep_bytes / (gpu.nvlink_bytes_per_s if ep <= GPUS_PER_NODE else gpu.nic_bytes_per_s)
-    dp_seconds = dp_bytes / (gpu.nvlink_bytes_per_s if world <= GPUS_PER_NODE else gpu.nic_bytes_per_s)
-    intra += ep_seconds if ep <= GPUS_PER_NODE else 0.0
-    inter += ep_seconds if ep > GPUS_PER_NODE else 0.0
-    intra += dp_seconds if world <= GPUS_PER_NODE else 0.0
-    inter += dp_seconds if world > GPUS_PER_NODE else 0.0
-    out = {"compute": flops / peak, "memory": memory_bytes / gpu.hbm_bytes_per_s, "intra_node": intra,
-           "inter_node": inter}
+    out = {"compute": flops / peak, "memory": memory_bytes / gpu.hbm_bytes_per_s, "intra_node": 0.0,
+           "inter_node": 0.0}
+    for nbytes, group in ((ep_bytes, ep), (dp_bytes, world)):
+        if group <= GPUS_PER_NODE:
+            out["intra_node"] += nbytes / gpu.nvlink_bytes_per_s
+        else:
+            out["inter_node"] += nbytes / gpu.nic_bytes_per_s
     out["total"] = sum(out.values())
     return out
 

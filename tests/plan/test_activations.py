@@ -18,6 +18,8 @@ SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.vocab
 MODELS = {
     "dense": ["model.ffn=dense"],
     "router": ["moe.scorer=router"],
+    "router_factorized": ["moe.scorer=router", "moe.expert_kind=factorized"],
+    "self_routing": ["moe.scorer=self_routing", "moe.aux_loss_coeff=0"],
     "aoe": ["moe.scorer=aoe"],
     "aoe_expert_choice": ["moe.scorer=aoe", "moe.selection=expert_choice", "moe.aux_loss_coeff=0"],
 }

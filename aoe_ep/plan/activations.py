@@ -85,11 +85,12 @@ def routed_rows(cfg: MoEConfig, tokens: int) -> float:
     return tokens * cfg.top_k
 
 
-def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_tokens: int,
-                    rows: float) -> dict[str, float]:
+def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_tokens: int, rows: float,
+                    returned: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
     """One MoE layer, by part. `scored_tokens`: the tokens this rank scores (its own, or the EP group's under
     `allgather`); `rows`: the routed rows reaching this rank's experts; `num_local`: the experts it holds (the
-    scorer's Wdown is sharded like them under `allgather`).
+    scorer's Wdown is sharded like them under `allgather`); `returned`: under `allgather` with EP > 1, the summed
+    rows this rank sends back (gathered tokens with a winner here) and receives (its own tokens, from every rank).
 
     - input: the layer input [T, d] fp32 (the NaN check and the scorer read it), plus the scorer's compute-dtype
       cast under autocast or the all-gathered tokens under `allgather`;
@@ -99,7 +100,9 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
       two per-token sums [T], the aux loss's counts [n]; the routing indices [M] (int64; AoE's cache gather adds the expert index [M]);
     - experts: their input rows [M, d] (one cast per matmul under autocast), AoE's gathered cache rows [M, L], four
       [M, W] tensors (the gate matmul output, SiLU's output, the x·Wp output, their product);
-    - combine: the transposed mask and gates [n, T], the routed gate values [M] and expert outputs [M, d].
+    - combine: the transposed mask and gates [n, T] (`allgather`: of the local experts), the routed gate values
+      [M] and expert outputs [M, d]; `allgather` adds the indices of the rows it returns and receives (int64) and
+      the received rows [R, d].
     """
     t, c, d, n, autocast = scored_tokens, mb.compute_bytes, cfg.d_model, cfg.num_experts, mb.autocast
     n_scored = num_local if (cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and num_local < n) else n
@@ -119,7 +122,10 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
     if cfg.factorized:
         expert += rows * cfg.d_low * c
     out["experts"] = expert
-    out["combine"] = t * n + t * n * c + rows * c + rows * d * c
+    sent, received = returned
+    n_combined = num_local if sent or received else n
+    out["combine"] = (t * n_combined * (1 + c) + rows * c + rows * d * c
+                      + (sent + received) * INDEX + received * d * c)
     return out
 
 
@@ -150,9 +156,11 @@ def logits_bytes(cfg: Config, mb: MicroBatch) -> int:
     return t * cfg.model.d_model * mb.compute_bytes + t * cfg.model.vocab_size * FP32 + t * INDEX + t * FP32 + 2 * FP32
 
 
-def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float) -> dict[str, float]:
-    """Saved bytes of one micro-batch, by layer kind, summed over the layers. `expert_rows`: the routed rows that
-    reach this rank's experts in one MoE layer."""
+def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float,
+                     returned: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
+    """Saved bytes of one micro-batch, by layer kind, summed over the layers. `expert_rows` and `returned`: the
+    routed rows that reach this rank's experts in one MoE layer and the `allgather` combine's rows (see
+    `moe_layer_bytes`)."""
     m = cfg.model
     out = {"embedding": float(mb.tokens * INDEX),
            "norms": float((2 * m.n_layers + 1) * rms_norm_bytes(mb, m.d_model)),
@@ -164,7 +172,7 @@ def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float) -
         moe = cfg.moe
         num_local = moe.num_experts // ep
         scored = mb.tokens * ep if (moe.dispatcher == "allgather" and ep > 1) else mb.tokens
-        parts = moe_layer_bytes(moe, mb, num_local, scored, expert_rows)
+        parts = moe_layer_bytes(moe, mb, num_local, scored, expert_rows, returned)
         out["moe"] = float(m.n_layers * sum(parts.values()))
         copies += m.n_layers * moe_weight_copy_bytes(moe, num_local, mb.compute_bytes, mb.autocast)
     else:

@@ -85,7 +85,11 @@ def _micro_batch(cfg: Config, mb: int, ep: int, routing: Optional[RoutingModel])
     c = compute_bytes(cfg)
     micro = MicroBatch(batch=mb, seq_len=cfg.data.seq_len, compute_bytes=c, autocast=c != FP32)
     rows = ep * micro.tokens * routing.rank_rows_per_token(0, ep) if routing is not None else 0.0
-    return micro, rows, activation_bytes(cfg, micro, ep, rows)
+    returned = (0.0, 0.0)
+    if routing is not None and ep > 1 and cfg.moe.dispatcher == "allgather":
+        returned = (ep * micro.tokens * (1.0 - routing.p_none(0, ep)),
+                    micro.tokens * sum(1.0 - routing.p_none(q, ep) for q in range(ep)))
+    return micro, rows, activation_bytes(cfg, micro, ep, rows, returned)
 
 
 def _transient_bytes(cfg: Config, micro: MicroBatch) -> float:

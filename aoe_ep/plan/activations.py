@@ -158,7 +158,8 @@ def logits_bytes(cfg: Config, mb: MicroBatch) -> int:
 
 def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float,
                      returned: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
-    """Saved bytes of one micro-batch, by layer kind, summed over the layers. `expert_rows` and `returned`: the
+    """Saved bytes of one micro-batch, by layer kind (the MoE layer by part, `moe.<part>`), summed over the layers.
+    `expert_rows` and `returned`: the
     routed rows that reach this rank's experts in one MoE layer and the `allgather` combine's rows (see
     `moe_layer_bytes`)."""
     m = cfg.model
@@ -173,7 +174,7 @@ def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float,
         num_local = moe.num_experts // ep
         scored = mb.tokens * ep if (moe.dispatcher == "allgather" and ep > 1) else mb.tokens
         parts = moe_layer_bytes(moe, mb, num_local, scored, expert_rows, returned)
-        out["moe"] = float(m.n_layers * sum(parts.values()))
+        out.update({f"moe.{part}": float(m.n_layers * v) for part, v in parts.items()})
         copies += m.n_layers * moe_weight_copy_bytes(moe, num_local, mb.compute_bytes, mb.autocast)
     else:
         out["dense_ffn"] = float(m.n_layers * dense_ffn_bytes(mb, m.d_model, m.d_ffn))

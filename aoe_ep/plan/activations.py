@@ -97,7 +97,8 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
     - scorer: AoE's stacked Wdown reshaped to [d, n·L] (a copy), its cache (see `aoe_cache_kept`) and norms
       [T, n]; a router's weight cast under autocast; Self-Routing nothing;
     - selection: softmax probabilities, exp of the masked scores and log-softmax [T, n], the boolean mask [T, n],
-      two per-token sums [T], the aux loss's counts [n]; the routing indices [M] (int64; AoE's cache gather adds the expert index [M]);
+      two per-token sums [T], the aux loss's counts [n]; the routing indices [M] (int64; AoE's cache gather adds
+      the expert index [M]);
     - experts: their input rows [M, d] (one cast per matmul under autocast), AoE's gathered cache rows [M, L], four
       [M, W] tensors (the gate matmul output, SiLU's output, the x·Wp output, their product);
     - combine: the transposed mask and gates [n, T] (`allgather`: of the local experts), the routed gate values
@@ -168,7 +169,8 @@ def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float,
            "attention": float(m.n_layers * attention_bytes(cfg, mb))}
     copies = 0.0
     if mb.autocast:
-        copies += m.n_layers * 4 * m.d_model * m.d_model * mb.compute_bytes + m.vocab_size * m.d_model * mb.compute_bytes
+        # the attention projections (4d²) of every layer and the output head, cast once per forward
+        copies += (m.n_layers * 4 * m.d_model + m.vocab_size) * m.d_model * mb.compute_bytes
     if m.ffn == "moe":
         moe = cfg.moe
         num_local = moe.num_experts // ep

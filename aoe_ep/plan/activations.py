@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from aoe_ep.config import Config, MoEConfig
+from aoe_ep.moe.grouped import pad_to
 from aoe_ep.moe.selection import expert_capacity
 
 FP32 = 4
@@ -59,22 +62,23 @@ def dense_ffn_bytes(mb: MicroBatch, d: int, d_ffn: int) -> int:
 
 
 def aoe_cache_kept(cfg: MoEConfig) -> str:
-    """Which part of AoE's low-rank cache [T, n, d_low] the scorer keeps for backward (issue 15):
+    """Which part of AoE's low-rank cache [T, n, d_low] the scorer keeps for backward (issue 15, `moe.aoe_cache`):
 
-    - "full":     all of it (the norm's backward; today's layer always does this);
-    - "selected": only the selected rows [T·K, d_low] (softmax_topk gate, no aux loss, no top-P entropy: the
-                  unselected experts get no gradient);
-    - "none":     nothing (`moe.aoe_cache: recompute` recomputes it from the layer input in backward).
-
-    The experts' own copy of the selected rows (the input of C·Wup) is counted with the experts in any case.
+    - "selected": only the selected rows (with the `softmax_topk` gate and neither aux loss nor top-P entropy an
+                  unselected expert gets no gradient): the scorer keeps the rows' tokens [M, d], which the experts
+                  share, and the gathered cache rows [M, d_low], which every case keeps for the experts;
+    - "full":     `keep`, the whole cache;
+    - "none":     `recompute`, nothing: the cache is recomputed from the layer input in backward.
     """
-    return "full"
+    if not cfg.unselected_get_gradient:
+        return "selected"
+    return "full" if cfg.aoe_cache == "keep" else "none"
 
 
-def aoe_cache_bytes(kept: str, tokens: int, num_experts: int, top_k: int, d_low: int, c: int) -> int:
-    """Bytes of the scorer's kept cache for each case of `aoe_cache_kept`."""
-    rows = {"full": tokens * num_experts, "selected": tokens * top_k, "none": 0}[kept]
-    return rows * d_low * c
+def aoe_cache_bytes(kept: str, tokens: int, num_experts: int, d_low: int, c: int) -> int:
+    """Bytes of the scorer's kept cache [T, n, d_low] for each case of `aoe_cache_kept` (the selected rows are
+    counted with the experts' inputs)."""
+    return tokens * num_experts * d_low * c if kept == "full" else 0
 
 
 def routed_rows(cfg: MoEConfig, tokens: int) -> float:
@@ -85,69 +89,70 @@ def routed_rows(cfg: MoEConfig, tokens: int) -> float:
     return tokens * cfg.top_k
 
 
+def expert_width(cfg: MoEConfig, c: int) -> int:
+    """The experts' hidden width as the grouped kernel runs it: padded to 16-byte strides (6470 -> 6472 in bf16)."""
+    return pad_to(cfg.expert_width, torch.bfloat16 if c == 2 else torch.float32)
+
+
+def _scored_sizes(cfg: MoEConfig, num_local: int) -> int:
+    """Experts the scorer computes a cache for: AoE under `allgather` with EP > 1 scores only its own."""
+    return num_local if (cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and num_local < cfg.num_experts) \
+        else cfg.num_experts
+
+
 def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_tokens: int, rows: float,
                     returned: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
     """One MoE layer, by part. `scored_tokens`: the tokens this rank scores (its own, or the EP group's under
-    `allgather`); `rows`: the routed rows reaching this rank's experts; `num_local`: the experts it holds (the
+    `allgather`); `rows`: the routed rows M reaching this rank's experts; `num_local`: the experts it holds (the
     scorer's Wdown is sharded like them under `allgather`); `returned`: under `allgather` with EP > 1, the summed
     rows this rank sends back (gathered tokens with a winner here) and receives (its own tokens, from every rank).
 
-    - input: the layer input [T, d] fp32 (the NaN check and the scorer read it), plus the scorer's compute-dtype
-      cast under autocast or the all-gathered tokens under `allgather`;
-    - scorer: AoE's stacked Wdown reshaped to [d, n·L] (a copy), its cache (see `aoe_cache_kept`) and norms
-      [T, n]; a router's weight cast under autocast; Self-Routing nothing;
-    - selection: softmax probabilities, exp of the masked scores and log-softmax [T, n], the boolean mask [T, n],
-      two per-token sums [T], the aux loss's counts [n]; the routing indices [M] (int64; AoE's cache gather adds
-      the expert index [M]);
-    - experts: their input rows [M, d] (one cast per matmul under autocast), AoE's gathered cache rows [M, L], four
-      [M, W] tensors (the gate matmul output, SiLU's output, the x·Wp output, their product);
-    - combine: the transposed mask and gates [n, T] (`allgather`: of the local experts), the routed gate values
-      [M] and expert outputs [M, d]; `allgather` adds the indices of the rows it returns and receives (int64) and
-      the received rows [R, d].
+    - input: the layer input [T, d] fp32 (the non-finite count reads it), plus its compute-dtype copy [T, d] (or
+      the all-gathered tokens under `allgather`) where the scorer keeps it: a router, AoE with the full or
+      recomputed cache;
+    - scorer: AoE's kept cache (see `aoe_cache_kept`) and its gathered cache rows [M, L];
+    - selection (fp32 whatever the activation dtype): softmax probabilities, exp of the masked scores and
+      log-softmax [T, n], the boolean mask [T, n], two per-token sums [T], the aux loss's counts [n];
+    - experts: their rows' tokens [M, d], the two pre-activations [M, W] (SiLU and the product are recomputed in
+      backward), a routed MoE's factorised experts their own cache rows [M, L]; the routing indices [M] (int64;
+      AoE's cache rows add the expert index);
+    - combine (fp32): the rows' token index [M], gate values [M], the expert outputs and the weighted rows [M, d];
+      `allgather` adds the indices of the rows it returns and receives (int64) and the received rows [R, d].
     """
     t, c, d, n, autocast = scored_tokens, mb.compute_bytes, cfg.d_model, cfg.num_experts, mb.autocast
-    n_scored = num_local if (cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and num_local < n) else n
     aoe = cfg.scorer == "aoe"
+    kept = aoe_cache_kept(cfg) if aoe else None
     gathered = t > mb.tokens  # `allgather`: the scorer reads a new [EP·T, d] tensor
-    copy = (autocast and cfg.scorer != "self_routing") or gathered
-    out = {"input": mb.tokens * d * FP32 + (t * d * (c if autocast else FP32) if copy else 0)}
-    if aoe:
-        scorer = aoe_cache_bytes(aoe_cache_kept(cfg), t, n_scored, cfg.top_k, cfg.d_low, c) + t * n_scored * c
-    else:
-        scorer = 0
-    out["scorer"] = scorer
-    balance = n * c if cfg.selection != "expert_choice" else 0  # the aux loss's tokens_per_expert cast
-    out["selection"] = 3 * t * n * c + t * n + 2 * t * c + balance + rows * INDEX * (2 if aoe else 1)
-    casts = 2 if autocast and not aoe else 1  # AoE experts read x once (x·Wp); the others twice
-    expert = casts * rows * d * c + 4 * rows * cfg.expert_width * c
-    if cfg.factorized:
-        expert += rows * cfg.d_low * c
-    out["experts"] = expert
+    keeps_input = cfg.scorer == "router" or kept in ("full", "none")
+    out = {"input": mb.tokens * d * FP32 + (t * d * c if keeps_input and (autocast or gathered) else 0)}
+    out["scorer"] = (aoe_cache_bytes(kept, t, _scored_sizes(cfg, num_local), cfg.d_low, c) + rows * cfg.d_low * c
+                     if aoe else 0)
+    balance = n * FP32 if cfg.selection != "expert_choice" else 0
+    out["selection"] = 3 * t * n * FP32 + t * n + 2 * t * FP32 + balance
+    own_cache = rows * cfg.d_low * c if cfg.factorized and not aoe else 0
+    out["experts"] = rows * d * c + 2 * rows * expert_width(cfg, c) * c + own_cache + rows * INDEX * (2 if aoe else 1)
     sent, received = returned
-    n_combined = num_local if sent or received else n
-    out["combine"] = (t * n_combined * (1 + c) + rows * c + rows * d * c
-                      + (sent + received) * INDEX + received * d * c)
+    out["combine"] = rows * INDEX + rows * FP32 + 2 * rows * d * FP32 + (sent + received) * INDEX + received * d * c
     return out
 
 
 def moe_weight_copy_bytes(cfg: MoEConfig, num_local: int, c: int, autocast: bool) -> int:
-    """Parameter-derived tensors one MoE layer saves: AoE's reshaped Wdown (a copy in any precision) and, under
-    autocast, the compute-dtype casts of the router and of every local expert's matrices."""
-    d, n = cfg.d_model, cfg.num_experts
-    out = 0
+    """Parameter-derived tensors one MoE layer saves: under autocast the compute-dtype casts of the router, of
+    AoE's Wdown and of every local expert's matrices (padded to the grouped kernel's width); in fp32 only padded
+    expert matrices are copies."""
+    d, w, w_run = cfg.d_model, cfg.expert_width, expert_width(cfg, c)
+    first = cfg.d_low if cfg.factorized else d  # the gate projection reads the cache (factorised) or x
+    experts = num_local * (first * w_run + 2 * d * w_run)
+    if not autocast:
+        return experts * c if w_run != w else 0
+    out = experts
+    if cfg.factorized and cfg.scorer != "aoe":
+        out += num_local * d * cfg.d_low
     if cfg.scorer == "aoe":
-        n_scored = num_local if (cfg.dispatcher == "allgather" and num_local < n) else n
-        out += n_scored * d * cfg.d_low * c
-    if autocast:
-        if cfg.scorer == "router":
-            out += (n * (cfg.router_hidden or d) + d * cfg.router_hidden) * c
-        w = cfg.expert_width
-        if cfg.factorized:  # Wup, Wp, Wo; a routed MoE's factorised experts hold their own Wdown too
-            per_expert = cfg.d_low * w + 2 * d * w + (d * cfg.d_low if cfg.scorer != "aoe" else 0)
-        else:
-            per_expert = 3 * d * w
-        out += num_local * per_expert * c
-    return out
+        out += _scored_sizes(cfg, num_local) * d * cfg.d_low
+    if cfg.scorer == "router":
+        out += cfg.num_experts * (cfg.router_hidden or d) + d * cfg.router_hidden
+    return out * c
 
 
 def logits_bytes(cfg: Config, mb: MicroBatch) -> int:

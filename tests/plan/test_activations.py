@@ -20,8 +20,11 @@ MODELS = {
     "router": ["moe.scorer=router"],
     "router_factorized": ["moe.scorer=router", "moe.expert_kind=factorized"],
     "self_routing": ["moe.scorer=self_routing", "moe.aux_loss_coeff=0"],
-    "aoe": ["moe.scorer=aoe"],
+    "aoe": ["moe.scorer=aoe"],                                              # moe.aoe_cache=keep: the whole cache
+    "aoe_recompute": ["moe.scorer=aoe", "moe.aoe_cache=recompute"],
+    "aoe_selected_rows": ["moe.scorer=aoe", "moe.aux_loss_coeff=0"],        # only the selected rows
     "aoe_expert_choice": ["moe.scorer=aoe", "moe.selection=expert_choice", "moe.aux_loss_coeff=0"],
+    "aoe_softmax_all": ["moe.scorer=aoe", "moe.gate=softmax_all", "moe.aux_loss_coeff=0"],
 }
 
 

@@ -51,7 +51,7 @@ def sharded_over_ep(param: ParamShape, cfg: Config, ep: int) -> bool:
 def state_shards(dense_parallel: str, world: int, ep: int) -> tuple[int, int]:
     """How many ranks share one copy of the dense state and of this rank's experts' state (weights, gradients and
     moments alike): FSDP2 shards the dense state over the world and the expert state over the expert-data-parallel
-    group (world / EP, the `scale` branch's change); DDP replicates both."""
+    group (world / EP); DDP replicates both."""
     if dense_parallel == "fsdp" and world > 1:
         return world, world // ep
     return 1, 1
@@ -66,12 +66,18 @@ def gradient_shards(dense_parallel: str, world: int, ep: int, micro_batches: int
     return state_shards(dense_parallel, world, ep)
 
 
-def _shard_numel(shape: tuple[int, ...], shards: int) -> int:
-    """FSDP2 splits dim 0 into `shards` chunks of ⌈dim0 / shards⌉ rows (the last ones may be shorter or empty)."""
-    rest = math.prod(shape[1:])
+def _shard_numel(shape: tuple[int, ...], shards: int, dim: int = 0) -> int:
+    """FSDP2 splits `dim` into `shards` chunks of ⌈size / shards⌉ (the first rank's is the largest)."""
     if shards == 1:
-        return shape[0] * rest
-    return max(0, min(math.ceil(shape[0] / shards), shape[0])) * rest
+        return math.prod(shape)
+    return math.ceil(shape[dim] / shards) * math.prod(shape) // shape[dim]
+
+
+def _expert_shard_dim(shape: tuple[int, ...], shards: int) -> int:
+    """The dimension FSDP2 shards an expert tensor on over the expert-DP group (the trainer's placement rule)."""
+    from aoe_ep.train.parallelize import expert_shard_placement
+
+    return expert_shard_placement(shards)(torch.empty(shape, device="meta")).dim
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,8 @@ def rank_state(cfg: Config, ep: int, world: int, params: list[ParamShape] | None
         if p.expert or sharded_over_ep(p, cfg, ep):
             shape = (shape[0] // ep,) + shape[1:]
             params_expert += math.prod(shape)
-            numel += _shard_numel(shape, expert_shards)
-            grad_numel += _shard_numel(shape, expert_grad_shards)
+            numel += _shard_numel(shape, expert_shards, _expert_shard_dim(shape, expert_shards))
+            grad_numel += _shard_numel(shape, expert_grad_shards, _expert_shard_dim(shape, expert_grad_shards))
         else:
             params_dense += math.prod(shape)
             numel += _shard_numel(shape, dense_shards)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from aoe_ep.plan.state import rank_state, state_shards
+from aoe_ep.plan.state import model_parameters, rank_state, sharded_over_ep, state_shards
 from aoe_ep.train.trainer import Trainer
 from tests.train.synthetic import BUILDERS, small_config
 
@@ -45,3 +46,19 @@ def test_expert_parallel_and_fsdp_divide_the_state(tmp_path):
     # with gradient accumulation FSDP2 holds the unsharded gradients until the last micro-batch
     accumulating = rank_state(fsdp, ep=2, world=4, micro_batches=2)
     assert accumulating.bytes_grads == unsharded.bytes_grads and accumulating.bytes_weights == sharded.bytes_weights
+
+
+@pytest.mark.parametrize("layout", ["dp4_ddp", "dp4_fsdp", "ep2_allgather_fsdp", "ep2_alltoall_fsdp",
+                                    "ep2_alltoall_ddp", "ep4_allgather_fsdp"])
+def test_optimizer_bytes_are_what_the_layout_test_measures_on_4_ranks(tmp_path, layout):
+    """tests/train/test_layouts.py holds each rank's optimizer bytes on 4 gloo ranks to `expected_optimizer_bytes`;
+    the plan gives the same figure for the same layouts."""
+    from tests.train.test_layouts import LAYOUTS, WORLD, _config, expected_optimizer_bytes
+
+    overrides, ep, _ = LAYOUTS[layout]
+    cfg = _config(tmp_path, layout, *overrides)
+    params = model_parameters(cfg)
+    experts = {p.name for p in params if p.expert or sharded_over_ep(p, cfg, ep)}
+    want = expected_optimizer_bytes({p.name: torch.Size(p.shape) for p in params}, experts, WORLD, ep,
+                                    "train.dense_parallel=fsdp" in overrides)
+    assert rank_state(cfg, ep=ep, world=WORLD, params=params).bytes_optimizer == want

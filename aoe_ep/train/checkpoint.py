@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from aoe_ep.train.distributed import Runtime
@@ -257,6 +258,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if rng_key in state:
         _set_rng_state(state[rng_key], runtime.device)
     return state["progress"]
+
+
+def load_model_weights(path: Path, model: nn.Module, runtime: Runtime) -> None:
+    """Restore only the model's weights (for evaluation and generation: no optimizer is built), in whatever
+    layout `model` has now (this rank's expert slice under expert parallelism)."""
+    experts = expert_names(model)
+    model_sd = get_model_state_dict(model)
+    _map_experts(model_sd, {}, experts, lambda name, t: _saved_expert(t, runtime))
+    state = {"model": model_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be loaded into this model: "
+                              f"{str(err).strip().splitlines()[-1]}") from err
+    _map_experts(state["model"], {}, experts, lambda name, t: t.to_local())
+    set_model_state_dict(model, state["model"])
 
 
 def describe(path: Path) -> str:

@@ -31,6 +31,7 @@ from aoe_ep.model import Decoder, token_cross_entropy
 from aoe_ep.moe import MoELayer
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
+from aoe_ep.train.consistency import check_ranks_agree
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
 from aoe_ep.train.guards import BadStepCounter, StepHealth, verdict
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
@@ -93,6 +94,7 @@ class Trainer:
 
     def _setup(self, resume: Optional[str], data: DataBuilders) -> None:
         cfg, rt = self.cfg, self.runtime
+        check_ranks_agree(cfg, rt.device)  # before anything else: a rank with another config stops every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.plan: BatchPlan = plan_batches(cfg, rt.world_size, rt.rank)
         build_tokenizer, build_datasets = data

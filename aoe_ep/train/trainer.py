@@ -142,9 +142,14 @@ class Trainer:
         self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None)
 
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
-        """The checkpoint to start from (None: a fresh run), after clearing what an interrupted save left. Workers
-        that torchrun restarted after a failure (TORCHELASTIC_RESTART_COUNT > 0) continue their own run: "auto"."""
-        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        """The checkpoint to start from (None: a fresh run), after clearing what an interrupted save left.
+
+        Workers that torchrun restarted after a failure continue their own run ("auto"). Only the agent whose
+        worker failed counts a restart (TORCHELASTIC_RESTART_COUNT > 0); the others restart theirs for the new
+        rendezvous round with a count of 0, so the ranks take the maximum."""
+        count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        restarted = all_reduce_(torch.tensor([count], device=self.runtime.device), op=dist.ReduceOp.MAX).item() > 0
+        if resume is None and restarted:
             resume = "auto"
         if self.runtime.is_main:
             for path in ckpt.remove_stale_tmp(self.ckpt_root):
@@ -159,6 +164,7 @@ class Trainer:
                                            f"that run, or set train.out_dir to a new directory")
             return None
         path = ckpt.resolve_checkpoint(resume, self.out_dir)
+        ckpt.verify_checkpoint(path, self.runtime.device)  # every rank refuses a modified checkpoint together
         self._check_compatible(path)
         return path
 

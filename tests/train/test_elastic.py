@@ -54,8 +54,9 @@ def _finish(agents: list[subprocess.Popen], timeout: float = 420) -> list[str]:
             for a in agents:
                 os.killpg(a.pid, signal.SIGKILL)
             raise
-    for agent, output in zip(agents, outputs):
-        assert agent.returncode == 0, output[-4000:]
+    failed = [f"agent {i} exited with {a.returncode}:\n{out[-3000:]}" for i, (a, out) in enumerate(zip(agents, outputs))
+              if a.returncode != 0]
+    assert not failed, "\n".join(failed)
     return outputs
 
 

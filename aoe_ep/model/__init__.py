@@ -3,6 +3,7 @@
 from aoe_ep.model.attention import CausalSelfAttention, Rotary
 from aoe_ep.model.decoder import Decoder, DecoderBlock, DecoderOutput, token_cross_entropy
 from aoe_ep.model.ffn import DenseSwiGLU
+from aoe_ep.model.init import init_parameters
 
 __all__ = ["CausalSelfAttention", "Decoder", "DecoderBlock", "DecoderOutput", "DenseSwiGLU", "Rotary",
-           "token_cross_entropy"]
+           "init_parameters", "token_cross_entropy"]

@@ -7,8 +7,9 @@ leaves the previous checkpoint and the pointer to it intact. The directory must 
 sees (every rank writes its own shards).
 
 Loading works after changing the number of ranks: dense weights are saved as replicated tensors (or FSDP2's
-DTensors), and expert weights, sharded over the EP group, as DTensors sharded on dim 0 over the "ep" dimension of
-the ("dp", "ep") mesh; DCP reads whatever slice a rank now holds. RNG states are per rank: a rank that did not exist
+DTensors), and expert weights, sharded over the EP group, as DTensors of their single-device shape sharded on dim 0
+over the "ep" mesh dimension (and, under FSDP2, further over the expert-DP "dp" dimension on the dim FSDP2 chose);
+DCP reads whatever slice a rank now holds. RNG states are per rank: a rank that did not exist
 at save time keeps its freshly seeded generator.
 
 Everything saved is a tensor (step counters and generator states are encoded as tensors), `meta.json` records every
@@ -154,25 +155,32 @@ def _load_scheduler_state(scheduler: Any, saved: dict[str, torch.Tensor]) -> Non
 
 
 def _map_experts(model_sd: dict, optim_sd: dict, experts: set[str], fn) -> None:
-    """Replace every expert tensor of the model and optimizer state dicts by `fn` of it. The per-parameter optimizer
-    dicts are the optimizer's own objects, so they are rebuilt, never written into."""
+    """Replace every expert tensor of the model and optimizer state dicts by `fn(name, tensor)`. The per-parameter
+    optimizer dicts are the optimizer's own objects, so they are rebuilt, never written into."""
     states = optim_sd.get("state", {})
     for name in experts:
-        model_sd[name] = fn(model_sd[name])
+        model_sd[name] = fn(name, model_sd[name])
         if name in states:
-            states[name] = {key: fn(value) if isinstance(value, torch.Tensor) and value.ndim > 0 else value
+            states[name] = {key: fn(name, value) if isinstance(value, torch.Tensor) and value.ndim > 0 else value
                             for key, value in states[name].items()}
+
+
+def _saved_expert(t: torch.Tensor, runtime: Runtime) -> DTensor:
+    """This rank's part of an expert tensor as a DTensor of the single-device shape. A plain tensor holds this
+    rank's experts: [Replicate on "dp", Shard(0) on "ep"]. An FSDP2 DTensor holds a shard of them over the expert-DP
+    group: [Shard(0) on "ep", Shard(d) on "dp"] of the ("ep", "dp") mesh, split in that order."""
+    if not isinstance(t, DTensor):
+        return DTensor.from_local(t, runtime.mesh, [Replicate(), Shard(0)], run_check=False)
+    (placement,) = t.placements
+    shape = torch.Size([t.shape[0] * runtime.ep_size, *t.shape[1:]])
+    return DTensor.from_local(t.to_local(), runtime.expert_mesh, [Shard(0), placement], run_check=False,
+                              shape=shape, stride=torch.empty(shape, device="meta").stride())
 
 
 def _state_and_groups(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
                       runtime: Runtime) -> tuple[dict, list]:
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    mesh = runtime.mesh
-
-    def to_dtensor(t: torch.Tensor) -> DTensor:
-        return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False)
-
-    _map_experts(model_sd, optim_sd, expert_names(model), to_dtensor)
+    _map_experts(model_sd, optim_sd, expert_names(model), lambda name, t: _saved_expert(t, runtime))
     # Per-parameter moments are saved by name; the groups (which parameters share hyperparameters) are each run's:
     # their make-up changes with the layout (expert-parallel or not), and lr / weight decay come from the schedule.
     param_groups = optim_sd.pop("param_groups")
@@ -184,8 +192,7 @@ def _state_and_groups(model: nn.Module, optimizer: torch.optim.Optimizer, schedu
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
                    runtime: Runtime) -> dict:
-    """The nested dict of tensors DCP saves and loads. Expert tensors become DTensors [Replicate on "dp", Shard(0)
-    on "ep"]."""
+    """The nested dict of tensors DCP saves and loads, expert tensors as `_saved_expert` DTensors."""
     return _state_and_groups(model, optimizer, scheduler, progress, runtime)[0]
 
 
@@ -366,10 +373,17 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise CheckpointError(f"{path}: cannot be loaded into this model and optimizer: "
                               f"{str(err).strip().splitlines()[-1]}") from None
 
-    def to_local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if isinstance(t, DTensor) else t
+    params = dict(model.named_parameters())
 
-    _map_experts(state["model"], state["optim"], expert_names(model), to_local)
+    def to_param_layout(name: str, t: DTensor) -> torch.Tensor:
+        """Back to the parameter's own kind: a plain tensor, or a DTensor like FSDP2's (moments share its spec)."""
+        like = params[name]
+        if not isinstance(like, DTensor):
+            return t.to_local()
+        return DTensor.from_local(t.to_local(), like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                  stride=like.stride())
+
+    _map_experts(state["model"], state["optim"], expert_names(model), to_param_layout)
     state["optim"]["param_groups"] = param_groups
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     _load_scheduler_state(scheduler, state["scheduler"])

@@ -22,12 +22,15 @@ from aoe_ep.parallel.groups import ParallelGroups, destroy_groups, initialize_gr
 @dataclass
 class Runtime:
     """device: this rank's device; groups: DP x EP process groups; mesh: 2-D ("dp", "ep") over the world, whose
-    rows [k·EP, (k+1)·EP) are the expert-parallel groups (the layout of `initialize_groups`); owns_process_group:
+    rows [k·EP, (k+1)·EP) are the expert-parallel groups (the layout of `initialize_groups`) and whose columns are the
+    expert-data-parallel groups; expert_mesh: the same ranks as ("ep", "dp"), the order in which an expert tensor is
+    split (over the EP group into each rank's experts, then over its expert-DP group by FSDP2); owns_process_group:
     whether `teardown` should destroy the default group (False when the caller created it)."""
 
     device: torch.device
     groups: ParallelGroups
     mesh: DeviceMesh
+    expert_mesh: DeviceMesh
     owns_process_group: bool
 
     @property
@@ -77,7 +80,8 @@ def setup_runtime(cfg: TrainConfig, expert_parallel_size: int) -> Runtime:
     groups = initialize_groups(expert_parallel_size)
     mesh = init_device_mesh(device.type, (world // expert_parallel_size, expert_parallel_size),
                             mesh_dim_names=("dp", "ep"))
-    return Runtime(device=device, groups=groups, mesh=mesh, owns_process_group=owns)
+    expert_mesh = DeviceMesh(device.type, mesh.mesh.t().contiguous(), mesh_dim_names=("ep", "dp"))
+    return Runtime(device=device, groups=groups, mesh=mesh, expert_mesh=expert_mesh, owns_process_group=owns)
 
 
 def teardown(runtime: Runtime) -> None:

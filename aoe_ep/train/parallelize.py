@@ -1,25 +1,31 @@
-"""Data parallelism applied from outside the model: DDP or FSDP2 for the dense weights, a hand-written reduction
-for the expert weights, and gradient clipping over both.
+"""Data parallelism applied from outside the model: DDP or FSDP2 for the dense weights, FSDP2 or a hand-written
+reduction for the expert weights, and gradient clipping over both.
 
 Expert parameters (`p.expert_parallel`) are sharded over the EP group and replicated over the expert-data-parallel
-group, so they must not be reduced over the whole world: DDP ignores them, FSDP2 leaves them unsharded, and
-`DataParallelModel.reduce_expert_grads` sums their gradients over the expert-DP group and divides by the world
-size. DDP averages the dense gradients over the world, so both kinds end up with the same scale: the gradient of the
-mean of the ranks' losses.
+group (the "dp" dimension of the ("dp", "ep") mesh), so they must not be reduced over the whole world. Both kinds of
+gradient end with the same scale, the gradient of the mean of the ranks' losses:
+
+- fsdp: the dense weights are sharded over the world; each MoE layer's expert modules get their own `fully_shard`
+  over the expert-DP mesh dimension, so that an expert-DP replica holds 1/expert-DP of its experts' weights,
+  gradients and Adam state, and their reduce-scatter runs inside backward, overlapped with it. Their gradients
+  are summed over the expert-DP group and divided by the world size (`set_gradient_divide_factor`), as the dense
+  ones are averaged over the world.
+- ddp: DDP averages the dense gradients over the world and ignores the experts; after backward
+  `DataParallelModel.reduce_expert_grads` sums theirs over the expert-DP group in one flat all-reduce and divides
+  by the world size. Expert state is replicated over the expert-DP group.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import math
+import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from aoe_ep.config import ConfigError
@@ -37,6 +43,33 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return dense, expert
 
 
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    """The children of each MoE layer that hold its expert-parallel parameters (the experts, and AoE's sharded
+    Wdown under `allgather`); a child that mixes expert and dense parameters cannot be sharded on one mesh."""
+    found = []
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        for name, child in layer.named_children():
+            kinds = {is_expert_param(p) for p in child.parameters()}
+            if kinds == {True, False}:
+                raise TypeError(f"{type(child).__name__} ({name}) mixes expert-parallel and replicated parameters")
+            if kinds == {True}:
+                found.append(child)
+    return found
+
+
+def expert_shard_placement(shard_size: int):
+    """FSDP2's placement for an expert tensor [E_local, ...]: dim 0 when E_local splits evenly over the expert-DP
+    group, else the first dim that does (so that a rank holding fewer experts than the group still holds its
+    share), else dim 0 with FSDP2's uneven chunks."""
+    def placement(p: nn.Parameter) -> Shard:
+        dims = [d for d in range(p.ndim) if p.shape[d] % shard_size == 0]
+        return Shard(dims[0] if dims else 0)
+
+    return placement
+
+
 class DataParallelModel:
     """The module to call for training, and how to switch gradient sync off for all but the last micro-batch.
 
@@ -48,39 +81,43 @@ class DataParallelModel:
         self.model = model
         self.kind = kind if runtime.world_size > 1 else "none"
         self.runtime = runtime
-        expert = split_params(model)[1]
+        expert_names = {n for n, p in model.named_parameters() if is_expert_param(p)}
         if self.kind == "ddp":
-            names = [n for n, p in model.named_parameters() if is_expert_param(p)]
-            DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+            DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.module = DDP(model, device_ids=device_ids, process_group=runtime.groups.dp_group)
         elif self.kind == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            if "ignored_params" not in inspect.signature(fully_shard).parameters:
-                raise ConfigError(f"train.dense_parallel: 'fsdp' needs FSDP2 with ignored_params (torch >= 2.7), "
-                                  f"this is torch {torch.__version__}; use 'ddp'")
-            mesh = init_device_mesh(runtime.device.type, (runtime.world_size,), mesh_dim_names=("world",))
-            ignored = set(expert)
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh, ignored_params=ignored)
-            fully_shard(model, mesh=mesh, ignored_params=ignored)
+            self._shard(model)
             self.module = model
+            # FSDP2's DTensor parameters replace the tagged ones: tag them again.
+            for name, p in model.named_parameters():
+                if name in expert_names:
+                    p.expert_parallel = True
         else:
             self.module = model
-        # After wrapping: FSDP2 replaces the dense parameters by DTensor ones.
         self.dense_params, self.expert_params = split_params(model)
-        self._sync_experts_from_first_replica()
 
-    def _sync_experts_from_first_replica(self) -> None:
-        """Expert weights must start equal across their expert-DP group (DDP and FSDP2 handle the dense ones)."""
-        group = self.runtime.groups.expert_dp_group
-        if self.kind == "none" or group is None or dist.get_world_size(group) == 1:
-            return
-        src = dist.get_global_rank(group, 0)
-        with torch.no_grad():
-            for p in self.expert_params:
-                dist.broadcast(p.data, src=src, group=group)
+    def _shard(self, model: nn.Module) -> None:
+        """Experts over the expert-DP mesh dimension first, then blocks and root over the world (a parent's
+        `fully_shard` leaves the parameters of an already sharded child alone)."""
+        from torch.distributed.fsdp import fully_shard
+
+        if "shard_placement_fn" not in inspect.signature(fully_shard).parameters:
+            raise ConfigError(f"train.dense_parallel: 'fsdp' needs FSDP2 with shard_placement_fn (torch >= 2.6), "
+                              f"this is torch {torch.__version__}; use 'ddp'")
+        rt = self.runtime
+        # AoE's scorer returns its cache as a view; nothing writes into it in place, which is what FSDP2 warns about.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPAoEScorer\) returned a view tensor")
+        expert_dp_mesh: DeviceMesh = rt.expert_mesh["dp"]
+        for child in expert_modules(model):
+            fully_shard(child, mesh=expert_dp_mesh, shard_placement_fn=expert_shard_placement(expert_dp_mesh.size()))
+            child.set_gradient_divide_factor(float(rt.world_size))
+            if rt.device.type != "cuda":  # gloo has no pre-multiplied sum: divide after a plain sum
+                child.set_force_sum_reduction_for_comms(True)
+        world_mesh = init_device_mesh(rt.device.type, (rt.world_size,), mesh_dim_names=("world",))
+        for block in model.blocks:
+            fully_shard(block, mesh=world_mesh)
+        fully_shard(model, mesh=world_mesh)
 
     def sync_context(self, last_micro_batch: bool):
         """Reduce dense gradients only on the last micro-batch of a step (gradient accumulation)."""
@@ -91,9 +128,10 @@ class DataParallelModel:
         return contextlib.nullcontext()
 
     def reduce_expert_grads(self) -> None:
-        """Σ over the expert-DP group, / world size: one flat all-reduce for all expert gradients."""
+        """DDP mode: Σ over the expert-DP group, / world size, in one flat all-reduce for all expert gradients
+        (FSDP2 has reduced them during backward)."""
         group = self.runtime.groups.expert_dp_group
-        if self.kind == "none" or not self.expert_params:
+        if self.kind != "ddp" or not self.expert_params:
             return
         for p in self.expert_params:
             if p.grad is None:
@@ -109,19 +147,22 @@ class DataParallelModel:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale all gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
 
-        Dense gradients are replicated (DDP) or sharded over the world (FSDP2: the shards' squares are summed);
-        expert gradients are sharded over the EP group (their squares are summed over it).
+        Under FSDP2 every gradient element lives on exactly one rank (dense ones sharded over the world, expert ones
+        over EP x expert-DP): one sum of squares over the world. Under DDP the dense gradients are replicated and the
+        expert ones sharded over the EP group (their squares are summed over it).
         """
         dense = [_local(p.grad) for p in self.dense_params if p.grad is not None]
-        expert = [p.grad for p in self.expert_params if p.grad is not None]
+        expert = [_local(p.grad) for p in self.expert_params if p.grad is not None]
         device = self.runtime.device
         dense_sq = _sum_of_squares(dense, device)
-        if self.kind == "fsdp":
-            all_reduce_(dense_sq)
         expert_sq = _sum_of_squares(expert, device)
-        if self.runtime.groups.ep_group is not None:
-            all_reduce_(expert_sq, group=self.runtime.groups.ep_group)
-        total = float((dense_sq + expert_sq).sqrt())
+        if self.kind == "fsdp":
+            total_sq = all_reduce_(dense_sq + expert_sq)
+        else:
+            if self.runtime.groups.ep_group is not None:
+                all_reduce_(expert_sq, group=self.runtime.groups.ep_group)
+            total_sq = dense_sq + expert_sq
+        total = float(total_sq.sqrt())
         if math.isfinite(total) and total > max_norm:
             torch._foreach_mul_(dense + expert, max_norm / (total + 1e-6))
         return total
@@ -136,27 +177,3 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.
         return torch.zeros((), device=device, dtype=torch.float32)
     norms = torch._foreach_norm(tensors, 2.0)
     return torch.stack([n.float() for n in norms]).square().sum()
-
-
-def init_experts_ep_invariant(model: nn.Module, seed: int) -> None:
-    """Draw every expert's weights from a generator of (seed, layer, name, global expert index), with the layers'
-    own rule std = fan_in^-0.5 (fan_in: dim 1 of the stacked [E, in, out] tensor). Each EP rank fills the experts it
-    holds: no two experts start equal (drawn from one stream, the EP ranks would repeat each other's experts), and
-    an expert starts the same whatever the expert-parallel size."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    with torch.no_grad():
-        for index, layer in enumerate(layers):
-            offset = layer.expert_offset
-            for name, p in layer.named_parameters():
-                if not is_expert_param(p):
-                    continue
-                for local in range(p.shape[0]):
-                    key = f"{seed}/{index}/{name}/{offset + local}".encode()
-                    gen = torch.Generator().manual_seed(_stable_hash(key))
-                    value = torch.randn(p.shape[1:], generator=gen) * p.shape[1] ** -0.5
-                    p[local].copy_(value.to(p.dtype))
-
-
-def _stable_hash(data: bytes) -> int:
-    """63 bits of SHA-256 (Python's `hash` of bytes is salted per process)."""
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1

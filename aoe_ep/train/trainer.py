@@ -27,7 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from aoe_ep.config import Config, ConfigError
-from aoe_ep.model import Decoder, token_cross_entropy
+from aoe_ep.model import Decoder, init_parameters, token_cross_entropy
 from aoe_ep.moe import MoELayer
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
@@ -38,7 +38,7 @@ from aoe_ep.train.flops import peak_flops, train_flops_per_token
 from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, moe_scalars, peak_memory_bytes,
                                   progress_bar)
 from aoe_ep.train.optim import build_optimizer, build_scheduler
-from aoe_ep.train.parallelize import DataParallelModel, init_experts_ep_invariant
+from aoe_ep.train.parallelize import DataParallelModel
 
 # The data pipeline's two entry points (aoe_ep.data's signatures); tests hand in small in-memory versions.
 DataBuilders = tuple[Callable, Callable]
@@ -116,10 +116,10 @@ class Trainer:
         self.eval_batches = min(cfg.train.eval_steps, len(self.valid_ds) // self.plan.global_samples) \
             if self.valid_ds is not None else 0
 
-        torch.manual_seed(cfg.train.seed)  # the same dense initialisation on every rank
+        torch.manual_seed(cfg.train.seed)
         with torch.device(rt.device):  # built in place: a GPU rank never holds the model in host memory
             model = Decoder(cfg.model, cfg.moe, ep_group=rt.groups.ep_group)
-        init_experts_ep_invariant(model, cfg.train.seed)
+        init_parameters(model, cfg.train.seed)  # one model for every layout (aoe_ep/model/init.py)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         for layer in self.moe_layers:  # non-finite input flows on and is reported; the step guard decides

@@ -24,6 +24,7 @@ CASES += [dict(scorer="aoe", selection="top_k", dispatcher=disp, norm=norm) for 
 CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, expert_kind="factorized") for disp in DISPATCHERS]
 LAYOUTS = {"ep2": (2, 2), "ep4": (4, 4), "dp2xep2": (4, 2)}
 RTOL = 1e-5
+LAYER_DIMS = dict(d_model=16, num_experts=8, top_k=2, d_ffn=12, d_low=6)  # a case may override them
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +44,7 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
     offset = sum(sizes[r] for r in members if r < rank)
     results = {}
     for i, case in enumerate(cases):
-        cfg = MoEConfig(d_model=16, num_experts=8, top_k=2, d_ffn=12, d_low=6, **case)
+        cfg = MoEConfig(**{**LAYER_DIMS, **case})
         torch.manual_seed(1000 + i)
         ref = MoELayer(cfg)
         with torch.no_grad():

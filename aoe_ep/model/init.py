@@ -1,0 +1,96 @@
+"""Layout-invariant initialisation: one seed, one model, whatever the EP, DP, dense sharding or node count.
+
+Every parameter is drawn from its own generator, seeded by (seed, the parameter's fully-qualified name), and
+stacked-expert tensors ([E, ...], dim 0 the expert) by (seed, name, global expert index): a rank holding experts
+[o, o + E_local) draws exactly those, so an expert starts the same under any expert-parallel size and no two experts
+repeat each other. Nothing depends on how many parameters were drawn before, so the dense weights built after an
+expert-parallel layer no longer depend on the size of that layer's (sharded) expert tensors. A stack that is
+replicated instead of sharded (AoE's Wdown under the `alltoall` dispatcher) is drawn for all experts with the same
+per-expert generators, so it equals the `allgather` shards side by side.
+
+Draws are made on the CPU and copied to the parameter's device, so the values do not depend on the device either.
+The distributions are the layers' own (std = fan_in^-0.5, embeddings 0.02, norms 1); `RULES` names them per module
+type, and a parameter of a module type it does not know is an error rather than a silently different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from aoe_ep.model.ffn import DenseSwiGLU
+from aoe_ep.moe import MoELayer
+from aoe_ep.moe.experts import AoEExperts, SwiGLUExperts
+from aoe_ep.moe.scorers import AoEScorer, RouterScorer
+
+# How a parameter starts: a std from its shape (a normal draw), or None for ones.
+Std = Optional[Callable[[torch.Size], float]]
+
+
+def _fan_in(dim: int) -> Callable[[torch.Size], float]:
+    return lambda shape: shape[dim] ** -0.5
+
+
+# (module type, parameter name) -> (std rule, whether dim 0 is the expert index). Linear weights are [out, in],
+# the decoder's own matrices [in, out], stacked experts [E, in, out].
+RULES: dict[tuple[type, str], tuple[Std, bool]] = {
+    (nn.Embedding, "weight"): (lambda shape: 0.02, False),
+    (nn.Linear, "weight"): (_fan_in(1), False),
+    (nn.RMSNorm, "weight"): (None, False),
+    (DenseSwiGLU, "w_gate"): (_fan_in(0), False),
+    (DenseSwiGLU, "w_p"): (_fan_in(0), False),
+    (DenseSwiGLU, "w_o"): (_fan_in(0), False),
+    (RouterScorer, "weight"): (_fan_in(1), False),
+    (RouterScorer, "w_hidden"): (_fan_in(0), False),
+    (AoEScorer, "w_down"): (_fan_in(1), True),
+    (SwiGLUExperts, "w_gate"): (_fan_in(1), True),
+    (SwiGLUExperts, "w_p"): (_fan_in(1), True),
+    (SwiGLUExperts, "w_o"): (_fan_in(1), True),
+    (AoEExperts, "w_down"): (_fan_in(1), True),
+    (AoEExperts, "w_up"): (_fan_in(1), True),
+    (AoEExperts, "w_p"): (_fan_in(1), True),
+    (AoEExperts, "w_o"): (_fan_in(1), True),
+}
+
+
+def stable_seed(*parts) -> int:
+    """63 bits of SHA-256 of the parts joined by '/' (Python's `hash` of a str is salted per process)."""
+    data = "/".join(str(part) for part in parts).encode()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+def _draw(shape, std: float, *key) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(stable_seed(*key))
+    return torch.randn(shape, generator=gen).mul_(std)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Overwrite every parameter of `model` (before any DDP/FSDP wrapping) with its layout-invariant initial value."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            fqn = f"{module_name}.{pname}" if module_name else pname
+            rule = next((r for (kind, n), r in RULES.items() if isinstance(module, kind) and n == pname), None)
+            if rule is None:
+                raise TypeError(f"init_parameters: no initialisation rule for {fqn} ({type(module).__name__}."
+                                f"{pname}); add one to aoe_ep.model.init.RULES")
+            std_of, per_expert = rule
+            if std_of is None:
+                p.fill_(1.0)
+                continue
+            std = std_of(p.shape)
+            if not per_expert:
+                p.copy_(_draw(p.shape, std, seed, fqn))
+                continue
+            layer = next((m for name, m in layers.items() if module_name.startswith(f"{name}." if name else "")),
+                         None)
+            if layer is None:
+                raise TypeError(f"init_parameters: {fqn} is a stacked-expert tensor outside an MoELayer")
+            # An expert-parallel stack is this rank's shard, starting at the layer's expert offset.
+            first = layer.expert_offset if getattr(p, "expert_parallel", False) else 0
+            for local in range(p.shape[0]):
+                p[local].copy_(_draw(p.shape[1:], std, seed, fqn, first + local))

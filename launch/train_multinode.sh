@@ -16,6 +16,9 @@ PY=${PYTHON:-python3}
 : "${NNODES:?set NNODES to the number of nodes}"
 NPROC=${NPROC:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 1)")}
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}
+# A fresh store for the workers in every rendezvous round: the one torchrun shares across rounds by default keeps
+# the dead workers' addresses, which restarted workers then read, and their process groups fail to connect.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 case "$RDZV_BACKEND" in
   c10d) NODE_ARGS=() ;;
   static) NODE_ARGS=(--node-rank "${NODE_RANK:-${SLURM_NODEID:?set NODE_RANK (0 .. NNODES-1) on each node}}") ;;

@@ -134,12 +134,33 @@ class Trainer:
         if resume_path is not None:
             progress = ckpt.load_checkpoint(resume_path, model, self.optimizer, self.scheduler, rt)
             self.step, self.consumed_samples = int(progress["step"]), int(progress["consumed_samples"])
+            self._settle_ddp_buckets()
 
         self.autocast_dtype = self._autocast_dtype()
         self.flops_per_token = train_flops_per_token(cfg, self.plan.seq_len)
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()
         self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None)
+
+    def _settle_ddp_buckets(self) -> None:
+        """DDP re-orders its gradient buckets after a process's first backward (to the order in which gradients
+        become ready), and the layout decides the order in which an all-reduce over more than two ranks adds up each
+        element. A resumed run would reduce its first step in the initial layout where the uninterrupted run used
+        the re-ordered one, and drift from it in the last bit; one discarded forward and backward on the next batch
+        re-orders them the same way (no update, no logged statistics, no counted bytes)."""
+        if self.dp.kind != "ddp" or dist.get_world_size(self.runtime.groups.dp_group) <= 2:
+            return  # a sum of two terms is the same in any order
+        model, plan = self.dp.module, self.plan
+        model.train()
+        batch = collate(self.train_ds, plan.indices(self.consumed_samples, 0), self.runtime.device)
+        with contextlib.ExitStack() as uncounted:
+            for layer in self.moe_layers:
+                uncounted.enter_context(layer.dispatcher.counter.paused())
+            with self._autocast():
+                out = model(batch.tokens)
+                ce_sum, count = token_cross_entropy(out.logits, batch.labels, batch.loss_mask)
+            (ce_sum / count.clamp_min(1.0) + out.aux_loss).backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
         """The checkpoint to start from (None: a fresh run), after clearing what an interrupted save left.

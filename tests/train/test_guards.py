@@ -28,9 +28,10 @@ def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.dp.model.state_dict().items()}
 
 
-def _skip_worker(rank: int, world: int, tmp_path, where: str) -> dict:
-    cfg = small_config(tmp_path, "parallel.expert_parallel_size=2", "train.max_steps=4", "train.max_bad_steps=2",
-                       "train.eval_at_start=false", "train.eval_interval=100", "train.save_interval=100")
+def _skip(rank: int, tmp_path, where: str) -> dict:
+    cfg = small_config(tmp_path / where, "parallel.expert_parallel_size=2", "train.max_steps=4",
+                       "train.max_bad_steps=2", "train.eval_at_start=false", "train.eval_interval=100",
+                       "train.save_interval=100")
     with Trainer(cfg, data=BUILDERS) as trainer:
         model = trainer.dp.model
         target = model.head if where == "head" else model.blocks[0].attn
@@ -46,45 +47,52 @@ def _skip_worker(rank: int, world: int, tmp_path, where: str) -> dict:
             "after3": snapshots[3], "final": final}
 
 
-@pytest.mark.parametrize("where", ["head", "moe_input"])
-def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, where):
-    results = run_distributed(2, _skip_worker, tmp_path, where)
-    for r in results:
-        assert [(step, skipped) for step, skipped, _ in r["history"]] == [(1, False), (2, False), (3, True),
-                                                                          (4, False)]
-    assert [loss for _, _, loss in results[0]["history"]] == pytest.approx(
-        [loss for _, _, loss in results[1]["history"]], nan_ok=True)
-    for r in results:  # nothing lost: the skipped step left every parameter as it was, and training went on
-        for name, value in r["before3"].items():
-            assert torch.equal(value, r["after3"][name]), name
-        assert all(torch.isfinite(v).all() for v in r["final"].values())
-        assert any(not torch.equal(v, r["after3"][k]) for k, v in r["final"].items())
-
-
-def _stop_worker(rank: int, world: int, tmp_path) -> str:
-    cfg = small_config(tmp_path, "parallel.expert_parallel_size=2", "train.max_steps=8", "train.max_bad_steps=2",
-                       "train.eval_at_start=false", "train.eval_interval=100", "train.save_interval=2")
+def _stop(rank: int, tmp_path) -> str:
+    cfg = small_config(tmp_path / "stop", "parallel.expert_parallel_size=2", "train.max_steps=8",
+                       "train.max_bad_steps=2", "train.eval_at_start=false", "train.eval_interval=100",
+                       "train.save_interval=2")
     with Trainer(cfg, data=BUILDERS) as trainer:
         _poison(trainer, trainer.dp.model.blocks[0].attn, set(range(5, 9)), rank, on_rank=0)
         with pytest.raises(TrainingError) as err:
             trainer.fit()
         assert trainer.step == 6
     # the last good checkpoint (step 4) is what `latest` names, and it loads
-    with Trainer(small_config(tmp_path, "parallel.expert_parallel_size=2", "train.max_steps=8"), resume="latest",
-                 data=BUILDERS) as resumed:
+    with Trainer(small_config(tmp_path / "stop", "parallel.expert_parallel_size=2", "train.max_steps=8"),
+                 resume="latest", data=BUILDERS) as resumed:
         assert resumed.step == 4 and resumed.bad_steps.skipped == 0
     return str(err.value)
 
 
-def test_bad_steps_in_a_row_stop_every_rank_with_one_error(tmp_path):
-    messages = run_distributed(2, _stop_worker, tmp_path)
+def _worker(rank: int, world: int, tmp_path) -> dict:
+    return {"head": _skip(rank, tmp_path, "head"), "moe_input": _skip(rank, tmp_path, "moe_input"),
+            "stop": _stop(rank, tmp_path)}
+
+
+def test_nan_on_one_rank_skips_or_stops_every_rank_together(tmp_path):
+    """One spawn for all cases: NaN logits (a non-finite loss) and NaN reaching the MoE layer, each on one rank
+    at step 3, are skipped by both ranks; NaN from step 5 on stops both at step 6 with the same error."""
+    results = run_distributed(2, _worker, tmp_path)
+    for where in ("head", "moe_input"):
+        runs = [r[where] for r in results]
+        for r in runs:
+            assert [(step, skipped) for step, skipped, _ in r["history"]] == [(1, False), (2, False), (3, True),
+                                                                              (4, False)], where
+        assert [loss for _, _, loss in runs[0]["history"]] == pytest.approx(
+            [loss for _, _, loss in runs[1]["history"]], nan_ok=True)
+        for r in runs:  # nothing lost: the skipped step left every parameter as it was, and training went on
+            for name, value in r["before3"].items():
+                assert torch.equal(value, r["after3"][name]), (where, name)
+            assert all(torch.isfinite(v).all() for v in r["final"].values())
+            assert any(not torch.equal(v, r["after3"][k]) for k, v in r["final"].items())
+
+    messages = [r["stop"] for r in results]
     assert messages[0] == messages[1]
     message = messages[0]
     assert message.startswith("step 6: 2 steps in a row with a non-finite loss or gradient norm "
                               "(train.max_bad_steps=2")
     assert "non-finite values in MoE layer 0 (" in message
-    assert str(tmp_path / "run" / "checkpoints" / "step_00000004") in message
-    root = tmp_path / "run" / "checkpoints"
+    root = tmp_path / "stop" / "run" / "checkpoints"
+    assert str(root / "step_00000004") in message
     assert ckpt.latest_checkpoint(root).name == "step_00000004"
     assert not (root / "step_00000006").exists()
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import platform
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -40,21 +41,21 @@ def package_versions() -> dict[str, str]:
             "numpy": str(np.__version__), "aoe_ep": str(aoe_ep.__version__), "aoe_ep sources": source_digest()}
 
 
-def identity(cfg: Config) -> dict:
-    """What must agree across ranks: the whole config and the package versions."""
-    return {"config": dataclasses.asdict(cfg), "packages": package_versions()}
+def identity(cfg: Config, resume: Optional[str] = None) -> dict:
+    """What must agree across ranks: the whole config, `--resume` and the package versions."""
+    return {"config": dataclasses.asdict(cfg), "command": {"--resume": resume}, "packages": package_versions()}
 
 
 def _digest(text: bytes) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
 
-def check_ranks_agree(cfg: Config, device: torch.device, group=None) -> None:
+def check_ranks_agree(cfg: Config, device: torch.device, resume: Optional[str] = None, group=None) -> None:
     """Collective over `group` (default: the world). Raises the same ConfigError on every rank on a mismatch."""
     world = dist.get_world_size(group)
     if world == 1:
         return
-    text = yaml.safe_dump(identity(cfg), sort_keys=True).encode()
+    text = yaml.safe_dump(identity(cfg, resume), sort_keys=True).encode()
     mine = torch.tensor([_digest(text), len(text)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
@@ -77,6 +78,7 @@ def _flatten(identity_: dict) -> dict[str, object]:
             flat.update({f"{section}.{key}": value for key, value in values.items()})
         else:
             flat[section] = values
+    flat.update(identity_["command"])
     flat.update(identity_["packages"])
     return flat
 

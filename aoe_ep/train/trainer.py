@@ -94,7 +94,7 @@ class Trainer:
 
     def _setup(self, resume: Optional[str], data: DataBuilders) -> None:
         cfg, rt = self.cfg, self.runtime
-        check_ranks_agree(cfg, rt.device)  # before anything else: a rank with another config stops every rank
+        check_ranks_agree(cfg, rt.device, resume)  # first of all: a rank with another config stops every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.plan: BatchPlan = plan_batches(cfg, rt.world_size, rt.rank)
         build_tokenizer, build_datasets = data
@@ -134,13 +134,14 @@ class Trainer:
         if resume_path is not None:
             progress = ckpt.load_checkpoint(resume_path, model, self.optimizer, self.scheduler, rt)
             self.step, self.consumed_samples = int(progress["step"]), int(progress["consumed_samples"])
-            self._settle_ddp_buckets()
 
         self.autocast_dtype = self._autocast_dtype()
         self.flops_per_token = train_flops_per_token(cfg, self.plan.seq_len)
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()
         self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None)
+        if resume_path is not None and self.step < cfg.train.max_steps:
+            self._settle_ddp_buckets()
 
     def _settle_ddp_buckets(self) -> None:
         """DDP re-orders its gradient buckets after a process's first backward (to the order in which gradients

@@ -23,6 +23,8 @@ SELECTIONS = ("top_k", "top_p", "expert_choice")
 GATES = ("softmax_topk", "softmax_all")
 DISPATCHERS = ("allgather", "alltoall")
 EXPERT_KINDS = ("auto", "swiglu", "factorized")
+EXPERT_KERNELS = ("auto", "grouped", "loop")
+AOE_CACHES = ("keep", "recompute")
 FFNS = ("dense", "moe")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -73,6 +75,8 @@ class MoEConfig:
     dispatcher: str = "allgather"
     expert_kind: str = "auto"
     router_hidden: int = 0
+    expert_kernel: str = "auto"
+    aoe_cache: str = "keep"
 
     def __post_init__(self) -> None:
         if self.factorized and self.d_wide is None and isinstance(self.d_low, int) and self.d_low > 0:
@@ -91,6 +95,8 @@ class MoEConfig:
         _one_of(self.gate, GATES, p + "gate")
         _one_of(self.dispatcher, DISPATCHERS, p + "dispatcher")
         _one_of(self.expert_kind, EXPERT_KINDS, p + "expert_kind")
+        _one_of(self.expert_kernel, EXPERT_KERNELS, p + "expert_kernel")
+        _one_of(self.aoe_cache, AOE_CACHES, p + "aoe_cache")
         _require(not (self.scorer == "aoe" and self.expert_kind == "swiglu"), p + "expert_kind",
                  "AoE experts are factorised (they reuse the scorer's cache); 'swiglu' needs a router or self_routing")
         _require(_is_int(self.router_hidden) and self.router_hidden >= 0, p + "router_hidden",
@@ -125,6 +131,17 @@ class MoEConfig:
         """Experts with W_g = Wdown·Wup (Eq. 4): always for AoE; for the others with `expert_kind: factorized`
         (the paper's Table 2 config 3)."""
         return self.scorer == "aoe" or self.expert_kind == "factorized"
+
+    @property
+    def unselected_get_gradient(self) -> bool:
+        """Whether an expert a token did not select gets a gradient through its score: through the full softmax
+        of the aux loss, the `softmax_all` gate or the top-P entropy term. When none applies, AoE keeps only the
+        selected cache rows for backward (DESIGN.md section 6)."""
+        if self.gate == "softmax_all":
+            return True
+        if self.selection == "expert_choice":
+            return False
+        return self.aux_loss_coeff > 0 or (self.selection == "top_p" and self.top_p_entropy_coeff > 0)
 
     @property
     def expert_width(self) -> int:

@@ -1,22 +1,119 @@
-"""Experts, stacked [E, ...] and run on rows already grouped per expert (one matmul per expert, no token loop).
+"""Experts, stacked [E, ...] and run on rows already grouped per expert, one grouped product per projection.
 
 `SwiGLUExperts` is the Llama expert of the routed MoE and Self-Routing; `AoEExperts` is its factorised AoE form,
 which starts from the scorer's cache C_i = x Wdown_i instead of recomputing x Wg_i (DESIGN.md section 1, step 4).
+
+Both run through one `autograd.Function`, `_GroupedGLU`: y = (SiLU(g Wg_e) ⊙ x Wp_e) Wo_e with g = x (SwiGLU) or
+g = C (AoE). It saves x, g and the two pre-activations and recomputes SiLU and the product in backward (megablocks
+does the same), and writes each weight gradient as one [E, ...] tensor: autograd never stacks per-expert pieces.
+Under autocast the rows and weights run in the autocast dtype; the weight gradients come back in the parameters'.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aoe_ep.config import MoEConfig
+from aoe_ep.moe.grouped import Groups, choose_kernel, gmm, gmm_wgrad, pad_to
 
 
 def _init(tensor: torch.Tensor, fan_in: int) -> None:
     nn.init.normal_(tensor, std=fan_in ** -0.5)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype expert matmuls run in: autocast's for the rows' device when it is on, else the rows' own."""
+    if x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _t(w_EKN: torch.Tensor) -> torch.Tensor:
+    return w_EKN.transpose(1, 2)
+
+
+class _GroupedGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, groups: Groups, kernel: str):
+        a_MF = gmm(g_MK, w_gate_EKF, groups, kernel)
+        b_MF = gmm(x_MD, w_p_EDF, groups, kernel)
+        h_MF = F.silu(a_MF).mul_(b_MF)
+        ctx.save_for_backward(x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF)
+        ctx.groups, ctx.kernel = groups, kernel
+        return gmm(h_MF, w_o_EFD, groups, kernel)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_MD):
+        x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF = ctx.saved_tensors
+        groups, kernel = ctx.groups, ctx.kernel
+        dy_MD = dy_MD.contiguous().to(x_MD.dtype)  # e.g. an expanded gradient from y.sum()
+        sig_MF = torch.sigmoid(a_MF)
+        silu_MF = a_MF * sig_MF
+        dw_o = gmm_wgrad(silu_MF * b_MF, dy_MD, groups, kernel)
+        dh_MF = gmm(dy_MD, _t(w_o_EFD), groups, kernel)
+        db_MF = dh_MF * silu_MF
+        da_MF = dh_MF.mul_(b_MF).mul_(sig_MF.mul_(1.0 + a_MF * (1.0 - sig_MF)))  # dSiLU(a) = σ(a)(1 + a(1 − σ(a)))
+        dx_MD = gmm(db_MF, _t(w_p_EDF), groups, kernel)
+        dw_p = gmm_wgrad(x_MD, db_MF, groups, kernel)
+        dg_MK = gmm(da_MF, _t(w_gate_EKF), groups, kernel)
+        dw_gate = gmm_wgrad(g_MK, da_MF, groups, kernel)
+        return dx_MD, dg_MK, dw_gate, dw_p, dw_o, None, None
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[m] = x[m] @ w[e(m)]: the factorised experts' own Wdown (Table 2 config 3)."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_EKN, groups: Groups, kernel: str):
+        ctx.save_for_backward(x_MK, w_EKN)
+        ctx.groups, ctx.kernel = groups, kernel
+        return gmm(x_MK, w_EKN, groups, kernel)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_MN):
+        x_MK, w_EKN = ctx.saved_tensors
+        dy_MN = dy_MN.contiguous().to(x_MK.dtype)
+        return (gmm(dy_MN, _t(w_EKN), ctx.groups, ctx.kernel), gmm_wgrad(x_MK, dy_MN, ctx.groups, ctx.kernel),
+                None, None)
+
+
+def _pad_last(w: torch.Tensor, width: int) -> torch.Tensor:
+    return w if w.shape[-1] == width else F.pad(w, (0, width - w.shape[-1]))
+
+
+def _pad_middle(w: torch.Tensor, width: int) -> torch.Tensor:
+    return w if w.shape[1] == width else F.pad(w, (0, 0, 0, width - w.shape[1]))
+
+
+def grouped_glu(x_MD: torch.Tensor, g_MK: torch.Tensor, w_gate_EKF: torch.Tensor, w_p_EDF: torch.Tensor,
+                w_o_EFD: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
+    """(SiLU(g Wg_e) ⊙ x Wp_e) Wo_e for every row, in the compute dtype. The `grouped` kernel wants 16-byte-aligned
+    strides: a hidden width that is not (the 4B preset's d_wide = 6470 in bf16) is zero-padded, which changes no
+    result; input widths that are not (only odd test shapes) run the `loop` kernel."""
+    dtype = compute_dtype(x_MD)
+    rows_per_group = x_MD.shape[0] / max(groups.num_groups, 1)
+    kernel = choose_kernel(kernel, x_MD.device, dtype, rows_per_group, widths=(x_MD.shape[1], g_MK.shape[1]))
+    width = w_gate_EKF.shape[2]
+    if kernel == "grouped":
+        width = pad_to(width, dtype)
+    same_input = g_MK is x_MD
+    x_MD, w_gate_EKF, w_p_EDF, w_o_EFD = (t.to(dtype) for t in (x_MD, w_gate_EKF, w_p_EDF, w_o_EFD))
+    g_MK = x_MD if same_input else g_MK.to(dtype)
+    w_gate_EKF, w_p_EDF, w_o_EFD = _pad_last(w_gate_EKF, width), _pad_last(w_p_EDF, width), _pad_middle(w_o_EFD, width)
+    return _GroupedGLU.apply(x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, groups, kernel)
+
+
+def grouped_linear(x_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
+    dtype = compute_dtype(x_MK)
+    kernel = choose_kernel(kernel, x_MK.device, dtype, x_MK.shape[0] / max(groups.num_groups, 1),
+                           widths=tuple(w_EKN.shape[1:]))
+    return _GroupedLinear.apply(x_MK.to(dtype), w_EKN.to(dtype), groups, kernel)
 
 
 class SwiGLUExperts(nn.Module):
@@ -25,19 +122,14 @@ class SwiGLUExperts(nn.Module):
     def __init__(self, cfg: MoEConfig, num_experts: int):
         super().__init__()
         d, f = cfg.d_model, cfg.d_ffn
+        self.kernel = cfg.expert_kernel
         self.w_gate = nn.Parameter(torch.empty(num_experts, d, f))
         self.w_p = nn.Parameter(torch.empty(num_experts, d, f))
         self.w_o = nn.Parameter(torch.empty(num_experts, f, d))
         _init(self.w_gate, d), _init(self.w_p, d), _init(self.w_o, f)
 
-    def forward(self, x_MD: torch.Tensor, counts: Sequence[int], cache_ML: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # unbind, not w[e]: indexing a parameter E times would make backward allocate E full-size gradients.
-        weights = zip(self.w_gate.unbind(0), self.w_p.unbind(0), self.w_o.unbind(0))
-        outs = []
-        for x_mD, (w_gate_DF, w_p_DF, w_o_FD) in zip(torch.split(x_MD, list(counts)), weights):
-            h_mF = F.silu(x_mD @ w_gate_DF) * (x_mD @ w_p_DF)
-            outs.append(h_mF @ w_o_FD)
-        return torch.cat(outs) if outs else x_MD.new_zeros(0, x_MD.shape[1])
+    def forward(self, x_MD: torch.Tensor, groups: Groups, cache_ML: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return grouped_glu(x_MD, x_MD, self.w_gate, self.w_p, self.w_o, groups, self.kernel)
 
 
 class AoEExperts(nn.Module):
@@ -50,6 +142,7 @@ class AoEExperts(nn.Module):
     def __init__(self, cfg: MoEConfig, num_experts: int, own_down: bool = False):
         super().__init__()
         d, low, wide = cfg.d_model, cfg.d_low, cfg.d_wide
+        self.kernel = cfg.expert_kernel
         self.w_down = None
         if own_down:
             self.w_down = nn.Parameter(torch.empty(num_experts, d, low))
@@ -59,21 +152,12 @@ class AoEExperts(nn.Module):
         self.w_o = nn.Parameter(torch.empty(num_experts, wide, d))
         _init(self.w_up, low), _init(self.w_p, d), _init(self.w_o, wide)
 
-    def forward(self, x_MD: torch.Tensor, counts: Sequence[int], cache_ML: Optional[torch.Tensor] = None) -> torch.Tensor:
-        counts = list(counts)
+    def forward(self, x_MD: torch.Tensor, groups: Groups, cache_ML: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (cache_ML is None) == (self.w_down is None):
             raise ValueError("factorised experts take the scorer's cache exactly when they hold no Wdown themselves")
-        x_splits = torch.split(x_MD, counts)
         if cache_ML is None:
-            c_splits = [x_mD @ w_down_DL for x_mD, w_down_DL in zip(x_splits, self.w_down.unbind(0))]
-        else:
-            c_splits = torch.split(cache_ML, counts)
-        weights = zip(self.w_up.unbind(0), self.w_p.unbind(0), self.w_o.unbind(0))
-        outs = []
-        for x_mD, c_mL, (w_up_LW, w_p_DW, w_o_WD) in zip(x_splits, c_splits, weights):
-            h_mW = F.silu(c_mL @ w_up_LW) * (x_mD @ w_p_DW)
-            outs.append(h_mW @ w_o_WD)
-        return torch.cat(outs) if outs else x_MD.new_zeros(0, x_MD.shape[1])
+            cache_ML = grouped_linear(x_MD, self.w_down, groups, self.kernel)
+        return grouped_glu(x_MD, cache_ML, self.w_up, self.w_p, self.w_o, groups, self.kernel)
 
 
 def build_experts(cfg: MoEConfig, num_experts: Optional[int] = None) -> nn.Module:

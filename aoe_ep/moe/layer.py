@@ -1,7 +1,8 @@
-"""The MoE layer: score → select → dispatch → experts → combine, plus its aux loss and load statistics.
+"""The MoE layer: score → decide → dispatch → experts → combine, plus its aux loss and load statistics.
 
-The layer never asks about ranks: the dispatcher, chosen from `ep_group` and `cfg.dispatcher`, decides which tokens
-are scored here, which rows reach the experts this layer holds, and how global sums are formed.
+The layer never asks about ranks: the dispatcher (`aoe_ep.moe.dispatcher.Dispatcher`), built from `ep_group` and
+`cfg.dispatcher` or handed in, decides which tokens are scored here, which rows reach the experts this layer holds,
+and how global sums are formed. On one device, top-K and expert choice run without a host synchronisation.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import torch.distributed as dist
 from torch import nn
 
 from aoe_ep.config import MoEConfig
-from aoe_ep.moe.experts import build_experts
+from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
+from aoe_ep.moe.experts import build_experts, compute_dtype
 from aoe_ep.moe.losses import aux_loss, token_entropy
 from aoe_ep.moe.scorers import build_scorer
-from aoe_ep.moe.selection import select
+from aoe_ep.moe.selection import decide, weigh
 from aoe_ep.moe.stats import LoadStats
+
+INPUT_CHECKS = ("raise", "flag")
 
 
 @dataclass(frozen=True)
@@ -34,19 +38,25 @@ class LayerTiming:
 @dataclass(frozen=True)
 class MoEInfo:
     """aux_loss: this layer's auxiliary loss over the EP group's batch (add it to the training loss; the same value
-    on every rank); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`."""
+    on every rank); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`; nonfinite_inputs: NaN or
+    infinite input values over the EP group (an int, or a 0-dim device tensor on one device; nonzero only under
+    `input_check = "flag"`, which lets them through)."""
 
     aux_loss: torch.Tensor
     stats: LoadStats
     timing: LayerTiming
+    nonfinite_inputs: object = 0
 
 
-def check_input(x: torch.Tensor, d_model: int) -> None:
+def count_nonfinite(x: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Non-finite values in x (a 0-dim int64 tensor on x's device: no host synchronisation); checks the shape."""
     if x.shape[-1] != d_model:
         raise ValueError(f"MoELayer expects inputs [..., {d_model}], got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"MoELayer input holds {bad} NaN or infinite value(s); refusing to route them")
+    return (~torch.isfinite(x)).sum()
+
+
+def nonfinite_error(count: int, where: str = "") -> ValueError:
+    return ValueError(f"MoELayer input holds {count} NaN or infinite value(s){where}; refusing to route them")
 
 
 def mark_expert_parameters(params) -> None:
@@ -54,18 +64,6 @@ def mark_expert_parameters(params) -> None:
     group (sum, divided by the world size), every other parameter's over the whole data-parallel world."""
     for p in params:
         p.expert_parallel = True
-
-
-def build_dispatcher(cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup]):
-    from aoe_ep.parallel import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
-
-    if ep_group is None or dist.get_world_size(ep_group) == 1:
-        return LocalDispatcher()
-    if cfg.num_experts % dist.get_world_size(ep_group):
-        raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel size "
-                         f"{dist.get_world_size(ep_group)}")
-    cls = AllGatherDispatcher if cfg.dispatcher == "allgather" else AllToAllDispatcher
-    return cls(ep_group, cfg.num_experts)
 
 
 def _wait(x: torch.Tensor, synchronize: bool) -> float:
@@ -86,12 +84,14 @@ class MoELayer(nn.Module):
     """
 
     synchronize_timing = False
+    input_check = "raise"
 
-    def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None,
+                 dispatcher: Optional[Dispatcher] = None):
         super().__init__()
         cfg.validate("moe")
         self.cfg = cfg
-        self.dispatcher = build_dispatcher(cfg, ep_group)
+        self.dispatcher = dispatcher if dispatcher is not None else build_dispatcher(cfg, ep_group)
         ep_size, ep_rank = self.dispatcher.ep_size, self.dispatcher.ep_rank
         self.num_local_experts = cfg.num_experts // ep_size
         self.expert_offset = ep_rank * self.num_local_experts
@@ -103,32 +103,54 @@ class MoELayer(nn.Module):
         if self.scorer_is_sharded:
             mark_expert_parameters(self.scorer.parameters())
 
+    def _check(self, nonfinite, layout_count) -> None:
+        """`input_check = "raise"`: a ValueError for non-finite input. Where the dispatcher exchanged the count
+        (expert parallel), every rank of the group raises together; on one CPU device the check is eager; on an
+        accelerator it is an asynchronous device assertion, so that it never blocks the host."""
+        if self.input_check != "raise":
+            return
+        if isinstance(layout_count, int):
+            if layout_count:
+                raise nonfinite_error(layout_count, " on the expert-parallel group")
+        elif nonfinite.device.type == "cpu":
+            if int(nonfinite):
+                raise nonfinite_error(int(nonfinite))
+        else:
+            torch._assert_async(nonfinite == 0, "MoELayer input holds NaN or infinite values")
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEInfo]:
         cfg, d = self.cfg, self.dispatcher
-        check_input(x, cfg.d_model)
-        x_TD = x.reshape(-1, cfg.d_model)
+        if self.input_check not in INPUT_CHECKS:
+            raise ValueError(f"MoELayer.input_check must be one of {INPUT_CHECKS}, got {self.input_check!r}")
+        nonfinite = count_nonfinite(x, cfg.d_model)
+        # Rows travel and experts run in the compute dtype (autocast's, if on); scores and gates in at least fp32.
+        x_TD = x.reshape(-1, cfg.d_model).to(compute_dtype(x))
 
-        layout = d.layout(x_TD)
+        layout = d.layout(x_TD, nonfinite)
+        self._check(nonfinite, layout.nonfinite)
         xs_SD = d.scored_tokens(x_TD, layout)
         scores = self.scorer(xs_SD)
-        s_SE = d.all_expert_scores(scores.s_TE, layout)
-        sel = select(s_SE, cfg, expert_choice=partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
-                                                      layout=layout))
-        entropy_S = token_entropy(s_SE, sel.probs_TE)
-        sums = d.global_sums(sel.mask_TE, sel.probs_TE, entropy_S, s_SE, layout)
+        s_dec_SE = d.all_expert_scores(scores.s_TE, layout)
+        decision = decide(s_dec_SE, cfg, expert_choice=partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
+                                                               layout=layout))
+        rows, state, s_SX = d.dispatch(x_TD, xs_SD, scores, decision, layout)
+        s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
+        probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate)
+        entropy_S = token_entropy(s_SE, probs_SE)
+        sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout)
         own = d.own_rows(layout)
-        loss = aux_loss(cfg, sel.probs_TE[own], entropy_S[own], sums)
+        loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)
 
-        rows, state = d.dispatch(x_TD, xs_SD, scores.cache_TEL, sel.mask_TE, sel.gates_TE, layout)
         sync = self.synchronize_timing
         start = _wait(x, sync)
-        out_MD = self.experts(rows.x_MD, rows.counts, rows.cache_ML)
+        out_MD = self.experts(rows.x_MD, rows.groups, rows.cache_ML)
         after_experts = _wait(x, sync)
-        y_TD = d.combine(out_MD, state)
+        y_TD = d.combine(out_MD, gates_SE, state)
         expert_seconds, combine_seconds = after_experts - start, _wait(x, sync) - after_experts
 
-        info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds))
-        return y_TD.view(x.shape), info
+        info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds),
+                       nonfinite_inputs=layout.nonfinite)
+        return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
 
     def load_full_state_dict(self, state: dict) -> None:
         """Load the single-device layer's parameters (all n experts), keeping the slice this rank holds."""

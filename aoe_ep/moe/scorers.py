@@ -1,28 +1,47 @@
 """Scorers: what ranks the experts for each token (DESIGN.md section 1).
 
-Each scorer maps x_TD to a score matrix s_TE over the experts it holds and, for AoE, the low-rank cache that the
-selected experts reuse. All three share one interface so that selection, losses and dispatch never ask which
-scorer they are talking to.
+Each scorer maps x_TD to `Scores`: the score matrix s_TE over the experts it holds, which the decision reads, and
+`attach(rows)`, which returns the differentiable scores and, for AoE, the low-rank cache rows of the (token,
+expert) pairs that will run. All three share that interface, so selection, losses and dispatch never ask which
+scorer they are talking to. Scores are at least fp32 whatever the activation dtype.
+
+AoE computes its cache C_i = x Wdown_i for every (token, expert) before anything is decided, but keeps for backward
+only what the gradient needs (`_LowRankScores`): with the `softmax_topk` gate and neither aux loss nor top-P
+entropy, an unselected expert's score gets no gradient, so only the selected rows are kept and Wdown's backward runs
+over them alone; otherwise the unselected scores get ∂L/∂s_j along ∂‖C_j‖/∂C_j, from the kept cache
+(`moe.aoe_cache: keep`, [T, n, d_low] saved) or from the cache recomputed in backward (`recompute`, nothing saved).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aoe_ep.config import MoEConfig
+from aoe_ep.moe.experts import compute_dtype
+from aoe_ep.moe.grouped import choose_kernel, gmm, gmm_wgrad
+from aoe_ep.moe.routing import GroupedRows
+from aoe_ep.moe.selection import at_least_fp32
+
+Attach = Callable[[GroupedRows, Optional[torch.Tensor]], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
 class Scores:
-    """s_TE: one score per (token, expert); cache_TEL: AoE's x·Wdown per expert (None for the other scorers)."""
+    """s_TE: one score per (token, expert) for the decision (AoE's carries no gradient; call `attach`).
+    attach(rows, x_MD) -> (s_TE with its gradient, the cache rows C [M, d_low] of `rows` or None); x_MD are the
+    rows' tokens (x[rows.token_index_M]), which AoE's sparse backward reuses."""
 
     s_TE: torch.Tensor
-    cache_TEL: Optional[torch.Tensor] = None
+    attach: Attach
+
+
+def _no_cache(s_TE: torch.Tensor) -> Scores:
+    return Scores(s_TE=s_TE, attach=lambda rows, x_MD=None: (s_TE, None))
 
 
 class RouterScorer(nn.Module):
@@ -44,7 +63,59 @@ class RouterScorer(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Scores:
         h_TH = x_TD if self.w_hidden is None else F.silu(x_TD @ self.w_hidden)
-        return Scores(s_TE=h_TH @ self.weight.t())
+        return _no_cache(at_least_fp32(h_TH @ self.weight.t()))
+
+
+def _norm(c: torch.Tensor, ord: float) -> torch.Tensor:
+    return torch.linalg.vector_norm(at_least_fp32(c), ord=ord, dim=-1)
+
+
+def _norm_grad(c: torch.Tensor, ord: float, ds: torch.Tensor) -> torch.Tensor:
+    """∂L/∂c from ∂L/∂‖c‖ for each row of c, exactly as autograd differentiates the norm (ties of L∞ included)."""
+    with torch.enable_grad():
+        c = c.detach().requires_grad_()
+        (dc,) = torch.autograd.grad(_norm(c, ord), c, ds)
+    return dc
+
+
+class _LowRankScores(torch.autograd.Function):
+    """Differentiable (s_TE, C rows) from the cache computed without autograd; what it saves depends on `mode`:
+    "sparse" the selected rows (shared with the experts), "keep" the whole cache, "recompute" nothing."""
+
+    @staticmethod
+    def forward(ctx, x_TD, x_MD, w_down_EDL, s_TE, cache_TEL, token_index_M, expert_index_M, groups, mode, ord):
+        cache_ML = cache_TEL[token_index_M, expert_index_M]
+        saved_x = x_MD if mode == "sparse" else x_TD
+        saved_cache = cache_TEL if mode == "keep" else cache_TEL.new_empty(0)
+        ctx.save_for_backward(saved_x, w_down_EDL, saved_cache, cache_ML, token_index_M, expert_index_M)
+        ctx.groups, ctx.mode, ctx.ord = groups, mode, ord
+        ctx.kernel = choose_kernel("auto", x_TD.device, x_TD.dtype, x_MD.shape[0] / max(groups.num_groups, 1),
+                                   widths=tuple(w_down_EDL.shape[1:]))
+        return s_TE.clone(), cache_ML
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds_TE, dcache_ML):
+        x, w_down_EDL, cache_TEL, cache_ML, token_index_M, expert_index_M = ctx.saved_tensors
+        num_experts, d_model, d_low = w_down_EDL.shape
+        dcache_ML = torch.zeros_like(cache_ML) if dcache_ML is None else dcache_ML.to(cache_ML.dtype)
+        if ds_TE is None:
+            ds_TE = cache_ML.new_zeros(())
+        if ctx.mode == "sparse":  # unselected scores have no gradient: Wdown's backward over the selected rows only
+            if ds_TE.dim():
+                dcache_ML = dcache_ML + _norm_grad(cache_ML, ctx.ord, ds_TE[token_index_M, expert_index_M]).to(
+                    cache_ML.dtype)
+            dx_MD = gmm(dcache_ML, w_down_EDL.transpose(1, 2), ctx.groups, ctx.kernel)
+            return None, dx_MD, gmm_wgrad(x, dcache_ML, ctx.groups, ctx.kernel), *([None] * 7)
+        w_down_DX = w_down_EDL.permute(1, 0, 2).reshape(d_model, num_experts * d_low)
+        if ctx.mode == "recompute":
+            cache_TEL = (x @ w_down_DX).view(x.shape[0], num_experts, d_low)
+        dcache_TEL = _norm_grad(cache_TEL, ctx.ord, ds_TE.expand(cache_TEL.shape[:2])).to(cache_TEL.dtype).contiguous()
+        dcache_TEL.index_put_((token_index_M, expert_index_M), dcache_ML, accumulate=True)
+        dcache_TX = dcache_TEL.view(x.shape[0], num_experts * d_low)
+        dx_TD = dcache_TX @ w_down_DX.t()
+        dw_down = (x.t() @ dcache_TX).view(d_model, num_experts, d_low).permute(1, 0, 2)
+        return dx_TD, None, dw_down, *([None] * 7)
 
 
 class AoEScorer(nn.Module):
@@ -58,18 +129,28 @@ class AoEScorer(nn.Module):
     def __init__(self, cfg: MoEConfig, num_experts: int):
         super().__init__()
         self.ord = self.ORDERS[cfg.norm]
+        self.mode = cfg.aoe_cache if cfg.unselected_get_gradient else "sparse"
         self.w_down = nn.Parameter(torch.empty(num_experts, cfg.d_model, cfg.d_low))
         nn.init.normal_(self.w_down, std=cfg.d_model ** -0.5)
 
     def cache(self, x_TD: torch.Tensor) -> torch.Tensor:
         num_experts, d_model, d_low = self.w_down.shape
-        w_down_DX = self.w_down.permute(1, 0, 2).reshape(d_model, num_experts * d_low)
+        w_down_DX = self.w_down.to(x_TD.dtype).permute(1, 0, 2).reshape(d_model, num_experts * d_low)
         return (x_TD @ w_down_DX).view(x_TD.shape[0], num_experts, d_low)
 
     def forward(self, x_TD: torch.Tensor) -> Scores:
-        cache_TEL = self.cache(x_TD)
-        s_TE = torch.linalg.vector_norm(cache_TEL, ord=self.ord, dim=-1)
-        return Scores(s_TE=s_TE, cache_TEL=cache_TEL)
+        x_TD = x_TD.to(compute_dtype(x_TD))
+        with torch.no_grad():
+            cache_TEL = self.cache(x_TD)
+            s_TE = _norm(cache_TEL, self.ord)
+
+        def attach(rows: GroupedRows, x_MD: Optional[torch.Tensor] = None):
+            if x_MD is None:
+                x_MD = x_TD[rows.token_index_M]
+            return _LowRankScores.apply(x_TD, x_MD.to(x_TD.dtype), self.w_down.to(x_TD.dtype), s_TE, cache_TEL,
+                                        rows.token_index_M, rows.expert_index_M, rows.groups, self.mode, self.ord)
+
+        return Scores(s_TE=s_TE, attach=attach)
 
 
 class SelfRoutingScorer(nn.Module):
@@ -81,7 +162,7 @@ class SelfRoutingScorer(nn.Module):
         self.num_experts = num_experts
 
     def forward(self, x_TD: torch.Tensor) -> Scores:
-        return Scores(s_TE=x_TD[:, self.offset:self.offset + self.num_experts])
+        return _no_cache(at_least_fp32(x_TD[:, self.offset:self.offset + self.num_experts]))
 
 
 SCORERS = {"router": RouterScorer, "aoe": AoEScorer, "self_routing": SelfRoutingScorer}

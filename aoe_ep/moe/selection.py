@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from aoe_ep.config import MoEConfig
+from aoe_ep.moe.routing import Decision
 
 
 @dataclass(frozen=True)
@@ -25,15 +26,25 @@ class Selection:
     probs_TE: torch.Tensor
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 if it is in a 16-bit float type: scores, softmax and selection never run in reduced precision,
+    so that it never changes which experts win."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _ranked(values: torch.Tensor, dim: int) -> torch.Tensor:
     """Indices that sort `values` descending along `dim`, ties kept in index order."""
     return torch.sort(values, dim=dim, descending=True, stable=True).indices
 
 
+def top_k_order(s_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Token choice: each token's k highest-scoring experts, in rank order [T, k]."""
+    return _ranked(s_TE, dim=1)[:, :k]
+
+
 def top_k_mask(s_TE: torch.Tensor, k: int) -> torch.Tensor:
-    """Token choice: each token's k highest-scoring experts."""
-    order_TK = _ranked(s_TE, dim=1)[:, :k]
-    return torch.zeros_like(s_TE, dtype=torch.bool).scatter_(1, order_TK, True)
+    """Token choice as a mask: each token's k highest-scoring experts."""
+    return torch.zeros_like(s_TE, dtype=torch.bool).scatter_(1, top_k_order(s_TE, k), True)
 
 
 def top_p_mask(probs_TE: torch.Tensor, p: float) -> torch.Tensor:
@@ -52,10 +63,14 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -
     return min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts))
 
 
+def expert_choice_order(probs_TE: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Expert choice: each expert's `capacity` tokens of highest probability [C, E] (ties: lower token first)."""
+    return _ranked(probs_TE, dim=0)[:capacity]
+
+
 def expert_choice_mask(probs_TE: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Expert choice: each expert takes the `capacity` tokens that give it the highest probability."""
-    order_CE = _ranked(probs_TE, dim=0)[:capacity]
-    return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, order_CE, True)
+    """Expert choice as a mask: each expert takes the `capacity` tokens that give it the highest probability."""
+    return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, expert_choice_order(probs_TE, capacity), True)
 
 
 def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str) -> torch.Tensor:
@@ -72,22 +87,41 @@ def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tens
     return e_TE / e_TE.sum(dim=1, keepdim=True).clamp_min(torch.finfo(e_TE.dtype).tiny)
 
 
-def select(s_TE: torch.Tensor, cfg: MoEConfig,
-           expert_choice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Selection:
-    """Apply `cfg.selection` and `cfg.gate` to the score matrix s_TE [tokens, all n experts].
+def decide(s_TE: torch.Tensor, cfg: MoEConfig,
+           expert_choice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Decision:
+    """Which experts process which token under `cfg.selection`, from the scores s_TE [tokens, all n experts]
+    (no gradient: the decision is discrete; scores are ranked in at least fp32).
 
     Token choice needs only each token's row; expert choice ranks tokens over the whole batch, so a dispatcher whose
     rows are not the whole batch passes `expert_choice`, mapping these rows' probabilities to their mask.
     """
-    probs_TE = torch.softmax(s_TE, dim=1)
     with torch.no_grad():
+        s_TE = at_least_fp32(s_TE.detach())
         if cfg.selection == "top_k":
-            mask_TE = top_k_mask(s_TE, cfg.top_k)
-        elif cfg.selection == "top_p":
-            mask_TE = top_p_mask(probs_TE, cfg.top_p)
-        elif expert_choice is not None:
-            mask_TE = expert_choice(probs_TE)
-        else:
-            capacity = expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor)
-            mask_TE = expert_choice_mask(probs_TE, capacity)
-    return Selection(mask_TE=mask_TE, gates_TE=gate_weights(s_TE, probs_TE, mask_TE, cfg.gate), probs_TE=probs_TE)
+            order_TK = top_k_order(s_TE, cfg.top_k)
+            mask_TE = torch.zeros_like(s_TE, dtype=torch.bool).scatter_(1, order_TK, True)
+            return Decision(mask_SE=mask_TE, topk_SK=order_TK)
+        probs_TE = torch.softmax(s_TE, dim=1)
+        if cfg.selection == "top_p":
+            return Decision(mask_SE=top_p_mask(probs_TE, cfg.top_p))
+        if expert_choice is not None:
+            return Decision(mask_SE=expert_choice(probs_TE))
+        order_CE = expert_choice_order(probs_TE, expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor))
+        mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, order_CE, True)
+        return Decision(mask_SE=mask_TE, chosen_CE=order_CE)
+
+
+def weigh(s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs_TE, gates_TE) in at least fp32 from the differentiable scores: the softmax over all experts, and the gates of
+    `gate` over the selected ones."""
+    s_TE = at_least_fp32(s_TE)
+    probs_TE = torch.softmax(s_TE, dim=1)
+    return probs_TE, gate_weights(s_TE, probs_TE, mask_TE, gate)
+
+
+def select(s_TE: torch.Tensor, cfg: MoEConfig,
+           expert_choice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Selection:
+    """Apply `cfg.selection` and `cfg.gate` to the score matrix s_TE [tokens, all n experts]: `decide`, then `weigh`."""
+    mask_TE = decide(s_TE, cfg, expert_choice).mask_SE
+    probs_TE, gates_TE = weigh(s_TE, mask_TE, cfg.gate)
+    return Selection(mask_TE=mask_TE, gates_TE=gates_TE, probs_TE=probs_TE)

@@ -4,15 +4,18 @@ Tokens are all-gathered over the EP group; each rank computes the low-rank cache
 tokens (Wdown stays with its expert); the [T_all, n_local] norms are all-gathered so every rank holds the same
 [T_all, n] score matrix and takes the same global decision; each rank runs its experts on the winning rows from its
 own cache and weights them by their gates; an all-to-all returns, for every token with at least one winner on this
-rank, the summed weighted row to the rank that owns the token.
+rank, the summed weighted row to the rank that owns the token. The row counts of that all-to-all are exchanged
+(not derived from this rank's copy of the decision), so ranks that disagree get an error instead of a hang.
 """
 
 from __future__ import annotations
 
 import torch
 
-from aoe_ep.parallel.collectives import all_gather_rows, all_to_all_rows
-from aoe_ep.parallel.local import DispatchState, ExpertRows, GroupDispatcher, TokenLayout, group_rows, weighted_sum
+from aoe_ep.moe.dispatcher import DispatchState, ExpertRows, TokenLayout
+from aoe_ep.moe.routing import group_rows, row_gates, weighted_sum
+from aoe_ep.parallel.collectives import all_gather_rows, all_to_all_counts, all_to_all_rows, attach_gathered
+from aoe_ep.parallel.group import GroupDispatcher
 
 
 class AllGatherDispatcher(GroupDispatcher):
@@ -21,35 +24,52 @@ class AllGatherDispatcher(GroupDispatcher):
     def scored_tokens(self, x_TD: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         return all_gather_rows(x_TD, layout.sizes, self.group, self.counter, "tokens")
 
-    def all_expert_scores(self, s_SE: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        if s_SE.shape[1] == self.num_experts:  # a replicated router or Self-Routing already scored every expert
-            return s_SE
-        s_ES = all_gather_rows(s_SE.t().contiguous(), [self.num_local] * self.ep_size, self.group, self.counter,
-                               "norms")
+    def _sharded(self, s_SX: torch.Tensor) -> bool:
+        return s_SX.shape[1] != self.num_experts  # a replicated router or Self-Routing scored every expert already
+
+    def all_expert_scores(self, s_SX: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if not self._sharded(s_SX):
+            return s_SX.detach()
+        with torch.no_grad():
+            s_ES = all_gather_rows(s_SX.detach().t().contiguous(), [self.num_local] * self.ep_size, self.group,
+                                   self.counter, "norms")
         return s_ES.t()
+
+    def attach_scores(self, s_SX: torch.Tensor, s_SE: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if not self._sharded(s_SX):
+            return s_SX
+        return attach_gathered(s_SX.t().contiguous(), s_SE.t(), [self.num_local] * self.ep_size, self.group,
+                               self.counter, "norms").t()
 
     def own_rows(self, layout: TokenLayout) -> slice:
         return slice(layout.offset, layout.offset + layout.sizes[layout.rank])
 
-    def dispatch(self, x_TD, xs_SD, cache_SEL, mask_SE, gates_SE, layout: TokenLayout):
-        local = slice(self.ep_rank * self.num_local, (self.ep_rank + 1) * self.num_local)
-        mask_SL, gates_SL = mask_SE[:, local], gates_SE[:, local]
-        x_MD, counts, token_index_M, cache_ML = group_rows(xs_SD, cache_SEL, mask_SL)
-        rows = ExpertRows(x_MD=x_MD, counts=counts.tolist(), cache_ML=cache_ML)
-        return rows, DispatchState(token_index_M, mask_SL, gates_SL, xs_SD.shape[0], route=(layout, mask_SE))
+    def dispatch(self, x_TD, xs_SD, scores, decision, layout: TokenLayout):
+        rows = group_rows(decision, self.local_experts)
+        x_MD = xs_SD.index_select(0, rows.token_index_M)
+        s_SX, cache_ML = scores.attach(rows, x_MD)
+        state = DispatchState(rows, xs_SD.shape[0], route=(layout, decision.mask_SE))
+        return ExpertRows(x_MD, rows.groups, cache_ML), state, s_SX
 
-    def combine(self, out_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
         layout, mask_SE = state.route
-        partial_SD = weighted_sum(out_MD, state.token_index_M, state.mask_TE, state.gates_TE, state.num_tokens)
+        rows = state.rows
+        partial_SD = weighted_sum(out_MD, row_gates(gates_SE, rows, self.local_experts.start), rows.token_index_M,
+                                  state.num_tokens)
         # Send each owner the rows of its tokens that this rank's experts worked on (token order within an owner).
-        send_index = torch.nonzero(state.mask_TE.any(dim=1)).flatten()
-        bounds = torch.tensor([0] + list(torch.tensor(layout.sizes).cumsum(0)), device=send_index.device)
-        send = [int(((send_index >= bounds[r]) & (send_index < bounds[r + 1])).sum()) for r in range(self.ep_size)]
-        # Every rank holds the global decision, so each knows what it will receive without asking.
+        worked_S = mask_SE[:, self.local_experts].any(dim=1)
+        send_index = torch.nonzero(worked_S).flatten()
+        send_R1 = torch.stack([chunk.sum() for chunk in torch.split(worked_S, list(layout.sizes))]).view(-1, 1)
+        recv_R1 = all_to_all_counts(send_R1, self.group, self.counter)
+        send, recv = send_R1.flatten().tolist(), recv_R1.flatten().tolist()
+        # Where the received rows go, from this rank's copy of the decision; it must agree with what was sent.
         own = self.own_rows(layout)
-        mask_own_QE = mask_SE[own].view(-1, self.ep_size, self.num_local).any(dim=2)  # [T_own, EP]
-        recv = mask_own_QE.sum(dim=0).tolist()
-        recv_index = torch.cat([torch.nonzero(mask_own_QE[:, q]).flatten() for q in range(self.ep_size)])
-        received = all_to_all_rows(partial_SD[send_index], send, recv, self.group, self.counter, "combine")
+        from_rank_TQ = mask_SE[own].view(-1, self.ep_size, self.num_local).any(dim=2)
+        recv_index = torch.nonzero(from_rank_TQ.t())[:, 1]
+        if recv_index.numel() != sum(recv):
+            raise RuntimeError(f"allgather dispatcher: rank {self.ep_rank} expects {recv_index.numel()} combined rows "
+                               f"but the other ranks send {sum(recv)}: the ranks disagree on the routing decision")
+        received = all_to_all_rows(partial_SD.index_select(0, send_index), send, recv, self.group, self.counter,
+                                   "combine")
         y_TD = partial_SD.new_zeros(layout.sizes[layout.rank], partial_SD.shape[1])
         return y_TD.index_add(0, recv_index, received)

@@ -9,12 +9,21 @@ expert's rank, and a second all-to-all returns the expert outputs, which the own
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 
+from aoe_ep.moe.dispatcher import DispatchState, ExpertRows, TokenLayout
+from aoe_ep.moe.grouped import Groups
+from aoe_ep.moe.routing import group_rows, row_gates, weighted_sum
 from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
 from aoe_ep.parallel.collectives import all_gather_rows, all_reduce_sum, all_to_all_counts, all_to_all_rows
-from aoe_ep.parallel.local import DispatchState, ExpertRows, GroupDispatcher, TokenLayout, group_rows, weighted_sum
+from aoe_ep.parallel.group import GroupDispatcher
+
+
+def regroup(x_MX: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
+    """Rows in consecutive chunks ordered (a, b), chunk (a, b) of sizes_AB[a][b] rows, reordered to (b, a)."""
+    chunks = torch.split(x_MX, [n for row in sizes_AB for n in row])
+    width = len(sizes_AB[0]) if sizes_AB else 0
+    return torch.cat([chunks[a * width + b] for b in range(width) for a in range(len(sizes_AB))])
 
 
 class AllToAllDispatcher(GroupDispatcher):
@@ -33,27 +42,29 @@ class AllToAllDispatcher(GroupDispatcher):
         return BatchSums(tokens_per_expert=total[:n].round().long(), probs_sum=total[n:2 * n],
                          entropy_sum=total[3 * n], score_sum=total[2 * n:3 * n], num_tokens=layout.total)
 
-    def dispatch(self, x_TD, xs_SD, cache_SEL, mask_SE, gates_SE, layout: TokenLayout):
-        x_MD, counts_E, token_index_M, cache_ML = group_rows(x_TD, cache_SEL, mask_SE)
-        payload_MX = x_MD if cache_ML is None else torch.cat([x_MD, cache_ML], dim=1)
-        send_RL = counts_E.view(self.ep_size, self.num_local)     # rows for rank r's local expert e
-        recv_QL = all_to_all_counts(send_RL, self.group, self.counter)  # rows from rank q for my expert e
-        send, recv = send_RL.sum(dim=1).tolist(), recv_QL.sum(dim=1).tolist()
+    def dispatch(self, x_TD, xs_SD, scores, decision, layout: TokenLayout):
+        rows = group_rows(decision)
+        x_MD = x_TD.index_select(0, rows.token_index_M)
+        s_SX, cache_ML = scores.attach(rows, x_MD)
+        payload_MX = x_MD if cache_ML is None else torch.cat([x_MD, cache_ML.to(x_MD.dtype)], dim=1)
+        send_RL = rows.groups.counts_E.view(self.ep_size, self.num_local)  # rows for rank r's local expert e
+        recv_QL = all_to_all_counts(send_RL, self.group, self.counter)      # rows from rank q for my expert e
+        send, recv_sizes_QL = send_RL.sum(dim=1).tolist(), recv_QL.tolist()
+        recv = [sum(row) for row in recv_sizes_QL]
         received_NX = all_to_all_rows(payload_MX, send, recv, self.group, self.counter, "dispatch")
         # Received rows are grouped (source rank, expert); the experts want them grouped (expert, source rank).
-        source_major = recv_QL.flatten()
-        to_expert_major = torch.arange(self.ep_size * self.num_local).view(self.ep_size, self.num_local).t().flatten()
-        grouped_NX, _ = sort_chunks_by_idxs(received_NX, source_major, to_expert_major)
+        grouped_NX = regroup(received_NX, recv_sizes_QL)
+        per_expert = [sum(row[e] for row in recv_sizes_QL) for e in range(self.num_local)]
+        groups = Groups(torch.tensor(per_expert, dtype=torch.int64, device=x_TD.device), _host=per_expert)
         d = x_TD.shape[1]
-        rows = ExpertRows(x_MD=grouped_NX[:, :d], counts=recv_QL.sum(dim=0).tolist(),
-                          cache_ML=None if cache_ML is None else grouped_NX[:, d:])
-        route = (recv_QL, send, recv)
-        return rows, DispatchState(token_index_M, mask_SE, gates_SE, x_TD.shape[0], route=route)
+        expert_rows = ExpertRows(x_MD=grouped_NX[:, :d], groups=groups,
+                                 cache_ML=None if cache_ML is None else grouped_NX[:, d:])
+        state = DispatchState(rows, x_TD.shape[0], route=(recv_sizes_QL, send, recv))
+        return expert_rows, state, s_SX
 
-    def combine(self, out_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        recv_QL, send, recv = state.route
-        expert_major = recv_QL.t().flatten()
-        to_source_major = torch.arange(self.ep_size * self.num_local).view(self.num_local, self.ep_size).t().flatten()
-        back_MD, _ = sort_chunks_by_idxs(out_MD, expert_major, to_source_major)
+    def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        recv_sizes_QL, send, recv = state.route
+        sizes_LQ = [list(col) for col in zip(*recv_sizes_QL)] if recv_sizes_QL else []
+        back_MD = regroup(out_MD, sizes_LQ)
         returned_MD = all_to_all_rows(back_MD, recv, send, self.group, self.counter, "combine")
-        return weighted_sum(returned_MD, state.token_index_M, state.mask_TE, state.gates_TE, state.num_tokens)
+        return weighted_sum(returned_MD, row_gates(gates_SE, state.rows), state.rows.token_index_M, state.num_tokens)

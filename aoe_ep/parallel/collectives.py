@@ -7,43 +7,15 @@ separately, per collective name; `parallel/comm_model.py` predicts the same numb
 
 from __future__ import annotations
 
-from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
+from aoe_ep.moe.dispatcher import CommCounter
 
-@dataclass
-class CommCounter:
-    """Bytes sent by this rank, keyed by (collective name, "fwd" | "bwd")."""
-
-    bytes: dict = field(default_factory=lambda: defaultdict(int))
-    enabled: bool = True
-
-    def add(self, name: str, direction: str, nbytes: int) -> None:
-        if self.enabled:
-            self.bytes[(name, direction)] += int(nbytes)
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Count nothing inside (e.g. validation passes between two training logs)."""
-        before, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = before
-
-    def total(self, direction: Optional[str] = None) -> int:
-        return sum(v for (_, d), v in self.bytes.items() if direction is None or d == direction)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f"{name}/{direction}": v for (name, direction), v in sorted(self.bytes.items()) if v}
-
-    def reset(self) -> None:
-        self.bytes.clear()
+__all__ = ["CommCounter", "all_gather_rows", "all_gather_sizes", "all_reduce_sum", "all_to_all_counts",
+           "all_to_all_rows", "attach_gathered"]
 
 
 def _nbytes(rows: int, t: torch.Tensor) -> int:
@@ -53,14 +25,17 @@ def _nbytes(rows: int, t: torch.Tensor) -> int:
     return rows * row_elems * t.element_size()
 
 
-def all_gather_sizes(n: int, group: dist.ProcessGroup, counter: CommCounter, device: torch.device) -> list[int]:
-    """Every rank's row count (needed before an uneven all-gather)."""
+def all_gather_sizes(n: int, nonfinite: torch.Tensor, group: dist.ProcessGroup,
+                     counter: CommCounter) -> tuple[list[int], list[int]]:
+    """Every rank's row count (needed before an uneven all-gather) and its count of non-finite input values, in one
+    all-gather: the check's verdict reaches every rank at the same point, before any other collective."""
     world = dist.get_world_size(group)
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    mine = torch.stack([torch.tensor(n, dtype=torch.int64, device=nonfinite.device), nonfinite.to(torch.int64)])
     out = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(out, mine, group=group)
-    counter.add("sizes", "fwd", (world - 1) * mine.element_size())
-    return [int(t) for t in out]
+    counter.add("sizes", "fwd", (world - 1) * mine.numel() * mine.element_size())
+    pairs = torch.stack(out).tolist()
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _gather_rows(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
@@ -102,6 +77,21 @@ class _AllGatherRows(torch.autograd.Function):
         return out, None, None, None, None
 
 
+class _AttachGathered(torch.autograd.Function):
+    """The all-gather whose result is already known (gathered without gradient for a decision): forward returns it
+    and sends nothing; backward is the all-gather's reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, gathered, sizes, group, counter, name):
+        ctx.sizes, ctx.group, ctx.counter, ctx.name = sizes, group, counter, name
+        ctx.rank = dist.get_rank(group)
+        return gathered.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllGatherRows.backward(ctx, grad)[0], None, None, None, None, None
+
+
 class _AllToAllRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send, recv, group, counter, name):
@@ -122,6 +112,13 @@ def all_gather_rows(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGr
                     name: str) -> torch.Tensor:
     """[sizes[rank], ...] on each rank -> [sum(sizes), ...] on every rank, in rank order; backward reduce-scatters."""
     return _AllGatherRows.apply(x, list(sizes), group, counter, name)
+
+
+def attach_gathered(x: torch.Tensor, gathered: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup,
+                    counter: CommCounter, name: str) -> torch.Tensor:
+    """`gathered` (= all_gather_rows(x) computed earlier without gradient) as a function of x: backward
+    reduce-scatters, counted under `name` like the all-gather's own backward."""
+    return _AttachGathered.apply(x, gathered.detach(), list(sizes), group, counter, name)
 
 
 def all_to_all_rows(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: dist.ProcessGroup,

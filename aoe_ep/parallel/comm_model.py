@@ -4,13 +4,14 @@ Notation: T_r tokens on rank r, T = Σ T_r over the EP group, d = d_model, L = d
 experts, b bytes per element, 8 bytes per int64 count. "Sent" excludes what a rank keeps for itself.
 
 allgather (forward; backward mirrors each term with the reverse collective):
-  sizes    (EP−1)·8                             row counts, before the uneven all-gather
+  sizes    (EP−1)·16                            row count and non-finite input count, before the uneven all-gather
   tokens   (EP−1)·T_r·d·b                       all-gather of x;        backward: reduce-scatter (T − T_r)·d·b
   norms    (EP−1)·n_l·T·b   (AoE only)          all-gather of ||C_i||;  backward: the same amount
+  counts   (EP−1)·8                             combined rows per destination rank
   combine  Σ_{q≠r} A_rq·d·b                     A_rq = tokens of rank q with ≥1 winner among r's experts
                                                  backward: Σ_{q≠r} A_qr·d·b
 alltoall:
-  sizes    (EP−1)·8
+  sizes    (EP−1)·16
   counts   (EP−1)·n_l·8                         rows per (rank, local expert)
   stats    (EP−1)·(3n+1)·8                      one all-reduce of counts, Σp, Σs, Σ entropy (float64)
   probs    (EP−1)·T_r·n·b   (expert choice)     all-gather of the softmax for the global ranking
@@ -55,13 +56,14 @@ def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], ra
     n_local = n // ep
     total, mine = sum(sizes), sizes[rank]
     others = [q for q in range(ep) if q != rank]
-    out = {"sizes/fwd": (ep - 1) * 8}
+    out = {"sizes/fwd": (ep - 1) * 16}
     if dispatcher == "allgather":
         a = _any_pairs(mask_TE, sizes, ep)
         out["tokens/fwd"] = (ep - 1) * mine * d_model * elem_bytes
         out["tokens/bwd"] = (total - mine) * d_model * elem_bytes
         if aoe_cache:
             out["norms/fwd"] = out["norms/bwd"] = (ep - 1) * n_local * total * elem_bytes
+        out["counts/fwd"] = (ep - 1) * 8
         out["combine/fwd"] = int(sum(a[rank, q] for q in others)) * d_model * elem_bytes
         out["combine/bwd"] = int(sum(a[q, rank] for q in others)) * d_model * elem_bytes
     else:

@@ -119,4 +119,4 @@ def test_ep_window_gives_global_device_load_idle_time_and_timing_spread():
     assert torch.equal(per_rank[0]["seconds"], per_rank[1]["seconds"])
     assert (per_rank[0]["seconds"][..., 0] >= per_rank[0]["seconds"][..., 1]).all()
     for r in per_rank:
-        assert r["comm"]["moe/bytes_per_step/dispatch/fwd"] > 0 and r["comm"]["moe/bytes_per_step/sizes/fwd"] == 2 * 8
+        assert r["comm"]["moe/bytes_per_step/dispatch/fwd"] > 0 and r["comm"]["moe/bytes_per_step/sizes/fwd"] == 2 * 16

@@ -1,0 +1,121 @@
+"""Grouped matrix products over rows already grouped per expert: the three products an expert projection needs.
+
+Rows `a_MK` are grouped expert-major: the first `counts[0]` rows belong to expert 0, and so on; `w_EKN` is the
+stack of the experts' weights. No autograd here: the expert and scorer `autograd.Function`s call these in their
+forward and backward, so that one weight gradient is written per projection (no per-expert `unbind`/`cat`).
+
+Two kernels, chosen per device, dtype and shape by `choose_kernel`:
+- `grouped`: `torch._grouped_mm` (CUTLASS on Hopper; a per-group loop inside ATen on CPU). Group offsets stay on
+  the device, so it needs no host synchronisation. It has no float64 kernel and wants 16-byte-aligned strides;
+  `pad_to` gives the width to pad a misaligned hidden dimension to (zeros, so results never change).
+- `loop`: one `torch.mm` per expert into slices of one output, the obvious implementation done without copies.
+  It reads the row counts on the host (free on CPU, a synchronisation on an accelerator) and runs in any dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from aoe_ep.config import EXPERT_KERNELS
+
+
+@dataclass
+class Groups:
+    """Row counts of each expert's group: `counts_E` (int64, on the rows' device) and what the kernels derive
+    from it, each made once: `offsets_E` (int32 cumulative ends, for `torch._grouped_mm`) and `host` (a list)."""
+
+    counts_E: torch.Tensor
+    _offsets: Optional[torch.Tensor] = field(default=None, repr=False)
+    _host: Optional[list[int]] = field(default=None, repr=False)
+
+    @property
+    def num_groups(self) -> int:
+        return self.counts_E.shape[0]
+
+    @property
+    def offsets_E(self) -> torch.Tensor:
+        if self._offsets is None:
+            self._offsets = torch.cumsum(self.counts_E, 0).to(torch.int32)
+        return self._offsets
+
+    @property
+    def host(self) -> list[int]:
+        if self._host is None:
+            self._host = self.counts_E.tolist()
+        return self._host
+
+
+def _alignment(dtype: torch.dtype) -> int:
+    """Elements per 16 bytes: the stride multiple `torch._grouped_mm` requires."""
+    return max(1, 16 // torch.empty((), dtype=dtype).element_size())
+
+
+def pad_to(width: int, dtype: torch.dtype) -> int:
+    """`width` rounded up to the grouped kernel's stride alignment for `dtype` (e.g. 6470 -> 6472 in bf16)."""
+    align = _alignment(dtype)
+    return -(-width // align) * align
+
+
+def grouped_supported(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype, rows_per_group: float,
+                  widths: tuple[int, ...] = ()) -> str:
+    """The kernel to run. `auto`: `grouped` wherever it has a kernel for the dtype (on an accelerator it is the only
+    one that needs no host synchronisation); on CPU `loop` once groups are large, where the two were measured
+    equal and the loop needs no padding (`aoe-ep bench layer`'s `experts` rows show both). float64, and operand
+    `widths` that are not 16-byte aligned (odd test shapes; a hidden width is padded instead), always loop."""
+    if requested not in EXPERT_KERNELS:
+        raise ValueError(f"expert kernel must be one of {EXPERT_KERNELS}, got {requested!r}")
+    if not grouped_supported(dtype) or any(pad_to(w, dtype) != w for w in widths):
+        return "loop"
+    if requested != "auto":
+        return requested
+    if device.type == "cpu" and rows_per_group >= LOOP_ROWS_ON_CPU:
+        return "loop"
+    return "grouped"
+
+
+# On the 2-core CPU machines the per-group loop of `torch._grouped_mm` and a loop of `torch.mm` into one output are
+# the same kernel calls; above this many rows per group the loop was measured as fast or faster.
+LOOP_ROWS_ON_CPU = 256
+
+
+def _empty_wgrad(a_MK: torch.Tensor, b_MN: torch.Tensor, groups: Groups) -> torch.Tensor:
+    return a_MK.new_zeros(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+
+
+def gmm(a_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str) -> torch.Tensor:
+    """out[m] = a[m] @ w[e(m)]: [M, K] x [E, K, N] -> [M, N]. `w_EKN` may be a transposed view (dgrad)."""
+    if a_MK.shape[0] == 0:
+        return a_MK.new_empty(0, w_EKN.shape[2])
+    if kernel == "grouped":
+        return torch._grouped_mm(a_MK, w_EKN, offs=groups.offsets_E)
+    out_MN = a_MK.new_empty(a_MK.shape[0], w_EKN.shape[2])
+    start = 0
+    for e, rows in enumerate(groups.host):
+        if rows:
+            torch.mm(a_MK[start:start + rows], w_EKN[e], out=out_MN[start:start + rows])
+            start += rows
+    return out_MN
+
+
+def gmm_wgrad(a_MK: torch.Tensor, b_MN: torch.Tensor, groups: Groups, kernel: str) -> torch.Tensor:
+    """w[e] = a_e^T @ b_e over each group's rows: [M, K], [M, N] -> [E, K, N] (zeros for an empty group)."""
+    if a_MK.shape[0] == 0:
+        return _empty_wgrad(a_MK, b_MN, groups)
+    if kernel == "grouped":
+        return torch._grouped_mm(a_MK.t(), b_MN, offs=groups.offsets_E)
+    out_EKN = a_MK.new_empty(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+    start = 0
+    for e, rows in enumerate(groups.host):
+        if rows:
+            torch.mm(a_MK[start:start + rows].t(), b_MN[start:start + rows], out=out_EKN[e])
+        else:
+            out_EKN[e].zero_()
+        start += rows
+    return out_EKN

@@ -35,7 +35,9 @@ class StepHealth:
     def add(self, infos: Sequence[MoEInfo]) -> None:
         if not infos:
             return
-        self.nonfinite_inputs_L += torch.stack([_nonfinite_inputs(info).to(self.nonfinite_inputs_L) for info in infos])
+        # an int under expert parallelism (it came with the dispatcher's sizes), else a 0-dim device tensor
+        self.nonfinite_inputs_L += torch.stack([torch.as_tensor(info.nonfinite_inputs).to(self.nonfinite_inputs_L)
+                                                for info in infos])
         self.bad_stats_L += torch.stack([(~torch.isfinite(info.stats.score_mean).all()
                                           | ~torch.isfinite(info.stats.ent_conf)).to(self.bad_stats_L)
                                          for info in infos])
@@ -45,11 +47,6 @@ class StepHealth:
         what the step all-reduces over the world."""
         flag = losses.new_tensor([0.0 if math.isfinite(grad_norm) else 1.0])
         return torch.cat([losses.double(), flag.double(), self.nonfinite_inputs_L, self.bad_stats_L])
-
-
-def _nonfinite_inputs(info: MoEInfo) -> torch.Tensor:
-    count = getattr(info, "nonfinite_inputs", None)
-    return count if count is not None else torch.zeros((), dtype=torch.int64)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def stable_seed(*parts) -> int:
 
 def _draw(shape, std: float, *key) -> torch.Tensor:
     gen = torch.Generator().manual_seed(stable_seed(*key))
-    return torch.randn(shape, generator=gen).mul_(std)
+    return torch.randn(shape, generator=gen, device="cpu").mul_(std)
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ single-process runs (one spawn runs every layout):
 - each rank's optimizer holds exactly 2 fp32 moments per element it owns, plus AdamW's 4-byte step per tensor:
   under FSDP2 dense parameters are sharded over the world and expert parameters over EP x expert-DP; under DDP
   dense ones are replicated and expert ones sharded over EP only;
-- checkpoints move between FSDP2 x EP and one process, both ways.
+- checkpoints move between FSDP2 x EP and one process, both ways; gradient accumulation under FSDP2 x EP (two
+  micro-batches per step) reaches the single-process losses too.
 
 With 4 ranks and a global batch of 4 sequences each rank reads one sequence per step. An EP group of 2 sees two
 sequences at once: the single-process run with micro-batches of 2 (two of them per step). EP = 4 sees all four: one
@@ -29,14 +30,17 @@ from tests.train.synthetic import BUILDERS, small_config
 RTOL = 2e-5
 WORLD = 4
 EP2 = ["parallel.expert_parallel_size=2"]
-LAYOUTS = {  # name: (overrides on 4 ranks, EP size, single-process micro-batch size with the same losses)
-    "dp4_ddp": (["train.dense_parallel=ddp"], 1, 1),
-    "dp4_fsdp": (["train.dense_parallel=fsdp"], 1, 1),
-    "ep2_allgather_fsdp": (EP2 + ["moe.dispatcher=allgather", "train.dense_parallel=fsdp"], 2, 2),
-    "ep2_alltoall_fsdp": (EP2 + ["moe.dispatcher=alltoall", "train.dense_parallel=fsdp"], 2, 2),
-    "ep2_alltoall_ddp": (EP2 + ["moe.dispatcher=alltoall"], 2, 2),
+ACCUMULATE = ("train.global_batch_tokens=128",)  # 8 sequences: 2 micro-batches per rank and step
+LAYOUTS = {  # name: (overrides on 4 ranks, EP size, the single-process run with the same losses)
+    "dp4_ddp": (["train.dense_parallel=ddp"], 1, (1,)),
+    "dp4_fsdp": (["train.dense_parallel=fsdp"], 1, (1,)),
+    "ep2_allgather_fsdp": (EP2 + ["moe.dispatcher=allgather", "train.dense_parallel=fsdp"], 2, (2,)),
+    "ep2_alltoall_fsdp": (EP2 + ["moe.dispatcher=alltoall", "train.dense_parallel=fsdp"], 2, (2,)),
+    "ep2_alltoall_ddp": (EP2 + ["moe.dispatcher=alltoall"], 2, (2,)),
     "ep4_allgather_fsdp": (["parallel.expert_parallel_size=4", "moe.dispatcher=allgather",
-                            "train.dense_parallel=fsdp"], 4, 4),
+                            "train.dense_parallel=fsdp"], 4, (4,)),
+    "ep2_alltoall_fsdp_accumulating": (EP2 + ["moe.dispatcher=alltoall", "train.dense_parallel=fsdp", *ACCUMULATE],
+                                       2, (2, *ACCUMULATE)),
 }
 RESUMED = "ep2_allgather_fsdp_from_one"  # 4 ranks, FSDP2 x EP 2, from the single-process step-3 checkpoint
 
@@ -45,6 +49,11 @@ def _config(tmp_path, name: str, *overrides: str):
     # Two layers: the dense weights of the second block are built after the first block's expert tensors.
     return small_config(tmp_path / name, "model.n_layers=2", "train.max_steps=5", "train.save_interval=3",
                         "train.eval_interval=100", "train.eval_at_start=false", *overrides)
+
+
+def _single(ref: tuple) -> str:
+    """The directory of the single-process run (micro-batch size, overrides...)."""
+    return "single_" + "_".join(str(part).replace("=", "-") for part in ref)
 
 
 def _step3(tmp_path, name: str) -> str:
@@ -113,28 +122,28 @@ def _assert_losses(got, want, name):
 
 
 def test_every_layout_is_one_model_with_sharded_expert_state(tmp_path):
-    references = {mbs: _run(_config(tmp_path, f"single_mbs{mbs}", f"train.micro_batch_size={mbs}"))
-                  for mbs in sorted({mbs for _, _, mbs in LAYOUTS.values()})}
-    per_rank = run_distributed(WORLD, _worker, tmp_path, _step3(tmp_path, "single_mbs2"))
+    references = {ref: _run(_config(tmp_path, _single(ref), f"train.micro_batch_size={ref[0]}", *ref[1:]))
+                  for ref in {ref for _, _, ref in LAYOUTS.values()}}
+    per_rank = run_distributed(WORLD, _worker, tmp_path, _step3(tmp_path, _single((2,))))
 
-    initial = references[1]["initial"]
+    initial = references[(1,)]["initial"]
     shapes = {name: t.shape for name, t in initial.items()}
-    for mbs, ref in references.items():  # the micro-batch size does not change the model either
-        assert all(torch.equal(ref["initial"][k], initial[k]) for k in initial), mbs
+    for key, run in references.items():  # the micro-batch size does not change the model either
+        assert all(torch.equal(run["initial"][k], initial[k]) for k in initial), key
     assert len({float(t.float().std()) for t in initial.values() if t.ndim >= 2}) > 1  # not one constant
-    assert references[1]["losses"][-1][0] < references[1]["losses"][0][0]  # the runs trained
+    assert references[(1,)]["losses"][-1][0] < references[(1,)]["losses"][0][0]  # the runs trained
 
     for rank, results in enumerate(per_rank):
-        for name, (overrides, ep, mbs) in LAYOUTS.items():
+        for name, (overrides, ep, ref) in LAYOUTS.items():
             got = results[name]
             assert got["initial"].keys() == initial.keys(), name
             for key in initial:
                 assert torch.equal(got["initial"][key], initial[key]), f"rank {rank} {name}: {key} differs"
-            _assert_losses(got["losses"], references[mbs]["losses"][:3], f"rank {rank} {name}")
+            _assert_losses(got["losses"], references[ref]["losses"][:3], f"rank {rank} {name}")
             fsdp = "train.dense_parallel=fsdp" in overrides
             want = expected_optimizer_bytes(shapes, got["experts"], WORLD, ep, fsdp)
             assert got["optimizer_bytes"] == want, f"rank {rank} {name}"
-        _assert_losses(results[RESUMED]["losses"], references[2]["losses"][3:], f"rank {rank} {RESUMED}")
+        _assert_losses(results[RESUMED]["losses"], references[(2,)]["losses"][3:], f"rank {rank} {RESUMED}")
 
     # AoE's Wdown is sharded with the experts under allgather, replicated over EP (so dense) under alltoall
     assert "blocks.0.ffn.scorer.w_down" in per_rank[0]["ep2_allgather_fsdp"]["experts"]
@@ -143,4 +152,4 @@ def test_every_layout_is_one_model_with_sharded_expert_state(tmp_path):
     # and back to one process from the FSDP2 x EP 2 checkpoint
     resumed = _run(_config(tmp_path, "single_from_fsdp_ep2", "train.micro_batch_size=2"),
                    resume=_step3(tmp_path, "ep2_allgather_fsdp"))
-    _assert_losses(resumed["losses"], references[2]["losses"][3:], "one process from FSDP2 x EP 2")
+    _assert_losses(resumed["losses"], references[(2,)]["losses"][3:], "one process from FSDP2 x EP 2")

@@ -23,7 +23,7 @@ from aoe_ep.config import MoEConfig
 from aoe_ep.moe.grouped import Groups
 from aoe_ep.moe.routing import Decision, GroupedRows, group_rows, row_gates, weighted_sum
 from aoe_ep.moe.scorers import Scores
-from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
+from aoe_ep.moe.selection import expert_capacity, expert_choice_decision
 from aoe_ep.moe.stats import BatchSums
 
 
@@ -108,7 +108,7 @@ class Dispatcher(Protocol):
 
     def all_expert_scores(self, s_SX: torch.Tensor, layout: TokenLayout) -> torch.Tensor: ...
 
-    def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> torch.Tensor: ...
+    def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> Decision: ...
 
     def dispatch(self, x_TD: torch.Tensor, xs_SD: torch.Tensor, scores: Scores, decision: Decision,
                  layout: TokenLayout) -> tuple[ExpertRows, DispatchState, torch.Tensor]: ...
@@ -154,9 +154,10 @@ class LocalDispatcher:
         """Rows of the scored tokens that are this rank's own tokens."""
         return slice(None)
 
-    def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> torch.Tensor:
+    def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> Decision:
+        """Expert choice over the scored tokens (the whole batch here and under `allgather`)."""
         n = probs_SE.shape[1]
-        return expert_choice_mask(probs_SE, expert_capacity(probs_SE.shape[0], n, capacity_factor))
+        return expert_choice_decision(probs_SE, expert_capacity(probs_SE.shape[0], n, capacity_factor))
 
     def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout) -> BatchSums:
         return BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE)

@@ -27,7 +27,7 @@ def _init(tensor: torch.Tensor, fan_in: int) -> None:
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype expert matmuls run in: autocast's for the rows' device when it is on, else the rows' own."""
-    if x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type):
+    if x.dtype.is_floating_point and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -52,12 +52,11 @@ class _GroupedGLU(torch.autograd.Function):
         x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF = ctx.saved_tensors
         groups, kernel = ctx.groups, ctx.kernel
         dy_MD = dy_MD.contiguous().to(x_MD.dtype)  # e.g. an expanded gradient from y.sum()
-        sig_MF = torch.sigmoid(a_MF)
-        silu_MF = a_MF * sig_MF
+        silu_MF = F.silu(a_MF)
         dw_o = gmm_wgrad(silu_MF * b_MF, dy_MD, groups, kernel)
         dh_MF = gmm(dy_MD, _t(w_o_EFD), groups, kernel)
         db_MF = dh_MF * silu_MF
-        da_MF = dh_MF.mul_(b_MF).mul_(sig_MF.mul_(1.0 + a_MF * (1.0 - sig_MF)))  # dSiLU(a) = σ(a)(1 + a(1 − σ(a)))
+        da_MF = torch.ops.aten.silu_backward(dh_MF.mul_(b_MF), a_MF)
         dx_MD = gmm(db_MF, _t(w_p_EDF), groups, kernel)
         dw_p = gmm_wgrad(x_MD, db_MF, groups, kernel)
         dg_MK = gmm(da_MF, _t(w_gate_EKF), groups, kernel)

@@ -59,19 +59,23 @@ def pad_to(width: int, dtype: torch.dtype) -> int:
     return -(-width // align) * align
 
 
-def grouped_supported(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.bfloat16, torch.float16)
+def grouped_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where `torch._grouped_mm` has a kernel: on CPU for fp32 / bf16 / fp16, on CUDA (and meta) for bf16."""
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return dtype == torch.bfloat16
 
 
 def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype, rows_per_group: float,
                   widths: tuple[int, ...] = ()) -> str:
     """The kernel to run. `auto`: `grouped` wherever it has a kernel for the dtype (on an accelerator it is the only
     one that needs no host synchronisation); on CPU `loop` once groups are large, where the two were measured
-    equal and the loop needs no padding (`aoe-ep bench layer`'s `experts` rows show both). float64, and operand
-    `widths` that are not 16-byte aligned (odd test shapes; a hidden width is padded instead), always loop."""
+    equal and the loop needs no padding (`aoe-ep bench layer`'s `experts` rows show both). Dtypes without a
+    grouped kernel (float64; on CUDA all but bf16) and operand `widths` that are not 16-byte aligned (odd test
+    shapes; a hidden width is padded instead) always loop."""
     if requested not in EXPERT_KERNELS:
         raise ValueError(f"expert kernel must be one of {EXPERT_KERNELS}, got {requested!r}")
-    if not grouped_supported(dtype) or any(pad_to(w, dtype) != w for w in widths):
+    if not grouped_supported(device, dtype) or any(pad_to(w, dtype) != w for w in widths):
         return "loop"
     if requested != "auto":
         return requested

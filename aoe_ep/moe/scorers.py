@@ -71,7 +71,12 @@ def _norm(c: torch.Tensor, ord: float) -> torch.Tensor:
 
 
 def _norm_grad(c: torch.Tensor, ord: float, ds: torch.Tensor) -> torch.Tensor:
-    """∂L/∂c from ∂L/∂‖c‖ for each row of c, exactly as autograd differentiates the norm (ties of L∞ included)."""
+    """∂L/∂c from ∂L/∂‖c‖ for each row of c, exactly as autograd differentiates the norm: L2 written out
+    (c · ds/‖c‖, zero where ‖c‖ = 0), the others (ties of L∞ included) through autograd itself."""
+    if ord == 2.0:
+        s = _norm(c, ord)
+        scale = (ds / s).masked_fill_(s == 0, 0.0)
+        return at_least_fp32(c) * scale.unsqueeze(-1)
     with torch.enable_grad():
         c = c.detach().requires_grad_()
         (dc,) = torch.autograd.grad(_norm(c, ord), c, ds)
@@ -138,17 +143,22 @@ class AoEScorer(nn.Module):
         w_down_DX = self.w_down.to(x_TD.dtype).permute(1, 0, 2).reshape(d_model, num_experts * d_low)
         return (x_TD @ w_down_DX).view(x_TD.shape[0], num_experts, d_low)
 
-    def forward(self, x_TD: torch.Tensor) -> Scores:
+    def forward(self, x_TD: torch.Tensor, attach_to: Optional[tuple] = None):
+        """Score x_TD; or, with `attach_to`, the differentiable (s_TE, cache rows) of an earlier scoring. Both go
+        through the module's `__call__`, so that wrappers which gather sharded parameters around a forward (FSDP2)
+        see the second use of Wdown too."""
+        if attach_to is not None:
+            return _LowRankScores.apply(*attach_to[:2], self.w_down.to(x_TD.dtype), *attach_to[2:], self.mode,
+                                        self.ord)
         x_TD = x_TD.to(compute_dtype(x_TD))
         with torch.no_grad():
             cache_TEL = self.cache(x_TD)
             s_TE = _norm(cache_TEL, self.ord)
 
         def attach(rows: GroupedRows, x_MD: Optional[torch.Tensor] = None):
-            if x_MD is None:
-                x_MD = x_TD[rows.token_index_M]
-            return _LowRankScores.apply(x_TD, x_MD.to(x_TD.dtype), self.w_down.to(x_TD.dtype), s_TE, cache_TEL,
-                                        rows.token_index_M, rows.expert_index_M, rows.groups, self.mode, self.ord)
+            x_MD = x_TD[rows.token_index_M] if x_MD is None else x_MD.to(x_TD.dtype)
+            return self(x_TD, attach_to=(x_TD, x_MD, s_TE, cache_TEL, rows.token_index_M, rows.expert_index_M,
+                                         rows.groups))
 
         return Scores(s_TE=s_TE, attach=attach)
 

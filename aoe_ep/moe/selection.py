@@ -73,6 +73,13 @@ def expert_choice_mask(probs_TE: torch.Tensor, capacity: int) -> torch.Tensor:
     return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, expert_choice_order(probs_TE, capacity), True)
 
 
+def expert_choice_decision(probs_TE: torch.Tensor, capacity: int) -> Decision:
+    """Expert choice as a `Decision` carrying each expert's tokens, so that grouping needs no `nonzero`."""
+    order_CE = expert_choice_order(probs_TE, capacity)
+    mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, order_CE, True)
+    return Decision(mask_SE=mask_TE, chosen_CE=order_CE)
+
+
 def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str) -> torch.Tensor:
     """`softmax_topk`: softmax over each token's selected experts; `softmax_all`: the full softmax, unrenormalised.
 
@@ -88,12 +95,12 @@ def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tens
 
 
 def decide(s_TE: torch.Tensor, cfg: MoEConfig,
-           expert_choice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Decision:
+           expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None) -> Decision:
     """Which experts process which token under `cfg.selection`, from the scores s_TE [tokens, all n experts]
     (no gradient: the decision is discrete; scores are ranked in at least fp32).
 
     Token choice needs only each token's row; expert choice ranks tokens over the whole batch, so a dispatcher whose
-    rows are not the whole batch passes `expert_choice`, mapping these rows' probabilities to their mask.
+    rows are not the whole batch passes `expert_choice`, mapping these rows' probabilities to their decision.
     """
     with torch.no_grad():
         s_TE = at_least_fp32(s_TE.detach())
@@ -105,10 +112,8 @@ def decide(s_TE: torch.Tensor, cfg: MoEConfig,
         if cfg.selection == "top_p":
             return Decision(mask_SE=top_p_mask(probs_TE, cfg.top_p))
         if expert_choice is not None:
-            return Decision(mask_SE=expert_choice(probs_TE))
-        order_CE = expert_choice_order(probs_TE, expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor))
-        mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, order_CE, True)
-        return Decision(mask_SE=mask_TE, chosen_CE=order_CE)
+            return expert_choice(probs_TE)
+        return expert_choice_decision(probs_TE, expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor))
 
 
 def weigh(s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +125,7 @@ def weigh(s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str) -> tuple[torch.T
 
 
 def select(s_TE: torch.Tensor, cfg: MoEConfig,
-           expert_choice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Selection:
+           expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None) -> Selection:
     """Apply `cfg.selection` and `cfg.gate` to the score matrix s_TE [tokens, all n experts]: `decide`, then `weigh`."""
     mask_TE = decide(s_TE, cfg, expert_choice).mask_SE
     probs_TE, gates_TE = weigh(s_TE, mask_TE, cfg.gate)

@@ -12,7 +12,7 @@ import torch
 
 from aoe_ep.moe.dispatcher import DispatchState, ExpertRows, TokenLayout
 from aoe_ep.moe.grouped import Groups
-from aoe_ep.moe.routing import group_rows, row_gates, weighted_sum
+from aoe_ep.moe.routing import Decision, group_rows, row_gates, weighted_sum
 from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
 from aoe_ep.parallel.collectives import all_gather_rows, all_reduce_sum, all_to_all_counts, all_to_all_rows
@@ -27,11 +27,11 @@ def regroup(x_MX: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
 
 
 class AllToAllDispatcher(GroupDispatcher):
-    def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> torch.Tensor:
+    def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> Decision:
         """Experts rank tokens over the whole EP batch, so the probabilities (n per token) are all-gathered."""
         probs_all = all_gather_rows(probs_SE.detach(), layout.sizes, self.group, self.counter, "probs")
         mask_all = expert_choice_mask(probs_all, expert_capacity(layout.total, self.num_experts, capacity_factor))
-        return mask_all[layout.offset: layout.offset + layout.sizes[layout.rank]]
+        return Decision(mask_SE=mask_all[layout.offset: layout.offset + layout.sizes[layout.rank]])
 
     def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout) -> BatchSums:
         local = BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE)

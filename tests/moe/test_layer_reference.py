@@ -365,3 +365,27 @@ def test_default_loss_coefficients():
     assert cfg.aux_loss_coeff == 0.01 and cfg.top_p_entropy_coeff == 1e-4 and cfg.top_p == 0.6
     # a large g would drown the aux loss in the gradient; a small one keeps it visible at atol 1e-10
     run_and_compare(cfg, (10,), _seed("defaults"), g_scale=1e-3)
+
+
+AOE_CASES = [(sel, g, norm) for sel in SELECTIONS for g in GATES for norm in ("l2", "l1", "linf")]
+
+
+@pytest.mark.parametrize("selection,gate,norm", AOE_CASES)
+def test_aoe_recomputed_cache_matches_reference(selection, gate, norm):
+    # `recompute` keeps none of the [T, n, d_low] cache and rebuilds it in backward (the default `keep` runs above)
+    cfg = make_cfg("aoe", selection, gate, norm, aoe_cache="recompute")
+    run_and_compare(cfg, (13,), _seed("recompute", selection, gate, norm))
+
+
+@pytest.mark.parametrize("aoe_cache", ["keep", "recompute"])
+@pytest.mark.parametrize("selection,over", [("top_k", dict(aux_loss_coeff=0.0)),
+                                            ("top_p", dict(aux_loss_coeff=0.0, top_p_entropy_coeff=0.0)),
+                                            ("expert_choice", {})])
+@pytest.mark.parametrize("norm", ["l2", "l1", "linf"])
+def test_aoe_sparse_backward_matches_reference(selection, over, norm, aoe_cache):
+    # softmax_topk gates and no loss on the full softmax: unselected experts get no gradient, so only the selected
+    # cache rows are kept and Wdown's backward runs over them alone, whatever `aoe_cache` says
+    cfg = make_cfg("aoe", selection, "softmax_topk", norm, aoe_cache=aoe_cache, **over)
+    assert not cfg.unselected_get_gradient
+    assert MoELayer(cfg).scorer.mode == "sparse"
+    run_and_compare(cfg, (13,), _seed("sparse", selection, norm, aoe_cache))

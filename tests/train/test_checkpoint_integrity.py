@@ -176,6 +176,8 @@ def _save_failure_worker(rank: int, world: int, base: str) -> dict:
     with pytest.raises(ckpt.CheckpointError) as err:
         Trainer(_config(tmp), resume="latest", data=BUILDERS)
     out["tampered"] = str(err.value)
+    with Trainer(_config(tmp), resume=str(root / "step_00000004"), data=BUILDERS) as earlier:  # the others load
+        out["earlier"] = earlier.step
     return out
 
 
@@ -196,5 +198,6 @@ def test_full_or_unwritable_out_dir_and_a_tampered_shard_stop_every_rank():
                                       "Permission denied [errno 13]; the previous checkpoint step_00000002")
     assert r["after_full"] == r["after_unwritable"] == ["latest", "step_00000002"]
     assert r["resumed"] == (3, 6)
+    assert r["earlier"] == 4
     assert r["tampered"].startswith(f"{root / 'step_00000006'}: __1_0.distcp does not match the SHA-256 recorded "
                                     "when it was saved; the checkpoint was modified or corrupted")

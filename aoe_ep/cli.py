@@ -1,4 +1,4 @@
-"""`aoe-ep` command line: `train`, `preprocess`, `params`, `bench layer`, `bench dispatch`.
+"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, params, bench layer, bench dispatch.
 
 Subcommands import their modules lazily: megatron-core takes seconds to import and `--help` should not wait.
 """
@@ -6,7 +6,12 @@ Subcommands import their modules lazily: megatron-core takes seconds to import a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+class CommandError(Exception):
+    """Bad input to a subcommand that argparse cannot see (e.g. a prompt too long for the model): one line, exit 2."""
 
 
 def default_device() -> str:
@@ -76,6 +81,127 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from aoe_ep.eval.perplexity import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
+                                 expert_parallel_size=args.expert_parallel_size, device=args.device)
+    if _is_main_process():
+        if args.json:
+            print(json.dumps(result.as_dict()))
+        else:
+            source = ", ".join(result.data) if result.data else "the run's validation split"
+            print(f"{result.checkpoint} (step {result.step}) on {source}: loss {result.loss:.4f}, "
+                  f"perplexity {result.perplexity:.3f}, {result.tokens:,} tokens, "
+                  f"{result.loss / math.log(2):.4f} bits per token")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from aoe_ep.data import build_tokenizer
+    from aoe_ep.eval.generate import SamplingConfig, generate
+    from aoe_ep.eval.loading import open_checkpoint
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.top_p is None or args.greedy,
+                              temperature=args.temperature, top_p=1.0 if args.top_p is None else args.top_p,
+                              seed=args.seed)
+    try:
+        sampling.validate()
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    with open_checkpoint(args.checkpoint, expert_parallel_size=1, device=args.device) as loaded:
+        tokenizer = build_tokenizer(loaded.cfg.data.tokenizer)
+        prompt = tokenizer.encode(args.prompt)
+        try:
+            new = generate(loaded.model, prompt, sampling, stop_id=tokenizer.eod)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from aoe_ep.eval.harness import main
+    except ImportError as err:
+        raise CommandError(f"needs lm-evaluation-harness ({err}): pip install -e '.[eval]'") from None
+    main(args.harness_args)
+    return 0
+
+
+def _router_free(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from aoe_ep.analysis.router_free import ALL_NODES, evaluate_node, load_mixtral, read_text_ids, windows
+    from aoe_ep.data import build_tokenizer
+
+    nodes = list(ALL_NODES) if "all" in args.node else list(dict.fromkeys(args.node))
+    spec = args.tokenizer
+    if spec is None:
+        found = [p for p in (Path(args.hf_dir) / "tokenizer.json", Path(args.hf_dir) / "tokenizer.model")
+                 if p.is_file()]
+        if not found:
+            raise CommandError(f"{args.hf_dir} has no tokenizer.json or tokenizer.model: pass --tokenizer "
+                               f"(e.g. 'byte' for the demo checkpoints)")
+        spec = str(found[0])
+    try:
+        model = load_mixtral(args.hf_dir, device=args.device or default_device())
+        ids = read_text_ids(args.text, build_tokenizer(spec), args.max_bytes)
+        seq_len = min(args.seq_len, model.config.max_position_embeddings)
+        results = []
+        with tqdm(total=len(nodes) * len(windows(ids, seq_len)), unit="window", desc="router-free",
+                  dynamic_ncols=True) as bar:
+            for node in nodes:
+                results.append(evaluate_node(model, ids, node, args.norm, args.gate, seq_len, progress=bar))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results]))
+        return 0
+    print(f"{args.hf_dir}: {results[0].tokens:,} predicted tokens, norm {args.norm}, gates {args.gate}")
+    print(f"{'node':<14}{'perplexity':>12}{'loss':>9}{'overlap w. router':>19}{'seconds':>9}")
+    for r in results:
+        print(f"{r.node:<14}{r.perplexity:>12.3f}{r.loss:>9.4f}{r.router_overlap:>19.3f}{r.seconds:>9.2f}")
+    return 0
+
+
+def _toy(args: argparse.Namespace) -> int:
+    import json
+
+    from aoe_ep.analysis.toy import ToyConfig, describe, run_toy
+
+    cfg = ToyConfig(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, dim=args.dim, seed=args.seed)
+    result = run_toy(args.out, cfg)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print("\n".join(describe(result["summary"])))
+    print(f"figures: {', '.join(result['figures'])}; data: {result['json']}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aoe-ep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +220,67 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint under train.out_dir, or from the CHECKPOINT directory; "
                         "'--resume auto' starts fresh when there is none yet (for requeued jobs)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint (one process, or every rank under torchrun)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--data", nargs="+", metavar="PREFIX_OR_TEXT",
+                   help="megatron-core dataset prefixes (PREFIX.bin/.idx) or .txt/.jsonl files; default: the run's "
+                        "validation split, exactly as the trainer evaluates it")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="sequences per rank and micro-batch "
+                                                                "(default: the run's train.micro_batch_size)")
+    p.add_argument("--expert-parallel-size", type=_positive_int, metavar="EP",
+                   help="default: the checkpoint's when it divides the number of processes, else 1")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the checkpoint config's train.device")
+    p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, tokens, ...")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint (greedy or top-p sampling, KV cache)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample from the nucleus of mass P (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before top-p sampling")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --top-p)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the checkpoint config's train.device")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the model 'aoe-ep' registered; arguments go to it",
+                       add_help=False)
+    p.add_argument("harness_args", nargs=argparse.REMAINDER,
+                   help="e.g. --model aoe-ep --model_args checkpoint=runs/tiny --tasks arc_easy")
+    p.set_defaults(func=_lm_eval)
+
+    p = sub.add_parser("router-free", help="Section 3.1: remove a Mixtral checkpoint's routers, let experts choose "
+                                           "themselves by activation norm; perplexity per pause node")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers MixtralForCausalLM directory")
+    p.add_argument("--node", nargs="+", required=True,
+                   choices=["xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output", "router", "all"],
+                   help="pause node(s) whose activation norm ranks the experts; 'router': as trained; 'all'")
+    p.add_argument("--norm", default="l2", choices=["l2", "l1", "linf"], help="activation norm (default l2)")
+    p.add_argument("--gate", default="softmax", choices=["softmax", "uniform"],
+                   help="weights of the chosen experts: softmax of their norms (AoE) or equal")
+    p.add_argument("--text", metavar="FILE", help="text to measure perplexity on (default: the last files of the "
+                                                  "built-in corpus)")
+    p.add_argument("--max-bytes", type=_positive_int, default=65536, help="bytes of the text used (default 65536)")
+    p.add_argument("--tokenizer", help="aoe-ep tokenizer spec ('byte', a .json or .model file); default: the "
+                                       "directory's tokenizer.json / tokenizer.model")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (capped by the model's)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="one JSON list: per node perplexity, loss, tokens, "
+                                                       "router_overlap, seconds, load")
+    p.set_defaults(func=_router_free)
+
+    p = sub.add_parser("toy", help="Appendix B: tiny AoE vs MoE classifiers on Gaussian classes, in two stages")
+    p.add_argument("--out", default="runs/toy", help="directory for toy_load.png, toy_score.png, toy.json")
+    p.add_argument("--stage1-steps", type=_positive_int, default=300, help="steps on classes 1 and 2")
+    p.add_argument("--stage2-steps", type=_positive_int, default=600, help="steps once class 3 is added")
+    p.add_argument("--dim", type=_positive_int, default=16, help="input dimension")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the summary (per model and stage) as JSON")
+    p.set_defaults(func=_toy)
 
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
@@ -128,13 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HEAVY_COMMANDS = ("train", "bench")  # long CPU work: worth the allocator (aoe_ep/cpu_allocator.py)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY_COMMANDS:
+        from aoe_ep import cpu_allocator
+
+        cpu_allocator.ensure_allocator(sys.argv[1:])  # re-executes this command once, if it changes anything
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(cpu_allocator.announce(), file=sys.stderr, flush=True)
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
+    from aoe_ep.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
+    except CheckpointError as err:
+        print(f"aoe-ep: checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except CommandError as err:
+        print(f"aoe-ep {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"aoe-ep: config error: {err}", file=sys.stderr)
         return 2

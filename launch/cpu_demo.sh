@@ -8,5 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
 OUT_DIR=${OUT_DIR:-runs/tiny-cpu${NPROC}-$(date +%Y%m%d-%H%M%S)}
+eval "$("${PYTHON:-python3}" -m aoe_ep.cpu_allocator)"  # tcmalloc / jemalloc when installed (aoe_ep/cpu_allocator.py)
 exec "${PYTHON:-python3}" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" \
   -m aoe_ep.cli train --config tiny --set train.out_dir="$OUT_DIR" --set train.device=cpu "$@"

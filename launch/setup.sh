@@ -4,10 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# tcmalloc keeps freed pages, so fresh weight gradients are not page-faulted in every step (aoe_ep/cpu_allocator.py);
+# optional: without it aoe-ep runs glibc with its mmap path off. Installed only where apt can do it unattended.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal; then
+  (apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+   || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }) \
+   || echo "setup: libtcmalloc-minimal4 not installed; aoe-ep will use glibc with mmap off" >&2
+fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==${AOE_EP_TORCH_VERSION:-2.13.0}"
 fi
-if ! "$PY" -c "import aoe_ep, megatron.core, tensorboard, yaml, tqdm, pytest, tokenizers, sentencepiece" >/dev/null 2>&1 \
+if ! "$PY" -c "import aoe_ep, megatron.core, tensorboard, yaml, tqdm, matplotlib, pytest, tokenizers, sentencepiece, transformers" >/dev/null 2>&1 \
    || ! command -v aoe-ep >/dev/null 2>&1; then
   "$PY" -m pip install -q -e ".[test]"
 fi

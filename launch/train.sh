@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 NPROC=${NPROC:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 1)")}
+eval "$("$PY" -m aoe_ep.cpu_allocator)"  # tcmalloc / jemalloc when installed (aoe_ep/cpu_allocator.py)
 exec "$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" -m aoe_ep.cli train "$@"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aoe_ep.model.kv_cache import LayerKVCache
 
 
 class Rotary(nn.Module):
@@ -22,9 +26,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos_SK", angles_SK.cos().to(dtype), persistent=False)
         self.register_buffer("sin_SK", angles_SK.sin().to(dtype), persistent=False)
 
-    def forward(self, x_BNSK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BNSK: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x at positions [offset, offset + S)."""
         seq = x_BNSK.shape[-2]
-        cos, sin = self.cos_SK[:seq].to(x_BNSK.dtype), self.sin_SK[:seq].to(x_BNSK.dtype)
+        cos = self.cos_SK[offset:offset + seq].to(x_BNSK.dtype)
+        sin = self.sin_SK[offset:offset + seq].to(x_BNSK.dtype)
         first, second = x_BNSK.chunk(2, dim=-1)
         return x_BNSK * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -42,10 +48,21 @@ class CausalSelfAttention(nn.Module):
         for linear in (self.wqkv, self.wo):
             nn.init.normal_(linear.weight, std=d_model ** -0.5)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        """x [B, S, d]; with a cache, x holds the S positions after the cached ones, which it appends."""
         batch, seq, d_model = x_BSD.shape
         qkv_BS3NK = self.wqkv(x_BSD).view(batch, seq, 3, self.n_heads, self.d_head)
         q_BNSK, k_BNSK, v_BNSK = qkv_BS3NK.permute(2, 0, 3, 1, 4).unbind(0)
-        q_BNSK, k_BNSK = self.rotary(q_BNSK), self.rotary(k_BNSK)
-        o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNSK, v_BNSK, is_causal=True)
+        past = cache.length if cache is not None else 0
+        q_BNSK, k_BNSK = self.rotary(q_BNSK, past), self.rotary(k_BNSK, past)
+        if cache is None or past == 0:
+            if cache is not None:
+                cache.append(k_BNSK, v_BNSK)
+            o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNSK, v_BNSK, is_causal=True)
+        else:
+            k_BNTK, v_BNTK = cache.append(k_BNSK, v_BNSK)
+            # query i sits at position past + i and sees keys [0, past + i]; is_causal would align it to key i
+            mask_ST = None if seq == 1 else (torch.arange(past + seq, device=x_BSD.device)[None, :]
+                                             <= past + torch.arange(seq, device=x_BSD.device)[:, None])
+            o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNTK, v_BNTK, attn_mask=mask_ST)
         return self.wo(o_BNSK.transpose(1, 2).reshape(batch, seq, d_model))

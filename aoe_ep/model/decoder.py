@@ -16,6 +16,7 @@ from torch import nn
 from aoe_ep.config import MoEConfig, ModelConfig
 from aoe_ep.model.attention import CausalSelfAttention
 from aoe_ep.model.ffn import DenseSwiGLU
+from aoe_ep.model.kv_cache import KVCache, LayerKVCache
 from aoe_ep.moe import MoEInfo, MoELayer
 
 
@@ -40,8 +41,9 @@ class DecoderBlock(nn.Module):
         self.is_moe = model.ffn == "moe"
         self.ffn = MoELayer(moe, ep_group=ep_group) if self.is_moe else DenseSwiGLU(model.d_model, model.d_ffn)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Optional[MoEInfo]]:
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+    def forward(self, x_BSD: torch.Tensor,
+                cache: Optional[LayerKVCache] = None) -> tuple[torch.Tensor, Optional[MoEInfo]]:
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cache)
         if self.is_moe:
             f_BSD, info = self.ffn(self.ffn_norm(h_BSD))
             return h_BSD + f_BSD, info
@@ -49,7 +51,8 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`out = model(tokens)` maps tokens [B, S] (S <= max_seq_len) to a `DecoderOutput`."""
+    """`out = model(tokens)` maps tokens [B, S] (S <= max_seq_len) to a `DecoderOutput`. With a `KVCache`
+    (`model.new_cache(batch)`), tokens are the S positions after the cached ones (generation)."""
 
     def __init__(self, model: ModelConfig, moe: Optional[MoEConfig] = None, ep_group=None):
         super().__init__()
@@ -64,18 +67,29 @@ class Decoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=model.d_model ** -0.5)
 
-    def forward(self, tokens_BS: torch.Tensor) -> DecoderOutput:
-        if tokens_BS.shape[-1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {tokens_BS.shape[-1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+    def forward(self, tokens_BS: torch.Tensor, cache: Optional[KVCache] = None) -> DecoderOutput:
+        past = cache.length if cache is not None else 0
+        if past + tokens_BS.shape[-1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + tokens_BS.shape[-1]} exceeds "
+                             f"model.max_seq_len={self.cfg.max_seq_len}")
         x_BSD = self.embed(tokens_BS)
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         infos = []
-        for block in self.blocks:
-            x_BSD, info = block(x_BSD)
+        for index, block in enumerate(self.blocks):
+            x_BSD, info = block(x_BSD, cache.layers[index] if cache is not None else None)
             if info is not None:
                 aux = aux + info.aux_loss.float()
                 infos.append(info)
+        if cache is not None:
+            cache.advance(tokens_BS.shape[-1])
         return DecoderOutput(logits=self.head(self.norm(x_BSD)), aux_loss=aux, moe=infos)
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to max_seq_len positions, on the model's device."""
+        weight = self.head.weight
+        attn = self.blocks[0].attn
+        return KVCache(len(self.blocks), batch, attn.n_heads, attn.d_head, self.cfg.max_seq_len,
+                       device=weight.device, dtype=weight.dtype)
 
 
 def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,

@@ -36,7 +36,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from aoe_ep.train.checkpoint_integrity import (MANIFEST_KEY, CheckpointError, SafeFileSystemReader,
@@ -353,6 +354,18 @@ def _fsync_dir(path: Path) -> None:
 # Load
 
 
+def _dcp_load(state: dict, path: Path, into: str) -> None:
+    """dcp.load that unpickles nothing (`checkpoint_integrity`), with one-line errors."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=TensorsOnlyLoadPlanner())
+    except (Exception, CheckpointException) as err:  # DCP wraps per-rank failures; one line is what users need
+        refused = next((e for e in _causes(err) if isinstance(e, CheckpointError)), None)
+        if refused is not None:
+            raise CheckpointError(f"{path}: {refused}") from None
+        raise CheckpointError(f"{path}: cannot be loaded into {into}: "
+                              f"{str(err).strip().splitlines()[-1]}") from None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     runtime: Runtime) -> dict:
     """Restore model, optimizer, scheduler and (where saved for this rank) RNG state; returns the progress dict.
@@ -364,14 +377,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     rng_key = f"rng_rank{runtime.rank}"
     if not any(key.startswith(rng_key + ".") for key in saved):
         del state[rng_key]
-    try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=TensorsOnlyLoadPlanner())
-    except (Exception, CheckpointException) as err:  # DCP wraps per-rank failures; one line is what users need
-        refused = next((e for e in _causes(err) if isinstance(e, CheckpointError)), None)
-        if refused is not None:
-            raise CheckpointError(f"{path}: {refused}") from None
-        raise CheckpointError(f"{path}: cannot be loaded into this model and optimizer: "
-                              f"{str(err).strip().splitlines()[-1]}") from None
+    _dcp_load(state, path, "this model and optimizer")
 
     params = dict(model.named_parameters())
 
@@ -390,6 +396,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if rng_key in state:
         _set_rng_state(state[rng_key], runtime.device)
     return {key: int(value) for key, value in state["progress"].items()}
+
+
+def load_model_weights(path: Path, model: nn.Module, runtime: Runtime) -> None:
+    """Restore only the model's weights (for evaluation and generation: no optimizer is built), in whatever
+    layout `model` has now (this rank's expert slice under expert parallelism)."""
+    verify_checkpoint(path, runtime.device)  # collective, like the load
+    experts = expert_names(model)
+    model_sd = get_model_state_dict(model)
+    _map_experts(model_sd, {}, experts, lambda name, t: _saved_expert(t, runtime))
+    state = {"model": model_sd}
+    _dcp_load(state, path, "this model")
+    _map_experts(state["model"], {}, experts, lambda name, t: t.to_local())
+    set_model_state_dict(model, state["model"])
 
 
 def describe(path: Path) -> str:

@@ -13,7 +13,6 @@ that DDP takes, which keeps its weight equal to the single-device recipe.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -39,6 +38,7 @@ from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, 
                                   progress_bar)
 from aoe_ep.train.optim import build_optimizer, build_scheduler
 from aoe_ep.train.parallelize import DataParallelModel
+from aoe_ep.train.validation import autocast, autocast_dtype, num_validation_batches, validation_sums
 
 # The data pipeline's two entry points (aoe_ep.data's signatures); tests hand in small in-memory versions.
 DataBuilders = tuple[Callable, Callable]
@@ -113,8 +113,7 @@ class Trainer:
         self.train_ds, self.valid_ds = build_datasets(
             cfg.data, tokenizer, train_samples=int(meta["consumed_samples"]) + remaining * self.plan.global_samples,
             valid_samples=cfg.train.eval_steps * self.plan.global_samples, seed=cfg.train.seed)
-        self.eval_batches = min(cfg.train.eval_steps, len(self.valid_ds) // self.plan.global_samples) \
-            if self.valid_ds is not None else 0
+        self.eval_batches = num_validation_batches(self.valid_ds, self.plan, cfg.train.eval_steps)
 
         torch.manual_seed(cfg.train.seed)
         with torch.device(rt.device):  # built in place: a GPU rank never holds the model in host memory
@@ -135,7 +134,7 @@ class Trainer:
             progress = ckpt.load_checkpoint(resume_path, model, self.optimizer, self.scheduler, rt)
             self.step, self.consumed_samples = int(progress["step"]), int(progress["consumed_samples"])
 
-        self.autocast_dtype = self._autocast_dtype()
+        self.autocast_dtype = autocast_dtype(cfg.train.precision, rt.device)
         self.flops_per_token = train_flops_per_token(cfg, self.plan.seq_len)
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()
@@ -204,16 +203,8 @@ class Trainer:
         if diffs:
             raise ckpt.CheckpointError(f"{path} was written for a different model: {'; '.join(diffs)}")
 
-    def _autocast_dtype(self) -> Optional[torch.dtype]:
-        precision = self.cfg.train.precision
-        if precision == "bf16" or (precision == "auto" and self.runtime.device.type == "cuda"):
-            return torch.bfloat16
-        return None
-
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.runtime.device.type, dtype=self.autocast_dtype)
+        return autocast(self.autocast_dtype, self.runtime.device)
 
     # ------------------------------------------------------------------------------------------------------------
     # the loop
@@ -293,32 +284,15 @@ class Trainer:
         return StepRecord(step=self.step, loss=v.loss, aux_loss=v.aux_loss, grad_norm=grad_norm,
                           lr=self.optimizer.param_groups[0]["lr"], skipped=not v.good)
 
-    @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         """Token-mean cross-entropy over `eval_steps` global batches of the validation set (the same samples at
         every evaluation, whatever the number of ranks); None when the validation split is empty."""
         if self.eval_batches == 0:
             return None
-        model, rt = self.dp.model, self.runtime
-        model.eval()
-        sums = torch.zeros(2, device=rt.device, dtype=torch.float64)
-        with contextlib.ExitStack() as uncounted:  # the logged bytes per step are those of training steps
-            for layer in self.moe_layers:
-                uncounted.enter_context(layer.dispatcher.counter.paused())
-            self._evaluate_batches(model, sums)
-        model.train()
+        sums = validation_sums(self.dp.model, self.moe_layers, self.valid_ds, self.plan, self.eval_batches,
+                               self.runtime.device, self.autocast_dtype)
         all_reduce_(sums)
         return float(sums[0] / sums[1].clamp_min(1.0))
-
-    def _evaluate_batches(self, model, sums: torch.Tensor) -> None:
-        plan, rt = self.plan, self.runtime
-        for batch_index in range(self.eval_batches):
-            for micro in range(plan.num_micro_batches):
-                batch = collate(self.valid_ds, plan.indices(batch_index * plan.global_samples, micro), rt.device)
-                with self._autocast():
-                    logits = model(batch.tokens).logits
-                ce_sum, count = token_cross_entropy(logits, batch.labels, batch.loss_mask)
-                sums += torch.stack([ce_sum, count]).double()
 
     def _evaluate_and_log(self, bar=None) -> Optional[float]:
         loss = self.evaluate()

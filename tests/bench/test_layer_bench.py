@@ -1,5 +1,7 @@
 """The layer benchmark runs end to end on a tiny case; its ratios are measured, so only their form is checked."""
 
+import json
+
 import torch
 import yaml
 
@@ -38,3 +40,45 @@ def test_bench_layer_runs_tiny_case(tmp_path, capsys):
     assert all(q["measured"] > 0 and q["bound"] > 0 for q in r["ratios"])
     assert r["memory"]["aoe"]["saved_bytes"] > 0
     assert (tmp_path / "r.json").exists()
+
+
+def test_bench_layer_contenders_skew_and_model_cases(tmp_path, capsys):
+    cases = tmp_path / "cases.yaml"
+    tiny = {"d_model": 16, "d_ffn": 16, "d_low": 8, "num_experts": 4, "top_k": 2}
+    cases.write_text(yaml.safe_dump({"tokens": 32, "cases": [
+        {"name": "skewed", "tokens": 48, "skew": "hot_expert", **tiny},
+        {"name": "slice", "model": {"n_layers": 2, "n_heads": 2, "vocab_size": 50, "seq_len": 16}, **tiny}]}))
+    out = tmp_path / "r.json"
+    skewed, model = main(str(cases), None, iters=1, rounds=1, device="cpu", dtype="float32", out=str(out))
+    assert skewed["tokens"] == 48 and model["tokens"] == 32  # a case's own `tokens` wins over the file's
+    pairs = {q["pair"]: q for q in skewed["ratios"]}
+    assert {"moe/experts", "aoe_recompute/aoe", "aoe/loop_reference", "moe_skewed/moe", "aoe_skewed/aoe"} <= set(pairs)
+    assert any(p.startswith("experts_") for p in pairs)
+    # the skew comes from the inputs: the hot expert really gets about half of the routed rows
+    assert all(share >= 0.45 for share in skewed["skew"]["hot_expert_share"].values())
+    # recompute keeps less than keep, whatever the speed; the whole-model case measures the same four kinds
+    assert skewed["memory"]["aoe_recompute"]["saved_bytes"] < skewed["memory"]["aoe"]["saved_bytes"]
+    assert set(model["memory"]) == {"dense", "moe", "aoe", "aoe_recompute"}
+    assert model["memory"]["aoe_recompute"]["saved_bytes"] < model["memory"]["aoe"]["saved_bytes"]
+    assert skewed["environment"]["allocator"] and "hot expert" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())) == 2
+
+
+def test_loop_reference_is_the_same_layer_as_aoe():
+    # the obvious implementation, with the package layer's weights, computes the same outputs and aux loss
+    from aoe_ep.bench.reference import LoopAoE
+    from aoe_ep.moe import MoELayer
+
+    cfg = MoEConfig(d_model=16, scorer="aoe", num_experts=4, top_k=2, d_ffn=16, d_low=8)
+    layer, ref = MoELayer(cfg).double(), LoopAoE(cfg).double()
+    with torch.no_grad():
+        for i in range(cfg.num_experts):
+            ref.down[i].weight.copy_(layer.scorer.w_down[i].t())
+            ref.up[i].weight.copy_(layer.experts.w_up[i].t())
+            ref.proj[i].weight.copy_(layer.experts.w_p[i].t())
+            ref.out[i].weight.copy_(layer.experts.w_o[i].t())
+    x = torch.randn(20, 16, dtype=torch.float64)
+    (y, info), (y_ref, info_ref) = layer(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(info.aux_loss, info_ref.aux_loss)
+

@@ -13,6 +13,7 @@ that DDP takes, which keeps its weight equal to the single-device recipe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os

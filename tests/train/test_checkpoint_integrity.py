@@ -84,7 +84,7 @@ def test_a_pickled_value_in_place_of_a_tensor_is_refused(saved, tmp_path):
              for key, m in reader.read_metadata().state_dict_metadata.items()}
     dcp.load(state, checkpoint_id=str(checkpoint))
     state["progress.step"] = _Payload(str(tmp_path / "code_ran"))
-    for f in checkpoint.glob("*.distcp"):
+    for f in [*checkpoint.glob("*.distcp"), checkpoint / ".metadata"]:
         f.unlink()
     dcp.save(state, checkpoint_id=str(checkpoint))
     for f in checkpoint.iterdir():

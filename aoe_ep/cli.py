@@ -1,4 +1,4 @@
-"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, params, bench layer, bench dispatch.
+"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, params, plan, bench layer, bench dispatch.
 
 Subcommands import their modules lazily: megatron-core takes seconds to import and `--help` should not wait.
 """
@@ -30,6 +30,16 @@ def _params(args: argparse.Namespace) -> int:
         print(f"{name}: total {count.total / 1e6:,.1f}M, active {count.active / 1e6:,.1f}M "
               f"(vocabulary counted once in total, twice in active); "
               f"touched per token {count.active_compute / 1e6:,.1f}M; as built, untied: {count.total_untied / 1e6:,.1f}M")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from aoe_ep.config import load_config
+    from aoe_ep.plan.report import plan_all, render
+
+    cfg = load_config(args.config, args.overrides)
+    plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share)
+    print(render(args.config, cfg, plans, args.json))
     return 0
 
 
@@ -211,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value; may repeat")
     p.set_defaults(func=_params)
+
+    p = sub.add_parser("plan", help="per-rank memory, FLOPs, communication and step time of a config under DP x EP")
+    p.add_argument("config", help="preset name (e.g. paper/aoe_4b) or YAML path")
+    p.add_argument("--ep", type=int, help="expert-parallel size (default: a table over 1, 2, 4, 8)")
+    p.add_argument("--dp", type=int, help="data-parallel size (default: a few)")
+    p.add_argument("--micro-batch", type=int, help="sequences per rank and micro-batch (default: train.micro_batch_size)")
+    p.add_argument("--gpu", default="h100", help="hardware constants: h100, h200 or a100 (default: h100)")
+    p.add_argument("--hot-expert-share", type=float, metavar="S",
+                   help="skewed routing: one expert gets share S of the routed rows (default: uniform)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per layout (a list)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config value; may repeat")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
     p.add_argument("--config", required=True, help="preset name (e.g. tiny, paper/aoe_732m) or YAML path")

@@ -52,29 +52,40 @@ def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], ra
     mask_TE is the EP group's global routing mask over the concatenated batch, `sizes` its tokens per rank.
     """
     ep = len(sizes)
-    n = mask_TE.shape[1]
-    n_local = n // ep
+    pairs = _pairs(mask_TE, sizes, ep) if dispatcher == "alltoall" else _any_pairs(mask_TE, sizes, ep)
+    out = bytes_from_pairs(dispatcher, pairs.tolist(), sizes, rank, mask_TE.shape[1], d_model, d_low, elem_bytes,
+                           aoe_cache, expert_choice)
+    return {k: int(v) for k, v in out.items()}
+
+
+def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: Sequence[float], rank: int,
+                     num_experts: int, d_model: int, d_low: int, elem_bytes: int, aoe_cache: bool,
+                     expert_choice: bool) -> dict[str, float]:
+    """The model above from the routing's pair counts: `pairs` is A (allgather) or W (alltoall) as [EP][EP]
+    nested lists, counts or their expectations (`aoe_ep.plan` passes expected values under a routing model)."""
+    ep = len(sizes)
+    n_local = num_experts // ep
     total, mine = sum(sizes), sizes[rank]
     others = [q for q in range(ep) if q != rank]
     out = {"sizes/fwd": (ep - 1) * 16}
     if dispatcher == "allgather":
-        a = _any_pairs(mask_TE, sizes, ep)
+        a = pairs
         out["tokens/fwd"] = (ep - 1) * mine * d_model * elem_bytes
         out["tokens/bwd"] = (total - mine) * d_model * elem_bytes
         if aoe_cache:
             out["norms/fwd"] = out["norms/bwd"] = (ep - 1) * n_local * total * elem_bytes
         out["counts/fwd"] = (ep - 1) * 8
-        out["combine/fwd"] = int(sum(a[rank, q] for q in others)) * d_model * elem_bytes
-        out["combine/bwd"] = int(sum(a[q, rank] for q in others)) * d_model * elem_bytes
+        out["combine/fwd"] = sum(a[rank][q] for q in others) * d_model * elem_bytes
+        out["combine/bwd"] = sum(a[q][rank] for q in others) * d_model * elem_bytes
     else:
-        w = _pairs(mask_TE, sizes, ep)
+        w = pairs
         row = d_model + (d_low if aoe_cache else 0)
         out["counts/fwd"] = (ep - 1) * n_local * 8
-        out["stats/fwd"] = (ep - 1) * (3 * n + 1) * 8
+        out["stats/fwd"] = (ep - 1) * (3 * num_experts + 1) * 8
         if expert_choice:
-            out["probs/fwd"] = (ep - 1) * mine * n * elem_bytes
-        sent = int(sum(w[rank, q] for q in others))
-        received = int(sum(w[q, rank] for q in others))
+            out["probs/fwd"] = (ep - 1) * mine * num_experts * elem_bytes
+        sent = sum(w[rank][q] for q in others)
+        received = sum(w[q][rank] for q in others)
         out["dispatch/fwd"], out["dispatch/bwd"] = sent * row * elem_bytes, received * row * elem_bytes
         out["combine/fwd"], out["combine/bwd"] = received * d_model * elem_bytes, sent * d_model * elem_bytes
     return {k: v for k, v in sorted(out.items()) if v}

@@ -155,8 +155,14 @@ def _save_failure_worker(rank: int, world: int, base: str) -> dict:
     if rank == 0:
         root.chmod(0o555)  # out_dir becomes read-only
     dist.barrier()
-    with _unprivileged_saves(), pytest.raises(ckpt.CheckpointError) as err:
-        train(_config(tmp), resume="latest", data=BUILDERS)
+    if rank == 0:  # tensorboard's writer thread may append while a save runs unprivileged
+        (tmp / "run" / "tb").chmod(0o777)
+    umask = os.umask(0)
+    try:
+        with _unprivileged_saves(), pytest.raises(ckpt.CheckpointError) as err:
+            train(_config(tmp), resume="latest", data=BUILDERS)
+    finally:
+        os.umask(umask)
     out["unwritable"] = str(err.value)
     dist.barrier()
     if rank == 0:

@@ -70,6 +70,7 @@ def _bench_dispatch(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from aoe_ep.config import load_config
     from aoe_ep.train.checkpoint import CheckpointError
+    from aoe_ep.train.guards import TrainingError
     from aoe_ep.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
@@ -77,6 +78,9 @@ def _train(args: argparse.Namespace) -> int:
         result = train(cfg, resume=args.resume)
     except CheckpointError as err:
         print(f"aoe-ep: checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"aoe-ep: training error: {err}", file=sys.stderr)
         return 2
     if result.is_main:
         last_eval = next((loss for _, loss in reversed(result.evals) if loss is not None), None)

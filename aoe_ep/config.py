@@ -227,7 +227,9 @@ class TrainConfig:
     eval_steps global batches of validation data every eval_interval steps; lr_decay_style over lr_decay_steps
     (None: max_steps); exit_at_step stops (with a checkpoint) before max_steps without changing the schedule;
     keep_checkpoints (0: all); precision "auto" = bf16 autocast on GPU, fp32 on CPU; dense_parallel "ddp" or "fsdp"
-    (FSDP2) for the non-expert weights; device "auto" | "cpu" | "cuda"; peak_tflops per GPU for MFU (0: by name).
+    (FSDP2) for the non-expert weights; device "auto" | "cpu" | "cuda"; peak_tflops per GPU for MFU (0: by name);
+    max_bad_steps: consecutive steps with a non-finite loss or gradient norm (each skipped on every rank) that stop
+    the run.
     """
 
     max_steps: int = 200
@@ -255,11 +257,12 @@ class TrainConfig:
     dense_parallel: str = "ddp"
     device: str = "auto"
     peak_tflops: float = 0.0
+    max_bad_steps: int = 3
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix + "."
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_interval", "eval_steps",
-                     "save_interval", "log_interval"):
+                     "save_interval", "log_interval", "max_bad_steps"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, p + name, f"must be a positive integer, got {value!r}")
         _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, p + "warmup_steps",

@@ -11,13 +11,19 @@ DTensors), and expert weights, sharded over the EP group, as DTensors of their s
 over the "ep" mesh dimension (and, under FSDP2, further over the expert-DP "dp" dimension on the dim FSDP2 chose);
 DCP reads whatever slice a rank now holds. RNG states are per rank: a rank that did not exist
 at save time keeps its freshly seeded generator.
+
+Everything saved is a tensor (step counters and generator states are encoded as tensors), `meta.json` records every
+file's SHA-256, and loading goes through `checkpoint_integrity`: nothing in a checkpoint is unpickled beyond DCP's
+own metadata records, and a modified file is refused before it is read. A save that fails on any rank (an
+unwritable or full disk) fails on every rank with one `CheckpointError`, removes what it wrote, and leaves the
+previous checkpoint and `latest` as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import pickle
 import random
 import shutil
 import time
@@ -29,19 +35,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from aoe_ep.train.checkpoint_integrity import (MANIFEST_KEY, CheckpointError, SafeFileSystemReader,
+                                               TensorsOnlyLoadPlanner, assert_tensors_only, file_sha256,
+                                               shard_digests, verify_digests)
 from aoe_ep.train.distributed import Runtime
 from aoe_ep.train.optim import is_expert_param
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found or does not fit the configured model."""
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -84,7 +90,23 @@ def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((path / "meta.json").read_text())
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}/meta.json: cannot be read ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) \
+            or not isinstance(meta.get("consumed_samples"), int):
+        raise CheckpointError(f"{path}/meta.json: not a checkpoint description (no integer step and "
+                              f"consumed_samples); the checkpoint was modified or corrupted")
+    return meta
+
+
+def verify_checkpoint(path: Path, device: torch.device) -> dict:
+    """Collective: check every file against the SHA-256 digests in meta.json (all ranks raise together); returns
+    the meta dict."""
+    meta = read_meta(path)
+    verify_digests(path, meta.get(MANIFEST_KEY), device)
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,22 +117,42 @@ def expert_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if is_expert_param(p)}
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """Tensors for torch's generators; Python's and numpy's as one pickled bytes value (DCP stores objects too)."""
-    state = {"cpu": torch.get_rng_state(), "host": pickle.dumps({"python": random.getstate(),
-                                                                 "numpy": np.random.get_state()})}
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's generators, Python's and numpy's, as tensors (so that loading them unpickles nothing)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"cpu": torch.get_rng_state(),
+             "python": torch.tensor([version, *words], dtype=torch.int64),
+             "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+             "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_extra": torch.tensor([pos, has_gauss, cached], dtype=torch.float64)}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    host = pickle.loads(state["host"])
-    random.setstate(host["python"])
-    np.random.set_state(host["numpy"])
+    python = state["python"].tolist()
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((python[0], tuple(python[1:]), gauss if has_gauss else None))
+    pos, np_has_gauss, cached = state["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), cached))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _scheduler_state(scheduler: Any) -> dict[str, torch.Tensor]:
+    """The scheduler's numbers as float64 tensors (its strings are the configuration's, rebuilt on load)."""
+    return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in scheduler.state_dict().items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _load_scheduler_state(scheduler: Any, saved: dict[str, torch.Tensor]) -> None:
+    state = scheduler.state_dict()
+    for key, value in saved.items():
+        state[key] = int(value) if isinstance(state.get(key), int) else float(value)
+    scheduler.load_state_dict(state)
 
 
 def _map_experts(model_sd: dict, optim_sd: dict, experts: set[str], fn) -> None:
@@ -136,13 +178,23 @@ def _saved_expert(t: torch.Tensor, runtime: Runtime) -> DTensor:
                               shape=shape, stride=torch.empty(shape, device="meta").stride())
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
-                   runtime: Runtime) -> dict:
-    """The nested dict DCP saves and loads, expert tensors as `_saved_expert` DTensors."""
+def _state_and_groups(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
+                      runtime: Runtime) -> tuple[dict, list]:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     _map_experts(model_sd, optim_sd, expert_names(model), lambda name, t: _saved_expert(t, runtime))
-    return {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "progress": dict(progress),
-            f"rng_rank{runtime.rank}": _rng_state(runtime.device)}
+    # Per-parameter moments are saved by name; the groups (which parameters share hyperparameters) are each run's:
+    # their make-up changes with the layout (expert-parallel or not), and lr / weight decay come from the schedule.
+    param_groups = optim_sd.pop("param_groups")
+    state = {"model": model_sd, "optim": optim_sd, "scheduler": _scheduler_state(scheduler),
+             "progress": {k: torch.tensor(int(v), dtype=torch.int64) for k, v in progress.items()},
+             f"rng_rank{runtime.rank}": _rng_state(runtime.device)}
+    return state, param_groups
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
+                   runtime: Runtime) -> dict:
+    """The nested dict of tensors DCP saves and loads, expert tensors as `_saved_expert` DTensors."""
+    return _state_and_groups(model, optimizer, scheduler, progress, runtime)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,29 +204,107 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 def save_checkpoint(root: Path, step: int, state: dict, runtime: Runtime, meta: dict, config_yaml: str,
                     keep: int = 0) -> Optional[Path]:
     """Write `state` as checkpoint `step` (collective: every rank calls it). Returns the path, or None when a
-    complete checkpoint of that step already exists (the state at a step is the same; it is left untouched)."""
+    complete checkpoint of that step already exists (the state at a step is the same; it is left untouched).
+
+    Each stage that touches the disk ends with every rank knowing whether it worked on every rank (a broadcast of
+    rank 0's outcome, or DCP's own gathering of the ranks' write results), so that a failure raises the same
+    CheckpointError everywhere instead of leaving the other ranks waiting in the next collective."""
+    assert_tensors_only(state)
     final = root / step_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    exists = torch.tensor([int(is_complete(final))], device=runtime.device)  # NCCL needs device tensors
-    dist.broadcast(exists, src=0)
-    if exists.item():
-        return None
-    if runtime.is_main:
+
+    def prepare() -> bool:
+        if is_complete(final):
+            return True
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
-    dist.barrier()
-    if runtime.is_main:
-        meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        _write_durably(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+        return False
+
+    exists = _on_main_then_broadcast(prepare, runtime, root, step, "prepare")
+    if exists:
+        return None
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+    except (Exception, CheckpointException) as err:  # raised on every rank: DCP gathers the ranks' results
+        _abandon(tmp, final, root, runtime)
+        raise _save_error(root, step, "write", _first_os_error(err), err) from None
+    digests = shard_digests(tmp, runtime.device)
+
+    def finish() -> bool:
+        full_meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         _write_durably(tmp / "config.yaml", config_yaml)
+        full_meta[MANIFEST_KEY] = dict(digests, **{"config.yaml": file_sha256(tmp / "config.yaml").hex()})
+        _write_durably(tmp / "meta.json", json.dumps(full_meta, indent=2) + "\n")
         publish(tmp, final, root)
-        if keep:
-            prune(root, keep)
+        return False
+
+    try:
+        _on_main_then_broadcast(finish, runtime, root, step, "publish")
+    except CheckpointError:
+        _abandon(tmp, final, root, runtime)
+        raise
+    if runtime.is_main and keep:
+        prune(root, keep)
     dist.barrier()
     return final
+
+
+def _on_main_then_broadcast(fn, runtime: Runtime, root: Path, step: int, stage: str) -> bool:
+    """Run `fn` (returning a bool) on rank 0 and broadcast [result, errno of an OSError it raised]; every rank
+    then returns the result or raises the same CheckpointError."""
+    outcome = torch.zeros(2, dtype=torch.int64, device=runtime.device)  # NCCL needs device tensors
+    if runtime.is_main:
+        try:
+            outcome[0] = int(fn())
+        except OSError as err:
+            outcome[1] = err.errno or errno.EIO
+    dist.broadcast(outcome, src=0)
+    if outcome[1]:
+        raise _save_error(root, step, stage, int(outcome[1]))
+    return bool(outcome[0])
+
+
+def _causes(err: BaseException):
+    """`err`, its causes and, for DCP's CheckpointException, every rank's exception (in rank order)."""
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        yield e
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for _, failure in sorted(failures.items()):
+                todo.extend(x for x in (failure if isinstance(failure, tuple) else (failure,))
+                            if isinstance(x, BaseException))
+
+
+def _first_os_error(err: BaseException) -> int:
+    """The errno of the first OSError among DCP's per-rank failures (or in the cause chain); 0 if none."""
+    return next((e.errno for e in _causes(err) if isinstance(e, OSError) and e.errno), 0)
+
+
+def _save_error(root: Path, step: int, stage: str, code: int, err: Optional[BaseException] = None) -> CheckpointError:
+    try:
+        previous = latest_checkpoint(root)
+    except CheckpointError:
+        previous = None
+    kept = (f"the previous checkpoint {previous.name} is intact and `latest` still names it" if previous
+            else "no earlier checkpoint exists")
+    reason = f"{os.strerror(code)} [errno {code}]" if code else (str(err).strip().splitlines() or ["?"])[-1]
+    return CheckpointError(f"train.out_dir: cannot {stage} checkpoint {step_name(step)} under {root}: "
+                           f"{reason}; {kept}")
+
+
+def _abandon(tmp: Path, final: Path, root: Path, runtime: Runtime) -> None:
+    """After a failed save: remove what it wrote (rank 0), unless `latest` already names it."""
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pointer = root / LATEST
+        named = pointer.is_file() and pointer.read_text().strip() == final.name
+        if final.exists() and not named:
+            shutil.rmtree(final, ignore_errors=True)
+    dist.barrier()
 
 
 def publish(tmp: Path, final: Path, root: Path) -> None:
@@ -224,22 +354,30 @@ def _fsync_dir(path: Path) -> None:
 # Load
 
 
+def _dcp_load(state: dict, path: Path, into: str) -> None:
+    """dcp.load that unpickles nothing (`checkpoint_integrity`), with one-line errors."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=TensorsOnlyLoadPlanner())
+    except (Exception, CheckpointException) as err:  # DCP wraps per-rank failures; one line is what users need
+        refused = next((e for e in _causes(err) if isinstance(e, CheckpointError)), None)
+        if refused is not None:
+            raise CheckpointError(f"{path}: {refused}") from None
+        raise CheckpointError(f"{path}: cannot be loaded into {into}: "
+                              f"{str(err).strip().splitlines()[-1]}") from None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     runtime: Runtime) -> dict:
-    """Restore model, optimizer, scheduler and (where saved for this rank) RNG state; returns the progress dict."""
-    state = training_state(model, optimizer, scheduler, {"step": 0, "consumed_samples": 0}, runtime)
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    """Restore model, optimizer, scheduler and (where saved for this rank) RNG state; returns the progress dict.
+    Call `verify_checkpoint` first: this reads the files."""
+    state, param_groups = _state_and_groups(model, optimizer, scheduler, {"step": 0, "consumed_samples": 0},
+                                            runtime)
+    reader = SafeFileSystemReader(str(path))
+    saved = set(reader.read_metadata().state_dict_metadata)
     rng_key = f"rng_rank{runtime.rank}"
     if not any(key.startswith(rng_key + ".") for key in saved):
         del state[rng_key]
-    # Per-parameter moments are loaded by name; the groups (which parameters share hyperparameters) are this run's:
-    # their make-up changes with the layout (expert-parallel or not), and lr / weight decay come from the schedule.
-    param_groups = state["optim"].pop("param_groups")
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:  # DCP wraps per-rank failures in CheckpointException; one line is what users need
-        raise CheckpointError(f"{path}: cannot be loaded into this model and optimizer: "
-                              f"{str(err).strip().splitlines()[-1]}") from err
+    _dcp_load(state, path, "this model and optimizer")
 
     params = dict(model.named_parameters())
 
@@ -254,24 +392,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     _map_experts(state["model"], state["optim"], expert_names(model), to_param_layout)
     state["optim"]["param_groups"] = param_groups
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    scheduler.load_state_dict(state["scheduler"])
+    _load_scheduler_state(scheduler, state["scheduler"])
     if rng_key in state:
         _set_rng_state(state[rng_key], runtime.device)
-    return state["progress"]
+    return {key: int(value) for key, value in state["progress"].items()}
 
 
 def load_model_weights(path: Path, model: nn.Module, runtime: Runtime) -> None:
     """Restore only the model's weights (for evaluation and generation: no optimizer is built), in whatever
     layout `model` has now (this rank's expert slice under expert parallelism)."""
+    verify_checkpoint(path, runtime.device)  # collective, like the load
     experts = expert_names(model)
     model_sd = get_model_state_dict(model)
     _map_experts(model_sd, {}, experts, lambda name, t: _saved_expert(t, runtime))
     state = {"model": model_sd}
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot be loaded into this model: "
-                              f"{str(err).strip().splitlines()[-1]}") from err
+    _dcp_load(state, path, "this model")
     _map_experts(state["model"], {}, experts, lambda name, t: t.to_local())
     set_model_state_dict(model, state["model"])
 

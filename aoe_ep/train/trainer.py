@@ -13,8 +13,10 @@ that DDP takes, which keeps its weight equal to the single-device recipe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,9 @@ from aoe_ep.model import Decoder, init_parameters, token_cross_entropy
 from aoe_ep.moe import MoELayer
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
+from aoe_ep.train.consistency import check_ranks_agree
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
+from aoe_ep.train.guards import BadStepCounter, StepHealth, verdict
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
 from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, moe_scalars, peak_memory_bytes,
                                   progress_bar)
@@ -48,6 +52,7 @@ class StepRecord:
     aux_loss: float
     grad_norm: float
     lr: float
+    skipped: bool = False  # a non-finite loss or gradient norm: no update was applied
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Trainer:
 
     def _setup(self, resume: Optional[str], data: DataBuilders) -> None:
         cfg, rt = self.cfg, self.runtime
+        check_ranks_agree(cfg, rt.device, resume)  # first of all: a rank with another config stops every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.plan: BatchPlan = plan_batches(cfg, rt.world_size, rt.rank)
         build_tokenizer, build_datasets = data
@@ -116,10 +122,13 @@ class Trainer:
         init_parameters(model, cfg.train.seed)  # one model for every layout (aoe_ep/model/init.py)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        for layer in self.moe_layers:  # non-finite input flows on and is reported; the step guard decides
+            layer.input_check = "flag"
         self.dp = DataParallelModel(model, rt, cfg.train.dense_parallel)
         self.optimizer = build_optimizer(model, cfg.train, rt.device, allow_apex=self.dp.kind != "fsdp")
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.step, self.consumed_samples = 0, 0
+        self.bad_steps = BadStepCounter(cfg.train.max_bad_steps, skipped=int(meta.get("skipped_steps", 0)))
 
         self.resumed_from = resume_path
         if resume_path is not None:
@@ -135,9 +144,39 @@ class Trainer:
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()
         self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None)
+        if resume_path is not None and self.step < cfg.train.max_steps:
+            self._settle_ddp_buckets()
+
+    def _settle_ddp_buckets(self) -> None:
+        """DDP re-orders its gradient buckets after a process's first backward (to the order in which gradients
+        become ready), and the layout decides the order in which an all-reduce over more than two ranks adds up each
+        element. A resumed run would reduce its first step in the initial layout where the uninterrupted run used
+        the re-ordered one, and drift from it in the last bit; one discarded forward and backward on the next batch
+        re-orders them the same way (no update, no logged statistics, no counted bytes)."""
+        if self.dp.kind != "ddp" or dist.get_world_size(self.runtime.groups.dp_group) <= 2:
+            return  # a sum of two terms is the same in any order
+        model, plan = self.dp.module, self.plan
+        model.train()
+        batch = collate(self.train_ds, plan.indices(self.consumed_samples, 0), self.runtime.device)
+        with contextlib.ExitStack() as uncounted:
+            for layer in self.moe_layers:
+                uncounted.enter_context(layer.dispatcher.counter.paused())
+            with self._autocast():
+                out = model(batch.tokens)
+                ce_sum, count = token_cross_entropy(out.logits, batch.labels, batch.loss_mask)
+            (ce_sum / count.clamp_min(1.0) + out.aux_loss).backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
-        """The checkpoint to start from (None: a fresh run), after clearing what an interrupted save left."""
+        """The checkpoint to start from (None: a fresh run), after clearing what an interrupted save left.
+
+        Workers that torchrun restarted after a failure continue their own run ("auto"). Only the agent whose
+        worker failed counts a restart (TORCHELASTIC_RESTART_COUNT > 0); the others restart theirs for the new
+        rendezvous round with a count of 0, so the ranks take the maximum."""
+        count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        restarted = all_reduce_(torch.tensor([count], device=self.runtime.device), op=dist.ReduceOp.MAX).item() > 0
+        if resume is None and restarted:
+            resume = "auto"
         if self.runtime.is_main:
             for path in ckpt.remove_stale_tmp(self.ckpt_root):
                 print(f"removed {path}, left by an interrupted checkpoint save")
@@ -151,6 +190,7 @@ class Trainer:
                                            f"that run, or set train.out_dir to a new directory")
             return None
         path = ckpt.resolve_checkpoint(resume, self.out_dir)
+        ckpt.verify_checkpoint(path, self.runtime.device)  # every rank refuses a modified checkpoint together
         self._check_compatible(path)
         return path
 
@@ -213,6 +253,8 @@ class Trainer:
             layer.synchronize_timing = timed
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # Σ lm loss, Σ aux loss over micro-batches
+        health = StepHealth(len(self.moe_layers), rt.device)
+        infos = []  # added to the logged statistics only if the step is applied
         for micro in range(plan.num_micro_batches):
             batch = collate(self.train_ds, plan.indices(self.consumed_samples, micro), rt.device)
             last = micro == plan.num_micro_batches - 1
@@ -224,19 +266,28 @@ class Trainer:
                     loss = (lm + rt.ep_size * out.aux_loss) / plan.num_micro_batches
                 loss.backward()
             sums += torch.stack([lm.detach(), out.aux_loss.detach()]).double()
-            self.moe_stats.add(out.moe, timed)
+            health.add(out.moe)
+            infos.append(out.moe)
         self.dp.reduce_expert_grads()
         grad_norm = self.dp.clip_grad_norm_(self.cfg.train.grad_clip)
+        # The one world-wide reduction of the step: the losses, and the flags every rank's verdict is read from.
+        reduced = all_reduce_(health.packed(sums / plan.num_micro_batches, grad_norm))
+        v = verdict(reduced, rt.world_size, rt.ep_size)
         self.scheduler.step(1)
-        if math.isfinite(grad_norm):
+        if v.good:
             self.optimizer.step()
-        elif rt.is_main:
-            print(f"step {self.step + 1}: gradient norm is {grad_norm}; update skipped")
+            for micro_infos in infos:
+                self.moe_stats.add(micro_infos, timed)
         self.step += 1
         self.consumed_samples += plan.global_samples
-        losses = all_reduce_(sums / plan.num_micro_batches) / rt.world_size
-        return StepRecord(step=self.step, loss=float(losses[0]), aux_loss=float(losses[1]), grad_norm=grad_norm,
-                          lr=self.optimizer.param_groups[0]["lr"])
+        self.bad_steps.update(v)
+        if not v.good:
+            if rt.is_main:
+                print(self.bad_steps.describe(self.step, v, grad_norm))
+            latest = ckpt.latest_checkpoint(self.ckpt_root)
+            self.bad_steps.raise_if_exhausted(self.step, v, grad_norm, str(latest) if latest else None)
+        return StepRecord(step=self.step, loss=v.loss, aux_loss=v.aux_loss, grad_norm=grad_norm,
+                          lr=self.optimizer.param_groups[0]["lr"], skipped=not v.good)
 
     def evaluate(self) -> Optional[float]:
         """Token-mean cross-entropy over `eval_steps` global batches of the validation set (the same samples at
@@ -265,16 +316,20 @@ class Trainer:
         if not self.runtime.is_main:
             return
         tokens_per_s = len(window) * self.plan.tokens_per_step / max(seconds, 1e-9)
+        applied = [r for r in window if not r.skipped]  # a skipped step's NaN would hide the window's figures
         scalars = {
-            "train/loss": sum(r.loss for r in window) / len(window),
-            "train/aux_loss": sum(r.aux_loss for r in window) / len(window),
-            "train/grad_norm": sum(r.grad_norm for r in window) / len(window),
+            "train/loss": sum(r.loss for r in applied) / len(applied),
+            "train/aux_loss": sum(r.aux_loss for r in applied) / len(applied),
+            "train/grad_norm": sum(r.grad_norm for r in applied) / len(applied),
+        } if applied else {}
+        scalars.update({
+            "train/skipped_steps": float(self.bad_steps.skipped),
             "train/lr": window[-1].lr,
             "train/consumed_tokens": float(self.consumed_samples * self.plan.seq_len),
             "perf/tokens_per_s": tokens_per_s,
             "perf/step_seconds": seconds / len(window),
             "perf/peak_memory_gib": peak_memory_bytes(self.runtime.device) / 2 ** 30,
-        }
+        })
         if self.peak_flops:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
         scalars.update(moe_scalars(stats, timing, self.runtime.ep_size))
@@ -287,6 +342,7 @@ class Trainer:
         progress = {"step": self.step, "consumed_samples": self.consumed_samples}
         state = ckpt.training_state(self.dp.model, self.optimizer, self.scheduler, progress, rt)
         meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,
+                    skipped_steps=self.bad_steps.skipped,
                     consumed_tokens=self.consumed_samples * self.plan.seq_len)
         config_yaml = yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, config_yaml,

@@ -24,6 +24,7 @@ case "$RDZV_BACKEND" in
   static) NODE_ARGS=(--node-rank "${NODE_RANK:-${SLURM_NODEID:?set NODE_RANK (0 .. NNODES-1) on each node}}") ;;
   *) echo "train_multinode.sh: error: RDZV_BACKEND must be c10d or static, got '$RDZV_BACKEND'" >&2; exit 2 ;;
 esac
+eval "$("$PY" -m aoe_ep.cpu_allocator)"  # tcmalloc / jemalloc when installed (aoe_ep/cpu_allocator.py)
 exec "$PY" -m torch.distributed.run --nnodes "$NNODES" ${NODE_ARGS[@]+"${NODE_ARGS[@]}"} --nproc-per-node "$NPROC" \
   --rdzv-backend "$RDZV_BACKEND" --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \
   --rdzv-id "${RDZV_ID:-aoe-ep}" --max-restarts "${MAX_RESTARTS:-0}" -m aoe_ep.cli train "$@"

@@ -64,7 +64,7 @@ def _bench(out: Path, device: str, dtype: str, timeout: float, cases: str) -> di
 def _train(out: Path, name: str, config: str, overrides: list[str], timeout: float) -> dict:
     run_dir = out / f"run_{name}"
     cmd = [sys.executable, "-m", "aoe_ep.cli", "train", "--config", config,
-           "--set", f"train.out_dir={run_dir}", "--set", "train.eval_interval=100000", "--set", "train.save_interval=0",
+           "--set", f"train.out_dir={run_dir}", "--set", "train.eval_interval=100000", "--set", "train.save_interval=100000",
            *[a for o in overrides for a in ("--set", o)]]
     rc, seconds = _run(cmd, timeout, out / f"train_{name}.log")
     result = {"rc": rc, "seconds": seconds}
@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                                     str(ROOT / "configs" / "bench" / ("gpu.yaml" if cuda else "layer.yaml")))
     save()
     common = [f"train.device={args.device}", f"train.precision={'bf16' if cuda else 'fp32'}", "train.log_interval=5"]
-    tiny_steps = 60 if cuda else 10
+    tiny_steps = 60 if cuda else 30
     results["train_tiny"] = _train(out, "tiny", "tiny", common + [f"train.max_steps={tiny_steps}"], 90)
     save()
-    slice_ = ["model.n_layers=4", "train.max_steps=15" if cuda else "train.max_steps=2",
+    slice_ = ["model.n_layers=4", "train.max_steps=15" if cuda else "train.max_steps=4",
               "train.global_batch_tokens=16384" if cuda else "train.global_batch_tokens=512",
               "train.micro_batch_size=8" if cuda else "train.micro_batch_size=2",
               "data.seq_len=2048" if cuda else "data.seq_len=64", "train.warmup_steps=2"]

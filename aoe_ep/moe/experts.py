@@ -36,31 +36,77 @@ def _t(w_EKN: torch.Tensor) -> torch.Tensor:
     return w_EKN.transpose(1, 2)
 
 
+def _spans(groups: Groups):
+    """(expert, first row, row count) of each non-empty group, from the host counts (the `loop` kernel)."""
+    start = 0
+    for e, rows in enumerate(groups.host):
+        if rows:
+            yield e, start, rows
+        start += rows
+
+
 class _GroupedGLU(torch.autograd.Function):
+    """`grouped`: one grouped product per projection over all rows. `loop`: the whole chain expert by expert, so
+    that each expert's [rows, F] intermediates are still in cache for the elementwise steps (on CPU that is what
+    beats a chain of whole-batch products)."""
+
     @staticmethod
     def forward(ctx, x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, groups: Groups, kernel: str):
-        a_MF = gmm(g_MK, w_gate_EKF, groups, kernel)
-        b_MF = gmm(x_MD, w_p_EDF, groups, kernel)
-        h_MF = F.silu(a_MF).mul_(b_MF)
+        if kernel == "grouped":
+            a_MF = gmm(g_MK, w_gate_EKF, groups, kernel)
+            b_MF = gmm(x_MD, w_p_EDF, groups, kernel)
+            y_MD = gmm(F.silu(a_MF).mul_(b_MF), w_o_EFD, groups, kernel)
+        else:
+            width = w_gate_EKF.shape[2]
+            a_MF, b_MF = x_MD.new_empty(x_MD.shape[0], width), x_MD.new_empty(x_MD.shape[0], width)
+            y_MD = x_MD.new_empty(x_MD.shape[0], w_o_EFD.shape[2])
+            for e, s, n in _spans(groups):
+                rows = slice(s, s + n)
+                torch.mm(g_MK[rows], w_gate_EKF[e], out=a_MF[rows])
+                torch.mm(x_MD[rows], w_p_EDF[e], out=b_MF[rows])
+                torch.mm(F.silu(a_MF[rows]).mul_(b_MF[rows]), w_o_EFD[e], out=y_MD[rows])
         ctx.save_for_backward(x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF)
         ctx.groups, ctx.kernel = groups, kernel
-        return gmm(h_MF, w_o_EFD, groups, kernel)
+        return y_MD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_MD):
         x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF = ctx.saved_tensors
         groups, kernel = ctx.groups, ctx.kernel
+        need_x, need_g = ctx.needs_input_grad[:2]
         dy_MD = dy_MD.contiguous().to(x_MD.dtype)  # e.g. an expanded gradient from y.sum()
-        silu_MF = F.silu(a_MF)
-        dw_o = gmm_wgrad(silu_MF * b_MF, dy_MD, groups, kernel)
-        dh_MF = gmm(dy_MD, _t(w_o_EFD), groups, kernel)
-        db_MF = dh_MF * silu_MF
-        da_MF = torch.ops.aten.silu_backward(dh_MF.mul_(b_MF), a_MF)
-        dx_MD = gmm(db_MF, _t(w_p_EDF), groups, kernel)
-        dw_p = gmm_wgrad(x_MD, db_MF, groups, kernel)
-        dg_MK = gmm(da_MF, _t(w_gate_EKF), groups, kernel)
-        dw_gate = gmm_wgrad(g_MK, da_MF, groups, kernel)
+        if kernel == "grouped":
+            silu_MF = F.silu(a_MF)
+            dw_o = gmm_wgrad(silu_MF * b_MF, dy_MD, groups, kernel)
+            dh_MF = gmm(dy_MD, _t(w_o_EFD), groups, kernel)
+            db_MF = dh_MF * silu_MF
+            da_MF = torch.ops.aten.silu_backward(dh_MF.mul_(b_MF), a_MF)
+            dx_MD = gmm(db_MF, _t(w_p_EDF), groups, kernel) if need_x else None
+            dw_p = gmm_wgrad(x_MD, db_MF, groups, kernel)
+            dg_MK = gmm(da_MF, _t(w_gate_EKF), groups, kernel) if need_g else None
+            dw_gate = gmm_wgrad(g_MK, da_MF, groups, kernel)
+            return dx_MD, dg_MK, dw_gate, dw_p, dw_o, None, None
+        dw_gate, dw_p, dw_o = (torch.empty_like(w) for w in (w_gate_EKF, w_p_EDF, w_o_EFD))
+        for e, rows in enumerate(groups.host):
+            if not rows:  # an expert without rows gets a zero gradient; the others are written whole below
+                dw_gate[e].zero_(), dw_p[e].zero_(), dw_o[e].zero_()
+        dx_MD = torch.empty_like(x_MD) if need_x else None
+        dg_MK = torch.empty_like(g_MK) if need_g else None
+        for e, s, n in _spans(groups):
+            rows = slice(s, s + n)
+            a_mF, b_mF, dy_mD = a_MF[rows], b_MF[rows], dy_MD[rows]
+            silu_mF = F.silu(a_mF)
+            torch.mm((silu_mF * b_mF).t(), dy_mD, out=dw_o[e])
+            dh_mF = dy_mD @ w_o_EFD[e].t()
+            db_mF = dh_mF * silu_mF
+            da_mF = torch.ops.aten.silu_backward(dh_mF.mul_(b_mF), a_mF)
+            torch.mm(x_MD[rows].t(), db_mF, out=dw_p[e])
+            torch.mm(g_MK[rows].t(), da_mF, out=dw_gate[e])
+            if need_x:
+                torch.mm(db_mF, w_p_EDF[e].t(), out=dx_MD[rows])
+            if need_g:
+                torch.mm(da_mF, w_gate_EKF[e].t(), out=dg_MK[rows])
         return dx_MD, dg_MK, dw_gate, dw_p, dw_o, None, None
 
 
@@ -78,8 +124,8 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, dy_MN):
         x_MK, w_EKN = ctx.saved_tensors
         dy_MN = dy_MN.contiguous().to(x_MK.dtype)
-        return (gmm(dy_MN, _t(w_EKN), ctx.groups, ctx.kernel), gmm_wgrad(x_MK, dy_MN, ctx.groups, ctx.kernel),
-                None, None)
+        dx_MK = gmm(dy_MN, _t(w_EKN), ctx.groups, ctx.kernel) if ctx.needs_input_grad[0] else None
+        return dx_MK, gmm_wgrad(x_MK, dy_MN, ctx.groups, ctx.kernel), None, None
 
 
 def _pad_last(w: torch.Tensor, width: int) -> torch.Tensor:
@@ -96,8 +142,7 @@ def grouped_glu(x_MD: torch.Tensor, g_MK: torch.Tensor, w_gate_EKF: torch.Tensor
     strides: a hidden width that is not (the 4B preset's d_wide = 6470 in bf16) is zero-padded, which changes no
     result; input widths that are not (only odd test shapes) run the `loop` kernel."""
     dtype = compute_dtype(x_MD)
-    rows_per_group = x_MD.shape[0] / max(groups.num_groups, 1)
-    kernel = choose_kernel(kernel, x_MD.device, dtype, rows_per_group, widths=(x_MD.shape[1], g_MK.shape[1]))
+    kernel = choose_kernel(kernel, x_MD.device, dtype, widths=(x_MD.shape[1], g_MK.shape[1]))
     width = w_gate_EKF.shape[2]
     if kernel == "grouped":
         width = pad_to(width, dtype)
@@ -110,8 +155,7 @@ def grouped_glu(x_MD: torch.Tensor, g_MK: torch.Tensor, w_gate_EKF: torch.Tensor
 
 def grouped_linear(x_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
     dtype = compute_dtype(x_MK)
-    kernel = choose_kernel(kernel, x_MK.device, dtype, x_MK.shape[0] / max(groups.num_groups, 1),
-                           widths=tuple(w_EKN.shape[1:]))
+    kernel = choose_kernel(kernel, x_MK.device, dtype, widths=tuple(w_EKN.shape[1:]))
     return _GroupedLinear.apply(x_MK.to(dtype), w_EKN.to(dtype), groups, kernel)
 
 

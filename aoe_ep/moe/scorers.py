@@ -70,11 +70,11 @@ def _norm(c: torch.Tensor, ord: float) -> torch.Tensor:
     return torch.linalg.vector_norm(at_least_fp32(c), ord=ord, dim=-1)
 
 
-def _norm_grad(c: torch.Tensor, ord: float, ds: torch.Tensor) -> torch.Tensor:
+def _norm_grad(c: torch.Tensor, ord: float, ds: torch.Tensor, s: Optional[torch.Tensor] = None) -> torch.Tensor:
     """∂L/∂c from ∂L/∂‖c‖ for each row of c, exactly as autograd differentiates the norm: L2 written out
-    (c · ds/‖c‖, zero where ‖c‖ = 0), the others (ties of L∞ included) through autograd itself."""
+    (c · ds/‖c‖, zero where ‖c‖ = 0; `s` = ‖c‖ when known), the others (ties of L∞ included) through autograd."""
     if ord == 2.0:
-        s = _norm(c, ord)
+        s = _norm(c, ord) if s is None else s
         scale = (ds / s).masked_fill_(s == 0, 0.0)
         return at_least_fp32(c) * scale.unsqueeze(-1)
     with torch.enable_grad():
@@ -92,16 +92,15 @@ class _LowRankScores(torch.autograd.Function):
         cache_ML = cache_TEL[token_index_M, expert_index_M]
         saved_x = x_MD if mode == "sparse" else x_TD
         saved_cache = cache_TEL if mode == "keep" else cache_TEL.new_empty(0)
-        ctx.save_for_backward(saved_x, w_down_EDL, saved_cache, cache_ML, token_index_M, expert_index_M)
+        ctx.save_for_backward(saved_x, w_down_EDL, saved_cache, cache_ML, token_index_M, expert_index_M, s_TE)
         ctx.groups, ctx.mode, ctx.ord = groups, mode, ord
-        ctx.kernel = choose_kernel("auto", x_TD.device, x_TD.dtype, x_MD.shape[0] / max(groups.num_groups, 1),
-                                   widths=tuple(w_down_EDL.shape[1:]))
+        ctx.kernel = choose_kernel("auto", x_TD.device, x_TD.dtype, widths=tuple(w_down_EDL.shape[1:]))
         return s_TE.clone(), cache_ML
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, ds_TE, dcache_ML):
-        x, w_down_EDL, cache_TEL, cache_ML, token_index_M, expert_index_M = ctx.saved_tensors
+        x, w_down_EDL, cache_TEL, cache_ML, token_index_M, expert_index_M, s_TE = ctx.saved_tensors
         num_experts, d_model, d_low = w_down_EDL.shape
         dcache_ML = torch.zeros_like(cache_ML) if dcache_ML is None else dcache_ML.to(cache_ML.dtype)
         if ds_TE is None:
@@ -110,15 +109,18 @@ class _LowRankScores(torch.autograd.Function):
             if ds_TE.dim():
                 dcache_ML = dcache_ML + _norm_grad(cache_ML, ctx.ord, ds_TE[token_index_M, expert_index_M]).to(
                     cache_ML.dtype)
-            dx_MD = gmm(dcache_ML, w_down_EDL.transpose(1, 2), ctx.groups, ctx.kernel)
+            dx_MD = None
+            if ctx.needs_input_grad[1]:
+                dx_MD = gmm(dcache_ML, w_down_EDL.transpose(1, 2), ctx.groups, ctx.kernel)
             return None, dx_MD, gmm_wgrad(x, dcache_ML, ctx.groups, ctx.kernel), *([None] * 7)
         w_down_DX = w_down_EDL.permute(1, 0, 2).reshape(d_model, num_experts * d_low)
         if ctx.mode == "recompute":
             cache_TEL = (x @ w_down_DX).view(x.shape[0], num_experts, d_low)
-        dcache_TEL = _norm_grad(cache_TEL, ctx.ord, ds_TE.expand(cache_TEL.shape[:2])).to(cache_TEL.dtype).contiguous()
+        dcache_TEL = _norm_grad(cache_TEL, ctx.ord, ds_TE.expand(cache_TEL.shape[:2]), s_TE).to(cache_TEL.dtype)
+        dcache_TEL = dcache_TEL.contiguous()
         dcache_TEL.index_put_((token_index_M, expert_index_M), dcache_ML, accumulate=True)
         dcache_TX = dcache_TEL.view(x.shape[0], num_experts * d_low)
-        dx_TD = dcache_TX @ w_down_DX.t()
+        dx_TD = dcache_TX @ w_down_DX.t() if ctx.needs_input_grad[0] else None
         dw_down = (x.t() @ dcache_TX).view(d_model, num_experts, d_low).permute(1, 0, 2)
         return dx_TD, None, dw_down, *([None] * 7)
 

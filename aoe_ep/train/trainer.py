@@ -361,6 +361,9 @@ class Trainer:
               f"precision {self.autocast_dtype or torch.float32}; steps {self.step} -> {stop}; out_dir {self.out_dir}")
         if self.resumed_from is not None:
             print(f"resumed from {ckpt.describe(self.resumed_from)}")
+        if cfg.model.ffn == "moe" and rt.ep_size >= 4 and cfg.moe.dispatcher == "allgather":
+            print(f"aoe-ep train: note: at EP {rt.ep_size} the allgather dispatcher sends about (EP-1)·d values per "
+                  f"token against alltoall's under K·(2d + d_low); consider --set moe.dispatcher=alltoall")
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -85,12 +85,13 @@ def test_misaligned_hidden_width_is_padded_without_changing_results():
 
 def test_kernel_choice():
     cpu = torch.device("cpu")
-    assert choose_kernel("auto", cpu, torch.float64, 10) == "loop"
-    assert choose_kernel("grouped", cpu, torch.float64, 10) == "loop"  # no float64 grouped kernel
-    assert choose_kernel("auto", cpu, torch.float32, 10, widths=(6,)) == "loop"  # 24-byte rows
-    assert choose_kernel("grouped", cpu, torch.float32, 10_000, widths=(8,)) == "grouped"
-    assert choose_kernel("loop", cpu, torch.float32, 10, widths=(8,)) == "loop"
-    assert choose_kernel("auto", torch.device("meta"), torch.bfloat16, 10, widths=(8,)) == "grouped"
-    assert choose_kernel("auto", torch.device("meta"), torch.float32, 10, widths=(8,)) == "loop"
+    assert choose_kernel("auto", cpu, torch.float64) == "loop"
+    assert choose_kernel("grouped", cpu, torch.float64) == "loop"  # no float64 grouped kernel
+    assert choose_kernel("auto", cpu, torch.float32, widths=(6,)) == "loop"  # 24-byte rows
+    assert choose_kernel("auto", cpu, torch.float32, widths=(8,)) == "loop"
+    assert choose_kernel("grouped", cpu, torch.float32, widths=(8,)) == "grouped"
+    assert choose_kernel("loop", cpu, torch.float32, widths=(8,)) == "loop"
+    assert choose_kernel("auto", torch.device("meta"), torch.bfloat16, widths=(8,)) == "grouped"
+    assert choose_kernel("auto", torch.device("meta"), torch.float32, widths=(8,)) == "loop"
     with pytest.raises(ValueError, match="expert kernel"):
-        choose_kernel("fast", cpu, torch.float32, 10)
+        choose_kernel("fast", cpu, torch.float32)

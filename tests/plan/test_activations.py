@@ -48,7 +48,8 @@ def _measured(cfg, batch: int, autocast: bool) -> int:
 def test_activation_bytes_match_the_saved_tensors(model, precision):
     cfg = load_config("tiny", SMALL + MODELS[model] + [f"train.precision={precision}"])
     batch, autocast = 4, precision == "bf16"
-    mb = MicroBatch(batch=batch, seq_len=cfg.data.seq_len, compute_bytes=2 if autocast else 4, autocast=autocast)
+    mb = MicroBatch(batch=batch, seq_len=cfg.data.seq_len, compute_bytes=2 if autocast else 4, autocast=autocast,
+                    device="cpu")
     rows = routed_rows(cfg.moe, mb.tokens) if cfg.model.ffn == "moe" else 0
     planned = sum(activation_bytes(cfg, mb, ep=1, expert_rows=rows).values())
     measured = _measured(cfg, batch, autocast)

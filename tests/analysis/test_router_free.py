@@ -18,13 +18,6 @@ from aoe_ep.analysis.router_free import NODES, RouterFreeMoE, evaluate_node, loa
 from aoe_ep.cli import main  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _reference_moe(block, x_TD: torch.Tensor, node: str, norm: str) -> torch.Tensor:
     """Per token: every expert's activation at `node` from Eq. 1, its norm, the top-K (ties: lower index), gates

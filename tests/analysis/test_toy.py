@@ -6,20 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from aoe_ep.analysis.toy import ToyConfig, summarize, train_toy
 from aoe_ep.cli import main
 
 pytest.importorskip("matplotlib")
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_stage_one_separates_classes_in_moe_and_not_in_aoe():

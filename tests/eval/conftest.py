@@ -25,11 +25,5 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    # the models here are tiny: intra-op threads only add contention on a busy CI machine
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(threads)

@@ -87,7 +87,7 @@ def contenders(case: dict, tokens: int, device: torch.device, dtype: torch.dtype
     dense_width = k * case["d_ffn"]
     expert_flops = k * dense_flops(case["d_model"], case["d_ffn"])
     moe = MoELayer(moe_cfg)
-    auto = choose_kernel("auto", device, dtype, widths=(case["d_model"],))
+    auto = choose_kernel("auto", device, dtype, widths=(case["d_model"],), rows_per_group=tokens * k / n)
     other = "loop" if auto == "grouped" else "grouped"
     repeat = lambda x: x.repeat(k, 1)  # noqa: E731
     out = [Contender("moe", moe, moe_flops(moe_cfg)),

@@ -142,7 +142,8 @@ def grouped_glu(x_MD: torch.Tensor, g_MK: torch.Tensor, w_gate_EKF: torch.Tensor
     strides: a hidden width that is not (the 4B preset's d_wide = 6470 in bf16) is zero-padded, which changes no
     result; input widths that are not (only odd test shapes) run the `loop` kernel."""
     dtype = compute_dtype(x_MD)
-    kernel = choose_kernel(kernel, x_MD.device, dtype, widths=(x_MD.shape[1], g_MK.shape[1]))
+    kernel = choose_kernel(kernel, x_MD.device, dtype, widths=(x_MD.shape[1], g_MK.shape[1]),
+                           rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1))
     width = w_gate_EKF.shape[2]
     if kernel == "grouped":
         width = pad_to(width, dtype)
@@ -155,7 +156,8 @@ def grouped_glu(x_MD: torch.Tensor, g_MK: torch.Tensor, w_gate_EKF: torch.Tensor
 
 def grouped_linear(x_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
     dtype = compute_dtype(x_MK)
-    kernel = choose_kernel(kernel, x_MK.device, dtype, widths=tuple(w_EKN.shape[1:]))
+    kernel = choose_kernel(kernel, x_MK.device, dtype, widths=tuple(w_EKN.shape[1:]),
+                           rows_per_group=x_MK.shape[0] / max(groups.num_groups, 1))
     return _GroupedLinear.apply(x_MK.to(dtype), w_EKN.to(dtype), groups, kernel)
 
 

@@ -67,20 +67,24 @@ def grouped_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
 
-def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
-    """The kernel to run. `auto`: on an accelerator `grouped`, the only one that needs no host synchronisation; on
-    CPU `loop`, whose expert-by-expert chain keeps each expert's intermediates in cache for the elementwise steps
-    (measured 10-12% faster than `grouped` at 8 experts × 512 rows and equal at 64 × 96 on the 2-core machines;
-    `aoe-ep bench layer` prints both, as `experts` and `experts_grouped`). Dtypes without a grouped kernel (float64;
-    on CUDA all but bf16) and operand `widths` that are not 16-byte aligned (odd test shapes; a hidden width is padded
-    instead) always loop."""
+def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = (),
+                  rows_per_group: float = float("inf")) -> str:
+    """The kernel to run. `auto`: on an accelerator `grouped`, the only one that needs no host synchronisation. On
+    CPU, by the rows per expert: `loop` from `LOOP_ROWS_ON_CPU` on, where its expert-by-expert chain keeps each
+    expert's intermediates in cache for the elementwise steps (measured 10-12% faster than `grouped` at 8 experts ×
+    512 rows), `grouped` below (1-4% faster at 64 × 96; `aoe-ep bench layer` prints both, as `experts` and
+    `experts_<other>`). Dtypes without a grouped kernel (float64; on CUDA all but bf16) and operand `widths` that are
+    not 16-byte aligned (odd test shapes; a hidden width is padded instead) always loop."""
     if requested not in EXPERT_KERNELS:
         raise ValueError(f"expert kernel must be one of {EXPERT_KERNELS}, got {requested!r}")
     if not grouped_supported(device, dtype) or any(pad_to(w, dtype) != w for w in widths):
         return "loop"
     if requested == "auto":
-        return "loop" if device.type == "cpu" else "grouped"
+        return "loop" if device.type == "cpu" and rows_per_group >= LOOP_ROWS_ON_CPU else "grouped"
     return requested
+
+
+LOOP_ROWS_ON_CPU = 256  # the 2-core CPU machines: see `choose_kernel`
 
 
 def _empty_wgrad(a_MK: torch.Tensor, b_MN: torch.Tensor, groups: Groups) -> torch.Tensor:

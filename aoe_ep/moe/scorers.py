@@ -94,7 +94,8 @@ class _LowRankScores(torch.autograd.Function):
         saved_cache = cache_TEL if mode == "keep" else cache_TEL.new_empty(0)
         ctx.save_for_backward(saved_x, w_down_EDL, saved_cache, cache_ML, token_index_M, expert_index_M, s_TE)
         ctx.groups, ctx.mode, ctx.ord = groups, mode, ord
-        ctx.kernel = choose_kernel("auto", x_TD.device, x_TD.dtype, widths=tuple(w_down_EDL.shape[1:]))
+        ctx.kernel = choose_kernel("auto", x_TD.device, x_TD.dtype, widths=tuple(w_down_EDL.shape[1:]),
+                                   rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1))
         return s_TE.clone(), cache_ML
 
     @staticmethod

@@ -91,12 +91,13 @@ def routed_rows(cfg: MoEConfig, tokens: int) -> float:
     return tokens * cfg.top_k
 
 
-def expert_width(cfg: MoEConfig, c: int, device: str = "cuda") -> int:
+def expert_width(cfg: MoEConfig, c: int, device: str = "cuda", rows_per_expert: float = 0.0) -> int:
     """The experts' hidden width as their kernel runs it: the grouped kernel pads it to 16-byte strides (6470 ->
-    6472 in bf16); the loop kernel (CPU's default) does not."""
+    6472 in bf16); the loop kernel (CPU's choice for large groups) does not."""
     dtype = torch.bfloat16 if c == 2 else torch.float32
     gate_in = cfg.d_low if cfg.factorized else cfg.d_model
-    kernel = choose_kernel(cfg.expert_kernel, torch.device(device), dtype, widths=(cfg.d_model, gate_in))
+    kernel = choose_kernel(cfg.expert_kernel, torch.device(device), dtype, widths=(cfg.d_model, gate_in),
+                           rows_per_group=rows_per_expert)
     return pad_to(cfg.expert_width, dtype) if kernel == "grouped" else cfg.expert_width
 
 
@@ -136,18 +137,19 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
     balance = n * FP32 if cfg.selection != "expert_choice" else 0
     out["selection"] = 3 * t * n * FP32 + t * n + 2 * t * FP32 + balance
     own_cache = rows * cfg.d_low * c if cfg.factorized and not aoe else 0
-    width = expert_width(cfg, c, mb.device)
+    width = expert_width(cfg, c, mb.device, rows / max(num_local, 1))
     out["experts"] = rows * d * c + 2 * rows * width * c + own_cache + rows * INDEX * (2 if aoe else 1)
     sent, received = returned
     out["combine"] = rows * INDEX + rows * FP32 + 2 * rows * d * FP32 + (sent + received) * INDEX + received * d * c
     return out
 
 
-def moe_weight_copy_bytes(cfg: MoEConfig, num_local: int, c: int, autocast: bool, device: str = "cuda") -> int:
+def moe_weight_copy_bytes(cfg: MoEConfig, num_local: int, c: int, autocast: bool, device: str = "cuda",
+                          rows: float = 0.0) -> int:
     """Parameter-derived tensors one MoE layer saves: under autocast the compute-dtype casts of the router, of
     AoE's Wdown and of every local expert's matrices (padded to the grouped kernel's width); in fp32 only padded
     expert matrices are copies."""
-    d, w, w_run = cfg.d_model, cfg.expert_width, expert_width(cfg, c, device)
+    d, w, w_run = cfg.d_model, cfg.expert_width, expert_width(cfg, c, device, rows / max(num_local, 1))
     first = cfg.d_low if cfg.factorized else d  # the gate projection reads the cache (factorised) or x
     experts = num_local * (first * w_run + 2 * d * w_run)
     if not autocast:
@@ -189,7 +191,8 @@ def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float,
         scored = mb.tokens * ep if (moe.dispatcher == "allgather" and ep > 1) else mb.tokens
         parts = moe_layer_bytes(moe, mb, num_local, scored, expert_rows, returned)
         out.update({f"moe.{part}": float(m.n_layers * v) for part, v in parts.items()})
-        copies += m.n_layers * moe_weight_copy_bytes(moe, num_local, mb.compute_bytes, mb.autocast, mb.device)
+        copies += m.n_layers * moe_weight_copy_bytes(moe, num_local, mb.compute_bytes, mb.autocast, mb.device,
+                                                      expert_rows)
     else:
         out["dense_ffn"] = float(m.n_layers * dense_ffn_bytes(mb, m.d_model, m.d_ffn))
         if mb.autocast:

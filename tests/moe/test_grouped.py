@@ -88,7 +88,8 @@ def test_kernel_choice():
     assert choose_kernel("auto", cpu, torch.float64) == "loop"
     assert choose_kernel("grouped", cpu, torch.float64) == "loop"  # no float64 grouped kernel
     assert choose_kernel("auto", cpu, torch.float32, widths=(6,)) == "loop"  # 24-byte rows
-    assert choose_kernel("auto", cpu, torch.float32, widths=(8,)) == "loop"
+    assert choose_kernel("auto", cpu, torch.float32, widths=(8,), rows_per_group=512) == "loop"
+    assert choose_kernel("auto", cpu, torch.float32, widths=(8,), rows_per_group=96) == "grouped"
     assert choose_kernel("grouped", cpu, torch.float32, widths=(8,)) == "grouped"
     assert choose_kernel("loop", cpu, torch.float32, widths=(8,)) == "loop"
     assert choose_kernel("auto", torch.device("meta"), torch.bfloat16, widths=(8,)) == "grouped"

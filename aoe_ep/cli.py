@@ -69,19 +69,10 @@ def _bench_dispatch(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from aoe_ep.config import load_config
-    from aoe_ep.train.checkpoint import CheckpointError
-    from aoe_ep.train.guards import TrainingError
     from aoe_ep.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        result = train(cfg, resume=args.resume)
-    except CheckpointError as err:
-        print(f"aoe-ep: checkpoint error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"aoe-ep: training error: {err}", file=sys.stderr)
-        return 2
+    result = train(cfg, resume=args.resume)
     if result.is_main:
         last_eval = next((loss for _, loss in reversed(result.evals) if loss is not None), None)
         print(f"trained to step {result.step} in {result.seconds:.1f}s"
@@ -352,20 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
     from aoe_ep.train.checkpoint import CheckpointError
+    from aoe_ep.train.guards import TrainingError
 
+    # one line and exit code 2 for every error a user can fix
+    prefixes = ((CommandError, f"aoe-ep {args.command}: error"), (CheckpointError, "aoe-ep: checkpoint error"),
+                (TrainingError, "aoe-ep: training error"), (ConfigError, "aoe-ep: config error"),
+                (DataError, "aoe-ep: data error"))
     try:
         return args.func(args)
-    except CheckpointError as err:
-        print(f"aoe-ep: checkpoint error: {err}", file=sys.stderr)
-        return 2
-    except CommandError as err:
-        print(f"aoe-ep {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ConfigError as err:
-        print(f"aoe-ep: config error: {err}", file=sys.stderr)
-        return 2
-    except DataError as err:
-        print(f"aoe-ep: data error: {err}", file=sys.stderr)
+    except tuple(kind for kind, _ in prefixes) as err:
+        prefix = next(text for kind, text in prefixes if isinstance(err, kind))
+        print(f"{prefix}: {err}", file=sys.stderr)
         return 2
 
 

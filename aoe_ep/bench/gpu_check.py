@@ -79,12 +79,6 @@ def _train(out: Path, name: str, config: str, overrides: list[str], timeout: flo
     return result
 
 
-def _megatron(timeout_unused: float) -> dict:
-    from aoe_ep.bench.megatron_moe import compare
-
-    return compare()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="directory for gpu_check.json and the logs")
@@ -122,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if cuda:
         try:
-            results["megatron_moe"] = _megatron(60)
+            from aoe_ep.bench.megatron_moe import compare
+
+            results["megatron_moe"] = compare()
         except Exception as err:
             results["megatron_moe"] = {"error": f"{type(err).__name__}: {err}"}
         save()

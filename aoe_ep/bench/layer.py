@@ -59,14 +59,13 @@ class ExpertsOnly(torch.nn.Module):
         super().__init__()
         self.experts = experts
         self.num_experts = num_experts
-        self.kernel = kernel
+        if kernel is not None:
+            experts.kernel = kernel
 
     def forward(self, x_MD: torch.Tensor) -> torch.Tensor:
         per = x_MD.shape[0] // self.num_experts
         counts = torch.full((self.num_experts,), per, dtype=torch.int64, device=x_MD.device)
         counts[-1] += x_MD.shape[0] - per * self.num_experts
-        if self.kernel is not None:
-            self.experts.kernel = self.kernel
         return self.experts(x_MD, Groups(counts))
 
 

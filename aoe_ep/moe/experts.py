@@ -36,15 +36,6 @@ def _t(w_EKN: torch.Tensor) -> torch.Tensor:
     return w_EKN.transpose(1, 2)
 
 
-def _spans(groups: Groups):
-    """(expert, first row, row count) of each non-empty group, from the host counts (the `loop` kernel)."""
-    start = 0
-    for e, rows in enumerate(groups.host):
-        if rows:
-            yield e, start, rows
-        start += rows
-
-
 class _GroupedGLU(torch.autograd.Function):
     """`grouped`: one grouped product per projection over all rows. `loop`: the whole chain expert by expert, so
     that each expert's [rows, F] intermediates are still in cache for the elementwise steps (on CPU that is what
@@ -60,8 +51,7 @@ class _GroupedGLU(torch.autograd.Function):
             width = w_gate_EKF.shape[2]
             a_MF, b_MF = x_MD.new_empty(x_MD.shape[0], width), x_MD.new_empty(x_MD.shape[0], width)
             y_MD = x_MD.new_empty(x_MD.shape[0], w_o_EFD.shape[2])
-            for e, s, n in _spans(groups):
-                rows = slice(s, s + n)
+            for e, rows in groups.spans():
                 torch.mm(g_MK[rows], w_gate_EKF[e], out=a_MF[rows])
                 torch.mm(x_MD[rows], w_p_EDF[e], out=b_MF[rows])
                 torch.mm(F.silu(a_MF[rows]).mul_(b_MF[rows]), w_o_EFD[e], out=y_MD[rows])
@@ -87,14 +77,12 @@ class _GroupedGLU(torch.autograd.Function):
             dg_MK = gmm(da_MF, _t(w_gate_EKF), groups, kernel) if need_g else None
             dw_gate = gmm_wgrad(g_MK, da_MF, groups, kernel)
             return dx_MD, dg_MK, dw_gate, dw_p, dw_o, None, None
-        dw_gate, dw_p, dw_o = (torch.empty_like(w) for w in (w_gate_EKF, w_p_EDF, w_o_EFD))
-        for e, rows in enumerate(groups.host):
-            if not rows:  # an expert without rows gets a zero gradient; the others are written whole below
-                dw_gate[e].zero_(), dw_p[e].zero_(), dw_o[e].zero_()
+        # an expert without rows gets a zero gradient; the others are written whole below
+        new = torch.zeros_like if 0 in groups.host else torch.empty_like
+        dw_gate, dw_p, dw_o = (new(w) for w in (w_gate_EKF, w_p_EDF, w_o_EFD))
         dx_MD = torch.empty_like(x_MD) if need_x else None
         dg_MK = torch.empty_like(g_MK) if need_g else None
-        for e, s, n in _spans(groups):
-            rows = slice(s, s + n)
+        for e, rows in groups.spans():
             a_mF, b_mF, dy_mD = a_MF[rows], b_MF[rows], dy_MD[rows]
             silu_mF = F.silu(a_mF)
             torch.mm((silu_mF * b_mF).t(), dy_mD, out=dw_o[e])

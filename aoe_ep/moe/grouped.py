@@ -16,7 +16,7 @@ Two kernels, chosen per device, dtype and shape by `choose_kernel`:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -47,6 +47,14 @@ class Groups:
         if self._host is None:
             self._host = self.counts_E.tolist()
         return self._host
+
+    def spans(self) -> Iterator[tuple[int, slice]]:
+        """(expert, its rows) of each non-empty group, from the host counts (the `loop` kernel)."""
+        start = 0
+        for e, rows in enumerate(self.host):
+            if rows:
+                yield e, slice(start, start + rows)
+            start += rows
 
 
 def _alignment(dtype: torch.dtype) -> int:
@@ -98,11 +106,8 @@ def gmm(a_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str) ->
     if kernel == "grouped":
         return torch._grouped_mm(a_MK, w_EKN, offs=groups.offsets_E)
     out_MN = a_MK.new_empty(a_MK.shape[0], w_EKN.shape[2])
-    start = 0
-    for e, rows in enumerate(groups.host):
-        if rows:
-            torch.mm(a_MK[start:start + rows], w_EKN[e], out=out_MN[start:start + rows])
-            start += rows
+    for e, rows in groups.spans():
+        torch.mm(a_MK[rows], w_EKN[e], out=out_MN[rows])
     return out_MN
 
 
@@ -112,12 +117,8 @@ def gmm_wgrad(a_MK: torch.Tensor, b_MN: torch.Tensor, groups: Groups, kernel: st
         return _empty_wgrad(a_MK, b_MN, groups)
     if kernel == "grouped":
         return torch._grouped_mm(a_MK.t(), b_MN, offs=groups.offsets_E)
-    out_EKN = a_MK.new_empty(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
-    start = 0
-    for e, rows in enumerate(groups.host):
-        if rows:
-            torch.mm(a_MK[start:start + rows].t(), b_MN[start:start + rows], out=out_EKN[e])
-        else:
-            out_EKN[e].zero_()
-        start += rows
+    out_EKN = a_MK.new_zeros(groups.num_groups, a_MK.shape[1], b_MN.shape[1]) if 0 in groups.host else \
+        a_MK.new_empty(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+    for e, rows in groups.spans():
+        torch.mm(a_MK[rows].t(), b_MN[rows], out=out_EKN[e])
     return out_EKN

@@ -30,13 +30,14 @@ from tqdm import tqdm
 
 from aoe_ep.bench.measure import interleaved_times, step_memory
 from aoe_ep.bench.reference import LoopAoE
-from aoe_ep.config import CONFIGS_DIR, ModelConfig, MoEConfig
+from aoe_ep.config import CONFIGS_DIR, Config, ModelConfig, MoEConfig
 from aoe_ep.cpu_allocator import active_allocator
 from aoe_ep.model.decoder import Decoder, token_cross_entropy
 from aoe_ep.model.ffn import DenseSwiGLU
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.cost import dense_flops, moe_flops
 from aoe_ep.moe.grouped import Groups, choose_kernel
+from aoe_ep.train.flops import forward_flops_per_token
 
 DEFAULT_CASES = CONFIGS_DIR / "bench" / "layer.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -205,7 +206,8 @@ def _decoder(case: dict, ffn_cfg: Optional[MoEConfig]) -> Decoder:
 
 def run_model_case(case: dict, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
     """A decoder slice (`case.model`: n_layers, n_heads, vocab_size, seq_len) per FFN kind: saved activation bytes
-    of one forward and one timed forward+backward over `tokens` tokens (sequences of seq_len)."""
+    of one forward and one timed forward+backward over `tokens` tokens (sequences of seq_len), its ratios bounded by
+    the trainer's model FLOPs per token (attention and logits included)."""
     torch.manual_seed(0)
     moe_cfg, aoe_cfg = _layer_cfgs(case)
     recompute_cfg = dataclasses.replace(aoe_cfg, aoe_cache="recompute")
@@ -214,9 +216,10 @@ def run_model_case(case: dict, tokens: int, device: torch.device, dtype: torch.d
     tokens_BS = torch.randint(0, case["model"]["vocab_size"], (batch, seq), device=device)
     labels_BS = torch.roll(tokens_BS, -1, dims=1)
     mask_BS = torch.ones_like(tokens_BS, dtype=torch.float32)
-    memory, steps, params = {}, {}, {}
+    memory, steps, params, flops = {}, {}, {}, {}
     for name, cfg in (("dense", None), ("moe", moe_cfg), ("aoe", aoe_cfg), ("aoe_recompute", recompute_cfg)):
         model = _decoder(case, cfg).to(device=device, dtype=dtype)
+        flops[name] = forward_flops_per_token(Config(model=model.cfg, moe=cfg), seq)  # the trainer's model FLOPs
 
         def loss(model=model) -> torch.Tensor:
             out = model(tokens_BS)
@@ -234,10 +237,9 @@ def run_model_case(case: dict, tokens: int, device: torch.device, dtype: torch.d
         del model
     seconds = interleaved_times(steps, 1, 1, device)
     tps = {name: batch * seq / s for name, s in seconds.items()}
-    flops = {"dense": 1.0, "moe": 1.0, "aoe": 1.0, "aoe_recompute": 1.0}  # memory case: throughput ratios unbounded
     ratios = [_ratio(tps, flops, a, b) for a, b in (("aoe", "moe"), ("aoe_recompute", "moe"))]
-    return {"case": case, "tokens": batch * seq, "params": params, "tokens_per_s": tps, "memory": memory,
-            "ratios": ratios, "environment": environment(device)}
+    return {"case": case, "tokens": batch * seq, "params": params, "flops_per_token": flops, "tokens_per_s": tps,
+            "memory": memory, "ratios": ratios, "environment": environment(device)}
 
 
 def format_result(r: dict) -> str:
@@ -253,11 +255,9 @@ def format_result(r: dict) -> str:
         if has_peak:
             line += f"{mem.get('peak_bytes', 0) / 2**20:>10.1f}"
         lines.append(line)
-    bounded = "model" not in c
-    lines.append(f"{'ratio':<24}{'measured':>10}" + (f"{'FLOP bound':>12}{'efficiency':>12}" if bounded else ""))
+    lines.append(f"{'ratio':<24}{'measured':>10}{'FLOP bound':>12}{'efficiency':>12}")
     for q in r["ratios"]:
-        lines.append(f"{q['pair']:<24}{q['measured']:>10.3f}"
-                     + (f"{q['bound']:>12.3f}{q['efficiency']:>12.3f}" if bounded else ""))
+        lines.append(f"{q['pair']:<24}{q['measured']:>10.3f}{q['bound']:>12.3f}{q['efficiency']:>12.3f}")
     moe_bytes = max(r["memory"]["moe"]["saved_bytes"], 1)
     lines.append("activation memory vs moe: " + ", ".join(
         f"{name} {r['memory'][name]['saved_bytes'] / moe_bytes:.3f}" for name in ("aoe", "aoe_recompute", "dense")))

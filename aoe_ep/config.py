@@ -25,6 +25,7 @@ DISPATCHERS = ("allgather", "alltoall")
 EXPERT_KINDS = ("auto", "swiglu", "factorized")
 EXPERT_KERNELS = ("auto", "grouped", "loop")
 AOE_CACHES = ("keep", "recompute")
+BALANCES = ("aux", "bias", "none")
 FFNS = ("dense", "moe")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -77,6 +78,8 @@ class MoEConfig:
     router_hidden: int = 0
     expert_kernel: str = "auto"
     aoe_cache: str = "keep"
+    balance: str = "aux"
+    balance_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.factorized and self.d_wide is None and isinstance(self.d_low, int) and self.d_low > 0:
@@ -119,6 +122,15 @@ class MoEConfig:
                  f"must be >= 0, got {self.aux_loss_coeff!r}")
         _require(isinstance(self.top_p_entropy_coeff, (int, float)) and self.top_p_entropy_coeff >= 0,
                  p + "top_p_entropy_coeff", f"must be >= 0, got {self.top_p_entropy_coeff!r}")
+        # `aux`: the load-balancing loss with aux_loss_coeff; `bias`: DeepSeek-V3's aux-loss-free per-expert bias
+        # (aoe_ep/moe/balance.py), aux_loss_coeff unused; `none`: neither. Top-P's entropy term applies in all three.
+        _one_of(self.balance, BALANCES, p + "balance")
+        _require(isinstance(self.balance_rate, (int, float)) and not isinstance(self.balance_rate, bool)
+                 and 0 < self.balance_rate < math.inf, p + "balance_rate",
+                 f"must be a positive finite number, got {self.balance_rate!r}")
+        _require(not (self.balance == "bias" and self.selection == "expert_choice"), p + "balance",
+                 "'bias' needs token choice (top_k or top_p): under expert_choice every expert takes exactly its "
+                 "capacity, so there is no load to balance")
         if self.scorer == "self_routing":
             _require(_is_int(self.self_routing_offset) and self.self_routing_offset >= 0, p + "self_routing_offset",
                      f"must be a non-negative integer, got {self.self_routing_offset!r}")
@@ -141,7 +153,12 @@ class MoEConfig:
             return True
         if self.selection == "expert_choice":
             return False
-        return self.aux_loss_coeff > 0 or (self.selection == "top_p" and self.top_p_entropy_coeff > 0)
+        return self.load_balancing_coeff > 0 or (self.selection == "top_p" and self.top_p_entropy_coeff > 0)
+
+    @property
+    def load_balancing_coeff(self) -> float:
+        """The weight of the load-balancing loss: aux_loss_coeff under `balance: aux`, 0 under `bias` and `none`."""
+        return self.aux_loss_coeff if self.balance == "aux" else 0.0
 
     @property
     def expert_width(self) -> int:

@@ -102,6 +102,10 @@ class MoELayer(nn.Module):
         mark_expert_parameters(self.experts.parameters())
         if self.scorer_is_sharded:
             mark_expert_parameters(self.scorer.parameters())
+        if cfg.balance == "bias":
+            # Replicated on every rank; moved after each optimiser step from the step's global counts
+            # (aoe_ep.moe.balance); no gradient.
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
 
     def _check(self, nonfinite, layout_count) -> None:
         """`input_check = "raise"`: a ValueError for non-finite input. Where the dispatcher exchanged the count
@@ -132,7 +136,8 @@ class MoELayer(nn.Module):
         scores = self.scorer(xs_SD)
         s_dec_SE = d.all_expert_scores(scores.s_TE, layout)
         decision = decide(s_dec_SE, cfg, expert_choice=partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
-                                                               layout=layout))
+                                                               layout=layout),
+                          bias_E=getattr(self, "expert_bias", None))
         rows, state, s_SX = d.dispatch(x_TD, xs_SD, scores, decision, layout)
         s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
         probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate)

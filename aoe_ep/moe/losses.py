@@ -40,10 +40,11 @@ def load_balancing_loss(probs_own_TE: torch.Tensor, sums: BatchSums, coeff: floa
 
 def aux_loss(cfg: MoEConfig, probs_own_TE: torch.Tensor, entropy_own_T: torch.Tensor, sums: BatchSums) -> torch.Tensor:
     """The layer's auxiliary loss for its selection strategy over the EP group's batch; expert choice needs none
-    (Zhou et al., 2022). `*_own` are this rank's tokens, `sums` the global detached sums."""
+    (Zhou et al., 2022), and the load-balancing term applies only under `moe.balance: aux`. `*_own` are this rank's
+    tokens, `sums` the global detached sums."""
     if cfg.selection == "expert_choice":
         return probs_own_TE.sum() * 0.0
-    loss = load_balancing_loss(probs_own_TE, sums, cfg.aux_loss_coeff)
+    loss = load_balancing_loss(probs_own_TE, sums, cfg.load_balancing_coeff)
     if cfg.selection == "top_p":
         entropy = _global_value(entropy_own_T.sum(), sums.entropy_sum.to(entropy_own_T.dtype))
         loss = loss + cfg.top_p_entropy_coeff * entropy / max(sums.num_tokens, 1)

@@ -95,15 +95,20 @@ def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tens
 
 
 def decide(s_TE: torch.Tensor, cfg: MoEConfig,
-           expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None) -> Decision:
+           expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None,
+           bias_E: Optional[torch.Tensor] = None) -> Decision:
     """Which experts process which token under `cfg.selection`, from the scores s_TE [tokens, all n experts]
     (no gradient: the decision is discrete; scores are ranked in at least fp32).
 
     Token choice needs only each token's row; expert choice ranks tokens over the whole batch, so a dispatcher whose
     rows are not the whole batch passes `expert_choice`, mapping these rows' probabilities to their decision.
+    `bias_E` (`moe.balance: bias`, DeepSeek-V3's balancing bias) is added to the scores for this decision only:
+    top-K ranks s + b, top-P the softmax of s + b; gates and losses keep the unbiased scores.
     """
     with torch.no_grad():
         s_TE = at_least_fp32(s_TE.detach())
+        if bias_E is not None:
+            s_TE = s_TE + bias_E.to(s_TE.dtype)
         if cfg.selection == "top_k":
             order_TK = top_k_order(s_TE, cfg.top_k)
             mask_TE = torch.zeros_like(s_TE, dtype=torch.bool).scatter_(1, order_TK, True)

@@ -29,6 +29,7 @@ import yaml
 from aoe_ep.config import Config, ConfigError
 from aoe_ep.model import Decoder, init_parameters, token_cross_entropy
 from aoe_ep.moe import MoELayer
+from aoe_ep.moe.balance import bias_scalars, step_token_counts, update_expert_biases
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.consistency import check_ranks_agree
@@ -124,6 +125,7 @@ class Trainer:
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         for layer in self.moe_layers:  # non-finite input flows on and is reported; the step guard decides
             layer.input_check = "flag"
+        self.bias_balancing = any(layer.cfg.balance == "bias" for layer in self.moe_layers)
         self.dp = DataParallelModel(model, rt, cfg.train.dense_parallel)
         self.optimizer = build_optimizer(model, cfg.train, rt.device, allow_apex=self.dp.kind != "fsdp")
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -270,12 +272,17 @@ class Trainer:
             infos.append(out.moe)
         self.dp.reduce_expert_grads()
         grad_norm = self.dp.clip_grad_norm_(self.cfg.train.grad_clip)
-        # The one world-wide reduction of the step: the losses, and the flags every rank's verdict is read from.
-        reduced = all_reduce_(health.packed(sums / plan.num_micro_batches, grad_norm))
-        v = verdict(reduced, rt.world_size, rt.ep_size)
+        # The one world-wide reduction of the step: the losses, the flags every rank's verdict is read from and,
+        # under `moe.balance: bias`, the step's expert counts (each EP rank holds its group's: ep_size times each).
+        packed = health.packed(sums / plan.num_micro_batches, grad_norm)
+        counts_LE = step_token_counts(infos, self.moe_layers, rt.device) if self.bias_balancing else None
+        reduced = all_reduce_(packed if counts_LE is None else torch.cat([packed, counts_LE.flatten()]))
+        v = verdict(reduced[:packed.numel()], rt.world_size, rt.ep_size)
         self.scheduler.step(1)
         if v.good:
             self.optimizer.step()
+            if counts_LE is not None:
+                update_expert_biases(self.moe_layers, reduced[packed.numel():].view_as(counts_LE) / rt.ep_size)
             for micro_infos in infos:
                 self.moe_stats.add(micro_infos, timed)
         self.step += 1
@@ -333,6 +340,7 @@ class Trainer:
         if self.peak_flops:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
         scalars.update(moe_scalars(stats, timing, self.runtime.ep_size))
+        scalars.update(bias_scalars(self.moe_layers))
         scalars.update(comm)
         self.logger.log(self.step, scalars)
 

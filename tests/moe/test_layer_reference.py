@@ -69,8 +69,9 @@ def _entropy(p):
     return -(p * torch.log(p)).sum()
 
 
-def reference_forward(cfg, params, x):
-    """Returns y (shape of x), aux loss (0-dim), stats (dict of python / torch values), masks (list of sets)."""
+def reference_forward(cfg, params, x, bias=None):
+    """Returns y (shape of x), aux loss (0-dim), stats (dict of python / torch values), masks (list of sets).
+    `bias` (n floats, `moe.balance: bias`) shifts the scores for the selection only."""
     n, K, d = cfg.num_experts, cfg.top_k, cfg.d_model
     lead = x.shape[:-1]
     xt = x.reshape(-1, d)
@@ -108,6 +109,10 @@ def reference_forward(cfg, params, x):
     probs = [_softmax(s) for s in scores]
     sv = [s.detach().tolist() for s in scores]
     pv = [p.detach().tolist() for p in probs]
+    stats_sv, stats_pv = sv, pv
+    if bias is not None:  # the selection ranks s + b (top-P: the softmax of s + b); nothing else sees the bias
+        sv = [[v + b for v, b in zip(row, bias)] for row in sv]
+        pv = [[math.exp(v - max(row)) / sum(math.exp(u - max(row)) for u in row) for v in row] for row in sv]
 
     # 3. selection (sets of expert indices per token)
     masks = [set() for _ in range(T)]
@@ -173,7 +178,7 @@ def reference_forward(cfg, params, x):
             f_i = counts[i] / T
             p_bar = sum(probs[t][i] for t in range(T)) / T
             aux = aux + f_i * p_bar
-        aux = cfg.aux_loss_coeff * n * aux
+        aux = (cfg.aux_loss_coeff if cfg.balance == "aux" else 0.0) * n * aux
         if cfg.selection == "top_p":
             h = sum(_entropy(probs[t]) for t in range(T)) / T
             aux = aux + cfg.top_p_entropy_coeff * h
@@ -182,6 +187,7 @@ def reference_forward(cfg, params, x):
     total = sum(counts)
     load = [c / total for c in counts] if total > 0 else [0.0] * n
     ent_load = -sum(l * math.log(l) for l in load if l > 0)
+    sv, pv = stats_sv, stats_pv
     ent_conf = sum(-sum(p * math.log(p) for p in pv[t] if p > 0) for t in range(T)) / T
     stats = {
         "tokens_per_expert": counts,
@@ -246,8 +252,10 @@ def _close(got, want, what, dtype_hint=None):
     torch.testing.assert_close(got_t.to(torch.float64), want_t, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def run_and_compare(cfg, shape, seed, g_scale=1.0):
+def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None):
     layer = build_layer(cfg, seed)
+    if bias is not None:
+        layer.expert_bias.copy_(torch.tensor(bias))
     gen = torch.Generator().manual_seed(seed + 1)
     x0 = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * X_SCALE[cfg.scorer]
     g = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * g_scale
@@ -265,7 +273,7 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0):
     # reference, on detached copies of the same parameters
     ref_params = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
     x_ref = x0.clone().requires_grad_(True)
-    y_ref, aux_ref, stats_ref, masks = reference_forward(cfg, ref_params, x_ref)
+    y_ref, aux_ref, stats_ref, masks = reference_forward(cfg, ref_params, x_ref, bias)
     loss_ref = (y_ref * g).sum() + aux_ref
     names = sorted(ref_params)
     ref_grads = torch.autograd.grad(loss_ref, [x_ref] + [ref_params[k] for k in names], allow_unused=True)

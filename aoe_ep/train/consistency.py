@@ -2,6 +2,10 @@
 one node, a different `--set`) or other package versions would train another model, or hang in a collective whose
 shapes differ. At start-up the ranks compare one hash of their config and versions; on a mismatch they exchange the
 texts and every rank raises the same `ConfigError` naming what differs and on which ranks.
+
+State that every rank holds as one replica and updates by itself (the balancing biases of `moe.balance: bias`) is
+compared the same way before it is checkpointed: DCP writes a replicated tensor from one rank only, so a rank that
+had drifted would otherwise be overwritten silently on the next resume.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import yaml
 
 import aoe_ep
 from aoe_ep.config import Config, ConfigError
+from aoe_ep.train.guards import TrainingError
 
 PACKAGE_DIR = Path(aoe_ep.__file__).resolve().parent
 
@@ -101,3 +106,26 @@ def describe_differences(identities: list[dict]) -> str:
         parts.append(f"{key}: {where}")
     return (" | ".join(parts) + " -- the ranks were started with different configurations or package versions; "
             "start every node with the same config, overrides and installation")
+
+
+def check_replicas_agree(named: dict[str, torch.Tensor], group=None) -> None:
+    """Collective over `group` (default: the world): every rank holds bit-identical values of the replicated tensors
+    `named`, else every rank raises the same TrainingError naming the tensors that differ and the ranks."""
+    world = dist.get_world_size(group)
+    if world == 1 or not named:
+        return
+    flat = torch.cat([t.detach().reshape(-1).double() for t in named.values()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat, group=group)
+    if all(torch.equal(g, gathered[0]) for g in gathered):
+        return
+    parts, start = [], 0
+    for name, t in named.items():
+        end = start + t.numel()
+        ranks = [r for r in range(1, world) if not torch.equal(gathered[r][start:end], gathered[0][start:end])]
+        if ranks:
+            parts.append(f"{name} differs from rank 0's on rank{'s' if len(ranks) > 1 else ''} "
+                         f"{', '.join(map(str, ranks))}")
+        start = end
+    raise TrainingError("; ".join(parts) + " -- state that every rank updates as one replica has diverged; not "
+                        "checkpointing it")

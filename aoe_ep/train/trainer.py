@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from aoe_ep.config import Config, ConfigError
+from aoe_ep.config import Config, ConfigError, ModelConfig, MoEConfig
 from aoe_ep.model import Decoder, init_parameters, token_cross_entropy
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.balance import bias_scalars, step_token_counts, update_expert_biases
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
-from aoe_ep.train.consistency import check_ranks_agree
+from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
 from aoe_ep.train.guards import BadStepCounter, StepHealth, verdict
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
@@ -202,9 +202,16 @@ class Trainer:
         saved = yaml.safe_load((path / "config.yaml").read_text())
         now = dataclasses.asdict(self.cfg)
         free = {("moe", "dispatcher"), ("model", "max_seq_len")}
-        diffs = [f"{section}.{key}: {(saved.get(section) or {}).get(key)!r} in the checkpoint, {value!r} now"
+        # a field added after the checkpoint was written (`moe.balance`) reads there as its default
+        defaults = {"model": {f.name: f.default for f in dataclasses.fields(ModelConfig)},
+                    "moe": {f.name: f.default for f in dataclasses.fields(MoEConfig)}}
+
+        def stored(section: str, key: str):
+            return (saved.get(section) or {}).get(key, defaults[section].get(key))
+
+        diffs = [f"{section}.{key}: {stored(section, key)!r} in the checkpoint, {value!r} now"
                  for section in ("model", "moe") for key, value in (now.get(section) or {}).items()
-                 if (section, key) not in free and (saved.get(section) or {}).get(key) != value]
+                 if (section, key) not in free and stored(section, key) != value]
         if (saved.get("moe") is None) != (now.get("moe") is None):
             diffs.append("moe: present in only one of the checkpoint and the config")
         if diffs:
@@ -347,6 +354,9 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (collective). None if that step's checkpoint already exists."""
         rt = self.runtime
+        if self.bias_balancing:
+            check_replicas_agree({f"MoE layer {i} expert_bias": layer.expert_bias
+                                  for i, layer in enumerate(self.moe_layers)})
         progress = {"step": self.step, "consumed_samples": self.consumed_samples}
         state = ckpt.training_state(self.dp.model, self.optimizer, self.scheduler, progress, rt)
         meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,

@@ -1,7 +1,7 @@
 """`moe.balance: bias` in training: the bias moves after every applied step from the step's global counts, is logged,
 survives checkpoints (a resumed run equals the uninterrupted one bit for bit), and on 2 gloo ranks at EP 2 (both
 dispatchers; DDP, which broadcasts buffers, and FSDP2) it is the same on every rank and equal to one process's,
-as are the outputs and gradients of a layer with a bias."""
+as are the outputs and gradients of a layer with a bias; replicas that drift apart stop every rank at a save."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ EP_RUNS = {"allgather_ddp": ("moe.dispatcher=allgather", "train.dense_parallel=d
 
 
 def _biases(trainer: Trainer) -> list[torch.Tensor]:
-    return [layer.expert_bias.clone() for layer in trainer.moe_layers]
+    return [layer.expert_bias.clone() for layer in trainer.moe_layers if layer.cfg.balance == "bias"]
 
 
 def _run(cfg, resume=None) -> dict:
@@ -114,7 +114,18 @@ def _worker(rank: int, world: int, tmp_path) -> dict:
         out = _run(small_config(tmp_path / name, *BIAS, *LEAN, "parallel.expert_parallel_size=2",
                                 "train.micro_batch_size=1", *overrides))
         runs[name] = {"biases": out["biases"], "losses": [r.loss for r in out["history"]]}
-    return {"layers": layers, "runs": runs}
+    # the check a save runs: replicas that agree pass, one that drifted by one ulp stops every rank
+    from aoe_ep.train.consistency import check_replicas_agree
+    from aoe_ep.train.guards import TrainingError
+
+    same = torch.linspace(-1.0, 1.0, 4)
+    check_replicas_agree({"a": same, "b": same})
+    try:
+        check_replicas_agree({"a": same, "b": same if rank == 0 else torch.nextafter(same, same + 1)})
+        refused = None
+    except TrainingError as err:
+        refused = str(err)
+    return {"layers": layers, "runs": runs, "refused": refused}
 
 
 def test_bias_under_expert_parallelism_equals_one_device(tmp_path):
@@ -132,7 +143,34 @@ def test_bias_under_expert_parallelism_equals_one_device(tmp_path):
             for got, want, other in zip(run["biases"], single["biases"], per_rank[1 - rank]["runs"][name]["biases"]):
                 assert torch.equal(got, want) and torch.equal(got, other), (rank, name)
 
+    assert per_rank[0]["refused"] == per_rank[1]["refused"]
+    assert per_rank[0]["refused"].startswith("b differs from rank 0's on rank 1 -- ")
+
     # the EP 2 checkpoint (step 4, DDP) loads its bias into one process
     with Trainer(small_config(tmp_path / "allgather_ddp", *BIAS, *LEAN), resume="latest",
                  data=BUILDERS) as trainer:
         assert all(torch.equal(a, b) for a, b in zip(_biases(trainer), single["biases"]))
+
+
+def test_checkpoint_from_before_moe_balance_resumes_as_aux_and_not_as_bias(tmp_path):
+    """A checkpoint whose config.yaml predates `moe.balance` reads as the default `aux`: it resumes under `aux` and
+    is refused, naming the field, under `bias` (whose buffers it lacks)."""
+    import yaml
+
+    from aoe_ep.train.checkpoint import CheckpointError
+    from aoe_ep.train.checkpoint_integrity import file_sha256
+
+    lean = ("train.max_steps=2", "train.save_interval=2", "train.eval_at_start=false")
+    _run(small_config(tmp_path, *lean))
+    path = tmp_path / "run" / "checkpoints" / "step_00000002"
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    del saved["moe"]["balance"], saved["moe"]["balance_rate"]
+    (path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["sha256"]["config.yaml"] = file_sha256(path / "config.yaml").hex()
+    (path / "meta.json").write_text(json.dumps(meta))
+
+    with Trainer(small_config(tmp_path, *lean), resume="latest", data=BUILDERS) as trainer:
+        assert trainer.step == 2
+    with pytest.raises(CheckpointError, match=r"moe\.balance: 'aux' in the checkpoint, 'bias' now"):
+        Trainer(small_config(tmp_path, *lean, "moe.balance=bias"), resume="latest", data=BUILDERS)

@@ -35,8 +35,8 @@ from aoe_ep.train.consistency import check_ranks_agree
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
 from aoe_ep.train.guards import BadStepCounter, StepHealth, verdict
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
-from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, moe_scalars, peak_memory_bytes,
-                                  progress_bar)
+from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, load_heatmap, moe_scalars,
+                                  peak_memory_bytes, progress_bar)
 from aoe_ep.train.optim import build_optimizer, build_scheduler
 from aoe_ep.train.parallelize import DataParallelModel
 from aoe_ep.train.validation import autocast, autocast_dtype, num_validation_batches, validation_sums
@@ -143,7 +143,11 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg, self.plan.seq_len)
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()
-        self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None)
+        run_info = {"world_size": rt.world_size, "expert_parallel_size": rt.ep_size,
+                    "micro_batch_size": self.plan.micro_batch_size, "num_micro_batches": self.plan.num_micro_batches,
+                    "seq_len": self.plan.seq_len, "precision": str(self.autocast_dtype or torch.float32)}
+        self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None,
+                                config_yaml=self._config_yaml(), run_info=run_info)
         if resume_path is not None and self.step < cfg.train.max_steps:
             self._settle_ddp_buckets()
 
@@ -334,7 +338,7 @@ class Trainer:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
         scalars.update(moe_scalars(stats, timing, self.runtime.ep_size))
         scalars.update(comm)
-        self.logger.log(self.step, scalars)
+        self.logger.log(self.step, scalars, images={"moe/load_heatmap": load_heatmap(stats)} if stats else None)
 
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (collective). None if that step's checkpoint already exists."""
@@ -344,10 +348,12 @@ class Trainer:
         meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,
                     skipped_steps=self.bad_steps.skipped,
                     consumed_tokens=self.consumed_samples * self.plan.seq_len)
-        config_yaml = yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, config_yaml,
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, self._config_yaml(),
                                     keep=self.cfg.train.keep_checkpoints)
         return path if path is not None else self.ckpt_root / ckpt.step_name(self.step)
+
+    def _config_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
 
     def _announce(self, stop: int) -> None:
         if not self.runtime.is_main:

@@ -20,6 +20,7 @@ from aoe_ep.analysis.comm_expected import expected_bytes_per_step  # noqa: E402
 from aoe_ep.analysis.run_log import RunLog  # noqa: E402
 
 DPI = 90
+LOAD_CMAP = "coolwarm"  # load × E from 0 (blue, idle) through 1 (white-grey, balanced) to 2 or more (red)
 PANEL_W, PANEL_H = 5.2, 2.4
 
 # Optional per-layer scalars other parts of the trainer may log, with their axis labels.
@@ -40,13 +41,13 @@ def score_label(scorer: Optional[str]) -> str:
 
 
 def _save(fig, out_dir: Path, file: str) -> None:
-    fig.savefig(out_dir / file, dpi=DPI, bbox_inches="tight")
+    fig.savefig(out_dir / file, dpi=DPI)
     plt.close(fig)
 
 
-def _grid(rows: int, cols: int, sharey: bool | str = False, layout: Optional[str] = None):
+def _grid(rows: int, cols: int, sharey: bool | str = False):
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL_W * cols, PANEL_H * rows), squeeze=False, sharey=sharey,
-                             layout=layout)
+                             layout="constrained")
     return fig, axes
 
 
@@ -104,7 +105,7 @@ def _annotate(ax, matrix: np.ndarray) -> None:
     if matrix.shape[0] * matrix.shape[1] > 128:
         return
     for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 1.2 else "k")
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
 
 
 def load_heatmaps_figure(runs: list[RunLog], out_dir: Path, steps: Optional[Sequence[int]]) -> Optional[Figure]:
@@ -112,8 +113,8 @@ def load_heatmaps_figure(runs: list[RunLog], out_dir: Path, steps: Optional[Sequ
     if not any(per_run):
         return None
     rows = max(len(p) for p in per_run)
-    vmax = max(2.0, max(float(m.max()) for p in per_run for _, m in p if m is not None))
-    fig, axes = _grid(rows, len(runs), layout="constrained")
+    vmax = 2.0  # load × E: 1 (balanced) in the middle of the diverging colour map; above 2 saturates
+    fig, axes = _grid(rows, len(runs))
     image = None
     for col, (run, cells) in enumerate(zip(runs, per_run)):
         for row in range(rows):
@@ -122,7 +123,7 @@ def load_heatmaps_figure(runs: list[RunLog], out_dir: Path, steps: Optional[Sequ
                 ax.axis("off")
                 continue
             step, matrix = cells[row]
-            image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+            image = ax.imshow(matrix, cmap=LOAD_CMAP, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
             _annotate(ax, matrix)
             ax.set_title(f"{run.name}: step {step}", fontsize=9)
             ax.set_xlabel("expert")
@@ -133,16 +134,18 @@ def load_heatmaps_figure(runs: list[RunLog], out_dir: Path, steps: Optional[Sequ
     _save(fig, out_dir, "load_heatmaps.png")
     return Figure("load_heatmaps.png", "Load per layer and expert at chosen steps",
                   "Share of the routed (token, expert) rows each expert took in the logging window ending at that "
-                  "step, times the number of experts: 1 is a perfectly balanced expert, 0 an idle one.")
+                  "step, times the number of experts: 1 (grey) is a perfectly balanced expert, 0 (blue) an idle "
+                  "one, 2 or more (red) twice its share.")
 
 
 def _layer_grid(runs: list[RunLog], metric: str, draw: Callable, out_dir: Path, file: str,
                 sharey: bool | str = "row") -> bool:
-    """One row per layer, one column per run; `draw(ax, run, steps, values)` fills a panel."""
-    per_run = [r.layer_series(metric) for r in runs]
-    layers = sorted({layer for p in per_run for layer in p})
-    if not layers:
+    """One row per layer, one column per run that logged `metric`; `draw(ax, run, steps, values)` fills a panel."""
+    logged = [(r, series) for r in runs if (series := r.layer_series(metric))]
+    if not logged:
         return False
+    runs, per_run = [r for r, _ in logged], [series for _, series in logged]
+    layers = sorted({layer for p in per_run for layer in p})
     fig, axes = _grid(len(layers), len(runs), sharey=sharey)
     for col, (run, series) in enumerate(zip(runs, per_run)):
         for row, layer in enumerate(layers):
@@ -154,7 +157,6 @@ def _layer_grid(runs: list[RunLog], metric: str, draw: Callable, out_dir: Path, 
             ax.set_title(f"{run.name}: layer {layer}", fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("step")
-    fig.tight_layout()
     _save(fig, out_dir, file)
     return True
 
@@ -172,13 +174,13 @@ def _heatmap_over_steps(ax, matrix_SE: np.ndarray, steps: Sequence[int], cmap: s
 def load_over_training_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
     def draw(ax, run, steps, values):
         matrix = np.stack([_relative_load(v) for v in values])
-        _heatmap_over_steps(ax, matrix, steps, "viridis", 0.0, max(2.0, float(matrix.max())), "load × E")
+        _heatmap_over_steps(ax, matrix, steps, LOAD_CMAP, 0.0, 2.0, "load × E")
 
     if not _layer_grid(runs, "load", draw, out_dir, "load_over_training.png", sharey=False):
         return None
     return Figure("load_over_training.png", "Load per expert over training (AoE paper, Fig. 3)",
                   "Per layer (rows) and run (columns): each expert's load × E in every logging window; a "
-                  "horizontal band that stays bright is an expert that keeps more than its share.")
+                  "band that stays red is an expert that keeps more than its share, a blue one an expert left idle.")
 
 
 def device_load_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
@@ -224,6 +226,7 @@ def _lines_per_layer(runs: list[RunLog], metrics: Sequence[tuple[str, str]], out
     present = [(m, label) for m, label in metrics if any(r.layer_series(m) for r in runs)]
     if not present:
         return False
+    runs = [r for r in runs if any(r.layer_series(m) for m, _ in present)]
     fig, axes = _grid(len(present), len(runs), sharey="row")
     for col, run in enumerate(runs):
         for row, (metric, label) in enumerate(present):
@@ -232,19 +235,18 @@ def _lines_per_layer(runs: list[RunLog], metrics: Sequence[tuple[str, str]], out
             if not series:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="0.5")
             for layer, (steps, values) in series.items():
-                ax.plot(steps, values, color=plt.cm.viridis(layer / max(1, len(run.layers()) - 1)),
+                ax.plot(steps, values, color=plt.cm.viridis(0.85 * layer / max(1, len(run.layers()) - 1)),
                         label=f"layer {layer}")
             ref = reference(run, metric) if reference else None
             if ref is not None:
                 ax.axhline(ref, color="k", ls=":", lw=0.8)
             ax.set_title(f"{run.name}: {label}", fontsize=9)
-            ax.set_ylabel(label.split(" (")[0])
+            ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
             if series and len(series) <= 12:
                 ax.legend(fontsize=7, ncol=2)
     for ax in axes[-1]:
         ax.set_xlabel("step")
-    fig.tight_layout()
     _save(fig, out_dir, file)
     return True
 
@@ -266,7 +268,8 @@ def scores_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
     def draw(ax, run, steps, values):
         matrix = np.asarray(values, dtype=float)
         for e in range(matrix.shape[1]):
-            ax.plot(steps, matrix[:, e], color=plt.cm.tab20(e % 20), lw=1.0, label=f"expert {e}")
+            colour = plt.cm.tab10(e) if matrix.shape[1] <= 10 else plt.cm.turbo(e / (matrix.shape[1] - 1))
+            ax.plot(steps, matrix[:, e], color=colour, lw=1.0, label=f"expert {e}")
         ax.set_ylabel(score_label(run.scorer), fontsize=8)
         ax.grid(alpha=0.3)
         if matrix.shape[1] <= 16:
@@ -324,7 +327,6 @@ def wait_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, out_dir, "wait.png")
     return Figure("wait.png", "Measured wait against what the load predicts",
                   "Wall-clock seconds of the logged step in the experts and in the combine collective (where the "
@@ -338,7 +340,9 @@ def comm_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
     runs_with = [r for r in runs if any(k.startswith(prefix) for rec in r.records.values() for k in rec)]
     if not runs_with:
         return None
-    fig, axes = _grid(1, len(runs_with))
+    most = max(len({k for rec in r.records.values() for k in rec if k.startswith(prefix)}) for r in runs_with)
+    fig, axes = plt.subplots(1, len(runs_with), figsize=(max(PANEL_W, 0.9 * most + 1.5) * len(runs_with), 4.2),
+                             squeeze=False, layout="constrained")
     for col, run in enumerate(runs_with):
         ax = axes[0, col]
         names = sorted({k[len(prefix):] for rec in run.records.values() for k in rec if k.startswith(prefix)})
@@ -350,13 +354,17 @@ def comm_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
         x = np.arange(len(names))
         for j, (label, values) in enumerate(bars):
             ax.bar(x + (j - (len(bars) - 1) / 2) * width, values, width, label=label, color=f"C{j}")
+        if len(bars) > 1:  # measured / the first model, above each group
+            for i, (m, e) in enumerate(zip(measured, bars[1][1])):
+                if e > 0:
+                    ax.text(x[i], max(m, e) * 1.4, f"{m / e:.2f}×", ha="center", fontsize=7)
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
         ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * 4)
         ax.set_ylabel("bytes per step (rank 0)")
-        ax.set_title(f"{run.name}: bytes per collective", fontsize=9)
-        ax.grid(alpha=0.3, axis="y", which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_title(f"{run.name}: bytes per collective; labels: measured / uniform model", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="best")
     _save(fig, out_dir, "comm.png")
     return Figure("comm.png", "Bytes per collective against the communication model",
                   "Bytes rank 0 sent per step in each MoE collective (dispatchers' counters, fwd and bwd) next to "

@@ -110,13 +110,13 @@ HEATMAP_MAX_RELATIVE_LOAD = 2.0
 
 def load_heatmap(stats: list[LoadStats]) -> np.ndarray:
     """[H, W, 3] uint8 image of the layer × expert load (rows: layers from the top, columns: experts), coloured by
-    load × E on viridis from 0 to `HEATMAP_MAX_RELATIVE_LOAD`; each cell a block of pixels, so that tensorboard
+    load × E on a diverging map (blue 0, grey 1 = balanced, red `HEATMAP_MAX_RELATIVE_LOAD` or more); each cell a block of pixels, so that tensorboard
     shows it at a readable size without a plotting library in the training loop."""
     from matplotlib import colormaps
 
     load_LE = torch.stack([s.load for s in stats]).double()
     relative_LE = (load_LE * load_LE.shape[1] / HEATMAP_MAX_RELATIVE_LOAD).clamp(0.0, 1.0).numpy()
-    rgb_LE3 = (colormaps["viridis"](relative_LE)[..., :3] * 255).round().astype(np.uint8)
+    rgb_LE3 = (colormaps["coolwarm"](relative_LE)[..., :3] * 255).round().astype(np.uint8)
     cell_h = max(4, 96 // load_LE.shape[0])
     cell_w = max(4, 256 // load_LE.shape[1])
     return np.repeat(np.repeat(rgb_LE3, cell_h, axis=0), cell_w, axis=1)

@@ -24,12 +24,14 @@ from aoe_ep.train.distributed import Runtime, all_reduce_
 
 
 class MoEStatsAccumulator:
-    """Per layer: Σ tokens_per_expert, Σ token entropy, Σ score per expert, Σ tokens, and this rank's seconds in
-    expert compute and in the combine collective (`MoEInfo.timing`) of the micro-batches added with `timed`: the
-    layers synchronise the accelerator for their timing only on those (the trainer's logging steps)."""
+    """Per layer: Σ tokens_per_expert, Σ token entropy, Σ score per expert, Σ tokens, Σ score margin and the tokens
+    that have one, and this rank's seconds in expert compute and in the combine collective (`MoEInfo.timing`) of the
+    micro-batches added with `timed`: the layers synchronise the accelerator for their timing only on those (the
+    trainer's logging steps)."""
 
     def __init__(self) -> None:
-        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 2] float64: counts, score sums, entropy sum, tokens
+        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 4] float64: counts, score sums, entropy sum, tokens,
+        #                                            margin sum, margin tokens
         self.seconds: Optional[torch.Tensor] = None  # [L, 2] float64: expert, combine
 
     def add(self, infos: list[MoEInfo], timed: bool = True) -> None:
@@ -40,7 +42,9 @@ class MoEStatsAccumulator:
             s = info.stats
             n = float(s.num_tokens)
             rows.append(torch.cat([s.tokens_per_expert.double(), s.score_mean.double() * n,
-                                   (s.ent_conf.double() * n).view(1), s.ent_conf.new_full((1,), n).double()]))
+                                   (s.ent_conf.double() * n).view(1), s.ent_conf.new_full((1,), n).double(),
+                                   (s.score_margin.double() * s.margin_tokens).view(1),
+                                   s.margin_tokens.double().view(1)]))
         sums = torch.stack(rows)
         self.sums = sums if self.sums is None else self.sums + sums
         if timed:
@@ -59,12 +63,14 @@ class MoEStatsAccumulator:
         seconds = (self.seconds if self.seconds is not None else torch.zeros(sums.shape[0], 2)).to(runtime.device)
         hi = all_reduce_(seconds.clone(), op=dist.ReduceOp.MAX)
         lo = all_reduce_(seconds.clone(), op=dist.ReduceOp.MIN)
-        num_experts = (sums.shape[1] - 2) // 2
+        num_experts = (sums.shape[1] - 4) // 2
         stats = []
         for row in sums.cpu():
             counts, score_sum = row[:num_experts], row[num_experts:2 * num_experts]
             entropy_sum, tokens = row[2 * num_experts], int(row[2 * num_experts + 1])
-            stats.append(LoadStats.from_counts(counts.round().long(), entropy_sum, score_sum, tokens))
+            margin_sum, margin_tokens = row[2 * num_experts + 2], row[2 * num_experts + 3].round().long()
+            stats.append(LoadStats.from_counts(counts.round().long(), entropy_sum, score_sum, tokens, margin_sum,
+                                               margin_tokens))
         self.sums = self.seconds = None
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 

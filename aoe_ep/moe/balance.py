@@ -53,7 +53,13 @@ def update_expert_biases(layers: Sequence[MoELayer], counts_LE: torch.Tensor) ->
             layer.expert_bias.copy_(bias_update(layer.expert_bias, counts_E, layer.cfg.balance_rate))
 
 
-def bias_scalars(layers: Sequence[MoELayer]) -> dict[str, float]:
-    """Log tags: per biased layer the largest |b_i| (`moe/layerNN/bias_max_abs`, NN its index among `layers`)."""
-    return {f"moe/layer{i:02d}/bias_max_abs": float(layer.expert_bias.abs().max())
-            for i, layer in enumerate(layers) if layer.cfg.balance == "bias"}
+def bias_scalars(layers: Sequence[MoELayer]) -> dict[str, float | list[float]]:
+    """Log values per biased layer (NN its index among `layers`): `moe/layerNN/bias`, the n biases as a list, and
+    `moe/layerNN/bias_max_abs`, the largest |b_i|."""
+    out: dict[str, float | list[float]] = {}
+    for i, layer in enumerate(layers):
+        if layer.cfg.balance == "bias":
+            bias_E = layer.expert_bias.detach().cpu()
+            out[f"moe/layer{i:02d}/bias"] = bias_E.tolist()
+            out[f"moe/layer{i:02d}/bias_max_abs"] = float(bias_E.abs().max())
+    return out

@@ -44,8 +44,11 @@ def test_layer_biases_move_with_the_counts_of_all_micro_batches():
     update_expert_biases(layers, counts_LE)
     for layer, counts in zip(layers, expected):
         assert layer.expert_bias.tolist() == pytest.approx(_direct([0.0] * 4, counts, 0.5))
-    assert bias_scalars(layers) == {f"moe/layer{i:02d}/bias_max_abs": pytest.approx(
-        max(abs(b) for b in _direct([0.0] * 4, counts, 0.5))) for i, counts in enumerate(expected)}
+    logged = bias_scalars(layers)
+    assert set(logged) == {f"moe/layer{i:02d}/{key}" for i in range(2) for key in ("bias", "bias_max_abs")}
+    for i, counts in enumerate(expected):
+        assert logged[f"moe/layer{i:02d}/bias"] == pytest.approx(_direct([0.0] * 4, counts, 0.5))
+        assert logged[f"moe/layer{i:02d}/bias_max_abs"] == max(abs(b) for b in _direct([0.0] * 4, counts, 0.5))
 
 
 @pytest.mark.parametrize("selection", ["top_k", "top_p"])

@@ -139,15 +139,18 @@ class MoELayer(nn.Module):
         xs_SD = d.scored_tokens(x_TD, layout)
         scores = self.scorer(xs_SD)
         s_dec_SE = d.all_expert_scores(scores.s_TE, layout)
+        bias_E = getattr(self, "expert_bias", None)
         decision = decide(s_dec_SE, cfg, expert_choice=partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
                                                                layout=layout),
-                          bias_E=getattr(self, "expert_bias", None))
+                          bias_E=bias_E)
         rows, state, s_SX = d.dispatch(x_TD, xs_SD, scores, decision, layout)
         s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
         probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate)
         entropy_S = token_entropy(s_SE, probs_SE)
-        # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded.
-        margin_S = None if cfg.selection == "expert_choice" else selection_margin(s_dec_SE, decision.mask_SE)
+        # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded. The
+        # margin is that of the scores the decision ranked (biased under `moe.balance: bias`), so it is never negative.
+        ranked_SE = s_dec_SE if bias_E is None else s_dec_SE.detach() + bias_E
+        margin_S = None if cfg.selection == "expert_choice" else selection_margin(ranked_SE, decision.mask_SE)
         sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S)
         own = d.own_rows(layout)
         loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)

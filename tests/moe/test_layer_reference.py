@@ -110,9 +110,11 @@ def reference_forward(cfg, params, x, bias=None):
     sv = [s.detach().tolist() for s in scores]
     pv = [p.detach().tolist() for p in probs]
     stats_sv, stats_pv = sv, pv
+    ranked_sv = sv
     if bias is not None:  # the selection ranks s + b (top-P: the softmax of s + b); nothing else sees the bias
         sv = [[v + b for v, b in zip(row, bias)] for row in sv]
         pv = [[math.exp(v - max(row)) / sum(math.exp(u - max(row)) for u in row) for v in row] for row in sv]
+        ranked_sv = sv
 
     # 3. selection (sets of expert indices per token)
     masks = [set() for _ in range(T)]
@@ -199,12 +201,13 @@ def reference_forward(cfg, params, x, bias=None):
         "num_tokens": T,
     }
     # score margin: per token the weakest selected expert's score minus the strongest unselected one's (top-K: the
-    # K-th minus the (K+1)-th highest), over the tokens that have both; expert choice records none
+    # K-th minus the (K+1)-th highest) in the scores the selection ranked (s + b under a bias), over the tokens that
+    # have both; expert choice records none
     margins = []
     if cfg.selection != "expert_choice":
         for t in range(T):
-            inside = [sv[t][i] for i in masks[t]]
-            outside = [sv[t][i] for i in range(n) if i not in masks[t]]
+            inside = [ranked_sv[t][i] for i in masks[t]]
+            outside = [ranked_sv[t][i] for i in range(n) if i not in masks[t]]
             if inside and outside:
                 margins.append(min(inside) - max(outside))
     stats["score_margin"] = sum(margins) / len(margins) if margins else 0.0
@@ -267,6 +270,7 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None):
     layer = build_layer(cfg, seed)
     if bias is not None:
         layer.expert_bias.copy_(torch.tensor(bias))
+        bias = layer.expert_bias.tolist()  # the values the layer holds, as the reference must see them
     gen = torch.Generator().manual_seed(seed + 1)
     x0 = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * X_SCALE[cfg.scorer]
     g = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * g_scale

@@ -23,7 +23,6 @@ from typing import Sequence
 import torch
 
 EXACT_LIMIT = 20_000  # partitions searched exhaustively (about a second of Python at the limit)
-PLACEMENTS = ("contiguous", "balanced")
 
 
 @dataclass(frozen=True)

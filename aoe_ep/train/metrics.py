@@ -67,8 +67,11 @@ class MoEStatsAccumulator:
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
 
-def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int) -> dict[str, float]:
-    """Tensorboard tags for the MoE layers: per layer and expert, per device, and the idle-time sums."""
+def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
+                placements: Optional[list] = None) -> dict[str, float]:
+    """Tensorboard tags for the MoE layers: per layer and expert, per device (each layer's experts on the devices
+    of `placements[i]`, contiguous when absent), and the idle-time sums."""
+    placements = placements if placements is not None else [None] * len(stats)
     out: dict[str, float] = {}
     for i, s in enumerate(stats):
         prefix = f"moe/layer{i:02d}"
@@ -79,12 +82,12 @@ def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size
             out[f"{prefix}/load/expert{e}"] = load
             out[f"{prefix}/score_mean/expert{e}"] = score
         if ep_size > 1:
-            for k, load in enumerate(s.device_load(ep_size).tolist()):
+            for k, load in enumerate(s.device_load(ep_size, placements[i]).tolist()):
                 out[f"{prefix}/device_load/device{k}"] = load
-            out[f"{prefix}/device_max_minus_min"] = float(s.device_max_minus_min(ep_size))
+            out[f"{prefix}/device_max_minus_min"] = float(s.device_max_minus_min(ep_size, placements[i]))
     if stats:
         out["moe/idle_time"] = idle_time(stats)
-        out["moe/idle_time_device"] = idle_time(stats, num_devices=ep_size)
+        out["moe/idle_time_device"] = idle_time(stats, num_devices=ep_size, placements=placements)
     if seconds is not None:
         total = seconds.sum(dim=0)  # [2 (expert, combine), 2 (max, min)] summed over layers
         for j, name in enumerate(("expert", "combine")):

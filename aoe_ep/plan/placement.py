@@ -1,7 +1,7 @@
 """`aoe-ep plan --placement RUN_DIR`: what a balanced expert placement would gain on a run's measured load.
 
 The load is the run's latest checkpoint's record (`expert_load` in meta.json: the global tokens per expert since
-the checkpoint before it), or, without one, the per-expert load of its log.jsonl summed over the logged windows
+the checkpoint before it, recency-weighted as the trainer chooses its placement from), or, without one, the per-expert load of its log.jsonl summed over the logged windows
 (either format: `"moe/layer00/load": [..]` lists, or one scalar tag `moe/layer00/load/expert3` per expert). Per
 layer it prints the per-device max − min of that load under the contiguous split, under the placement the run
 used (when the checkpoint records it), and under `balanced_placement`; their sums are the per-device idle-time
@@ -31,7 +31,8 @@ def _from_checkpoint(run_dir: Path) -> Optional[dict]:
     if path is None:
         return None
     meta = read_meta(path)
-    load = (meta.get("expert_load") or {}).get("tokens_per_expert")
+    entry = meta.get("expert_load") or {}
+    load = entry.get("recent_tokens_per_expert") or entry.get("tokens_per_expert")
     if not load or not sum(map(sum, load)):
         return None
     used = (meta.get("expert_placement") or {}).get("layers")

@@ -1,9 +1,12 @@
 """Load-aware expert placement in the trainer (`parallel.expert_placement`): the load it is chosen from, when it is
 applied, and how parameters and optimizer state follow their experts.
 
-The load is the global token count per layer and expert summed over the applied steps since the last checkpoint
-(`ExpertLoad`); each checkpoint records it in `meta.json` (`expert_load`) with the placement those steps ran
-under (`expert_placement`). Under `balanced`, a run re-places its experts when it loads a checkpoint (from the load
+The load is the global token count per layer and expert over the applied steps since the last checkpoint
+(`ExpertLoad`): their plain sum, and a recency-weighted sum (each step's counts weighted by 0.5 ** (age in steps /
+`parallel.placement_half_life`)), which is what the placement is chosen from, since routing keeps moving during
+training and the recent load predicts the next steps' load better than the whole interval's (measured on the tiny
+run: README). Each checkpoint records both in `meta.json` (`expert_load`) with the placement those steps ran under
+(`expert_placement`). Under `balanced`, a run re-places its experts when it loads a checkpoint (from the load
 that checkpoint recorded) and after each save (from the load just recorded); every rank computes the same placement
 from the same counts. Re-placing moves each expert's parameters and AdamW moments to its new rank
 (`aoe_ep.parallel.reshard.move_experts`, copies only): no result changes but the per-device load.
@@ -25,44 +28,58 @@ LOAD_KEY, PLACEMENT_KEY = "expert_load", "expert_placement"
 
 
 class ExpertLoad:
-    """Σ tokens per expert of each MoE layer over the applied steps since the last checkpoint (this EP group's
-    global counts; `reduce` sums the EP groups)."""
+    """Tokens per expert of each MoE layer over the applied steps since the last checkpoint (this EP group's global
+    counts; `reduce` sums the EP groups): `counts_LE` the plain sum, `recent_LE` the recency-weighted one
+    (half-life `half_life` steps; 0: the plain sum)."""
 
-    def __init__(self) -> None:
-        self.counts_LE: Optional[torch.Tensor] = None
+    def __init__(self, num_layers: int, num_experts: int, half_life: float = 0.0) -> None:
+        self.shape = (num_layers, num_experts)
+        self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
+        self.half_life = half_life
+        self._reset()
+
+    def _reset(self) -> None:
+        self.counts_LE = torch.zeros(self.shape, dtype=torch.float64)
+        self.recent_LE = torch.zeros(self.shape, dtype=torch.float64)
         self.steps = 0
 
     def add(self, step_infos: Sequence[Sequence[MoEInfo]]) -> None:
         """One applied step: its micro-batches' `MoEInfo` lists."""
+        step_LE = torch.zeros(self.shape, dtype=torch.float64)
         for infos in step_infos:
-            if not infos:
-                continue
-            counts = torch.stack([i.stats.tokens_per_expert.detach().double().cpu() for i in infos])
-            self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
+            if infos:
+                step_LE += torch.stack([i.stats.tokens_per_expert.detach().double().cpu() for i in infos])
+        self.counts_LE += step_LE
+        self.recent_LE = self.recent_LE * self.decay + step_LE
         self.steps += 1
 
-    def reduce(self, runtime: Runtime, num_layers: int, num_experts: int) -> tuple[torch.Tensor, int]:
-        """([L, n] global counts, steps) since the last call (collective); resets."""
-        counts = self.counts_LE if self.counts_LE is not None else torch.zeros(num_layers, num_experts,
-                                                                                dtype=torch.float64)
-        total = all_reduce_(counts.to(runtime.device), group=runtime.groups.expert_dp_group).cpu()
+    def reduce(self, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """([L, n] global counts, [L, n] recency-weighted counts, steps) since the last call (collective); resets."""
+        both = torch.stack([self.counts_LE, self.recent_LE]).to(runtime.device)
+        total = all_reduce_(both, group=runtime.groups.expert_dp_group).cpu()
         steps = self.steps
-        self.counts_LE, self.steps = None, 0
-        return total, steps
+        self._reset()
+        return total[0], total[1], steps
 
 
 def recorded_load(meta: dict) -> Optional[torch.Tensor]:
-    """The [L, n] token counts a checkpoint's meta.json recorded, or None (no steps, or an older checkpoint)."""
+    """The [L, n] load a checkpoint's meta.json recorded (the recency-weighted counts, else the plain sum), or None
+    (no steps, or an older checkpoint)."""
     entry = meta.get(LOAD_KEY)
-    if not isinstance(entry, dict) or not entry.get("tokens_per_expert"):
+    if not isinstance(entry, dict):
         return None
-    counts = torch.tensor(entry["tokens_per_expert"], dtype=torch.float64)
+    values = entry.get("recent_tokens_per_expert") or entry.get("tokens_per_expert")
+    if not values:
+        return None
+    counts = torch.tensor(values, dtype=torch.float64)
     return counts if counts.ndim == 2 and float(counts.sum()) > 0 else None
 
 
-def load_meta(counts_LE: torch.Tensor, steps: int, since_step: int) -> dict:
-    return {LOAD_KEY: {"since_step": since_step, "steps": steps,
-                       "tokens_per_expert": [[int(round(v)) for v in row] for row in counts_LE.tolist()]}}
+def load_meta(counts_LE: torch.Tensor, recent_LE: torch.Tensor, steps: int, since_step: int,
+              half_life: float) -> dict:
+    return {LOAD_KEY: {"since_step": since_step, "steps": steps, "half_life_steps": half_life,
+                       "tokens_per_expert": [[int(round(v)) for v in row] for row in counts_LE.tolist()],
+                       "recent_tokens_per_expert": [[round(v, 4) for v in row] for row in recent_LE.tolist()]}}
 
 
 def placement_meta(mode: str, layers: Sequence[MoELayer]) -> dict:

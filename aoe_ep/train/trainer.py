@@ -132,7 +132,9 @@ class Trainer:
         self.bad_steps = BadStepCounter(cfg.train.max_bad_steps, skipped=int(meta.get("skipped_steps", 0)))
 
         self.resumed_from = resume_path
-        self.expert_load, self.load_since = place.ExpertLoad(), int(meta["step"])
+        self.expert_load = place.ExpertLoad(len(self.moe_layers), cfg.moe.num_experts if cfg.moe else 0,
+                                            cfg.parallel.placement_half_life)
+        self.load_since = int(meta["step"])
         self.placement_note: list[str] = []
         if resume_path is not None:
             self._place_from(meta)
@@ -369,17 +371,18 @@ class Trainer:
         meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,
                     skipped_steps=self.bad_steps.skipped,
                     consumed_tokens=self.consumed_samples * self.plan.seq_len)
-        counts = None
+        recent = None
         if self.moe_layers:
-            counts, steps = self.expert_load.reduce(rt, len(self.moe_layers), self.cfg.moe.num_experts)
-            meta.update(place.load_meta(counts, steps, self.load_since))
+            counts, recent, steps = self.expert_load.reduce(rt)
+            meta.update(place.load_meta(counts, recent, steps, self.load_since,
+                                        self.cfg.parallel.placement_half_life))
             meta.update(place.placement_meta(self.cfg.parallel.expert_placement, self.moe_layers))
             self.load_since = self.step
         config_yaml = yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, config_yaml,
                                     keep=self.cfg.train.keep_checkpoints)
-        if counts is not None and self._balanced() and float(counts.sum()) > 0:
-            self._replace(counts)
+        if recent is not None and self._balanced() and float(recent.sum()) > 0:
+            self._replace(recent)
         return path if path is not None else self.ckpt_root / ckpt.step_name(self.step)
 
     def _replace(self, counts) -> None:

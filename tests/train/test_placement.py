@@ -93,8 +93,11 @@ def test_balanced_resume_continues_the_contiguous_run(runs, dispatcher):
         assert r["meta3"]["expert_placement"] == {"mode": "contiguous",
                                                   "layers": [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2}
         assert r["meta3"]["expert_load"]["steps"] == 3 and r["meta6"]["expert_load"]["since_step"] == 3
-        counts = r["meta3"]["expert_load"]["tokens_per_expert"]
-        assert all(sum(row) == 3 * 64 * 2 for row in counts)  # 3 steps x 64 tokens x top-2, per layer
+        load = r["meta3"]["expert_load"]
+        assert all(sum(row) == 3 * 64 * 2 for row in load["tokens_per_expert"])  # 3 steps x 64 tokens x top-2
+        # recency-weighted (half-life 10 steps): between the last step's counts and the plain sum, per layer
+        assert load["half_life_steps"] == 10.0
+        assert all(64 * 2 < sum(row) < 3 * 64 * 2 for row in load["recent_tokens_per_expert"])
         assert r["meta6"]["expert_placement"]["mode"] == "balanced"
         assert r["meta6"]["expert_placement"]["layers"] != r["meta3"]["expert_placement"]["layers"]  # re-placed
         assert c["placements"] == [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2

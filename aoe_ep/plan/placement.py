@@ -137,5 +137,6 @@ def render_gain(gain: dict, as_json: bool) -> str:
                  (f" {gain['idle_time_device_current']:>9.4f}" if current else "") +
                  f" {gain['idle_time_device_balanced']:>9.4f}  (the per-device idle-time metric)")
     lines.append(f"predicted idle-time gain of parallel.expert_placement=balanced: {gain['predicted_gain']:.4f} "
-                 f"({100 * gain['predicted_gain_relative']:.1f}% of contiguous)")
+                 f"({100 * gain['predicted_gain_relative']:.1f}% of contiguous) on this load itself; the steps that "
+                 f"follow gain less as routing moves")
     return "\n".join(lines)

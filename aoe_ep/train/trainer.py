@@ -186,8 +186,9 @@ class Trainer:
             self.placement_note = ["expert placement: the checkpoint records no per-expert load; contiguous"]
             return
         placements = place.choose(counts, self.runtime.ep_size)
-        self.placement_note = ["expert placement: balanced, from the load the checkpoint recorded "
-                               f"(steps {meta.get(place.LOAD_KEY, {}).get('since_step')}-{meta['step']}):",
+        entry = meta.get(place.LOAD_KEY, {})
+        self.placement_note = ["expert placement: balanced, from the load the checkpoint recorded (steps "
+                               f"{entry.get('since_step')}-{meta['step']}, half-life {entry.get('half_life_steps')}):",
                                *place.describe(self.moe_layers, placements, counts)]
         for layer, placement in zip(self.moe_layers, placements):
             layer.set_placement(placement)
@@ -391,7 +392,7 @@ class Trainer:
         lines = place.describe(self.moe_layers, placements, counts)
         if place.apply_placements(self.moe_layers, placements, self.optimizer, self.runtime) and self.runtime.is_main:
             print("\n".join([f"step {self.step}: expert placement: balanced, from the load since the last "
-                             f"checkpoint:", *lines]))
+                             f"checkpoint (half-life {self.cfg.parallel.placement_half_life} steps):", *lines]))
 
     def _announce(self, stop: int) -> None:
         if not self.runtime.is_main:

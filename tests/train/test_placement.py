@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from aoe_ep.parallel.spawn import run_distributed
 from aoe_ep.train.optim import is_expert_param
@@ -45,6 +46,7 @@ def _global(trainer: Trainer) -> dict[str, torch.Tensor]:
     for name, p in trainer.dp.model.named_parameters():
         tensors = {"param": p.detach(), **{k: v for k, v in trainer.optimizer.state[p].items() if v.ndim > 0}}
         for key, t in tensors.items():
+            t = t.full_tensor() if isinstance(t, DTensor) else t  # an FSDP2 shard: the rank's whole stack
             if is_expert_param(p):
                 parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(parts, t.contiguous(), group=group)

@@ -1,4 +1,5 @@
-"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, params, plan, bench layer, bench dispatch.
+"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, report, params, plan, bench layer, bench
+dispatch.
 
 Subcommands import their modules lazily: megatron-core takes seconds to import and `--help` should not wait.
 """
@@ -199,6 +200,20 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from aoe_ep.analysis.report import describe, write_report
+
+    result = write_report(args.run_dir, args.out, args.compare or (), args.steps, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(describe(result))
+    print(f"report: {result['out']}/report.html")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -313,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary (per model and stage) as JSON")
     p.set_defaults(func=_toy)
 
+    p = sub.add_parser("report", help="load report of a run (also while it trains): report.html and PNG figures")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a train.out_dir (reads its log.jsonl, else its tb/ events)")
+    p.add_argument("--out", metavar="DIR", help="where report.html and the figures go (default: RUN_DIR/report)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="other run directories drawn beside it")
+    p.add_argument("--steps", nargs="+", type=int, metavar="S",
+                   help="steps of the load heatmaps (the nearest logged; default: first, middle, last)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object (final_loss, final_valid_loss, idle_time_expert, "
+                        "idle_time_device, worst_layer, ...; with --compare a 'compare' list of the others)")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
                    help=".txt or .jsonl files, or directories searched recursively for them")
@@ -357,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_allocator.ensure_allocator(sys.argv[1:])  # re-executes this command once, if it changes anything
         if int(os.environ.get("RANK", "0")) == 0:
             print(cpu_allocator.announce(), file=sys.stderr, flush=True)
+    from aoe_ep.analysis.run_log import ReportError
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
     from aoe_ep.train.checkpoint import CheckpointError
@@ -365,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     # one line and exit code 2 for every error a user can fix
     prefixes = ((CommandError, f"aoe-ep {args.command}: error"), (CheckpointError, "aoe-ep: checkpoint error"),
                 (TrainingError, "aoe-ep: training error"), (ConfigError, "aoe-ep: config error"),
-                (DataError, "aoe-ep: data error"))
+                (DataError, "aoe-ep: data error"), (ReportError, "aoe-ep: report error"))
     try:
         return args.func(args)
     except tuple(kind for kind, _ in prefixes) as err:

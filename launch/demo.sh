@@ -10,3 +10,4 @@ OUT_DIR=${OUT_DIR:-runs/tiny-demo-$(date +%Y%m%d-%H%M%S)}
 aoe-ep train --config tiny --set train.out_dir="$OUT_DIR" "$@"
 echo "continue an interrupted run: aoe-ep train --config tiny --set train.out_dir=$OUT_DIR --resume"
 echo "curves:                     tensorboard --logdir $OUT_DIR/tb"
+echo "load report:                aoe-ep report $OUT_DIR"

@@ -23,7 +23,7 @@ from aoe_ep.moe.losses import aux_loss, token_entropy
 from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer
 from aoe_ep.moe.selection import decide, weigh
-from aoe_ep.moe.stats import LoadStats
+from aoe_ep.moe.stats import LoadStats, selection_margin
 
 INPUT_CHECKS = ("raise", "flag")
 
@@ -41,12 +41,14 @@ class MoEInfo:
     """aux_loss: this layer's auxiliary loss over the EP group's batch (add it to the training loss; the same value
     on every rank); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`; nonfinite_inputs: NaN or
     infinite input values over the EP group (an int, or a 0-dim device tensor on one device; nonzero only under
-    `input_check = "flag"`, which lets them through)."""
+    `input_check = "flag"`, which lets them through); mask_TE: which experts this rank's tokens selected [T, n]
+    (bool; only while the layer's `record_selection` is set, else None)."""
 
     aux_loss: torch.Tensor
     stats: LoadStats
     timing: LayerTiming
     nonfinite_inputs: object = 0
+    mask_TE: Optional[torch.Tensor] = None
 
 
 def count_nonfinite(x: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -82,10 +84,12 @@ class MoELayer(nn.Module):
     info is the same on every rank.
 
     `info.timing` is host wall-clock; on an accelerator it measures device work only while `synchronize_timing` is
-    set (the trainer sets it on logging steps, as synchronising every layer costs throughput).
+    set (the trainer sets it on logging steps, as synchronising every layer costs throughput). `record_selection`
+    puts the selection mask of this rank's tokens into `info.mask_TE` (the churn probe sets it).
     """
 
     synchronize_timing = False
+    record_selection = False
     input_check = "raise"
 
     def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None,
@@ -139,7 +143,9 @@ class MoELayer(nn.Module):
         s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
         probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate)
         entropy_S = token_entropy(s_SE, probs_SE)
-        sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout)
+        # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded.
+        margin_S = None if cfg.selection == "expert_choice" else selection_margin(s_dec_SE, decision.mask_SE)
+        sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S)
         own = d.own_rows(layout)
         loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)
 
@@ -151,7 +157,8 @@ class MoELayer(nn.Module):
         expert_seconds, combine_seconds = after_experts - start, _wait(x, sync) - after_experts
 
         info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds),
-                       nonfinite_inputs=layout.nonfinite)
+                       nonfinite_inputs=layout.nonfinite,
+                       mask_TE=decision.mask_SE[own] if self.record_selection else None)
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
 
     @property

@@ -46,14 +46,16 @@ class AllToAllDispatcher(GroupDispatcher):
         mask_all = expert_choice_mask(probs_all, expert_capacity(layout.total, self.num_experts, capacity_factor))
         return Decision(mask_SE=mask_all[layout.offset: layout.offset + layout.sizes[layout.rank]])
 
-    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout) -> BatchSums:
-        local = BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE)
+    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None) -> BatchSums:
+        local = BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S)
         n = self.num_experts
         packed = torch.cat([local.tokens_per_expert.double(), local.probs_sum.double(), local.score_sum.double(),
-                            local.entropy_sum.double().view(1)])
+                            local.entropy_sum.double().view(1), local.margin_sum.view(1),
+                            local.margin_tokens.double().view(1)])
         total = all_reduce_sum(packed, self.group, self.counter, "stats")
         return BatchSums(tokens_per_expert=total[:n].round().long(), probs_sum=total[n:2 * n],
-                         entropy_sum=total[3 * n], score_sum=total[2 * n:3 * n], num_tokens=layout.total)
+                         entropy_sum=total[3 * n], score_sum=total[2 * n:3 * n], num_tokens=layout.total,
+                         margin_sum=total[3 * n + 1], margin_tokens=total[3 * n + 2].round().long())
 
     def dispatch(self, x_TD, xs_SD, scores, decision, layout: TokenLayout):
         rows = group_rows(decision)

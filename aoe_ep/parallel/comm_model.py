@@ -13,7 +13,8 @@ allgather (forward; backward mirrors each term with the reverse collective):
 alltoall:
   sizes    (EP−1)·16
   counts   (EP−1)·n_l·8                         rows per (rank, local expert)
-  stats    (EP−1)·(3n+1)·8                      one all-reduce of counts, Σp, Σs, Σ entropy (float64)
+  stats    (EP−1)·(3n+3)·8                      one all-reduce of counts, Σp, Σs, Σ entropy, Σ margin and its
+                                                 token count (float64)
   probs    (EP−1)·T_r·n·b   (expert choice)     all-gather of the softmax for the global ranking
   dispatch Σ_{q≠r} W_rq·(d + L_c)·b             W_rq = winning (token of r, expert of q) pairs; L_c = L when the
                                                  rows carry the AoE cache, else 0;  backward: Σ_{q≠r} W_qr·(d+L_c)·b
@@ -81,7 +82,7 @@ def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: S
         w = pairs
         row = d_model + (d_low if aoe_cache else 0)
         out["counts/fwd"] = (ep - 1) * n_local * 8
-        out["stats/fwd"] = (ep - 1) * (3 * num_experts + 1) * 8
+        out["stats/fwd"] = (ep - 1) * (3 * num_experts + 3) * 8
         if expert_choice:
             out["probs/fwd"] = (ep - 1) * mine * num_experts * elem_bytes
         sent = sum(w[rank][q] for q in others)

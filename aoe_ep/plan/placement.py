@@ -2,7 +2,8 @@
 
 The load is the run's latest checkpoint's record (`expert_load` in meta.json: the global tokens per expert since
 the checkpoint before it, recency-weighted as the trainer chooses its placement from), or, without one, the per-expert load of its log.jsonl summed over the logged windows
-(either format: `"moe/layer00/load": [..]` lists, or one scalar tag `moe/layer00/load/expert3` per expert). Per
+(either format, as `aoe_ep.analysis.run_log` reads them: `"moe/layer00/load": [..]` lists, or one scalar tag
+`moe/layer00/load/expert3` per expert). Per
 layer it prints the per-device max − min of that load under the contiguous split, under the placement the run
 used (when the checkpoint records it), and under `balanced_placement`; their sums are the per-device idle-time
 metric, and the predicted gain is contiguous − balanced.
@@ -11,18 +12,12 @@ metric, and the predicted gain is contiguous − balanced.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from aoe_ep.moe.placement import Placement, balanced_placement
-
-LAYER_LIST = re.compile(r"^moe/layer(\d+)/load$")
-LAYER_EXPERT = re.compile(r"^moe/layer(\d+)/load/expert(\d+)$")
-DEVICE_TAG = re.compile(r"^moe/layer(\d+)/device_load/device(\d+)$")
-
 
 def _from_checkpoint(run_dir: Path) -> Optional[dict]:
     from aoe_ep.train.checkpoint import checkpoint_root, is_complete, latest_checkpoint, read_meta
@@ -42,39 +37,26 @@ def _from_checkpoint(run_dir: Path) -> Optional[dict]:
 
 
 def _from_log(run_dir: Path) -> Optional[dict]:
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
+    """The per-expert load of the run's log (`aoe_ep.analysis.run_log` reads both formats) summed over its windows."""
+    from aoe_ep.analysis.run_log import ReportError, read_run
+
+    try:
+        run = read_run(run_dir)
+    except ReportError:
         return None
-    loads: dict[int, dict[int, float]] = {}
-    devices = 0
-    records = 0
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line a running trainer is still writing
-        found = False
-        for key, value in record.items():
-            if m := LAYER_LIST.match(key):
-                if isinstance(value, list):
-                    layer = loads.setdefault(int(m.group(1)), {})
-                    for e, v in enumerate(value):
-                        layer[e] = layer.get(e, 0.0) + float(v)
-                    found = True
-            elif m := LAYER_EXPERT.match(key):
-                layer = loads.setdefault(int(m.group(1)), {})
-                layer[int(m.group(2))] = layer.get(int(m.group(2)), 0.0) + float(value)
-                found = True
-            elif m := DEVICE_TAG.match(key):
-                devices = max(devices, int(m.group(2)) + 1)
-        records += found
-    if not loads:
+    per_layer = run.layer_series("load")
+    rows = {i: [sum(col) for col in zip(*values)] for i, (_, values) in per_layer.items()
+            if values and all(isinstance(v, list) for v in values)}
+    if not rows:
         return None
-    num_experts = 1 + max(e for layer in loads.values() for e in layer)
-    counts = torch.tensor([[loads[i].get(e, 0.0) for e in range(num_experts)] for i in sorted(loads)],
-                          dtype=torch.float64)
-    return {"counts": counts, "ep": devices or None, "used": None,
-            "source": f"{path} ({records} logged windows)"}
+    ep = run.ep_size if run.ep_size > 1 else None
+    if ep is None:  # no config or run.json: the length of the logged per-device load
+        lengths = {len(v) for _, values in run.layer_series("device_load").values() for v in values
+                   if isinstance(v, list)}
+        ep = max(lengths) if lengths else None
+    windows = max(len(steps) for steps, _ in per_layer.values())
+    return {"counts": torch.tensor([rows[i] for i in sorted(rows)], dtype=torch.float64), "ep": ep, "used": None,
+            "source": f"{run.source} ({windows} logged windows)"}
 
 
 def measured_load(run_dir: str | Path) -> dict:

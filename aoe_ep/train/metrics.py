@@ -1,4 +1,5 @@
-"""What the trainer reports: MoE load statistics per layer, tensorboard scalars, a JSON-lines log, a progress bar.
+"""What the trainer reports: MoE load statistics per layer, tensorboard scalars, histograms and a load heatmap, a
+JSON-lines log, a progress bar.
 
 Statistics are values (each layer's `LoadStats` per micro-batch), summed here over the steps between two logs and
 over the ranks, then rebuilt with `LoadStats.from_counts` so that every figure (load, Ent_load, Ent_conf, max − min,
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -22,12 +24,14 @@ from aoe_ep.train.distributed import Runtime, all_reduce_
 
 
 class MoEStatsAccumulator:
-    """Per layer: Σ tokens_per_expert, Σ token entropy, Σ score per expert, Σ tokens, and this rank's seconds in
-    expert compute and in the combine collective (`MoEInfo.timing`) of the micro-batches added with `timed`: the
-    layers synchronise the accelerator for their timing only on those (the trainer's logging steps)."""
+    """Per layer: Σ tokens_per_expert, Σ token entropy, Σ score per expert, Σ tokens, Σ score margin and the tokens
+    that have one, and this rank's seconds in expert compute and in the combine collective (`MoEInfo.timing`) of the
+    micro-batches added with `timed`: the layers synchronise the accelerator for their timing only on those (the
+    trainer's logging steps)."""
 
     def __init__(self) -> None:
-        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 2] float64: counts, score sums, entropy sum, tokens
+        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 4] float64: counts, score sums, entropy sum, tokens,
+        #                                            margin sum, margin tokens
         self.seconds: Optional[torch.Tensor] = None  # [L, 2] float64: expert, combine
 
     def add(self, infos: list[MoEInfo], timed: bool = True) -> None:
@@ -38,7 +42,9 @@ class MoEStatsAccumulator:
             s = info.stats
             n = float(s.num_tokens)
             rows.append(torch.cat([s.tokens_per_expert.double(), s.score_mean.double() * n,
-                                   (s.ent_conf.double() * n).view(1), s.ent_conf.new_full((1,), n).double()]))
+                                   (s.ent_conf.double() * n).view(1), s.ent_conf.new_full((1,), n).double(),
+                                   (s.score_margin.double() * s.margin_tokens).view(1),
+                                   s.margin_tokens.double().view(1)]))
         sums = torch.stack(rows)
         self.sums = sums if self.sums is None else self.sums + sums
         if timed:
@@ -57,37 +63,48 @@ class MoEStatsAccumulator:
         seconds = (self.seconds if self.seconds is not None else torch.zeros(sums.shape[0], 2)).to(runtime.device)
         hi = all_reduce_(seconds.clone(), op=dist.ReduceOp.MAX)
         lo = all_reduce_(seconds.clone(), op=dist.ReduceOp.MIN)
-        num_experts = (sums.shape[1] - 2) // 2
+        num_experts = (sums.shape[1] - 4) // 2
         stats = []
         for row in sums.cpu():
             counts, score_sum = row[:num_experts], row[num_experts:2 * num_experts]
             entropy_sum, tokens = row[2 * num_experts], int(row[2 * num_experts + 1])
-            stats.append(LoadStats.from_counts(counts.round().long(), entropy_sum, score_sum, tokens))
+            margin_sum, margin_tokens = row[2 * num_experts + 2], row[2 * num_experts + 3].round().long()
+            stats.append(LoadStats.from_counts(counts.round().long(), entropy_sum, score_sum, tokens, margin_sum,
+                                               margin_tokens))
         self.sums = self.seconds = None
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
 
-def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
-                placements: Optional[list] = None) -> dict[str, float]:
-    """Tensorboard tags for the MoE layers: per layer and expert, per device (each layer's experts on the devices
-    of `placements[i]`, contiguous when absent), and the idle-time sums."""
+def device_loads(stats: list[LoadStats], ep_size: int, placements: Optional[list] = None) -> list[torch.Tensor]:
+    """[EP] load per device of each layer: the one place where experts are mapped to devices (each layer's experts
+    on the `ep_size` ranks of `placements[i]`, contiguous shards when absent; `aoe_ep.moe.placement`); the device
+    figures (per-device load, its max − min, the per-device idle time) all read it."""
     placements = placements if placements is not None else [None] * len(stats)
-    out: dict[str, float] = {}
-    for i, s in enumerate(stats):
+    return [s.device_load(ep_size, p) for s, p in zip(stats, placements)]
+
+
+def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
+                placements: Optional[list] = None) -> dict[str, float | list]:
+    """The MoE layers' record of one logging window. Floats are summary scalars (per layer Ent_load, Ent_conf,
+    max − min per expert and per device; the idle-time sums; seconds); lists hold one value per expert or device
+    (`RunLogger` writes them to the JSONL whole and to tensorboard as histograms). `placements`: each layer's
+    expert placement (contiguous when absent)."""
+    out: dict[str, float | list] = {}
+    per_device = device_loads(stats, ep_size, placements)
+    for i, (s, device_load) in enumerate(zip(stats, per_device)):
         prefix = f"moe/layer{i:02d}"
         out[f"{prefix}/ent_load"] = float(s.ent_load)
         out[f"{prefix}/ent_conf"] = float(s.ent_conf)
         out[f"{prefix}/max_minus_min"] = float(s.max_minus_min)
-        for e, (load, score) in enumerate(zip(s.load.tolist(), s.score_mean.tolist())):
-            out[f"{prefix}/load/expert{e}"] = load
-            out[f"{prefix}/score_mean/expert{e}"] = score
+        out[f"{prefix}/load"] = s.load.tolist()
+        out[f"{prefix}/score_mean"] = s.score_mean.tolist()
+        out[f"{prefix}/tokens_per_expert"] = s.tokens_per_expert.tolist()
         if ep_size > 1:
-            for k, load in enumerate(s.device_load(ep_size, placements[i]).tolist()):
-                out[f"{prefix}/device_load/device{k}"] = load
-            out[f"{prefix}/device_max_minus_min"] = float(s.device_max_minus_min(ep_size, placements[i]))
+            out[f"{prefix}/device_load"] = device_load.tolist()
+            out[f"{prefix}/device_max_minus_min"] = float(device_load.max() - device_load.min())
     if stats:
         out["moe/idle_time"] = idle_time(stats)
-        out["moe/idle_time_device"] = idle_time(stats, num_devices=ep_size, placements=placements)
+        out["moe/idle_time_device"] = float(sum(float(d.max() - d.min()) for d in per_device))
     if seconds is not None:
         total = seconds.sum(dim=0)  # [2 (expert, combine), 2 (max, min)] summed over layers
         for j, name in enumerate(("expert", "combine")):
@@ -95,6 +112,24 @@ def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size
             out[f"moe/seconds/{name}_min"] = float(total[j, 1])
         out["moe/seconds/expert_max_minus_min"] = float(total[0, 0] - total[0, 1])
     return out
+
+
+# Colour scale of the load heatmap image: load × E, so that 1 is the uniform share; clipped at 2.
+HEATMAP_MAX_RELATIVE_LOAD = 2.0
+
+
+def load_heatmap(stats: list[LoadStats]) -> np.ndarray:
+    """[H, W, 3] uint8 image of the layer × expert load (rows: layers from the top, columns: experts), coloured by
+    load × E on a diverging map (blue 0, grey 1 = balanced, red `HEATMAP_MAX_RELATIVE_LOAD` or more); each cell a block of pixels, so that tensorboard
+    shows it at a readable size without a plotting library in the training loop."""
+    from matplotlib import colormaps
+
+    load_LE = torch.stack([s.load for s in stats]).double()
+    relative_LE = (load_LE * load_LE.shape[1] / HEATMAP_MAX_RELATIVE_LOAD).clamp(0.0, 1.0).numpy()
+    rgb_LE3 = (colormaps["coolwarm"](relative_LE)[..., :3] * 255).round().astype(np.uint8)
+    cell_h = max(4, 96 // load_LE.shape[0])
+    cell_w = max(4, 256 // load_LE.shape[1])
+    return np.repeat(np.repeat(rgb_LE3, cell_h, axis=0), cell_w, axis=1)
 
 
 def comm_scalars(moe_layers: list, steps: int) -> dict[str, float]:
@@ -117,10 +152,13 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class RunLogger:
     """Rank 0 writes tensorboard events under `<out_dir>/tb` and one JSON object per record to `<out_dir>/log.jsonl`;
-    other ranks write nothing. `purge_step` (the resumed step) drops events a crashed run logged after its last
-    checkpoint."""
+    other ranks write nothing. In a record, floats become tensorboard scalars and lists (one value per expert or
+    device) histograms; the JSONL keeps every value. `purge_step` (the resumed step) drops events a crashed run
+    logged after its last checkpoint. `config_yaml` and `run_info` (world size, batch layout) are written to
+    `<out_dir>/config.yaml` and `<out_dir>/run.json` at start, for `aoe-ep report`."""
 
-    def __init__(self, out_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+    def __init__(self, out_dir: Path, enabled: bool, purge_step: Optional[int] = None,
+                 config_yaml: Optional[str] = None, run_info: Optional[dict] = None):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -128,15 +166,25 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             out_dir.mkdir(parents=True, exist_ok=True)
+            if config_yaml is not None:
+                (out_dir / "config.yaml").write_text(config_yaml)
+            if run_info is not None:
+                (out_dir / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
             self.writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=purge_step)
             self.jsonl = open(out_dir / "log.jsonl", "a")
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
+    def log(self, step: int, record: dict[str, float | list], images: Optional[dict[str, np.ndarray]] = None) -> None:
+        """`images`: tag -> [H, W, 3] uint8, to tensorboard only."""
         if not self.enabled:
             return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        for tag, value in record.items():
+            if isinstance(value, (list, tuple)):
+                self.writer.add_histogram(tag, np.asarray(value, dtype=np.float64), step)
+            else:
+                self.writer.add_scalar(tag, value, step)
+        for tag, image_HW3 in (images or {}).items():
+            self.writer.add_image(tag, image_HW3, step, dataformats="HWC")
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self.jsonl.flush()
 
     def flush(self) -> None:

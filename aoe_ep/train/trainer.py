@@ -33,11 +33,12 @@ from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train import placement as place
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.consistency import check_ranks_agree
+from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
 from aoe_ep.train.guards import BadStepCounter, StepHealth, verdict
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
-from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, moe_scalars, peak_memory_bytes,
-                                  progress_bar)
+from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, load_heatmap, moe_scalars,
+                                  peak_memory_bytes, progress_bar)
 from aoe_ep.train.optim import build_optimizer, build_scheduler
 from aoe_ep.train.parallelize import DataParallelModel
 from aoe_ep.train.validation import autocast, autocast_dtype, num_validation_batches, validation_sums
@@ -149,7 +150,14 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg, self.plan.seq_len)
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()
-        self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None)
+        probe_set = self.valid_ds if self.eval_batches else self.train_ds
+        self.probe = (ChurnProbe(probe_tokens(probe_set, self.plan, rt.device))
+                      if self.moe_layers and len(probe_set) >= self.plan.global_samples else None)
+        run_info = {"world_size": rt.world_size, "expert_parallel_size": rt.ep_size,
+                    "micro_batch_size": self.plan.micro_batch_size, "num_micro_batches": self.plan.num_micro_batches,
+                    "seq_len": self.plan.seq_len, "precision": str(self.autocast_dtype or torch.float32)}
+        self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None,
+                                config_yaml=self._config_yaml(), run_info=run_info)
         if resume_path is not None and self.step < cfg.train.max_steps:
             self._settle_ddp_buckets()
 
@@ -248,6 +256,8 @@ class Trainer:
         self._announce(stop)
         if self.step == 0 and t.eval_at_start:
             result.evals.append((0, self._evaluate_and_log()))
+        if self.probe is not None and self.step < stop and self.step % t.log_interval == 0:
+            self._probe_churn()  # the selections the first log's churn compares with (aoe_ep/train/diagnostics.py)
         bar = progress_bar(t.max_steps, self.step, self.runtime.is_main)
         window: list[StepRecord] = []
         window_start = time.perf_counter()
@@ -340,6 +350,7 @@ class Trainer:
     def _log_window(self, window: list[StepRecord], seconds: float) -> None:
         stats, timing = self.moe_stats.reduce(self.runtime)
         comm = comm_scalars(self.moe_layers, len(window))
+        churn = self._probe_churn() if self.probe is not None else None
         if not self.runtime.is_main:
             return
         tokens_per_s = len(window) * self.plan.tokens_per_step / max(seconds, 1e-9)
@@ -361,8 +372,15 @@ class Trainer:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
         scalars.update(moe_scalars(stats, timing, self.runtime.ep_size,
                                    placements=[layer.placement for layer in self.moe_layers]))
+        # AoE diagnostics: score margin, top-K churn, dead experts, wasted precompute (plain scalars per layer)
+        if stats:
+            scalars.update(diagnostic_scalars(stats, self.cfg.moe.scorer, churn))
         scalars.update(comm)
-        self.logger.log(self.step, scalars)
+        self.logger.log(self.step, scalars, images={"moe/load_heatmap": load_heatmap(stats)} if stats else None)
+
+    def _probe_churn(self) -> Optional[list[float]]:
+        """Churn per MoE layer of the fixed probe batch since the last probe (collective over the world)."""
+        return self.probe.update(self.dp.model, self.moe_layers, autocast=self._autocast)
 
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (collective). None if that step's checkpoint already exists."""
@@ -379,8 +397,7 @@ class Trainer:
                                         self.cfg.parallel.placement_half_life))
             meta.update(place.placement_meta(self.cfg.parallel.expert_placement, self.moe_layers))
             self.load_since = self.step
-        config_yaml = yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, config_yaml,
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, self._config_yaml(),
                                     keep=self.cfg.train.keep_checkpoints)
         if recent is not None and self._balanced() and float(recent.sum()) > 0:
             self._replace(recent)
@@ -393,6 +410,9 @@ class Trainer:
         if place.apply_placements(self.moe_layers, placements, self.optimizer, self.runtime) and self.runtime.is_main:
             print("\n".join([f"step {self.step}: expert placement: balanced, from the load since the last "
                              f"checkpoint (half-life {self.cfg.parallel.placement_half_life} steps):", *lines]))
+
+    def _config_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
 
     def _announce(self, stop: int) -> None:
         if not self.runtime.is_main:

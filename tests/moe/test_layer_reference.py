@@ -192,6 +192,17 @@ def reference_forward(cfg, params, x):
         "score_mean": [sum(sv[t][i] for t in range(T)) / T for i in range(n)],
         "num_tokens": T,
     }
+    # score margin: per token the weakest selected expert's score minus the strongest unselected one's (top-K: the
+    # K-th minus the (K+1)-th highest), over the tokens that have both; expert choice records none
+    margins = []
+    if cfg.selection != "expert_choice":
+        for t in range(T):
+            inside = [sv[t][i] for i in masks[t]]
+            outside = [sv[t][i] for i in range(n) if i not in masks[t]]
+            if inside and outside:
+                margins.append(min(inside) - max(outside))
+    stats["score_margin"] = sum(margins) / len(margins) if margins else 0.0
+    stats["margin_tokens"] = len(margins)
     return y, aux, stats, masks
 
 
@@ -279,12 +290,13 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0):
     tpe = st.tokens_per_expert
     assert torch.is_tensor(tpe) and tpe.dtype == torch.int64, f"tokens_per_expert dtype {getattr(tpe, 'dtype', None)}"
     assert tpe.tolist() == stats_ref["tokens_per_expert"], (tpe.tolist(), stats_ref["tokens_per_expert"])
-    for field in ("load", "ent_load", "ent_conf", "max_minus_min", "score_mean"):
+    for field in ("load", "ent_load", "ent_conf", "max_minus_min", "score_mean", "score_margin"):
         val = getattr(st, field)
         if torch.is_tensor(val):
             assert not val.requires_grad, f"stats.{field} must be detached"
         _close(val, stats_ref[field], f"stats.{field}")
     assert int(st.num_tokens) == stats_ref["num_tokens"]
+    assert int(st.margin_tokens) == stats_ref["margin_tokens"]
 
     ref_x_grad = ref_grads[0]
     torch.testing.assert_close(x.grad, ref_x_grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad x: {m}")

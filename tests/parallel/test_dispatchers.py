@@ -65,7 +65,8 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
         mine = slice(offset, offset + sizes[rank])
         err = {"y": _rel(y, y_ref[mine]), "aux_loss": _rel(info.aux_loss, info_ref.aux_loss),
                "x.grad": _rel(x.grad, x_group.grad[mine])}
-        for field in ("tokens_per_expert", "load", "ent_load", "ent_conf", "max_minus_min", "score_mean"):
+        for field in ("tokens_per_expert", "load", "ent_load", "ent_conf", "max_minus_min", "score_mean",
+                      "score_margin", "margin_tokens"):
             err[f"stats.{field}"] = _rel(getattr(info.stats, field).double(), getattr(info_ref.stats, field).double())
         ref_params = dict(ref.named_parameters())
         for name, p in layer.named_parameters():

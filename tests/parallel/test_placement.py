@@ -90,7 +90,7 @@ def _check(rank: int, world: int, sizes: list[int]) -> list[dict]:
             exact[f"grad.{name}"] = torch.equal(g, grads_c[name])
         out.append({"err": err, "exact": exact})
     destroy_groups()
-    return out
+    return {"cases": out, "move": _move(rank, world)}
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -102,7 +102,7 @@ def placed_results(request):
 def test_placement_changes_no_result(placed_results):
     world, per_rank = placed_results
     failures = [f"EP {world} rank {rank} {CASES[i]}: {q} relative error {rel:.2e}"
-                for rank, results in enumerate(per_rank) for i, r in enumerate(results)
+                for rank, results in enumerate(per_rank) for i, r in enumerate(results["cases"])
                 for q, rel in r["err"].items() if not rel <= RTOL]
     assert not failures, "\n".join(failures)
 
@@ -113,27 +113,24 @@ def test_placement_takes_the_same_decision(placed_results):
     allgather, and CPU matmuls may round differently for rows at another offset of a buffer.)"""
     world, per_rank = placed_results
     for rank, results in enumerate(per_rank):
-        for i, r in enumerate(results):
+        for i, r in enumerate(results["cases"]):
             assert r["exact"]["stats.tokens_per_expert"] and r["exact"]["stats.load"], (world, rank, CASES[i])
             assert r["exact"]["aux_loss"] or CASES[i]["dispatcher"] == "allgather", (world, rank, CASES[i])
 
 
 def _move(rank: int, world: int) -> dict:
     from aoe_ep.moe.placement import Placement
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
     from aoe_ep.parallel.reshard import move_experts
 
-    groups = initialize_groups(world)
     contiguous, placed = Placement.contiguous(8, world), Placement.of(PLACEMENTS[world])
     stack = torch.tensor(contiguous.experts[rank], dtype=torch.float64).view(-1, 1, 1).expand(-1, 2, 3) * 1.5
-    moved = move_experts(stack.contiguous(), contiguous, placed, groups.ep_group)
-    back = move_experts(moved, placed, contiguous, groups.ep_group)
-    destroy_groups()
+    moved = move_experts(stack.contiguous(), contiguous, placed, dist.group.WORLD)
+    back = move_experts(moved, placed, contiguous, dist.group.WORLD)
     return {"moved": moved[:, 0, 0].tolist(), "back_equal": torch.equal(back, stack)}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_move_experts_carries_each_expert_to_its_new_rank(world):
-    for rank, r in enumerate(run_distributed(world, _move)):
-        assert r["moved"] == [1.5 * e for e in PLACEMENTS[world][rank]]
-        assert r["back_equal"]
+def test_move_experts_carries_each_expert_to_its_new_rank(placed_results):
+    world, per_rank = placed_results
+    for rank, results in enumerate(per_rank):
+        assert results["move"]["moved"] == [1.5 * e for e in PLACEMENTS[world][rank]]
+        assert results["move"]["back_equal"]

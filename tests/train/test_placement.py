@@ -4,7 +4,8 @@ resumed from that balanced checkpoint, continue the uninterrupted contiguous run
 AdamW moments of every global expert, to float rounding (RTOL, relative to each tensor's largest value). Not bit
 for bit: the gradient norm that clipping divides by sums each rank's expert squares before the EP all-reduce, so
 another placement groups other experts in that sum (one ulp moves the clip scale, and with it every update); under
-`allgather` a rank also adds its experts' outputs before the combine all-to-all.
+`allgather` a rank also adds its experts' outputs before the combine all-to-all. The same under FSDP2 on 4 ranks,
+where expert stacks are DTensor shards.
 """
 
 from __future__ import annotations
@@ -129,3 +130,26 @@ def test_recent_load_halves_a_step_s_weight_every_half_life():
     assert load.counts_LE.tolist() == [[8.0, 16.0]] and load.steps == 3
     # expert 0's counts are 2 steps old (weight 0.5), expert 1's 1 and 0 steps old (2 ** -0.5 and 1)
     assert load.recent_LE[0].tolist() == pytest.approx([4.0, 8 * 2 ** -0.5 + 8])
+
+
+def _fsdp_worker(rank: int, world: int, tmp_path) -> dict:
+    def config(name, placement):
+        return small_config(tmp_path / name, "parallel.expert_parallel_size=2", "moe.dispatcher=allgather",
+                            f"parallel.expert_placement={placement}", "moe.num_experts=8", "train.max_steps=5",
+                            "train.save_interval=3", "train.eval_interval=100", "train.eval_at_start=false",
+                            "train.dense_parallel=fsdp", "train.micro_batch_size=1")
+    a = _run(config("a", "contiguous"))
+    b = _run(config("b", "balanced"), resume=str(tmp_path / "a" / "run" / "checkpoints" / "step_00000003"))
+    return {"a": a, "b": b}
+
+
+def test_fsdp2_expert_shards_follow_their_experts(tmp_path):
+    """FSDP2 x EP 2 x expert-DP 2 on 4 ranks: a rank's expert stack is a DTensor shard over the expert-DP group;
+    re-placing gathers it, moves the experts and cuts the same shard again."""
+    for r in run_distributed(4, _fsdp_worker, tmp_path):
+        a, b = r["a"], r["b"]
+        assert b["placements"] != [[[0, 1, 2, 3], [4, 5, 6, 7]]]
+        for want, got in zip(a["losses"][3:], b["losses"]):
+            assert got == pytest.approx(want, rel=RTOL)
+        for key in a["state"]:
+            assert _close(b["state"][key], a["state"][key]), key

@@ -38,6 +38,18 @@ def _plan(args: argparse.Namespace) -> int:
     from aoe_ep.config import load_config
     from aoe_ep.plan.report import plan_all, render
 
+    if args.placement is not None:
+        from aoe_ep.plan.placement import placement_gain, render_gain
+
+        if args.config is not None:
+            raise CommandError("--placement RUN_DIR reads a run, not a config: drop the CONFIG argument")
+        try:
+            print(render_gain(placement_gain(args.placement, args.ep), args.json))
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        return 0
+    if args.config is None:
+        raise CommandError("name a CONFIG (preset or YAML path), or a run with --placement RUN_DIR")
     cfg = load_config(args.config, args.overrides)
     plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share)
     print(render(args.config, cfg, plans, args.json))
@@ -228,9 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value; may repeat")
     p.set_defaults(func=_params)
 
-    p = sub.add_parser("plan", help="per-rank memory, FLOPs, communication and step time of a config under DP x EP")
-    p.add_argument("config", help="preset name (e.g. paper/aoe_4b) or YAML path")
-    p.add_argument("--ep", type=int, help="expert-parallel size (default: a table over 1, 2, 4, 8)")
+    p = sub.add_parser("plan", help="per-rank memory, FLOPs, communication and step time of a config under DP x EP; "
+                                    "with --placement, the idle-time gain of a balanced expert placement on a run")
+    p.add_argument("config", nargs="?", help="preset name (e.g. paper/aoe_4b) or YAML path")
+    p.add_argument("--placement", metavar="RUN_DIR",
+                   help="a run's out_dir (or checkpoint): per layer the per-device max - min of its measured load "
+                        "under the contiguous and the balanced placement, and the predicted idle-time gain")
+    p.add_argument("--ep", type=int, help="expert-parallel size (default: a table over 1, 2, 4, 8; with "
+                                          "--placement, the run's)")
     p.add_argument("--dp", type=int, help="data-parallel size (default: a few)")
     p.add_argument("--micro-batch", type=int, help="sequences per rank and micro-batch (default: train.micro_batch_size)")
     p.add_argument("--gpu", default="h100", help="hardware constants: h100, h200 or a100 (default: h100)")

@@ -22,6 +22,7 @@ NORMS = ("l2", "l1", "linf")
 SELECTIONS = ("top_k", "top_p", "expert_choice")
 GATES = ("softmax_topk", "softmax_all")
 DISPATCHERS = ("allgather", "alltoall")
+EXPERT_PLACEMENTS = ("contiguous", "balanced")  # aoe_ep/moe/placement.py
 EXPERT_KINDS = ("auto", "swiglu", "factorized")
 EXPERT_KERNELS = ("auto", "grouped", "loop")
 AOE_CACHES = ("keep", "recompute")
@@ -192,13 +193,22 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """World = data_parallel x expert_parallel (EP inner)."""
+    """World = data_parallel x expert_parallel (EP inner). expert_placement: which experts each EP rank holds,
+    "contiguous" (rank r: [r·n/EP, (r+1)·n/EP)) or "balanced" (chosen from the load the last checkpoint recorded,
+    when a checkpoint is saved or loaded; `aoe_ep.moe.placement`); placement_half_life: steps over which a step's
+    counts lose half their weight in that load (0: every step since the last checkpoint weighs the same)."""
 
     expert_parallel_size: int = 1
+    expert_placement: str = "contiguous"
+    placement_half_life: float = 10.0
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(_is_int(self.expert_parallel_size) and self.expert_parallel_size > 0,
                  prefix + ".expert_parallel_size", f"must be a positive integer, got {self.expert_parallel_size!r}")
+        _one_of(self.expert_placement, EXPERT_PLACEMENTS, prefix + ".expert_placement")
+        _require(isinstance(self.placement_half_life, (int, float)) and not isinstance(self.placement_half_life, bool)
+                 and 0 <= self.placement_half_life < float("inf"), prefix + ".placement_half_life",
+                 f"must be a non-negative number of steps, got {self.placement_half_life!r}")
 
 
 @dataclass

@@ -90,7 +90,7 @@ def init_parameters(model: nn.Module, seed: int) -> None:
                          None)
             if layer is None:
                 raise TypeError(f"init_parameters: {fqn} is a stacked-expert tensor outside an MoELayer")
-            # An expert-parallel stack is this rank's shard, starting at the layer's expert offset.
-            first = layer.expert_offset if getattr(p, "expert_parallel", False) else 0
-            for local in range(p.shape[0]):
-                p[local].copy_(_draw(p.shape[1:], std, seed, fqn, first + local))
+            # An expert-parallel stack holds this rank's experts, in the order of the layer's placement.
+            held = layer.held_experts if getattr(p, "expert_parallel", False) else range(p.shape[0])
+            for local, expert in enumerate(held):
+                p[local].copy_(_draw(p.shape[1:], std, seed, fqn, expert))

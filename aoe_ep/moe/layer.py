@@ -20,6 +20,7 @@ from aoe_ep.config import MoEConfig
 from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
 from aoe_ep.moe.losses import aux_loss, token_entropy
+from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer
 from aoe_ep.moe.selection import decide, weigh
 from aoe_ep.moe.stats import LoadStats, selection_margin
@@ -79,7 +80,8 @@ class MoELayer(nn.Module):
     """AoE, routed-MoE or Self-Routing FFN layer (DESIGN.md sections 1, 2 and 5).
 
     `y, info = layer(x)` maps x [..., d_model] to y of the same shape: y = Σ_{i∈I} g_i · E_i(x). With `ep_group`,
-    this rank holds experts [r·n/EP, (r+1)·n/EP) and x is this rank's tokens; info is the same on every rank.
+    this rank holds experts [r·n/EP, (r+1)·n/EP) (or those its `placement` names) and x is this rank's tokens;
+    info is the same on every rank.
 
     `info.timing` is host wall-clock; on an accelerator it measures device work only while `synchronize_timing` is
     set (the trainer sets it on logging steps, as synchronising every layer costs throughput). `record_selection`
@@ -98,7 +100,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher if dispatcher is not None else build_dispatcher(cfg, ep_group)
         ep_size, ep_rank = self.dispatcher.ep_size, self.dispatcher.ep_rank
         self.num_local_experts = cfg.num_experts // ep_size
-        self.expert_offset = ep_rank * self.num_local_experts
+        self.expert_offset = ep_rank * self.num_local_experts  # under the contiguous placement
         # Under `allgather` each rank scores only its own experts' Wdown; under `alltoall` the selector is replicated.
         self.scorer_is_sharded = cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and ep_size > 1
         self.scorer = build_scorer(cfg, self.num_local_experts if self.scorer_is_sharded else cfg.num_experts)
@@ -167,10 +169,30 @@ class MoELayer(nn.Module):
                        mask_TE=decision.mask_SE[own] if self.record_selection else None)
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
 
+    @property
+    def placement(self) -> Placement:
+        """Which global experts each rank of the EP group holds (`aoe_ep.moe.placement`)."""
+        placement = getattr(self.dispatcher, "placement", None)
+        return placement if placement is not None else Placement.contiguous(self.cfg.num_experts, 1)
+
+    @property
+    def held_experts(self) -> tuple[int, ...]:
+        """The global experts of this rank's local stack, in its order."""
+        return self.placement.experts[self.dispatcher.ep_rank]
+
+    def set_placement(self, placement: Placement) -> None:
+        """Route by `placement` from now on. The expert parameters (and their optimizer state) must be moved with
+        it: `aoe_ep.parallel.reshard.move_experts` does that for a tensor."""
+        if self.dispatcher.ep_size == 1:
+            if placement.num_devices != 1:
+                raise ValueError(f"a placement over {placement.num_devices} ranks on a single-device layer")
+            return
+        self.dispatcher.set_placement(placement)
+
     def load_full_state_dict(self, state: dict) -> None:
-        """Load the single-device layer's parameters (all n experts), keeping the slice this rank holds."""
+        """Load the single-device layer's parameters (all n experts), keeping the experts this rank holds."""
         local = {}
-        own = slice(self.expert_offset, self.expert_offset + self.num_local_experts)
+        own = list(self.held_experts)
         for name, tensor in state.items():
             sharded = name.startswith("experts.") or (self.scorer_is_sharded and name.startswith("scorer."))
             local[name] = tensor[own] if sharded else tensor

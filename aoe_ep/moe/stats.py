@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from aoe_ep.moe.placement import Placement
+
 
 def selection_margin(s_TE: torch.Tensor, mask_TE: torch.Tensor) -> torch.Tensor:
     """Per token, how decisive its selection was: its lowest selected score minus its highest unselected one, i.e.
@@ -91,19 +93,27 @@ class LoadStats:
                    score_mean=score_sum.detach().double() / denom, num_tokens=num_tokens,
                    score_margin=margin_sum.detach() / margin_tokens.clamp_min(1), margin_tokens=margin_tokens)
 
-    def device_load(self, num_devices: int) -> torch.Tensor:
-        """Load per device when experts are sharded contiguously over `num_devices` ranks."""
+    def device_load(self, num_devices: int, placement: Optional[Placement] = None) -> torch.Tensor:
+        """Load per device when experts are placed over `num_devices` ranks by `placement` (contiguously when
+        absent)."""
         if self.load.numel() % num_devices:
             raise ValueError(f"{self.load.numel()} experts cannot be split over {num_devices} devices")
-        return self.load.view(num_devices, -1).sum(dim=1)
+        if placement is None:
+            return self.load.view(num_devices, -1).sum(dim=1)
+        if placement.num_devices != num_devices:
+            raise ValueError(f"a placement over {placement.num_devices} devices does not describe {num_devices}")
+        return placement.device_load(self.load)
 
-    def device_max_minus_min(self, num_devices: int) -> torch.Tensor:
-        device_load = self.device_load(num_devices)
+    def device_max_minus_min(self, num_devices: int, placement: Optional[Placement] = None) -> torch.Tensor:
+        device_load = self.device_load(num_devices, placement)
         return device_load.max() - device_load.min()
 
 
-def idle_time(stats: Sequence[LoadStats], num_devices: int | None = None) -> float:
-    """The paper's idle-time metric: Σ over layers of (max − min) load, per expert or, given `num_devices`, per device."""
+def idle_time(stats: Sequence[LoadStats], num_devices: int | None = None,
+              placements: Optional[Sequence[Optional[Placement]]] = None) -> float:
+    """The paper's idle-time metric: Σ over layers of (max − min) load, per expert or, given `num_devices`, per device
+    (each layer's experts placed by `placements[i]`, contiguously when absent)."""
     if num_devices is None:
         return float(sum(s.max_minus_min for s in stats))
-    return float(sum(s.device_max_minus_min(num_devices) for s in stats))
+    placements = list(placements) if placements is not None else [None] * len(stats)
+    return float(sum(s.device_max_minus_min(num_devices, p) for s, p in zip(stats, placements)))

@@ -3,7 +3,9 @@
 The selector (AoE's Wdown of all experts, or the router) is replicated and scores this rank's tokens locally; only
 global statistics cross ranks (one all-reduce of counts and sums; for expert choice, the probabilities); an
 all-to-all with uneven splits sends each winning (token, expert) row, with its cached low-rank activation, to the
-expert's rank, and a second all-to-all returns the expert outputs, which the owner weights and sums.
+expert's rank, and a second all-to-all returns the expert outputs, which the owner weights and sums. Under an
+expert placement the rows, grouped by global expert, are sent in placed order (rank 0's experts first) and put back
+in global order on their return, so that the owner sums each token's rows in the same order whatever the placement.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
 from aoe_ep.parallel.collectives import all_gather_rows, all_reduce_sum, all_to_all_counts, all_to_all_rows
 from aoe_ep.parallel.group import GroupDispatcher
+
+
+def placed_rows(counts_E: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Row index that reorders rows grouped by expert (counts_E of each, expert 0 first) to the expert order
+    `order` (a permutation of the experts), keeping each expert's rows in their order."""
+    counts_P = counts_E.index_select(0, order)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    starts_P = torch.cumsum(counts_P, 0) - counts_P
+    total = int(counts_E.sum())
+    slot_M = torch.repeat_interleave(torch.arange(order.numel(), device=order.device), counts_P, output_size=total)
+    return starts_E.index_select(0, order)[slot_M] + torch.arange(total, device=order.device) - starts_P[slot_M]
 
 
 def regroup(x_MX: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
@@ -49,7 +62,12 @@ class AllToAllDispatcher(GroupDispatcher):
         x_MD = x_TD.index_select(0, rows.token_index_M)
         s_SX, cache_ML = scores.attach(rows, x_MD)
         payload_MX = x_MD if cache_ML is None else torch.cat([x_MD, cache_ML.to(x_MD.dtype)], dim=1)
-        send_RL = rows.groups.counts_E.view(self.ep_size, self.num_local)  # rows for rank r's local expert e
+        counts_P, perm_M = rows.groups.counts_E, None
+        if self._order is not None:  # rows to each rank's experts in turn, as the placement lists them
+            order = self._index("order", x_TD.device)
+            counts_P, perm_M = counts_P.index_select(0, order), placed_rows(rows.groups.counts_E, order)
+            payload_MX = payload_MX.index_select(0, perm_M)
+        send_RL = counts_P.view(self.ep_size, self.num_local)  # rows for rank r's local expert e
         recv_QL = all_to_all_counts(send_RL, self.group, self.counter)      # rows from rank q for my expert e
         send, recv_sizes_QL = send_RL.sum(dim=1).tolist(), recv_QL.tolist()
         recv = [sum(row) for row in recv_sizes_QL]
@@ -61,12 +79,16 @@ class AllToAllDispatcher(GroupDispatcher):
         d = x_TD.shape[1]
         expert_rows = ExpertRows(x_MD=grouped_NX[:, :d], groups=groups,
                                  cache_ML=None if cache_ML is None else grouped_NX[:, d:])
-        state = DispatchState(rows, x_TD.shape[0], route=(recv_sizes_QL, send, recv))
+        state = DispatchState(rows, x_TD.shape[0], route=(recv_sizes_QL, send, recv, perm_M))
         return expert_rows, state, s_SX
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        recv_sizes_QL, send, recv = state.route
+        recv_sizes_QL, send, recv, perm_M = state.route
         sizes_LQ = [list(col) for col in zip(*recv_sizes_QL)] if recv_sizes_QL else []
         back_MD = regroup(out_MD, sizes_LQ)
         returned_MD = all_to_all_rows(back_MD, recv, send, self.group, self.counter, "combine")
+        if perm_M is not None:  # back to rows grouped by global expert
+            inverse_M = torch.empty_like(perm_M)
+            inverse_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
+            returned_MD = returned_MD.index_select(0, inverse_M)
         return weighted_sum(returned_MD, row_gates(gates_SE, state.rows), state.rows.token_index_M, state.num_tokens)

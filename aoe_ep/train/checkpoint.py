@@ -9,7 +9,10 @@ sees (every rank writes its own shards).
 Loading works after changing the number of ranks: dense weights are saved as replicated tensors (or FSDP2's
 DTensors), and expert weights, sharded over the EP group, as DTensors of their single-device shape sharded on dim 0
 over the "ep" mesh dimension (and, under FSDP2, further over the expert-DP "dp" dimension on the dim FSDP2 chose);
-DCP reads whatever slice a rank now holds. RNG states are per rank: a rank that did not exist
+DCP reads whatever slice a rank now holds. Experts are saved by global identity: under an expert placement other than
+the contiguous one (`parallel.expert_placement`), a rank's stack is moved to the contiguous split before the save
+and from it to the rank's placement after the load (`aoe_ep.parallel.reshard`), optimizer moments with their
+experts; `meta.json` records the placement and the load it was chosen from. RNG states are per rank: a rank that did not exist
 at save time keeps its freshly seeded generator.
 
 Everything saved is a tensor (step counters and generator states are encoded as tensors), `meta.json` records every
@@ -40,6 +43,9 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from aoe_ep.moe import MoELayer
+from aoe_ep.moe.placement import Placement
+from aoe_ep.parallel.reshard import move_experts
 from aoe_ep.train.checkpoint_integrity import (MANIFEST_KEY, CheckpointError, SafeFileSystemReader,
                                                TensorsOnlyLoadPlanner, assert_tensors_only, file_sha256,
                                                shard_digests, verify_digests)
@@ -117,6 +123,28 @@ def expert_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if is_expert_param(p)}
 
 
+def expert_placements(model: nn.Module) -> dict[str, Placement]:
+    """The placement of each expert-parallel tensor's layer, by parameter name (only where it is not contiguous)."""
+    out = {}
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, MoELayer) and not layer.placement.is_contiguous:
+            for name, p in layer.named_parameters():
+                if is_expert_param(p):
+                    out[f"{prefix}.{name}" if prefix else name] = layer.placement
+    return out
+
+
+def _to_contiguous(placements: dict[str, Placement], runtime: Runtime):
+    """fn(name, local stack) -> the stack the rank holds under the contiguous split (what a checkpoint stores)."""
+    def fn(name: str, t: torch.Tensor) -> torch.Tensor:
+        placement = placements.get(name)
+        if placement is None:
+            return t
+        return move_experts(t, placement, Placement.contiguous(placement.num_experts, placement.num_devices),
+                            runtime.groups.ep_group)
+    return fn
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """torch's generators, Python's and numpy's, as tensors (so that loading them unpickles nothing)."""
     version, words, gauss = random.getstate()
@@ -159,7 +187,7 @@ def _map_experts(model_sd: dict, optim_sd: dict, experts: set[str], fn) -> None:
     """Replace every expert tensor of the model and optimizer state dicts by `fn(name, tensor)`. The per-parameter
     optimizer dicts are the optimizer's own objects, so they are rebuilt, never written into."""
     states = optim_sd.get("state", {})
-    for name in experts:
+    for name in sorted(experts):  # one order on every rank: moving a placed expert is a collective
         model_sd[name] = fn(name, model_sd[name])
         if name in states:
             states[name] = {key: fn(name, value) if isinstance(value, torch.Tensor) and value.ndim > 0 else value
@@ -179,9 +207,12 @@ def _saved_expert(t: torch.Tensor, runtime: Runtime) -> DTensor:
 
 
 def _state_and_groups(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
-                      runtime: Runtime) -> tuple[dict, list]:
+                      runtime: Runtime, by_identity: bool = True) -> tuple[dict, list]:
+    """by_identity: move placed expert stacks to the contiguous split (a save; a load's template needs only the
+    shapes)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    _map_experts(model_sd, optim_sd, expert_names(model), lambda name, t: _saved_expert(t, runtime))
+    move = _to_contiguous(expert_placements(model) if by_identity else {}, runtime)
+    _map_experts(model_sd, optim_sd, expert_names(model), lambda name, t: _saved_expert(move(name, t), runtime))
     # Per-parameter moments are saved by name; the groups (which parameters share hyperparameters) are each run's:
     # their make-up changes with the layout (expert-parallel or not), and lr / weight decay come from the schedule.
     param_groups = optim_sd.pop("param_groups")
@@ -371,7 +402,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Restore model, optimizer, scheduler and (where saved for this rank) RNG state; returns the progress dict.
     Call `verify_checkpoint` first: this reads the files."""
     state, param_groups = _state_and_groups(model, optimizer, scheduler, {"step": 0, "consumed_samples": 0},
-                                            runtime)
+                                            runtime, by_identity=False)
     reader = SafeFileSystemReader(str(path))
     saved = set(reader.read_metadata().state_dict_metadata)
     rng_key = f"rng_rank{runtime.rank}"
@@ -380,14 +411,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     _dcp_load(state, path, "this model and optimizer")
 
     params = dict(model.named_parameters())
+    placements = expert_placements(model)
 
     def to_param_layout(name: str, t: DTensor) -> torch.Tensor:
-        """Back to the parameter's own kind: a plain tensor, or a DTensor like FSDP2's (moments share its spec)."""
+        """Back to the parameter's own kind: a plain tensor, or a DTensor like FSDP2's (moments share its spec),
+        holding the experts of the layer's placement."""
         like = params[name]
         if not isinstance(like, DTensor):
-            return t.to_local()
-        return DTensor.from_local(t.to_local(), like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                                  stride=like.stride())
+            return _from_contiguous(placements.get(name), t.to_local(), runtime)
+        local = DTensor.from_local(t.to_local(), like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                   stride=like.stride())
+        if name not in placements:
+            return local
+        return DTensor.from_local(_from_contiguous(placements[name], local, runtime), like.device_mesh,
+                                  like.placements, run_check=False, shape=like.shape, stride=like.stride())
 
     _map_experts(state["model"], state["optim"], expert_names(model), to_param_layout)
     state["optim"]["param_groups"] = param_groups
@@ -396,6 +433,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if rng_key in state:
         _set_rng_state(state[rng_key], runtime.device)
     return {key: int(value) for key, value in state["progress"].items()}
+
+
+def _from_contiguous(placement: Optional[Placement], t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if placement is None:
+        return t
+    return move_experts(t, Placement.contiguous(placement.num_experts, placement.num_devices), placement,
+                        runtime.groups.ep_group)
 
 
 def load_model_weights(path: Path, model: nn.Module, runtime: Runtime) -> None:

@@ -75,18 +75,22 @@ class MoEStatsAccumulator:
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
 
-def device_loads(stats: list[LoadStats], ep_size: int) -> list[torch.Tensor]:
-    """[EP] load per device of each layer: the one place where experts are mapped to devices (contiguous shards of
-    `ep_size` ranks); the device figures (per-device load, its max − min, the per-device idle time) all read it."""
-    return [s.device_load(ep_size) for s in stats]
+def device_loads(stats: list[LoadStats], ep_size: int, placements: Optional[list] = None) -> list[torch.Tensor]:
+    """[EP] load per device of each layer: the one place where experts are mapped to devices (each layer's experts
+    on the `ep_size` ranks of `placements[i]`, contiguous shards when absent; `aoe_ep.moe.placement`); the device
+    figures (per-device load, its max − min, the per-device idle time) all read it."""
+    placements = placements if placements is not None else [None] * len(stats)
+    return [s.device_load(ep_size, p) for s, p in zip(stats, placements)]
 
 
-def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int) -> dict[str, float | list]:
+def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
+                placements: Optional[list] = None) -> dict[str, float | list]:
     """The MoE layers' record of one logging window. Floats are summary scalars (per layer Ent_load, Ent_conf,
     max − min per expert and per device; the idle-time sums; seconds); lists hold one value per expert or device
-    (`RunLogger` writes them to the JSONL whole and to tensorboard as histograms)."""
+    (`RunLogger` writes them to the JSONL whole and to tensorboard as histograms). `placements`: each layer's
+    expert placement (contiguous when absent)."""
     out: dict[str, float | list] = {}
-    per_device = device_loads(stats, ep_size)
+    per_device = device_loads(stats, ep_size, placements)
     for i, (s, device_load) in enumerate(zip(stats, per_device)):
         prefix = f"moe/layer{i:02d}"
         out[f"{prefix}/ent_load"] = float(s.ent_load)

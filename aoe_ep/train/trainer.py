@@ -31,6 +31,7 @@ from aoe_ep.model import Decoder, init_parameters, token_cross_entropy
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.balance import bias_scalars, step_token_counts, update_expert_biases
 from aoe_ep.train import checkpoint as ckpt
+from aoe_ep.train import placement as place
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
@@ -134,7 +135,12 @@ class Trainer:
         self.bad_steps = BadStepCounter(cfg.train.max_bad_steps, skipped=int(meta.get("skipped_steps", 0)))
 
         self.resumed_from = resume_path
+        self.expert_load = place.ExpertLoad(len(self.moe_layers), cfg.moe.num_experts if cfg.moe else 0,
+                                            cfg.parallel.placement_half_life)
+        self.load_since = int(meta["step"])
+        self.placement_note: list[str] = []
         if resume_path is not None:
+            self._place_from(meta)
             progress = ckpt.load_checkpoint(resume_path, model, self.optimizer, self.scheduler, rt)
             self.step, self.consumed_samples = int(progress["step"]), int(progress["consumed_samples"])
 
@@ -176,6 +182,26 @@ class Trainer:
                 ce_sum, count = token_cross_entropy(out.logits, batch.labels, batch.loss_mask)
             (ce_sum / count.clamp_min(1.0) + out.aux_loss).backward()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _balanced(self) -> bool:
+        return self.cfg.parallel.expert_placement == "balanced" and self.runtime.ep_size > 1 and bool(self.moe_layers)
+
+    def _place_from(self, meta: dict) -> None:
+        """Under `balanced`, route by the placement the checkpoint's recorded load asks for; the load then moves each
+        expert's parameters and moments from the checkpoint (stored by global identity) to its rank."""
+        if not self._balanced():
+            return
+        counts = place.recorded_load(meta)
+        if counts is None or counts.shape != (len(self.moe_layers), self.cfg.moe.num_experts):
+            self.placement_note = ["expert placement: the checkpoint records no per-expert load; contiguous"]
+            return
+        placements = place.choose(counts, self.runtime.ep_size)
+        entry = meta.get(place.LOAD_KEY, {})
+        self.placement_note = ["expert placement: balanced, from the load the checkpoint recorded (steps "
+                               f"{entry.get('since_step')}-{meta['step']}, half-life {entry.get('half_life_steps')}):",
+                               *place.describe(self.moe_layers, placements, counts)]
+        for layer, placement in zip(self.moe_layers, placements):
+            layer.set_placement(placement)
 
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
         """The checkpoint to start from (None: a fresh run), after clearing what an interrupted save left.
@@ -302,6 +328,7 @@ class Trainer:
                 update_expert_biases(self.moe_layers, reduced[packed.numel():].view_as(counts_LE) / rt.ep_size)
             for micro_infos in infos:
                 self.moe_stats.add(micro_infos, timed)
+            self.expert_load.add(infos)
         self.step += 1
         self.consumed_samples += plan.global_samples
         self.bad_steps.update(v)
@@ -357,7 +384,8 @@ class Trainer:
         })
         if self.peak_flops:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
-        scalars.update(moe_scalars(stats, timing, self.runtime.ep_size))
+        scalars.update(moe_scalars(stats, timing, self.runtime.ep_size,
+                                   placements=[layer.placement for layer in self.moe_layers]))
         # AoE diagnostics: score margin, top-K churn, dead experts, wasted precompute (plain scalars per layer)
         if stats:
             scalars.update(diagnostic_scalars(stats, self.cfg.moe.scorer, churn))
@@ -380,9 +408,26 @@ class Trainer:
         meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,
                     skipped_steps=self.bad_steps.skipped,
                     consumed_tokens=self.consumed_samples * self.plan.seq_len)
+        recent = None
+        if self.moe_layers:
+            counts, recent, steps = self.expert_load.reduce(rt)
+            meta.update(place.load_meta(counts, recent, steps, self.load_since,
+                                        self.cfg.parallel.placement_half_life))
+            meta.update(place.placement_meta(self.cfg.parallel.expert_placement, self.moe_layers))
+            self.load_since = self.step
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, self._config_yaml(),
                                     keep=self.cfg.train.keep_checkpoints)
+        if recent is not None and self._balanced() and float(recent.sum()) > 0:
+            self._replace(recent)
         return path if path is not None else self.ckpt_root / ckpt.step_name(self.step)
+
+    def _replace(self, counts) -> None:
+        """After a save under `balanced`: re-place the experts by the load just recorded (collective)."""
+        placements = place.choose(counts, self.runtime.ep_size)
+        lines = place.describe(self.moe_layers, placements, counts)
+        if place.apply_placements(self.moe_layers, placements, self.optimizer, self.runtime) and self.runtime.is_main:
+            print("\n".join([f"step {self.step}: expert placement: balanced, from the load since the last "
+                             f"checkpoint (half-life {self.cfg.parallel.placement_half_life} steps):", *lines]))
 
     def _config_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
@@ -399,6 +444,8 @@ class Trainer:
               f"precision {self.autocast_dtype or torch.float32}; steps {self.step} -> {stop}; out_dir {self.out_dir}")
         if self.resumed_from is not None:
             print(f"resumed from {ckpt.describe(self.resumed_from)}")
+        if self.placement_note:
+            print("\n".join(self.placement_note))
         if cfg.model.ffn == "moe" and rt.ep_size >= 4 and cfg.moe.dispatcher == "allgather":
             print(f"aoe-ep train: note: at EP {rt.ep_size} the allgather dispatcher sends about (EP-1)·d values per "
                   f"token against alltoall's under K·(2d + d_low); consider --set moe.dispatcher=alltoall")

@@ -85,7 +85,11 @@ class DataParallelModel:
         if self.kind == "ddp":
             DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.module = DDP(model, device_ids=device_ids, process_group=runtime.groups.dp_group)
+            # Every buffer is the same on every rank by construction (RoPE tables from the config; the balancing bias
+            # moves with global counts and is compared across ranks before each checkpoint), so DDP's broadcast of
+            # them from rank 0 before every forward would be a collective that only hides a divergence.
+            self.module = DDP(model, device_ids=device_ids, process_group=runtime.groups.dp_group,
+                              broadcast_buffers=False)
         elif self.kind == "fsdp":
             self._shard(model)
             self.module = model

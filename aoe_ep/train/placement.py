@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from aoe_ep.moe import MoEInfo, MoELayer
+from aoe_ep.moe import MoELayer
 from aoe_ep.moe.placement import Placement, balanced_placement
 from aoe_ep.parallel.reshard import move_experts
 from aoe_ep.train.distributed import Runtime, all_reduce_
@@ -32,23 +32,22 @@ class ExpertLoad:
     counts; `reduce` sums the EP groups): `counts_LE` the plain sum, `recent_LE` the recency-weighted one
     (half-life `half_life` steps; 0: the plain sum)."""
 
-    def __init__(self, num_layers: int, num_experts: int, half_life: float = 0.0) -> None:
+    def __init__(self, num_layers: int, num_experts: int, half_life: float = 0.0,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.shape = (num_layers, num_experts)
         self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
         self.half_life = half_life
+        self.device = device
         self._reset()
 
     def _reset(self) -> None:
-        self.counts_LE = torch.zeros(self.shape, dtype=torch.float64)
-        self.recent_LE = torch.zeros(self.shape, dtype=torch.float64)
+        self.counts_LE = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        self.recent_LE = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         self.steps = 0
 
-    def add(self, step_infos: Sequence[Sequence[MoEInfo]]) -> None:
-        """One applied step: its micro-batches' `MoEInfo` lists."""
-        step_LE = torch.zeros(self.shape, dtype=torch.float64)
-        for infos in step_infos:
-            if infos:
-                step_LE += torch.stack([i.stats.tokens_per_expert.detach().double().cpu() for i in infos])
+    def add(self, step_LE: torch.Tensor) -> None:
+        """One applied step's [L, n] token counts (its micro-batches summed: `moe.balance.step_token_counts`), kept
+        on their device, so that a step adds no host synchronisation."""
         self.counts_LE += step_LE
         self.recent_LE = self.recent_LE * self.decay + step_LE
         self.steps += 1

@@ -136,7 +136,7 @@ class Trainer:
 
         self.resumed_from = resume_path
         self.expert_load = place.ExpertLoad(len(self.moe_layers), cfg.moe.num_experts if cfg.moe else 0,
-                                            cfg.parallel.placement_half_life)
+                                            cfg.parallel.placement_half_life, rt.device)
         self.load_since = int(meta["step"])
         self.placement_note: list[str] = []
         if resume_path is not None:
@@ -318,17 +318,19 @@ class Trainer:
         # The one world-wide reduction of the step: the losses, the flags every rank's verdict is read from and,
         # under `moe.balance: bias`, the step's expert counts (each EP rank holds its group's: ep_size times each).
         packed = health.packed(sums / plan.num_micro_batches, grad_norm)
-        counts_LE = step_token_counts(infos, self.moe_layers, rt.device) if self.bias_balancing else None
-        reduced = all_reduce_(packed if counts_LE is None else torch.cat([packed, counts_LE.flatten()]))
+        counts_LE = step_token_counts(infos, self.moe_layers, rt.device) if self.moe_layers else None
+        balance = counts_LE is not None and self.bias_balancing
+        reduced = all_reduce_(torch.cat([packed, counts_LE.flatten()]) if balance else packed)
         v = verdict(reduced[:packed.numel()], rt.world_size, rt.ep_size)
         self.scheduler.step(1)
         if v.good:
             self.optimizer.step()
-            if counts_LE is not None:
+            if balance:
                 update_expert_biases(self.moe_layers, reduced[packed.numel():].view_as(counts_LE) / rt.ep_size)
             for micro_infos in infos:
                 self.moe_stats.add(micro_infos, timed)
-            self.expert_load.add(infos)
+            if counts_LE is not None:
+                self.expert_load.add(counts_LE)
         self.step += 1
         self.consumed_samples += plan.global_samples
         self.bad_steps.update(v)

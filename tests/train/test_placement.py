@@ -117,16 +117,11 @@ def test_balanced_resume_continues_the_contiguous_run(runs, dispatcher):
 
 
 def test_recent_load_halves_a_step_s_weight_every_half_life():
-    from types import SimpleNamespace
-
     from aoe_ep.train.placement import ExpertLoad
 
-    def info(counts):
-        return SimpleNamespace(stats=SimpleNamespace(tokens_per_expert=torch.tensor(counts)))
-
     load = ExpertLoad(num_layers=1, num_experts=2, half_life=2.0)
-    for counts in ([8, 0], [0, 8], [0, 8]):  # one micro-batch per step
-        load.add([[info(counts)]])
+    for counts in ([8, 0], [0, 8], [0, 8]):  # one step's [L, n] counts each
+        load.add(torch.tensor([counts], dtype=torch.float64))
     assert load.counts_LE.tolist() == [[8.0, 16.0]] and load.steps == 3
     # expert 0's counts are 2 steps old (weight 0.5), expert 1's 1 and 0 steps old (2 ** -0.5 and 1)
     assert load.recent_LE[0].tolist() == pytest.approx([4.0, 8 * 2 ** -0.5 + 8])

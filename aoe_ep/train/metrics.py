@@ -75,23 +75,15 @@ class MoEStatsAccumulator:
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
 
-def device_loads(stats: list[LoadStats], ep_size: int, placements: Optional[list] = None) -> list[torch.Tensor]:
-    """[EP] load per device of each layer: the one place where experts are mapped to devices (each layer's experts
-    on the `ep_size` ranks of `placements[i]`, contiguous shards when absent; `aoe_ep.moe.placement`); the device
-    figures (per-device load, its max − min, the per-device idle time) all read it."""
-    placements = placements if placements is not None else [None] * len(stats)
-    return [s.device_load(ep_size, p) for s, p in zip(stats, placements)]
-
-
 def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
                 placements: Optional[list] = None) -> dict[str, float | list]:
     """The MoE layers' record of one logging window. Floats are summary scalars (per layer Ent_load, Ent_conf,
     max − min per expert and per device; the idle-time sums; seconds); lists hold one value per expert or device
     (`RunLogger` writes them to the JSONL whole and to tensorboard as histograms). `placements`: each layer's
-    expert placement (contiguous when absent)."""
+    expert placement (contiguous when absent), which `LoadStats.device_load` maps experts to devices by."""
     out: dict[str, float | list] = {}
-    per_device = device_loads(stats, ep_size, placements)
-    for i, (s, device_load) in enumerate(zip(stats, per_device)):
+    placements = placements if placements is not None else [None] * len(stats)
+    for i, (s, placement) in enumerate(zip(stats, placements)):
         prefix = f"moe/layer{i:02d}"
         out[f"{prefix}/ent_load"] = float(s.ent_load)
         out[f"{prefix}/ent_conf"] = float(s.ent_conf)
@@ -100,11 +92,12 @@ def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size
         out[f"{prefix}/score_mean"] = s.score_mean.tolist()
         out[f"{prefix}/tokens_per_expert"] = s.tokens_per_expert.tolist()
         if ep_size > 1:
+            device_load = s.device_load(ep_size, placement)
             out[f"{prefix}/device_load"] = device_load.tolist()
             out[f"{prefix}/device_max_minus_min"] = float(device_load.max() - device_load.min())
     if stats:
         out["moe/idle_time"] = idle_time(stats)
-        out["moe/idle_time_device"] = float(sum(float(d.max() - d.min()) for d in per_device))
+        out["moe/idle_time_device"] = idle_time(stats, num_devices=ep_size, placements=placements)
     if seconds is not None:
         total = seconds.sum(dim=0)  # [2 (expert, combine), 2 (max, min)] summed over layers
         for j, name in enumerate(("expert", "combine")):

@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("layer", help="AoE vs MoE vs dense FFN throughput and memory, forward+backward")
     b.add_argument("--cases", help="YAML with the cases (default: configs/bench/layer.yaml)")
     b.add_argument("--tokens", type=int, help="tokens per step (default: from the cases file)")
-    b.add_argument("--iters", type=int, default=2, help="steps per timed round")
-    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    b.add_argument("--iters", type=int, default=1, help="steps per timed round")
+    b.add_argument("--rounds", type=int, default=6,
+                   help="interleaved rounds: tokens/s are medians, ratios the median of the per-round ratios")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     b.add_argument("--out", help="also write the results as JSON here")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,7 +29,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from aoe_ep.bench.measure import interleaved_times, step_memory
+from aoe_ep.bench.measure import interleaved_samples, interleaved_times, paired_speedup, step_memory
 from aoe_ep.bench.reference import LoopAoE
 from aoe_ep.config import CONFIGS_DIR, Config, ModelConfig, MoEConfig
 from aoe_ep.cpu_allocator import active_allocator
@@ -147,10 +148,16 @@ def _step_fn(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
     return loss, step
 
 
-def _ratio(tps: dict, flops: dict, a: str, b: str) -> dict:
-    measured = tps[a] / tps[b]
+def _ratio(tps: dict, flops: dict, a: str, b: str, samples: Optional[dict] = None) -> dict:
+    """`measured`: a's throughput over b's, paired within rounds when `samples` are given (`paired_speedup`), with
+    the smallest and largest round's ratio as `round_range`."""
     bound = flops[b] / flops[a]
-    return {"pair": f"{a}/{b}", "measured": measured, "bound": bound, "efficiency": measured / bound}
+    if samples is None:
+        measured, extra = tps[a] / tps[b], {}
+    else:
+        measured, low, high = paired_speedup(samples, a, b)
+        extra = {"round_range": [low, high]}
+    return {"pair": f"{a}/{b}", "measured": measured, "bound": bound, "efficiency": measured / bound, **extra}
 
 
 def environment(device: torch.device) -> dict:
@@ -182,14 +189,14 @@ def run_case(case: dict, tokens: int, iters: int, rounds: int, device: torch.dev
         memory[c.name] = step_memory(loss, device, params=list(c.module.parameters()))
         steps[c.name] = step
     with tqdm(total=rounds * len(steps), desc=case["name"], leave=False, disable=None) as bar:
-        seconds = interleaved_times(steps, iters, rounds, device, progress=bar)
+        samples = interleaved_samples(steps, iters, rounds, device, progress=bar)
     flops = {c.name: c.flops_per_token for c in models}
-    tps = {name: tokens / s for name, s in seconds.items()}
+    tps = {name: tokens / statistics.median(s) for name, s in samples.items()}
     pairs = [("aoe", "moe"), ("aoe", "dense"), ("moe", "dense"), ("moe", "experts"), ("aoe_recompute", "aoe"),
              ("aoe", "loop_reference"), (next(c.name for c in models if c.name.startswith("experts_")), "experts")]
     pairs += [(f"{name}_skewed", name) for name in ("moe", "aoe") if f"{name}_skewed" in tps]
     result = {"case": case, "tokens": tokens, "params": params, "flops_per_token": flops, "tokens_per_s": tps,
-              "memory": memory, "ratios": [_ratio(tps, flops, a, b) for a, b in pairs],
+              "memory": memory, "ratios": [_ratio(tps, flops, a, b, samples) for a, b in pairs],
               "environment": environment(device)}
     if skew:
         result["skew"] = {"hot_expert_share": skew}
@@ -255,9 +262,10 @@ def format_result(r: dict) -> str:
         if has_peak:
             line += f"{mem.get('peak_bytes', 0) / 2**20:>10.1f}"
         lines.append(line)
-    lines.append(f"{'ratio':<24}{'measured':>10}{'FLOP bound':>12}{'efficiency':>12}")
+    lines.append(f"{'ratio':<24}{'measured':>10}{'FLOP bound':>12}{'efficiency':>12}{'rounds':>16}")
     for q in r["ratios"]:
-        lines.append(f"{q['pair']:<24}{q['measured']:>10.3f}{q['bound']:>12.3f}{q['efficiency']:>12.3f}")
+        spread = "{:.3f}-{:.3f}".format(*q["round_range"]) if "round_range" in q else ""
+        lines.append(f"{q['pair']:<24}{q['measured']:>10.3f}{q['bound']:>12.3f}{q['efficiency']:>12.3f}{spread:>16}")
     moe_bytes = max(r["memory"]["moe"]["saved_bytes"], 1)
     lines.append("activation memory vs moe: " + ", ".join(
         f"{name} {r['memory'][name]['saved_bytes'] / moe_bytes:.3f}" for name in ("aoe", "aoe_recompute", "dense")))

@@ -51,9 +51,9 @@ def step_memory(step: Callable[[], torch.Tensor], device: torch.device, params: 
     return out
 
 
-def interleaved_times(steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device,
-                      progress=None) -> dict[str, float]:
-    """Median seconds per call of each step, measured in alternating rounds so that drift hits all alike."""
+def interleaved_samples(steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device,
+                        progress=None) -> dict[str, list[float]]:
+    """Seconds per call of each step in each round; the rounds alternate the steps so that drift hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -65,4 +65,19 @@ def interleaved_times(steps: dict[str, Callable[[], None]], iters: int, rounds: 
             samples[name].append((time.perf_counter() - start) / iters)
             if progress is not None:
                 progress.update(1)
+    return samples
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device,
+                      progress=None) -> dict[str, float]:
+    """Median seconds per call of each step, measured in alternating rounds so that drift hits all alike."""
+    samples = interleaved_samples(steps, iters, rounds, device, progress)
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def paired_speedup(samples: dict[str, list[float]], a: str, b: str) -> tuple[float, float, float]:
+    """How much faster `a` runs than `b` (b's time over a's), as the median over rounds of the ratio within each
+    round, and its smallest and largest round: on a shared machine whose speed drifts by ±15% over seconds, two
+    steps timed back to back see the same machine, so their ratio is steadier than a ratio of medians."""
+    ratios = sorted(tb / ta for ta, tb in zip(samples[a], samples[b]))
+    return statistics.median(ratios), ratios[0], ratios[-1]

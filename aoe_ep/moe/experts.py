@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aoe_ep.config import MoEConfig
-from aoe_ep.moe.grouped import Groups, choose_kernel, gmm, gmm_wgrad, pad_to
+from aoe_ep.moe.grouped import Groups, choose_kernel, gmm, gmm_wgrad, pad_to, strided_empty
 
 
 def _init(tensor: torch.Tensor, fan_in: int) -> None:
@@ -49,7 +49,7 @@ class _GroupedGLU(torch.autograd.Function):
             y_MD = gmm(F.silu(a_MF).mul_(b_MF), w_o_EFD, groups, kernel)
         else:
             width = w_gate_EKF.shape[2]
-            a_MF, b_MF = x_MD.new_empty(x_MD.shape[0], width), x_MD.new_empty(x_MD.shape[0], width)
+            a_MF, b_MF = strided_empty((x_MD.shape[0], width), x_MD), strided_empty((x_MD.shape[0], width), x_MD)
             y_MD = x_MD.new_empty(x_MD.shape[0], w_o_EFD.shape[2])
             for e, rows in groups.spans():
                 torch.mm(g_MK[rows], w_gate_EKF[e], out=a_MF[rows])
@@ -63,7 +63,7 @@ class _GroupedGLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_MD):
         x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF = ctx.saved_tensors
-        groups, kernel = ctx.groups, ctx.kernel
+        groups, kernel, width = ctx.groups, ctx.kernel, w_gate_EKF.shape[2]
         need_x, need_g = ctx.needs_input_grad[:2]
         dy_MD = dy_MD.contiguous().to(x_MD.dtype)  # e.g. an expanded gradient from y.sum()
         if kernel == "grouped":
@@ -77,16 +77,20 @@ class _GroupedGLU(torch.autograd.Function):
             dg_MK = gmm(da_MF, _t(w_gate_EKF), groups, kernel) if need_g else None
             dw_gate = gmm_wgrad(g_MK, da_MF, groups, kernel)
             return dx_MD, dg_MK, dw_gate, dw_p, dw_o, None, None
-        # an expert without rows gets a zero gradient; the others are written whole below
-        new = torch.zeros_like if 0 in groups.host else torch.empty_like
-        dw_gate, dw_p, dw_o = (new(w) for w in (w_gate_EKF, w_p_EDF, w_o_EFD))
+        # an expert without rows gets a zero gradient; the others are written whole below. Products as wide as the
+        # hidden layer are written with rows 64 bytes apart (`row_stride`), the weight gradients included: the
+        # strided [E, K, F] views cost one copy each into the parameters' layout, far less than the slow writes.
+        zero = 0 in groups.host
+        dw_gate, dw_p = strided_empty(w_gate_EKF.shape, x_MD, zero), strided_empty(w_p_EDF.shape, x_MD, zero)
+        dw_o = torch.zeros_like(w_o_EFD) if zero else torch.empty_like(w_o_EFD)
         dx_MD = torch.empty_like(x_MD) if need_x else None
         dg_MK = torch.empty_like(g_MK) if need_g else None
+        dh_MF = strided_empty((x_MD.shape[0], width), x_MD)
         for e, rows in groups.spans():
             a_mF, b_mF, dy_mD = a_MF[rows], b_MF[rows], dy_MD[rows]
             silu_mF = F.silu(a_mF)
             torch.mm((silu_mF * b_mF).t(), dy_mD, out=dw_o[e])
-            dh_mF = dy_mD @ w_o_EFD[e].t()
+            dh_mF = torch.mm(dy_mD, w_o_EFD[e].t(), out=dh_MF[rows])
             db_mF = dh_mF * silu_mF
             da_mF = torch.ops.aten.silu_backward(dh_mF.mul_(b_mF), a_mF)
             torch.mm(x_MD[rows].t(), db_mF, out=dw_p[e])

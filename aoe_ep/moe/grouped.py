@@ -68,6 +68,21 @@ def pad_to(width: int, dtype: torch.dtype) -> int:
     return -(-width // align) * align
 
 
+def row_stride(width: int, dtype: torch.dtype) -> int:
+    """The row stride the `loop` kernel gives its [rows, width] products: `width` rounded up to 64 bytes. MKL writes
+    an output whose rows do not start on 64-byte boundaries far slower (CPU, fp32, [520, 768] x [768, 4393]: 103
+    GFLOP/s into rows of 4393, 130-146 into rows of 4400-4480), and AoE's equal-parameter widths rarely align
+    (d_wide = 4393, 4194 and 1075 for the d_low 64 / 128 and 64-expert benchmark cases)."""
+    align = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+    return -(-width // align) * align
+
+
+def strided_empty(shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+    """A tensor of `shape` (uninitialised, or zeros) whose rows are `row_stride` apart: a view into a wider buffer."""
+    make = like.new_zeros if zero else like.new_empty
+    return make(*shape[:-1], row_stride(shape[-1], like.dtype))[..., :shape[-1]]
+
+
 def grouped_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Where `torch._grouped_mm` has a kernel: on CPU for fp32 / bf16 / fp16, on CUDA (and meta) for bf16."""
     if device.type == "cpu":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from aoe_ep.config import Config, MoEConfig
-from aoe_ep.moe.grouped import choose_kernel, pad_to
+from aoe_ep.moe.grouped import choose_kernel, pad_to, row_stride
 from aoe_ep.moe.selection import expert_capacity
 
 FP32 = 4
@@ -92,13 +92,13 @@ def routed_rows(cfg: MoEConfig, tokens: int) -> float:
 
 
 def expert_width(cfg: MoEConfig, c: int, device: str = "cuda", rows_per_expert: float = 0.0) -> int:
-    """The experts' hidden width as their kernel runs it: the grouped kernel pads it to 16-byte strides (6470 ->
-    6472 in bf16); the loop kernel (CPU's choice for large groups) does not."""
+    """The experts' hidden width as their kernel stores it: the grouped kernel pads it to 16-byte strides (6470 ->
+    6472 in bf16); the loop kernel (CPU's choice for large groups) writes its rows 64 bytes apart (`row_stride`)."""
     dtype = torch.bfloat16 if c == 2 else torch.float32
     gate_in = cfg.d_low if cfg.factorized else cfg.d_model
     kernel = choose_kernel(cfg.expert_kernel, torch.device(device), dtype, widths=(cfg.d_model, gate_in),
                            rows_per_group=rows_per_expert)
-    return pad_to(cfg.expert_width, dtype) if kernel == "grouped" else cfg.expert_width
+    return pad_to(cfg.expert_width, dtype) if kernel == "grouped" else row_stride(cfg.expert_width, dtype)
 
 
 def _scored_sizes(cfg: MoEConfig, num_local: int) -> int:

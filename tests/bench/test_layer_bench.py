@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -38,6 +39,7 @@ def test_bench_layer_runs_tiny_case(tmp_path, capsys):
     (r,) = results
     assert r["params"]["aoe"] == r["params"]["moe"] - 4 * 16  # Eq. 5 equalises experts; MoE adds its router
     assert all(q["measured"] > 0 and q["bound"] > 0 for q in r["ratios"])
+    assert all(q["round_range"][0] <= q["measured"] <= q["round_range"][1] for q in r["ratios"])
     assert r["memory"]["aoe"]["saved_bytes"] > 0
     assert (tmp_path / "r.json").exists()
 
@@ -81,4 +83,14 @@ def test_loop_reference_is_the_same_layer_as_aoe():
     (y, info), (y_ref, info_ref) = layer(x), ref(x)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(info.aux_loss, info_ref.aux_loss)
+
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    from aoe_ep.bench.measure import paired_speedup
+
+    # the machine halves its speed in round 2: both steps slow down together, their ratio does not move
+    samples = {"fast": [1.0, 2.0, 1.0, 1.1], "slow": [2.0, 4.0, 2.0, 2.0]}
+    median, low, high = paired_speedup(samples, "fast", "slow")
+    assert median == pytest.approx(2.0) and low == pytest.approx(2.0 / 1.1) and high == pytest.approx(2.0)
 

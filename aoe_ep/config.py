@@ -515,8 +515,13 @@ def ffn_param_count(model: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, 
             else moe.num_experts * d
     else:
         shared = 0
-    # top-P activates an input-dependent number of experts (reported at K); expert choice capacity_factor on average.
+    if moe.selection == "threshold":
+        shared += moe.num_experts  # the learned per-expert threshold bias b
+    # top-P activates an input-dependent number of experts (reported at K); expert choice capacity_factor on average;
+    # threshold selection density·n at its target density.
     active_experts = moe.capacity_factor if moe.selection == "expert_choice" else moe.top_k
+    if moe.selection == "threshold":
+        active_experts = moe.threshold_density * moe.num_experts
     total = shared + moe.num_experts * per_expert
     active = shared + active_experts * per_expert
     compute = active + (moe.num_experts - active_experts) * selector_per_expert

@@ -182,6 +182,16 @@ class MoEConfig:
         return self.load_balancing_coeff > 0 or (self.selection == "top_p" and self.top_p_entropy_coeff > 0)
 
     @property
+    def experts_per_token(self) -> float:
+        """Experts a token uses on average, for the cost models: K (top-P is reported at K), capacity_factor under
+        expert choice, density·n under threshold selection (at its target density)."""
+        if self.selection == "expert_choice":
+            return self.capacity_factor
+        if self.selection == "threshold":
+            return self.threshold_density * self.num_experts
+        return self.top_k
+
+    @property
     def load_balancing_coeff(self) -> float:
         """The weight of the load-balancing loss: aux_loss_coeff under `balance: aux`, 0 under `bias` and `none`."""
         return self.aux_loss_coeff if self.balance == "aux" else 0.0
@@ -517,11 +527,7 @@ def ffn_param_count(model: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, 
         shared = 0
     if moe.selection == "threshold":
         shared += moe.num_experts  # the learned per-expert threshold bias b
-    # top-P activates an input-dependent number of experts (reported at K); expert choice capacity_factor on average;
-    # threshold selection density·n at its target density.
-    active_experts = moe.capacity_factor if moe.selection == "expert_choice" else moe.top_k
-    if moe.selection == "threshold":
-        active_experts = moe.threshold_density * moe.num_experts
+    active_experts = moe.experts_per_token
     total = shared + moe.num_experts * per_expert
     active = shared + active_experts * per_expert
     compute = active + (moe.num_experts - active_experts) * selector_per_expert

@@ -128,7 +128,7 @@ def reference_forward(cfg, params, x, bias=None, threshold_lambda=None):
                 assert abs(v) > 1e-6 and abs(v - cfg.threshold) > 1e-6, "test data too close to the threshold"
                 if max(v, 0.0) > cfg.threshold:
                     masks[t].add(i)
-        ranked_sv = [[float(G[t][i]) for i in range(n)] for t in range(T)]
+        ranked_sv = [[float(G[t][i].detach()) for i in range(n)] for t in range(T)]
     elif cfg.selection == "top_k":
         for t in range(T):
             order = sorted(range(n), key=lambda i: (-sv[t][i], i))

@@ -1,7 +1,7 @@
 """Threshold selection in training (configs/tiny_threshold.yaml, shrunk): λ moves after every applied step by the
 step's global density, is logged with the density, survives checkpoints (a resumed run equals the uninterrupted one
-bit for bit, λ and b included), and at EP 2 on 2 gloo ranks it is the same on every rank and equal to one
-process's."""
+bit for bit, λ and b included), and at EP 2 on 2 gloo ranks (both dispatchers; DDP and FSDP2) it is the same on
+every rank and equal to one process's."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from tests.train.synthetic import BUILDERS, small_config
 
 THRESHOLD = ("model.n_layers=2", "moe.threshold_lambda_init=0.01", "moe.threshold_eta=0.5")
 LEAN = ("train.max_steps=4", "train.save_interval=4", "train.eval_interval=100", "train.eval_at_start=false")
-RTOL = 2e-5
+# FSDP2 and the EP dispatchers sum gradients in another order; AdamW's normalisation turns those roundoff
+# differences into whole steps on near-zero gradient entries, so four steps drift by up to ~2e-5 in the loss.
+RTOL = 1e-4
 
 
 def _lambdas(trainer: Trainer) -> list[float]:
@@ -64,17 +66,17 @@ def test_lambda_moves_is_logged_and_resumes_bit_identically(tmp_path):
     assert all(r.aux_loss > 0 for r in full["history"])
 
 
-def _worker(rank: int, world: int, tmp_path, dispatcher: str) -> dict:
+def _worker(rank: int, world: int, tmp_path, dispatcher: str, dense: str) -> dict:
     out = _run(_config(tmp_path / dispatcher, *LEAN, "parallel.expert_parallel_size=2", "train.micro_batch_size=1",
-                       f"moe.dispatcher={dispatcher}"))
+                       f"moe.dispatcher={dispatcher}", f"train.dense_parallel={dense}"))
     return {"lambdas": out["lambdas"], "losses": [r.loss for r in out["history"]],
             "aux": [r.aux_loss for r in out["history"]]}
 
 
-@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
-def test_lambda_under_expert_parallelism_equals_one_device(tmp_path, dispatcher):
+@pytest.mark.parametrize("dispatcher,dense", [("allgather", "ddp"), ("alltoall", "fsdp")])
+def test_lambda_under_expert_parallelism_equals_one_device(tmp_path, dispatcher, dense):
     single = _run(_config(tmp_path / "single", *LEAN))
-    per_rank = run_distributed(2, _worker, tmp_path, dispatcher)
+    per_rank = run_distributed(2, _worker, tmp_path, dispatcher, dense)
     for rank, got in enumerate(per_rank):
         assert got["losses"] == pytest.approx([r.loss for r in single["history"]], rel=RTOL), rank
         assert got["aux"] == pytest.approx([r.aux_loss for r in single["history"]], rel=RTOL), rank

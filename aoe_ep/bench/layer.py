@@ -8,7 +8,10 @@ Contenders of every layer case:
 - `experts`: the MoE layer's own experts on already-grouped, balanced rows (T·K rows, no scoring, no dispatch), so
   `moe/experts` shows what routing and dispatch cost around the matmuls; `experts_<kernel>`: the same with the
   other expert kernel, which shows the kernel choice;
-- `loop_reference`: the obvious AoE layer (one `nn.Linear` per expert, a masked loop; `bench/reference.py`).
+- `loop_reference`: the obvious AoE layer (one `nn.Linear` per expert, a masked loop; `bench/reference.py`);
+- `threshold`: AoE's scorer with threshold selection (Routing-Free MoE), its learned b set from the case's inputs so
+  that each expert fires on K/n of the tokens (`calibrate_threshold`): as many experts per token as top-K, so
+  `threshold/aoe` has the FLOP bound 1 and shows what a threshold costs against a top-K sort.
 A case with `skew: hot_expert` adds `moe_skewed` and `aoe_skewed`: the same layers on inputs shifted along the
 direction that raises one expert's score, until that expert gets about half of the rows (measured, not forced).
 A case with `model:` measures a whole decoder slice instead (dense, MoE, AoE, AoE recompute): saved activation
@@ -46,12 +49,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 @dataclass
 class Contender:
-    """A module to time, its forward FLOPs per token, and how its input is made from the case's tokens x [T, d]."""
+    """A module to time, its forward FLOPs per token, how its input is made from the case's tokens x [T, d], and
+    what to set on the module from them before timing (`prepare(module, x)`)."""
 
     name: str
     module: torch.nn.Module
     flops_per_token: float
     make_input: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    prepare: Optional[Callable[[torch.nn.Module, torch.Tensor], None]] = None
 
 
 class ExpertsOnly(torch.nn.Module):
@@ -77,6 +82,15 @@ def _layer_cfgs(case: dict) -> tuple[MoEConfig, MoEConfig]:
     return MoEConfig(scorer="router", **common), MoEConfig(scorer="aoe", **common)
 
 
+@torch.no_grad()
+def calibrate_threshold(layer: MoELayer, x_TD: torch.Tensor) -> None:
+    """Set a threshold layer's b so that expert i fires on the tokens of x whose score s_i lies above its
+    (1 - ρ*) quantile: every expert fires on a ρ* share of the tokens, ρ* = `moe.threshold_density`."""
+    s_TE = layer.scorer(x_TD).s_TE.float()
+    share = 1.0 - layer.cfg.threshold_density
+    layer.threshold_bias.copy_(torch.quantile(s_TE, share, dim=0).to(layer.threshold_bias) - layer.cfg.threshold)
+
+
 def recompute_flops(cfg: MoEConfig) -> float:
     """AoE's forward FLOPs plus, spread over forward+backward (3× forward), the cache recomputed in backward."""
     return moe_flops(cfg) + 2.0 * cfg.num_experts * cfg.d_model * cfg.d_low / 3.0
@@ -88,6 +102,7 @@ def contenders(case: dict, tokens: int, device: torch.device, dtype: torch.dtype
     dense_width = k * case["d_ffn"]
     expert_flops = k * dense_flops(case["d_model"], case["d_ffn"])
     moe = MoELayer(moe_cfg)
+    threshold_cfg = dataclasses.replace(aoe_cfg, selection="threshold", threshold_density=k / n)
     auto = choose_kernel("auto", device, dtype, widths=(case["d_model"],), rows_per_group=tokens * k / n)
     other = "loop" if auto == "grouped" else "grouped"
     repeat = lambda x: x.repeat(k, 1)  # noqa: E731
@@ -98,7 +113,8 @@ def contenders(case: dict, tokens: int, device: torch.device, dtype: torch.dtype
            Contender("dense", DenseSwiGLU(case["d_model"], dense_width), dense_flops(case["d_model"], dense_width)),
            Contender("experts", ExpertsOnly(MoELayer(moe_cfg).experts, n), expert_flops, repeat),
            Contender(f"experts_{other}", ExpertsOnly(MoELayer(moe_cfg).experts, n, other), expert_flops, repeat),
-           Contender("loop_reference", LoopAoE(aoe_cfg), moe_flops(aoe_cfg))]
+           Contender("loop_reference", LoopAoE(aoe_cfg), moe_flops(aoe_cfg)),
+           Contender("threshold", MoELayer(threshold_cfg), moe_flops(threshold_cfg), prepare=calibrate_threshold)]
     if case.get("skew") == "hot_expert":
         out += [Contender("moe_skewed", out[0].module, moe_flops(moe_cfg)),
                 Contender("aoe_skewed", out[1].module, moe_flops(aoe_cfg))]
@@ -179,6 +195,8 @@ def run_case(case: dict, tokens: int, iters: int, rounds: int, device: torch.dev
         c.module.to(device=device, dtype=dtype)
     for c in models:
         inp = c.make_input(x)
+        if c.prepare is not None:
+            c.prepare(c.module, inp)
         if c.name.endswith("_skewed"):
             inp, skew[c.name] = skewed_input(c.module, x)
         params[c.name] = sum(p.numel() for p in c.module.parameters())
@@ -193,7 +211,7 @@ def run_case(case: dict, tokens: int, iters: int, rounds: int, device: torch.dev
     flops = {c.name: c.flops_per_token for c in models}
     tps = {name: tokens / statistics.median(s) for name, s in samples.items()}
     pairs = [("aoe", "moe"), ("aoe", "dense"), ("moe", "dense"), ("moe", "experts"), ("aoe_recompute", "aoe"),
-             ("aoe", "loop_reference"), (next(c.name for c in models if c.name.startswith("experts_")), "experts")]
+             ("aoe", "loop_reference"), ("threshold", "aoe"), (next(c.name for c in models if c.name.startswith("experts_")), "experts")]
     pairs += [(f"{name}_skewed", name) for name in ("moe", "aoe") if f"{name}_skewed" in tps]
     result = {"case": case, "tokens": tokens, "params": params, "flops_per_token": flops, "tokens_per_s": tps,
               "memory": memory, "ratios": [_ratio(tps, flops, a, b, samples) for a, b in pairs],

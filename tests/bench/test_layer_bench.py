@@ -35,7 +35,7 @@ def test_bench_layer_runs_tiny_case(tmp_path, capsys):
         {"name": "tiny", "d_model": 16, "d_ffn": 16, "d_low": 8, "num_experts": 4, "top_k": 2}]}))
     results = main(str(cases), None, iters=1, rounds=1, device="cpu", dtype="float32", out=str(tmp_path / "r.json"))
     out = capsys.readouterr().out
-    assert "aoe/moe" in out and "aoe/dense" in out and "efficiency" in out
+    assert "aoe/moe" in out and "aoe/dense" in out and "threshold/aoe" in out and "efficiency" in out
     (r,) = results
     assert r["params"]["aoe"] == r["params"]["moe"] - 4 * 16  # Eq. 5 equalises experts; MoE adds its router
     assert all(q["measured"] > 0 and q["bound"] > 0 for q in r["ratios"])
@@ -94,3 +94,16 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     median, low, high = paired_speedup(samples, "fast", "slow")
     assert median == pytest.approx(2.0) and low == pytest.approx(2.0 / 1.1) and high == pytest.approx(2.0)
 
+
+
+def test_calibrated_threshold_fires_each_expert_on_its_share_of_tokens():
+    from aoe_ep.bench.layer import calibrate_threshold
+    from aoe_ep.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, num_experts=4, d_ffn=16, d_low=8, selection="threshold",
+                               threshold_density=0.5))
+    x = torch.randn(64, 16)
+    calibrate_threshold(layer, x)
+    counts = layer(x)[1].stats.tokens_per_expert
+    assert counts.tolist() == [32, 32, 32, 32]  # 64 tokens x density 0.5, each expert alike

@@ -41,6 +41,12 @@ def _mean(run: RunLog, key: str) -> Optional[float]:
     return float(np.mean(values)) if steps else None
 
 
+def _layer_mean(run: RunLog, metric: str) -> Optional[float]:
+    """The mean over layers of each layer's mean over the logged windows of `metric` (None where none logs it)."""
+    means = [float(np.mean(values)) for _, values in run.layer_series(metric).values()]
+    return float(np.mean(means)) if means else None
+
+
 def summarize(run: RunLog) -> dict:
     spread = {layer: float(np.mean(values)) for layer, (_, values) in run.layer_series("max_minus_min").items()}
     worst = max(spread, key=lambda layer: (spread[layer], -layer)) if spread else None
@@ -60,14 +66,35 @@ def summarize(run: RunLog) -> dict:
         "worst_layer": worst,
         "worst_layer_max_minus_min": spread[worst] if worst is not None else None,
         "mean_max_minus_min": {str(layer): v for layer, v in spread.items()},
+        "ent_load": _layer_mean(run, "ent_load"),
+        "ent_conf": _layer_mean(run, "ent_conf"),
+        "experts_per_token": _experts_per_token(run),
+        "erc_eps": _layer_mean(run, "erc_eps"),
+        "threshold_density": _layer_mean(run, "density"),
     }
+
+
+def _experts_per_token(run: RunLog) -> Optional[float]:
+    """Σ tokens_per_expert / tokens over the logged windows and layers: K under top-K, the fired experts per token
+    under threshold selection (where a token may use 0..n)."""
+    n = run.section("moe").get("num_experts")
+    density = _layer_mean(run, "density")
+    if density is not None and n:
+        return density * n
+    k = run.section("moe").get("top_k")
+    return float(k) if k and run.section("moe").get("selection", "top_k") == "top_k" else None
 
 
 SUMMARY_ROWS = (("final_loss", "final training loss", "{:.4f}"), ("final_valid_loss", "final validation loss",
                 "{:.4f}"), ("perplexity", "validation perplexity", "{:.3f}"),
                 ("idle_time_expert", "mean idle time per expert", "{:.4f}"),
                 ("idle_time_device", "mean idle time per device", "{:.4f}"), ("worst_layer", "worst layer", "{}"),
-                ("worst_layer_max_minus_min", "its mean max − min load", "{:.4f}"), ("last_step", "last step", "{}"),
+                ("worst_layer_max_minus_min", "its mean max − min load", "{:.4f}"),
+                ("ent_load", "mean Ent_load (Eq. 7; layers, windows)", "{:.4f}"),
+                ("ent_conf", "mean Ent_conf (Eq. 8)", "{:.4f}"),
+                ("experts_per_token", "experts per token", "{:.2f}"),
+                ("erc_eps", "mean ERC ε", "{:.4f}"), ("threshold_density", "mean threshold density ρ", "{:.4f}"),
+                ("last_step", "last step", "{}"),
                 ("logged_steps", "logged windows", "{}"), ("scorer", "scorer", "{}"),
                 ("expert_parallel_size", "expert-parallel size", "{}"))
 

@@ -56,6 +56,9 @@ def test_summary_equals_the_log_and_the_report_is_written(tiny_run, tmp_path, ca
     assert summary["worst_layer"] == int(np.argmax(spread))
     assert summary["worst_layer_max_minus_min"] == pytest.approx(max(spread))
     assert summary["last_step"] == 6 and summary["logged_steps"] == 3 and summary["scorer"] == "aoe"
+    ent = [np.mean([r[f"moe/layer{i:02d}/ent_load"] for r in train_records]) for i in range(2)]
+    assert summary["ent_load"] == pytest.approx(np.mean(ent))
+    assert summary["experts_per_token"] == 2.0 and summary["erc_eps"] is None and summary["threshold_density"] is None
 
     out = tmp_path / "rep"
     page = (out / "report.html").read_text()

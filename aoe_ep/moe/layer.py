@@ -19,7 +19,8 @@ from torch import nn
 from aoe_ep.config import MoEConfig
 from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
-from aoe_ep.moe.losses import aux_loss, token_entropy
+from aoe_ep.moe.losses import (aux_loss, erc_eps, erc_from_norms, erc_gate_norms, erc_noise, erc_proxies,
+                               token_entropy)
 from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer
 from aoe_ep.moe.selection import decide, weigh
@@ -42,13 +43,17 @@ class MoEInfo:
     on every rank); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`; nonfinite_inputs: NaN or
     infinite input values over the EP group (an int, or a 0-dim device tensor on one device; nonzero only under
     `input_check = "flag"`, which lets them through); mask_TE: which experts this rank's tokens selected [T, n]
-    (bool; only while the layer's `record_selection` is set, else None)."""
+    (bool; only while the layer's `record_selection` is set, else None); erc_loss, erc_eps: the ERC loss (before its
+    weight, included in aux_loss) and the mean ε over experts, detached 0-dim tensors (None unless `moe.erc_loss_coeff`
+    is set and the layer is training)."""
 
     aux_loss: torch.Tensor
     stats: LoadStats
     timing: LayerTiming
     nonfinite_inputs: object = 0
     mask_TE: Optional[torch.Tensor] = None
+    erc_loss: Optional[torch.Tensor] = None
+    erc_eps: Optional[torch.Tensor] = None
 
 
 def count_nonfinite(x: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -85,12 +90,17 @@ class MoELayer(nn.Module):
 
     `info.timing` is host wall-clock; on an accelerator it measures device work only while `synchronize_timing` is
     set (the trainer sets it on logging steps, as synchronising every layer costs throughput). `record_selection`
-    puts the selection mask of this rank's tokens into `info.mask_TE` (the churn probe sets it).
+    puts the selection mask of this rank's tokens into `info.mask_TE` (the churn probe sets it). The ERC loss draws
+    its noise from (`erc_seed`, `erc_layer`, `erc_step`): the trainer sets the run seed and the layer's index once and
+    the step before every training step, so the noise is the same on every rank and after a resume.
     """
 
     synchronize_timing = False
     record_selection = False
     input_check = "raise"
+    erc_seed = 0
+    erc_layer = 0
+    erc_step = 0
 
     def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None,
                  dispatcher: Optional[Dispatcher] = None):
@@ -156,6 +166,9 @@ class MoELayer(nn.Module):
         sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S)
         own = d.own_rows(layout)
         loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)
+        erc = self._erc() if cfg.erc_loss_coeff > 0 and self.training else None
+        if erc is not None:
+            loss = loss + cfg.erc_loss_coeff * erc[0]
 
         sync = self.synchronize_timing
         start = _wait(x, sync)
@@ -166,8 +179,20 @@ class MoELayer(nn.Module):
 
         info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds),
                        nonfinite_inputs=layout.nonfinite,
-                       mask_TE=decision.mask_SE[own] if self.record_selection else None)
+                       mask_TE=decision.mask_SE[own] if self.record_selection else None,
+                       erc_loss=None if erc is None else erc[0].detach(),
+                       erc_eps=None if erc is None else erc[1].mean())
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
+
+    def _erc(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_ERC over all n experts, ε [n]): this rank's experts' columns of M, gathered by the dispatcher
+        (`aoe_ep.moe.losses`, the ERC pieces). Factorised experts pass (W_down, W_up), never their product."""
+        router_nd, experts = self.scorer.weight, self.experts
+        w_gate = (experts.w_down, experts.w_up) if self.cfg.factorized else experts.w_gate
+        u_nd = erc_noise(*router_nd.shape, self.erc_seed, self.erc_layer, self.erc_step).to(router_nd.device)
+        eps_n = erc_eps(router_nd)
+        m_nX = erc_gate_norms(erc_proxies(router_nd, eps_n, u_nd), w_gate)
+        return erc_from_norms(self.dispatcher.expert_columns(m_nX), self.cfg.erc_alpha), eps_n
 
     @property
     def placement(self) -> Placement:

@@ -19,8 +19,7 @@ from torch import nn
 from aoe_ep.config import MoEConfig
 from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
-from aoe_ep.moe.losses import (aux_loss, erc_eps, erc_from_norms, erc_gate_norms, erc_noise, erc_proxies,
-                               token_entropy)
+from aoe_ep.moe.losses import aux_loss, erc_eps, erc_from_norms, erc_noise, erc_proxies, token_entropy
 from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer
 from aoe_ep.moe.selection import decide, weigh
@@ -185,13 +184,12 @@ class MoELayer(nn.Module):
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
 
     def _erc(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_ERC over all n experts, ε [n]): this rank's experts' columns of M, gathered by the dispatcher
-        (`aoe_ep.moe.losses`, the ERC pieces). Factorised experts pass (W_down, W_up), never their product."""
-        router_nd, experts = self.scorer.weight, self.experts
-        w_gate = (experts.w_down, experts.w_up) if self.cfg.factorized else experts.w_gate
+        """(L_ERC over all n experts, ε [n]): this rank's experts' columns of M (through the experts' own call, so
+        that FSDP2 gathers their weights), gathered by the dispatcher (`aoe_ep.moe.losses`, the ERC pieces)."""
+        router_nd = self.scorer.weight
         u_nd = erc_noise(*router_nd.shape, self.erc_seed, self.erc_layer, self.erc_step).to(router_nd.device)
         eps_n = erc_eps(router_nd)
-        m_nX = erc_gate_norms(erc_proxies(router_nd, eps_n, u_nd), w_gate)
+        m_nX = self.experts(None, gate_norms_of=erc_proxies(router_nd, eps_n, u_nd))
         return erc_from_norms(self.dispatcher.expert_columns(m_nX), self.cfg.erc_alpha), eps_n
 
     @property

@@ -22,6 +22,9 @@ CASES = [dict(scorer=s, selection=sel, dispatcher=disp, gate=("softmax_all" if i
 CASES += [dict(scorer="aoe", selection="top_k", dispatcher=disp, norm=norm) for disp in DISPATCHERS
           for norm in ("l1", "linf")]
 CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, expert_kind="factorized") for disp in DISPATCHERS]
+# The ERC loss (arXiv 2512.23447): one all-gather of M's expert columns; SwiGLU and factorised experts.
+CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, erc_loss_coeff=1.0, erc_alpha=alpha, **kind)
+          for disp in DISPATCHERS for alpha, kind in ((1.0, {}), (0.7, dict(expert_kind="factorized")))]
 LAYOUTS = {"ep2": (2, 2), "ep4": (4, 4), "dp2xep2": (4, 2)}
 RTOL = 1e-5
 LAYER_DIMS = dict(d_model=16, num_experts=8, top_k=2, d_ffn=12, d_low=6)  # a case may override them
@@ -65,6 +68,9 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
         mine = slice(offset, offset + sizes[rank])
         err = {"y": _rel(y, y_ref[mine]), "aux_loss": _rel(info.aux_loss, info_ref.aux_loss),
                "x.grad": _rel(x.grad, x_group.grad[mine])}
+        if cfg.erc_loss_coeff:
+            err["erc_loss"] = _rel(info.erc_loss, info_ref.erc_loss)
+            err["erc_eps"] = _rel(info.erc_eps, info_ref.erc_eps)
         for field in ("tokens_per_expert", "load", "ent_load", "ent_conf", "max_minus_min", "score_mean",
                       "score_margin", "margin_tokens"):
             err[f"stats.{field}"] = _rel(getattr(info.stats, field).double(), getattr(info_ref.stats, field).double())
@@ -81,7 +87,8 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
         with torch.no_grad():
             mask = select(ref.scorer(x_group).s_TE, cfg).mask_TE
         model = layer_bytes(cfg.dispatcher, mask, [sizes[r] for r in members], rank - members[0], cfg.d_model,
-                            cfg.d_low, 4, aoe_cache=cfg.scorer == "aoe", expert_choice=cfg.selection == "expert_choice")
+                            cfg.d_low, 4, aoe_cache=cfg.scorer == "aoe", expert_choice=cfg.selection == "expert_choice",
+                            erc=cfg.erc_loss_coeff > 0)
         results[i] = {"err": err, "bytes": layer.dispatcher.counter.as_dict(), "model": model}
     destroy_groups()
     return results

@@ -165,32 +165,35 @@ class MoELayer(nn.Module):
         sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S)
         own = d.own_rows(layout)
         loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)
-        erc = self._erc() if cfg.erc_loss_coeff > 0 and self.training else None
-        if erc is not None:
-            loss = loss + cfg.erc_loss_coeff * erc[0]
+        proxies_nd, eps_n = self._erc_proxies() if cfg.erc_loss_coeff > 0 and self.training else (None, None)
 
         sync = self.synchronize_timing
         start = _wait(x, sync)
-        out_MD = self.experts(rows.x_MD, rows.groups, rows.cache_ML)
+        if proxies_nd is None:
+            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML), None
+        else:  # one call of the experts for both (FSDP2 gathers their weights once per forward)
+            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML, gate_norms_of=proxies_nd)
         after_experts = _wait(x, sync)
         y_TD = d.combine(out_MD, gates_SE, state)
         expert_seconds, combine_seconds = after_experts - start, _wait(x, sync) - after_experts
+        erc = None if m_nX is None else erc_from_norms(d.expert_columns(m_nX), cfg.erc_alpha)
+        if erc is not None:
+            loss = loss + cfg.erc_loss_coeff * erc
 
         info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds),
                        nonfinite_inputs=layout.nonfinite,
                        mask_TE=decision.mask_SE[own] if self.record_selection else None,
-                       erc_loss=None if erc is None else erc[0].detach(),
-                       erc_eps=None if erc is None else erc[1].mean())
+                       erc_loss=None if erc is None else erc.detach(),
+                       erc_eps=None if erc is None else eps_n.mean())
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
 
-    def _erc(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_ERC over all n experts, ε [n]): this rank's experts' columns of M (through the experts' own call, so
-        that FSDP2 gathers their weights), gathered by the dispatcher (`aoe_ep.moe.losses`, the ERC pieces)."""
+    def _erc_proxies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ERC proxies R̃ [n, d] of the router rows (differentiable in R) and ε [n] (`aoe_ep.moe.losses`); the
+        experts return their columns of M = ‖R̃ W_g‖ with their outputs, and the dispatcher gathers them."""
         router_nd = self.scorer.weight
         u_nd = erc_noise(*router_nd.shape, self.erc_seed, self.erc_layer, self.erc_step).to(router_nd.device)
         eps_n = erc_eps(router_nd)
-        m_nX = self.experts(None, gate_norms_of=erc_proxies(router_nd, eps_n, u_nd))
-        return erc_from_norms(self.dispatcher.expert_columns(m_nX), self.cfg.erc_alpha), eps_n
+        return erc_proxies(router_nd, eps_n, u_nd), eps_n
 
     @property
     def placement(self) -> Placement:

@@ -92,7 +92,7 @@ def erc_gate_norms(proxies_nd: torch.Tensor, w_gate) -> torch.Tensor:
         a_XnD = torch.matmul(torch.matmul(x_1nd, w_down_XdR.to(x_1nd.dtype)), w_up_XRD.to(x_1nd.dtype))
     else:
         a_XnD = torch.matmul(x_1nd, w_gate.to(x_1nd.dtype))
-    return torch.linalg.vector_norm(at_least_fp32(a_XnD), dim=2).t()
+    return torch.linalg.vector_norm(at_least_fp32(a_XnD), dim=2).t().contiguous()
 
 
 def erc_from_norms(m_nn: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 SCORERS = ("aoe", "router", "self_routing")
 NORMS = ("l2", "l1", "linf")
-SELECTIONS = ("top_k", "top_p", "expert_choice")
+SELECTIONS = ("top_k", "top_p", "expert_choice", "threshold")
 GATES = ("softmax_topk", "softmax_all")
 DISPATCHERS = ("allgather", "alltoall")
 EXPERT_PLACEMENTS = ("contiguous", "balanced")  # aoe_ep/moe/placement.py
@@ -84,6 +84,15 @@ class MoEConfig:
     # The expert-router coupling loss (Lv et al., arXiv 2512.23447) for a learned router: weight (0 = off) and α.
     erc_loss_coeff: float = 0.0
     erc_alpha: float = 1.0
+    # Threshold selection (Routing-Free MoE, arXiv 2604.00801): expert i fires for a token when
+    # G_i = relu(s_i - b_i) > threshold; L_LB = mu·L_EB + (1 - mu)·L_TB, its weight λ (from lambda_init, at most 1)
+    # multiplied by (1 + eta)^sign(ρ - density) after every step, ρ the fraction of (token, expert) pairs fired.
+    # λ replaces aux_loss_coeff, which threshold selection does not use (aoe_ep/moe/threshold.py).
+    threshold: float = 0.0
+    threshold_density: float = 0.25
+    threshold_mu: float = 0.5
+    threshold_eta: float = 0.2
+    threshold_lambda_init: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.factorized and self.d_wide is None and isinstance(self.d_low, int) and self.d_low > 0:
@@ -147,6 +156,18 @@ class MoEConfig:
         _require(self.erc_loss_coeff == 0 or not self.router_hidden, p + "erc_loss_coeff",
                  f"the ERC loss feeds router rows to the experts, so it needs router_hidden = 0 (rows of width "
                  f"d_model), got router_hidden={self.router_hidden!r}")
+        _require(_is_number(self.threshold) and self.threshold >= 0, p + "threshold",
+                 f"must be >= 0, got {self.threshold!r}")
+        _require(_is_number(self.threshold_density) and 0 < self.threshold_density <= 1, p + "threshold_density",
+                 f"must lie in (0, 1], got {self.threshold_density!r}")
+        _require(_is_number(self.threshold_mu) and 0 <= self.threshold_mu <= 1, p + "threshold_mu",
+                 f"must lie in [0, 1], got {self.threshold_mu!r}")
+        _require(_is_number(self.threshold_eta) and self.threshold_eta > 0, p + "threshold_eta",
+                 f"must be positive, got {self.threshold_eta!r}")
+        _require(_is_number(self.threshold_lambda_init) and 0 < self.threshold_lambda_init <= 1,
+                 p + "threshold_lambda_init", f"must lie in (0, 1], got {self.threshold_lambda_init!r}")
+        _require(not (self.selection == "threshold" and self.balance == "bias"), p + "balance",
+                 "threshold selection balances with its own adaptive loss (balance: aux) or not at all (none)")
         if self.scorer == "self_routing":
             _require(_is_int(self.self_routing_offset) and self.self_routing_offset >= 0, p + "self_routing_offset",
                      f"must be a non-negative integer, got {self.self_routing_offset!r}")
@@ -164,12 +185,26 @@ class MoEConfig:
     def unselected_get_gradient(self) -> bool:
         """Whether an expert a token did not select gets a gradient through its score: through the full softmax
         of the aux loss, the `softmax_all` gate or the top-P entropy term. When none applies, AoE keeps only the
-        selected cache rows for backward (DESIGN.md section 6)."""
+        selected cache rows for backward (DESIGN.md section 6). Under threshold selection an unfired expert's
+        G = relu(s - b) is at most the threshold: with threshold 0 it is 0 with relu's gradient 0; with a positive
+        threshold it may be positive and gets a gradient through the balancing loss's mean G."""
+        if self.selection == "threshold":
+            return self.threshold > 0 and self.balance == "aux"
         if self.gate == "softmax_all":
             return True
         if self.selection == "expert_choice":
             return False
         return self.load_balancing_coeff > 0 or (self.selection == "top_p" and self.top_p_entropy_coeff > 0)
+
+    @property
+    def experts_per_token(self) -> float:
+        """Experts a token uses on average, for the cost models: K (top-P is reported at K), capacity_factor under
+        expert choice, density·n under threshold selection (at its target density)."""
+        if self.selection == "expert_choice":
+            return self.capacity_factor
+        if self.selection == "threshold":
+            return self.threshold_density * self.num_experts
+        return self.top_k
 
     @property
     def load_balancing_coeff(self) -> float:
@@ -505,8 +540,9 @@ def ffn_param_count(model: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, 
             else moe.num_experts * d
     else:
         shared = 0
-    # top-P activates an input-dependent number of experts (reported at K); expert choice capacity_factor on average.
-    active_experts = moe.capacity_factor if moe.selection == "expert_choice" else moe.top_k
+    if moe.selection == "threshold":
+        shared += moe.num_experts  # the learned per-expert threshold bias b
+    active_experts = moe.experts_per_token
     total = shared + moe.num_experts * per_expert
     active = shared + active_experts * per_expert
     compute = active + (moe.num_experts - active_experts) * selector_per_expert

@@ -23,6 +23,7 @@ from torch import nn
 
 from aoe_ep.model.ffn import DenseSwiGLU
 from aoe_ep.moe import MoELayer
+from aoe_ep.moe.layer import THRESHOLD_BIAS_INIT
 from aoe_ep.moe.experts import AoEExperts, SwiGLUExperts
 from aoe_ep.moe.scorers import AoEScorer, RouterScorer
 
@@ -54,6 +55,10 @@ RULES: dict[tuple[type, str], tuple[Std, bool]] = {
     (AoEExperts, "w_p"): (_fan_in(1), True),
     (AoEExperts, "w_o"): (_fan_in(1), True),
 }
+# (module type, parameter name) -> the constant it starts at: threshold selection's b (Routing-Free MoE's 1e-6).
+CONSTANTS: dict[tuple[type, str], float] = {
+    (MoELayer, "threshold_bias"): THRESHOLD_BIAS_INIT,
+}
 
 
 def stable_seed(*parts) -> int:
@@ -74,6 +79,11 @@ def init_parameters(model: nn.Module, seed: int) -> None:
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             fqn = f"{module_name}.{pname}" if module_name else pname
+            constant = next((c for (kind, n), c in CONSTANTS.items() if isinstance(module, kind) and n == pname),
+                            None)
+            if constant is not None:
+                p.fill_(constant)
+                continue
             rule = next((r for (kind, n), r in RULES.items() if isinstance(module, kind) and n == pname), None)
             if rule is None:
                 raise TypeError(f"init_parameters: no initialisation rule for {fqn} ({type(module).__name__}."

@@ -15,10 +15,9 @@ def dense_flops(d_model: int, d_ffn: int) -> float:
 
 
 def moe_flops(cfg: MoEConfig) -> float:
-    """Forward FLOPs per token of `cfg`'s layer with top-K selection (top-P and expert choice average to it)."""
-    d, n, k = cfg.d_model, cfg.num_experts, cfg.top_k
-    if cfg.selection == "expert_choice":
-        k = cfg.capacity_factor
+    """Forward FLOPs per token of `cfg`'s layer with top-K selection (top-P and expert choice average to it; threshold
+    selection at its target density)."""
+    d, n, k = cfg.d_model, cfg.num_experts, cfg.experts_per_token
     if cfg.scorer == "aoe":
         return 2.0 * n * d * cfg.d_low + k * (2.0 * cfg.d_low * cfg.d_wide + 4.0 * d * cfg.d_wide)
     router = 2.0 * d * n if cfg.scorer == "router" else 0.0

@@ -118,7 +118,8 @@ class Dispatcher(Protocol):
     def own_rows(self, layout: TokenLayout) -> slice: ...
 
     def global_sums(self, mask_SE: torch.Tensor, probs_SE: torch.Tensor, entropy_S: torch.Tensor,
-                    s_SE: torch.Tensor, layout: TokenLayout, margin_S: Optional[torch.Tensor] = None) -> BatchSums: ...
+                    s_SE: torch.Tensor, layout: TokenLayout, margin_S: Optional[torch.Tensor] = None,
+                    g_SE: Optional[torch.Tensor] = None) -> BatchSums: ...
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor: ...
 
@@ -161,8 +162,10 @@ class LocalDispatcher:
         n = probs_SE.shape[1]
         return expert_choice_decision(probs_SE, expert_capacity(probs_SE.shape[0], n, capacity_factor))
 
-    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None) -> BatchSums:
-        return BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S)
+    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None,
+                    g_SE=None) -> BatchSums:
+        """Detached sums over the EP group's batch (`g_SE`: threshold selection's gates, for its loss's sums)."""
+        return BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S, g_SE)
 
     def dispatch(self, x_TD, xs_SD, scores: Scores, decision: Decision, layout: TokenLayout):
         rows = group_rows(decision)

@@ -19,13 +19,15 @@ from torch import nn
 from aoe_ep.config import MoEConfig
 from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
-from aoe_ep.moe.losses import aux_loss, erc_eps, erc_from_norms, erc_noise, erc_proxies, token_entropy
+from aoe_ep.moe.losses import (aux_loss, erc_eps, erc_from_norms, erc_noise, erc_proxies, threshold_balance_loss,
+                               token_entropy)
 from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer
-from aoe_ep.moe.selection import decide, weigh
+from aoe_ep.moe.selection import decide, threshold_gates, weigh
 from aoe_ep.moe.stats import LoadStats, selection_margin
 
 INPUT_CHECKS = ("raise", "flag")
+THRESHOLD_BIAS_INIT = 1e-6  # Routing-Free MoE's initial b
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ class MoELayer(nn.Module):
             # Replicated on every rank; moved after each optimiser step from the step's global counts
             # (aoe_ep.moe.balance); no gradient.
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        if cfg.selection == "threshold":
+            # Routing-Free MoE's b (replicated like the router, its gradient from this rank's uses), and the weight
+            # λ of its balancing loss, moved after each optimiser step from the step's density (aoe_ep/moe/threshold.py).
+            self.threshold_bias = nn.Parameter(torch.full((cfg.num_experts,), THRESHOLD_BIAS_INIT))
+            self.register_buffer("threshold_lambda", torch.tensor(float(cfg.threshold_lambda_init)))
 
     def _check(self, nonfinite, layout_count) -> None:
         """`input_check = "raise"`: a ValueError for non-finite input. Where the dispatcher exchanged the count
@@ -151,20 +158,28 @@ class MoELayer(nn.Module):
         scores = self.scorer(xs_SD)
         s_dec_SE = d.all_expert_scores(scores.s_TE, layout)
         bias_E = getattr(self, "expert_bias", None)
+        threshold_bias_E = getattr(self, "threshold_bias", None)
         decision = decide(s_dec_SE, cfg, expert_choice=partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
                                                                layout=layout),
-                          bias_E=bias_E)
+                          bias_E=bias_E, threshold_bias_E=threshold_bias_E)
         rows, state, s_SX = d.dispatch(x_TD, xs_SD, scores, decision, layout)
         s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
-        probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate)
+        g_SE = None if threshold_bias_E is None else threshold_gates(s_SE, threshold_bias_E)
+        probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate, g_SE)
         entropy_S = token_entropy(s_SE, probs_SE)
         # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded. The
-        # margin is that of the scores the decision ranked (biased under `moe.balance: bias`), so it is never negative.
+        # margin is that of the scores the decision ranked (biased under `moe.balance: bias`; G under threshold
+        # selection), so it is never negative.
         ranked_SE = s_dec_SE if bias_E is None else s_dec_SE.detach() + bias_E
+        ranked_SE = ranked_SE if g_SE is None else g_SE
         margin_S = None if cfg.selection == "expert_choice" else selection_margin(ranked_SE, decision.mask_SE)
-        sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S)
+        sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S, g_SE)
         own = d.own_rows(layout)
-        loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)
+        if g_SE is None:
+            loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)
+        else:
+            loss = self.threshold_lambda.to(g_SE.dtype) * threshold_balance_loss(cfg, g_SE[own],
+                                                                                 decision.mask_SE[own], sums)
         proxies_nd, eps_n = self._erc_proxies() if cfg.erc_loss_coeff > 0 and self.training else (None, None)
 
         sync = self.synchronize_timing

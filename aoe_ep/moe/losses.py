@@ -1,5 +1,6 @@
-"""Auxiliary losses: load balancing (Eq. 2 for routers, Eq. 6 for AoE), top-P's confidence-entropy regulariser, and
-the expert-router coupling (ERC) loss of a learned router (arXiv 2512.23447).
+"""Auxiliary losses: load balancing (Eq. 2 for routers, Eq. 6 for AoE), top-P's confidence-entropy regulariser,
+threshold selection's balancing loss (Routing-Free MoE, arXiv 2604.00801) and the expert-router coupling (ERC)
+loss of a learned router (arXiv 2512.23447).
 
 The first two are written as sums over local tokens divided by the global token count, so that under expert or data
 parallelism the per-rank values add up to the single-device loss over the global batch.
@@ -113,3 +114,18 @@ def erc_loss(router_nd: torch.Tensor, w_gate_ndD, alpha: float,
     eps_n = erc_eps(router_nd)
     m_nn = erc_gate_norms(erc_proxies(router_nd, eps_n, u_nd), w_gate_ndD)
     return erc_from_norms(m_nn, alpha), eps_n
+def threshold_balance_loss(cfg: MoEConfig, g_own_TE: torch.Tensor, fired_own_TE: torch.Tensor,
+                           sums: BatchSums) -> torch.Tensor:
+    """Routing-Free MoE's L_LB = μ·L_EB + (1 − μ)·L_TB before its adaptive weight λ (the layer's `threshold_lambda`):
+    L_EB = (1/n) Σ_i mean_x(f_i)·mean_x(G_i) per expert, L_TB = mean_x[mean_i(f_i)·mean_j(G_j)] per token, f the 0/1
+    firing (no gradient), G = relu(s − b) differentiable, means over the EP group's batch (`sums.gate_sum`,
+    `sums.token_balance_sum`); 0 under `moe.balance: none`."""
+    if cfg.balance != "aux" or sums.num_tokens == 0:
+        return g_own_TE.sum() * 0.0
+    num_tokens, n = sums.num_tokens, g_own_TE.shape[1]
+    f_mean_E = sums.tokens_per_expert.to(g_own_TE.dtype) / num_tokens
+    g_mean_E = _global_value(g_own_TE.sum(dim=0), sums.gate_sum.to(g_own_TE.dtype)) / num_tokens
+    expert_balance = (f_mean_E * g_mean_E).sum() / n
+    token_own = (fired_own_TE.to(g_own_TE.dtype).mean(dim=1) * g_own_TE.mean(dim=1)).sum()
+    token_balance = _global_value(token_own, sums.token_balance_sum.to(g_own_TE.dtype)) / num_tokens
+    return cfg.threshold_mu * expert_balance + (1.0 - cfg.threshold_mu) * token_balance

@@ -94,9 +94,16 @@ def gate_weights(s_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tens
     return e_TE / e_TE.sum(dim=1, keepdim=True).clamp_min(torch.finfo(e_TE.dtype).tiny)
 
 
+def threshold_gates(s_TE: torch.Tensor, threshold_bias_E: torch.Tensor) -> torch.Tensor:
+    """Routing-Free MoE's gate G = relu(s − b) for every (token, expert), in at least fp32, differentiable in s and
+    b; expert i fires for a token when G_i exceeds `moe.threshold`."""
+    s_TE = at_least_fp32(s_TE)
+    return torch.relu(s_TE - threshold_bias_E.to(s_TE.dtype))
+
+
 def decide(s_TE: torch.Tensor, cfg: MoEConfig,
            expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None,
-           bias_E: Optional[torch.Tensor] = None) -> Decision:
+           bias_E: Optional[torch.Tensor] = None, threshold_bias_E: Optional[torch.Tensor] = None) -> Decision:
     """Which experts process which token under `cfg.selection`, from the scores s_TE [tokens, all n experts]
     (no gradient: the decision is discrete; scores are ranked in at least fp32).
 
@@ -104,8 +111,14 @@ def decide(s_TE: torch.Tensor, cfg: MoEConfig,
     rows are not the whole batch passes `expert_choice`, mapping these rows' probabilities to their decision.
     `bias_E` (`moe.balance: bias`, DeepSeek-V3's balancing bias) is added to the scores for this decision only:
     top-K ranks s + b, top-P the softmax of s + b; gates and losses keep the unbiased scores.
+    Threshold selection fires every pair whose `threshold_gates` with `threshold_bias_E` (the layer's learned b)
+    exceeds `moe.threshold`: 0 to n experts per token, no ranking.
     """
     with torch.no_grad():
+        if cfg.selection == "threshold":
+            if threshold_bias_E is None:
+                raise ValueError("threshold selection needs the layer's threshold bias b")
+            return Decision(mask_SE=threshold_gates(s_TE.detach(), threshold_bias_E.detach()) > cfg.threshold)
         s_TE = at_least_fp32(s_TE.detach())
         if bias_E is not None:
             s_TE = s_TE + bias_E.to(s_TE.dtype)
@@ -121,11 +134,15 @@ def decide(s_TE: torch.Tensor, cfg: MoEConfig,
         return expert_choice_decision(probs_TE, expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor))
 
 
-def weigh(s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+def weigh(s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str,
+          threshold_g_TE: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs_TE, gates_TE) in at least fp32 from the differentiable scores: the softmax over all experts, and the gates of
-    `gate` over the selected ones."""
+    `gate` over the selected ones; under threshold selection (`threshold_g_TE`, the `threshold_gates` of s) the gates
+    are G on the fired pairs, unnormalised, and the softmax serves the statistics only."""
     s_TE = at_least_fp32(s_TE)
     probs_TE = torch.softmax(s_TE, dim=1)
+    if threshold_g_TE is not None:
+        return probs_TE, threshold_g_TE * mask_TE
     return probs_TE, gate_weights(s_TE, probs_TE, mask_TE, gate)
 
 

@@ -27,7 +27,8 @@ class BatchSums:
     """Detached sums over the EP group's batch from which the aux loss value and `LoadStats` are built; a parallel
     dispatcher produces them by all-reducing the local sums (or by summing a gathered matrix). margin_sum and
     margin_tokens: Σ of `selection_margin` over the tokens that have one, and their count (0-dim float64 / int64;
-    both zero where the layer records no margin)."""
+    both zero where the layer records no margin). Under threshold selection only (else None): gate_sum [n], Σ_x G_i,
+    and token_balance_sum, Σ_x mean_i(f_i)·mean_j(G_j), the sums of its balancing loss."""
 
     tokens_per_expert: torch.Tensor
     probs_sum: torch.Tensor
@@ -36,16 +37,24 @@ class BatchSums:
     num_tokens: int
     margin_sum: torch.Tensor
     margin_tokens: torch.Tensor
+    gate_sum: Optional[torch.Tensor] = None
+    token_balance_sum: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, mask_TE: torch.Tensor, probs_TE: torch.Tensor, entropy_T: torch.Tensor, s_TE: torch.Tensor,
-           margin_T: Optional[torch.Tensor] = None) -> "BatchSums":
+           margin_T: Optional[torch.Tensor] = None, g_TE: Optional[torch.Tensor] = None) -> "BatchSums":
         if margin_T is None:
             margin_T = s_TE.new_empty(0, dtype=torch.float64)
+        gate_sum = token_balance_sum = None
+        if g_TE is not None:
+            g_TE = g_TE.detach()
+            gate_sum = g_TE.sum(dim=0)
+            token_balance_sum = (mask_TE.to(g_TE.dtype).mean(dim=1) * g_TE.mean(dim=1)).sum()
         return cls(tokens_per_expert=mask_TE.sum(dim=0), probs_sum=probs_TE.detach().sum(dim=0),
                    entropy_sum=entropy_T.detach().sum(), score_sum=s_TE.detach().sum(dim=0),
                    num_tokens=mask_TE.shape[0], margin_sum=margin_T.double().nansum(),
-                   margin_tokens=(~torch.isnan(margin_T)).sum())
+                   margin_tokens=(~torch.isnan(margin_T)).sum(), gate_sum=gate_sum,
+                   token_balance_sum=token_balance_sum)
 
     def stats(self) -> "LoadStats":
         return LoadStats.from_counts(self.tokens_per_expert, self.entropy_sum, self.score_sum, self.num_tokens,

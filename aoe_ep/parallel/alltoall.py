@@ -46,16 +46,21 @@ class AllToAllDispatcher(GroupDispatcher):
         mask_all = expert_choice_mask(probs_all, expert_capacity(layout.total, self.num_experts, capacity_factor))
         return Decision(mask_SE=mask_all[layout.offset: layout.offset + layout.sizes[layout.rank]])
 
-    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None) -> BatchSums:
-        local = BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S)
+    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None,
+                    g_SE=None) -> BatchSums:
+        local = BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S, g_SE)
         n = self.num_experts
+        threshold = [] if g_SE is None else [local.gate_sum.double(), local.token_balance_sum.double().view(1)]
         packed = torch.cat([local.tokens_per_expert.double(), local.probs_sum.double(), local.score_sum.double(),
                             local.entropy_sum.double().view(1), local.margin_sum.view(1),
-                            local.margin_tokens.double().view(1)])
+                            local.margin_tokens.double().view(1), *threshold])
         total = all_reduce_sum(packed, self.group, self.counter, "stats")
+        rest = total[3 * n + 3:]  # threshold selection's gate sums and token-balance sum
         return BatchSums(tokens_per_expert=total[:n].round().long(), probs_sum=total[n:2 * n],
                          entropy_sum=total[3 * n], score_sum=total[2 * n:3 * n], num_tokens=layout.total,
-                         margin_sum=total[3 * n + 1], margin_tokens=total[3 * n + 2].round().long())
+                         margin_sum=total[3 * n + 1], margin_tokens=total[3 * n + 2].round().long(),
+                         gate_sum=rest[:n] if g_SE is not None else None,
+                         token_balance_sum=rest[n] if g_SE is not None else None)
 
     def dispatch(self, x_TD, xs_SD, scores, decision, layout: TokenLayout):
         rows = group_rows(decision)

@@ -14,7 +14,8 @@ alltoall:
   sizes    (EP−1)·16
   counts   (EP−1)·n_l·8                         rows per (rank, local expert)
   stats    (EP−1)·(3n+3)·8                      one all-reduce of counts, Σp, Σs, Σ entropy, Σ margin and its
-                                                 token count (float64)
+                                                 token count (float64); threshold selection adds n + 1: Σ G_i
+                                                 and its loss's token-balance sum
   probs    (EP−1)·T_r·n·b   (expert choice)     all-gather of the softmax for the global ranking
   dispatch Σ_{q≠r} W_rq·(d + L_c)·b             W_rq = winning (token of r, expert of q) pairs; L_c = L when the
                                                  rows carry the AoE cache, else 0;  backward: Σ_{q≠r} W_qr·(d+L_c)·b
@@ -51,7 +52,8 @@ def _any_pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Te
 
 
 def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], rank: int, d_model: int, d_low: int,
-                elem_bytes: int, aoe_cache: bool, expert_choice: bool, erc: bool = False) -> dict[str, int]:
+                elem_bytes: int, aoe_cache: bool, expert_choice: bool, threshold: bool = False,
+                erc: bool = False) -> dict[str, int]:
     """Bytes rank `rank` sends in one forward and backward, keyed like `CommCounter.as_dict()` (zeros left out).
 
     mask_TE is the EP group's global routing mask over the concatenated batch, `sizes` its tokens per rank.
@@ -59,13 +61,13 @@ def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], ra
     ep = len(sizes)
     pairs = _pairs(mask_TE, sizes, ep) if dispatcher == "alltoall" else _any_pairs(mask_TE, sizes, ep)
     out = bytes_from_pairs(dispatcher, pairs.tolist(), sizes, rank, mask_TE.shape[1], d_model, d_low, elem_bytes,
-                           aoe_cache, expert_choice, erc)
+                           aoe_cache, expert_choice, threshold, erc)
     return {k: int(v) for k, v in out.items()}
 
 
 def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: Sequence[float], rank: int,
                      num_experts: int, d_model: int, d_low: int, elem_bytes: int, aoe_cache: bool,
-                     expert_choice: bool, erc: bool = False) -> dict[str, float]:
+                     expert_choice: bool, threshold: bool = False, erc: bool = False) -> dict[str, float]:
     """The model above from the routing's pair counts: `pairs` is A (allgather) or W (alltoall) as [EP][EP]
     nested lists, counts or their expectations (`aoe_ep.plan` passes expected values under a routing model)."""
     ep = len(sizes)
@@ -86,7 +88,7 @@ def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: S
         w = pairs
         row = d_model + (d_low if aoe_cache else 0)
         out["counts/fwd"] = (ep - 1) * n_local * 8
-        out["stats/fwd"] = (ep - 1) * (3 * num_experts + 3) * 8
+        out["stats/fwd"] = (ep - 1) * (3 * num_experts + 3 + threshold * (num_experts + 1)) * 8
         if expert_choice:
             out["probs/fwd"] = (ep - 1) * mine * num_experts * elem_bytes
         sent = sum(w[rank][q] for q in others)

@@ -85,10 +85,10 @@ def aoe_cache_bytes(kept: str, tokens: int, num_experts: int, d_low: int, c: int
 
 def routed_rows(cfg: MoEConfig, tokens: int) -> float:
     """(token, expert) rows the EP group's T tokens produce: T·K under top-K (top-P is reported at K), n·C under
-    expert choice."""
+    expert choice, T·density·n under threshold selection (at its target density)."""
     if cfg.selection == "expert_choice":
         return cfg.num_experts * expert_capacity(tokens, cfg.num_experts, cfg.capacity_factor)
-    return tokens * cfg.top_k
+    return tokens * cfg.experts_per_token
 
 
 def expert_width(cfg: MoEConfig, c: int, device: str = "cuda", rows_per_expert: float = 0.0) -> int:

@@ -26,7 +26,7 @@ def selector_flops(cfg: MoEConfig) -> float:
 
 def expert_row_flops(cfg: MoEConfig) -> float:
     """Forward FLOPs of one (token, expert) row in its expert."""
-    k = cfg.capacity_factor if cfg.selection == "expert_choice" else cfg.top_k
+    k = cfg.experts_per_token
     return (moe_flops(cfg) - selector_flops(cfg)) / k
 
 

@@ -30,6 +30,7 @@ from aoe_ep.config import Config, ConfigError, ModelConfig, MoEConfig
 from aoe_ep.model import Decoder, init_parameters, token_cross_entropy
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.balance import bias_scalars, step_token_counts, update_expert_biases
+from aoe_ep.moe.threshold import step_tokens, threshold_scalars, update_threshold_lambdas
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train import placement as place
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
@@ -129,6 +130,8 @@ class Trainer:
             layer.input_check = "flag"
             layer.erc_seed, layer.erc_layer = cfg.train.seed, i  # the ERC noise stream (with the step, below)
         self.bias_balancing = any(layer.cfg.balance == "bias" for layer in self.moe_layers)
+        self.threshold_balancing = any(layer.cfg.selection == "threshold" and layer.cfg.balance == "aux"
+                                       for layer in self.moe_layers)
         self.dp = DataParallelModel(model, rt, cfg.train.dense_parallel)
         self.optimizer = build_optimizer(model, cfg.train, rt.device, allow_apex=self.dp.kind != "fsdp")
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -318,17 +321,21 @@ class Trainer:
         self.dp.reduce_expert_grads()
         grad_norm = self.dp.clip_grad_norm_(self.cfg.train.grad_clip)
         # The one world-wide reduction of the step: the losses, the flags every rank's verdict is read from and,
-        # under `moe.balance: bias`, the step's expert counts (each EP rank holds its group's: ep_size times each).
+        # under `moe.balance: bias` or threshold selection, the step's expert counts and its token count (each EP
+        # rank holds its group's: ep_size times each).
         packed = health.packed(sums / plan.num_micro_batches, grad_norm)
         counts_LE = step_token_counts(infos, self.moe_layers, rt.device) if self.moe_layers else None
-        balance = counts_LE is not None and self.bias_balancing
-        reduced = all_reduce_(torch.cat([packed, counts_LE.flatten()]) if balance else packed)
+        balance = counts_LE is not None and (self.bias_balancing or self.threshold_balancing)
+        reduced = all_reduce_(torch.cat([packed, counts_LE.flatten(), step_tokens(infos, rt.device)]) if balance
+                              else packed)
         v = verdict(reduced[:packed.numel()], rt.world_size, rt.ep_size)
         self.scheduler.step(1)
         if v.good:
             self.optimizer.step()
             if balance:
-                update_expert_biases(self.moe_layers, reduced[packed.numel():].view_as(counts_LE) / rt.ep_size)
+                global_LE = reduced[packed.numel():-1].view_as(counts_LE) / rt.ep_size
+                update_expert_biases(self.moe_layers, global_LE)
+                update_threshold_lambdas(self.moe_layers, global_LE, reduced[-1] / rt.ep_size)
             for micro_infos in infos:
                 self.moe_stats.add(micro_infos, timed)
             if counts_LE is not None:
@@ -395,6 +402,7 @@ class Trainer:
         if stats:
             scalars.update(diagnostic_scalars(stats, self.cfg.moe.scorer, churn))
         scalars.update(bias_scalars(self.moe_layers))
+        scalars.update(threshold_scalars(self.moe_layers, stats))
         scalars.update(comm)
         self.logger.log(self.step, scalars, images={"moe/load_heatmap": load_heatmap(stats)} if stats else None)
 
@@ -407,6 +415,9 @@ class Trainer:
         rt = self.runtime
         if self.bias_balancing:
             check_replicas_agree({f"MoE layer {i} expert_bias": layer.expert_bias
+                                  for i, layer in enumerate(self.moe_layers)})
+        if self.threshold_balancing:
+            check_replicas_agree({f"MoE layer {i} threshold_lambda": layer.threshold_lambda.view(1)
                                   for i, layer in enumerate(self.moe_layers)})
         progress = {"step": self.step, "consumed_samples": self.consumed_samples}
         state = ckpt.training_state(self.dp.model, self.optimizer, self.scheduler, progress, rt)

@@ -69,9 +69,10 @@ def _entropy(p):
     return -(p * torch.log(p)).sum()
 
 
-def reference_forward(cfg, params, x, bias=None):
+def reference_forward(cfg, params, x, bias=None, threshold_lambda=None):
     """Returns y (shape of x), aux loss (0-dim), stats (dict of python / torch values), masks (list of sets).
-    `bias` (n floats, `moe.balance: bias`) shifts the scores for the selection only."""
+    `bias` (n floats, `moe.balance: bias`) shifts the scores for the selection only. Threshold selection reads its
+    b from params["threshold_bias"] and the weight of its balancing loss from `threshold_lambda`."""
     n, K, d = cfg.num_experts, cfg.top_k, cfg.d_model
     lead = x.shape[:-1]
     xt = x.reshape(-1, d)
@@ -118,7 +119,17 @@ def reference_forward(cfg, params, x, bias=None):
 
     # 3. selection (sets of expert indices per token)
     masks = [set() for _ in range(T)]
-    if cfg.selection == "top_k":
+    if cfg.selection == "threshold":  # Routing-Free MoE: G_i = relu(s_i - b_i), expert i fires when G_i > threshold
+        b = params["threshold_bias"]
+        G = [torch.stack([torch.clamp(scores[t][i] - b[i], min=0.0) for i in range(n)]) for t in range(T)]
+        for t in range(T):
+            for i in range(n):
+                v = sv[t][i] - float(b[i].detach())
+                assert abs(v) > 1e-6 and abs(v - cfg.threshold) > 1e-6, "test data too close to the threshold"
+                if max(v, 0.0) > cfg.threshold:
+                    masks[t].add(i)
+        ranked_sv = [[float(G[t][i].detach()) for i in range(n)] for t in range(T)]
+    elif cfg.selection == "top_k":
         for t in range(T):
             order = sorted(range(n), key=lambda i: (-sv[t][i], i))
             # the test data must not sit on a tie at the K boundary
@@ -152,7 +163,9 @@ def reference_forward(cfg, params, x, bias=None):
         sel = sorted(masks[t])
         out = torch.zeros(d, dtype=x.dtype)
         if sel:
-            if cfg.gate == "softmax_topk":
+            if cfg.selection == "threshold":  # the gate is G itself: no softmax, no renormalisation
+                gates = {i: G[t][i] for i in sel}
+            elif cfg.gate == "softmax_topk":
                 s_sel = torch.stack([scores[t][i] for i in sel])
                 e = torch.exp(s_sel - s_sel.max())
                 g = e / e.sum()
@@ -174,6 +187,14 @@ def reference_forward(cfg, params, x, bias=None):
     counts = [sum(1 for t in range(T) if i in masks[t]) for i in range(n)]
     if cfg.selection == "expert_choice":
         aux = torch.zeros((), dtype=x.dtype)
+    elif cfg.selection == "threshold":
+        # L_LB = mu·L_EB + (1 - mu)·L_TB, L_EB = (1/n) Σ_i mean_t(f_ti)·mean_t(G_ti), L_TB = mean_t[mean_i(f_ti)·
+        # mean_j(G_tj)], f the 0/1 firing (a constant); weighted by λ; nothing under balance: none
+        l_eb = sum((counts[i] / T) * (sum(G[t][i] for t in range(T)) / T) for i in range(n)) / n
+        l_tb = sum((len(masks[t]) / n) * (G[t].sum() / n) for t in range(T)) / T
+        aux = threshold_lambda * (cfg.threshold_mu * l_eb + (1.0 - cfg.threshold_mu) * l_tb)
+        if cfg.balance != "aux":
+            aux = torch.zeros((), dtype=x.dtype)
     else:
         aux = torch.zeros((), dtype=x.dtype)
         for i in range(n):
@@ -245,10 +266,13 @@ def build_layer(cfg, seed):
     """A float64 layer whose parameters are overwritten with seeded values (independent of the package's init)."""
     layer = MoELayer(cfg).to(torch.float64)
     names = {name for name, _ in layer.named_parameters()}
-    assert names == set(EXPECTED_PARAMS[cfg.scorer]), names
+    threshold = ("threshold_bias",) if cfg.selection == "threshold" else ()
+    assert names == set(EXPECTED_PARAMS[cfg.scorer] + threshold), names
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(layer.named_parameters()):
+            if name == "threshold_bias":  # set by the threshold tests from the scores
+                continue
             scale = W_DOWN_SCALE[cfg.norm] if name == "scorer.w_down" else PARAM_SCALE[name]
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
     return layer
@@ -266,7 +290,8 @@ def _close(got, want, what, dtype_hint=None):
     torch.testing.assert_close(got_t.to(torch.float64), want_t, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None):
+def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None):
+    """`prepare(layer, x0)`, when given, may set up the layer and edit the input x0 in place before both run."""
     layer = build_layer(cfg, seed)
     if bias is not None:
         layer.expert_bias.copy_(torch.tensor(bias))
@@ -274,6 +299,9 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None):
     gen = torch.Generator().manual_seed(seed + 1)
     x0 = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * X_SCALE[cfg.scorer]
     g = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * g_scale
+    if prepare is not None:
+        prepare(layer, x0)
+    lam = float(layer.threshold_lambda) if cfg.selection == "threshold" else None
 
     # package
     x = x0.clone().requires_grad_(True)
@@ -288,7 +316,7 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None):
     # reference, on detached copies of the same parameters
     ref_params = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
     x_ref = x0.clone().requires_grad_(True)
-    y_ref, aux_ref, stats_ref, masks = reference_forward(cfg, ref_params, x_ref, bias)
+    y_ref, aux_ref, stats_ref, masks = reference_forward(cfg, ref_params, x_ref, bias, lam)
     loss_ref = (y_ref * g).sum() + aux_ref
     names = sorted(ref_params)
     ref_grads = torch.autograd.grad(loss_ref, [x_ref] + [ref_params[k] for k in names], allow_unused=True)
@@ -413,3 +441,66 @@ def test_aoe_sparse_backward_matches_reference(selection, over, norm, aoe_cache)
     assert not cfg.unselected_get_gradient
     assert MoELayer(cfg).scorer.mode == "sparse"
     run_and_compare(cfg, (13,), _seed("sparse", selection, norm, aoe_cache))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Threshold selection (Routing-Free MoE)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _threshold_prepare(cfg, seed):
+    """Sets b around the middle of the scores and makes token 0 fire every expert and token 1 none: AoE scales
+    them (its scores are norms), the router and Self-Routing get logits of +4 and -4 for every expert."""
+    def prepare(layer, x0):
+        n, gen = cfg.num_experts, torch.Generator().manual_seed(seed + 2)
+        xt = x0.view(-1, cfg.d_model)
+        with torch.no_grad():
+            if cfg.scorer == "aoe":
+                xt[0] *= 4.0
+                xt[1] *= 0.02
+                s_TE = torch.stack([torch.linalg.vector_norm(xt @ w, ord=layer.scorer.ord, dim=1)
+                                    for w in layer.scorer.w_down], dim=1)
+                centre = s_TE[2:].median(dim=0).values
+            else:
+                if cfg.scorer == "router":
+                    w = layer.scorer.weight
+                    xt[0] = torch.linalg.lstsq(w, torch.full((n,), 4.0, dtype=w.dtype).unsqueeze(1)).solution[:, 0]
+                else:
+                    xt[0] = 0.0
+                    xt[0, cfg.self_routing_offset:cfg.self_routing_offset + n] = 4.0
+                xt[1] = -xt[0]
+                centre = torch.zeros(n, dtype=torch.float64)
+            layer.threshold_bias.copy_(centre + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64))
+    return prepare
+
+
+THRESHOLD_CASES = [("aoe", "l2"), ("aoe", "l1"), ("aoe", "linf"), ("router", "l2"), ("self_routing", "l2")]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+@pytest.mark.parametrize("scorer,norm", THRESHOLD_CASES)
+def test_threshold_selection_matches_reference(scorer, norm, threshold):
+    # λ large enough that the balancing loss's gradient shows beside the output's; under threshold 0.3 unfired
+    # experts with 0 < G <= 0.3 get a gradient through mean G, so AoE keeps its cache
+    cfg = make_cfg(scorer, "threshold", "softmax_topk", norm, threshold=threshold, threshold_lambda_init=0.7,
+                   threshold_mu=0.3)
+    assert cfg.unselected_get_gradient == (threshold > 0)
+    masks = run_and_compare(cfg, (14,), _seed("threshold", scorer, norm, threshold),
+                            prepare=_threshold_prepare(cfg, _seed("thr", scorer, norm)))
+    sizes = [len(m) for m in masks]
+    assert sizes[0] == cfg.num_experts and sizes[1] == 0, sizes
+    assert len(set(sizes[2:])) >= 2, sizes  # the rest fire a varying number of experts
+
+
+THRESHOLD_VARIANTS = [("aoe", dict(aoe_cache="recompute", threshold=0.3))]
+THRESHOLD_VARIANTS += [(s, over) for s in SCORERS for over in (dict(balance="none"), dict(balance="none", threshold=0.3))]
+
+
+@pytest.mark.parametrize("scorer,over", THRESHOLD_VARIANTS)
+def test_threshold_selection_variants_match_reference(scorer, over):
+    # the recomputed AoE cache; no balancing loss (aux exactly 0, b's gradient from the outputs only)
+    cfg = make_cfg(scorer, "threshold", "softmax_topk", threshold_lambda_init=0.7, **over)
+    if cfg.balance == "none":
+        assert not cfg.unselected_get_gradient
+    run_and_compare(cfg, (3, 4), _seed("thr-var", scorer, tuple(sorted(over.items()))),
+                    prepare=_threshold_prepare(cfg, _seed("thrv", scorer)))

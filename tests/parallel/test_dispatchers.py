@@ -25,6 +25,10 @@ CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, expert_kind=
 # The ERC loss (arXiv 2512.23447): one all-gather of M's expert columns; SwiGLU and factorised experts.
 CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, erc_loss_coeff=1.0, erc_alpha=alpha, **kind)
           for disp in DISPATCHERS for alpha, kind in ((1.0, {}), (0.7, dict(expert_kind="factorized")))]
+# Threshold selection (Routing-Free MoE): b is set to each expert's median score on the group's batch (and above the
+# first token's scores), so that tokens fire 0..n experts; λ large enough that the balancing loss shows in the gradients.
+CASES += [dict(scorer=s, selection="threshold", dispatcher=disp, threshold=thr, threshold_lambda_init=0.5)
+          for disp in DISPATCHERS for s, thr in (("aoe", 0.0), ("aoe", 0.3), ("router", 0.3), ("self_routing", 0.0))]
 LAYOUTS = {"ep2": (2, 2), "ep4": (4, 4), "dp2xep2": (4, 2)}
 RTOL = 1e-5
 LAYER_DIMS = dict(d_model=16, num_experts=8, top_k=2, d_ffn=12, d_low=6)  # a case may override them
@@ -38,7 +42,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list[int]) -> dict:
     from aoe_ep.config import MoEConfig
     from aoe_ep.moe import MoELayer
-    from aoe_ep.moe.selection import select
+    from aoe_ep.moe.selection import decide, select
     from aoe_ep.parallel.comm_model import layer_bytes
     from aoe_ep.parallel.groups import destroy_groups, initialize_groups
 
@@ -56,6 +60,11 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
         xs = [torch.randn(n, 16) for n in sizes]
         gs = [torch.randn(n, 16) for n in sizes]
         x_group = torch.cat([xs[r] for r in members]).requires_grad_()
+        threshold_bias = getattr(ref, "threshold_bias", None)
+        if threshold_bias is not None:
+            with torch.no_grad():
+                s_TE = ref.scorer(x_group).s_TE  # b above the group's first token's scores: it fires no expert
+                threshold_bias.copy_(torch.maximum(s_TE.median(dim=0).values, s_TE[0] + 0.05))
         y_ref, info_ref = ref(x_group)
         ((y_ref * torch.cat([gs[r] for r in members])).sum() + info_ref.aux_loss).backward()
 
@@ -85,10 +94,15 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
             err[f"grad.{name}"] = _rel(got, expected)
 
         with torch.no_grad():
-            mask = select(ref.scorer(x_group).s_TE, cfg).mask_TE
+            s_TE = ref.scorer(x_group).s_TE
+            mask = (select(s_TE, cfg).mask_TE if threshold_bias is None
+                    else decide(s_TE, cfg, threshold_bias_E=threshold_bias).mask_SE)
         model = layer_bytes(cfg.dispatcher, mask, [sizes[r] for r in members], rank - members[0], cfg.d_model,
                             cfg.d_low, 4, aoe_cache=cfg.scorer == "aoe", expert_choice=cfg.selection == "expert_choice",
-                            erc=cfg.erc_loss_coeff > 0)
+                            threshold=threshold_bias is not None, erc=cfg.erc_loss_coeff > 0)
+        if threshold_bias is not None:  # the data must exercise tokens of no expert and of several
+            fired = mask.sum(dim=1)
+            err["threshold_data"] = 0.0 if bool((fired == 0).any() and (fired >= 2).any()) else 1.0
         results[i] = {"err": err, "bytes": layer.dispatcher.counter.as_dict(), "model": model}
     destroy_groups()
     return results

@@ -137,8 +137,8 @@ def test_bias_under_expert_parallelism_equals_one_device(tmp_path):
         for case, got in results["layers"].items():
             assert got["counts"] == got["ref_counts"], (rank, case)
             assert got["counts"] != got["unbiased_counts"], (rank, case)  # the bias changed the decisions
-            for what, err in got["errors"].items():
-                assert err < 1e-5, (rank, case, what, err)
+            for what, err in got["errors"].items():  # fp32: a few ulps of the largest entry (2^-16 seen on AMD EPYC)
+                assert err < 5e-5, (rank, case, what, err)
         for name, run in results["runs"].items():
             assert run["losses"] == pytest.approx([r.loss for r in single["history"]], rel=RTOL), (rank, name)
             for got, want, other in zip(run["biases"], single["biases"], per_rank[1 - rank]["runs"][name]["biases"]):

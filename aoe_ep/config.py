@@ -81,6 +81,9 @@ class MoEConfig:
     aoe_cache: str = "keep"
     balance: str = "aux"
     balance_rate: float = 1e-3
+    # The expert-router coupling loss (Lv et al., arXiv 2512.23447) for a learned router: weight (0 = off) and α.
+    erc_loss_coeff: float = 0.0
+    erc_alpha: float = 1.0
     # Threshold selection (Routing-Free MoE, arXiv 2604.00801): expert i fires for a token when
     # G_i = relu(s_i - b_i) > threshold; L_LB = mu·L_EB + (1 - mu)·L_TB, its weight λ (from lambda_init, at most 1)
     # multiplied by (1 + eta)^sign(ρ - density) after every step, ρ the fraction of (token, expert) pairs fired.
@@ -141,6 +144,18 @@ class MoEConfig:
         _require(not (self.balance == "bias" and self.selection == "expert_choice"), p + "balance",
                  "'bias' needs token choice (top_k or top_p): under expert_choice every expert takes exactly its "
                  "capacity, so there is no load to balance")
+        _require(_is_number(self.erc_loss_coeff) and self.erc_loss_coeff >= 0, p + "erc_loss_coeff",
+                 f"must be >= 0, got {self.erc_loss_coeff!r}")
+        _require(_is_number(self.erc_alpha) and self.erc_alpha > 0, p + "erc_alpha",
+                 f"must be positive, got {self.erc_alpha!r}")
+        _require(self.erc_loss_coeff == 0 or self.scorer == "router", p + "erc_loss_coeff",
+                 f"the ERC loss couples a learned router to its experts; scorer is {self.scorer!r}")
+        _require(self.erc_loss_coeff == 0 or self.num_experts > 1, p + "erc_loss_coeff",
+                 "the ERC loss needs at least two experts")
+        # The router rows are fed through the experts' gate projections, so they must live in the model dimension.
+        _require(self.erc_loss_coeff == 0 or not self.router_hidden, p + "erc_loss_coeff",
+                 f"the ERC loss feeds router rows to the experts, so it needs router_hidden = 0 (rows of width "
+                 f"d_model), got router_hidden={self.router_hidden!r}")
         _require(_is_number(self.threshold) and self.threshold >= 0, p + "threshold",
                  f"must be >= 0, got {self.threshold!r}")
         _require(_is_number(self.threshold_density) and 0 < self.threshold_density <= 1, p + "threshold_density",

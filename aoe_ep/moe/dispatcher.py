@@ -123,6 +123,8 @@ class Dispatcher(Protocol):
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor: ...
 
+    def expert_columns(self, m_NX: torch.Tensor) -> torch.Tensor: ...
+
 
 class LocalDispatcher:
     """Single device: the reference every expert-parallel dispatcher must reproduce. Moves nothing and, for top-K
@@ -174,6 +176,11 @@ class LocalDispatcher:
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
         gate_M = row_gates(gates_SE, state.rows)
         return weighted_sum(out_MD, gate_M, state.rows.token_index_M, state.num_tokens)
+
+    def expert_columns(self, m_NX: torch.Tensor) -> torch.Tensor:
+        """[N, n] over all experts in global order, from this rank's columns [N, n_local] (a quantity every rank
+        computes for its own experts only, such as the ERC norms); differentiable, the same on every rank."""
+        return m_NX
 
 
 DispatcherFactory = Callable[[dist.ProcessGroup, int], Dispatcher]

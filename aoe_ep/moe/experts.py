@@ -19,6 +19,7 @@ from torch import nn
 
 from aoe_ep.config import MoEConfig
 from aoe_ep.moe.grouped import Groups, choose_kernel, gmm, gmm_wgrad, pad_to, strided_empty
+from aoe_ep.moe.losses import erc_gate_norms
 
 
 def _init(tensor: torch.Tensor, fan_in: int) -> None:
@@ -165,8 +166,13 @@ class SwiGLUExperts(nn.Module):
         self.w_o = nn.Parameter(torch.empty(num_experts, f, d))
         _init(self.w_gate, d), _init(self.w_p, d), _init(self.w_o, f)
 
-    def forward(self, x_MD: torch.Tensor, groups: Groups, cache_ML: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return grouped_glu(x_MD, x_MD, self.w_gate, self.w_p, self.w_o, groups, self.kernel)
+    def forward(self, x_MD: torch.Tensor, groups: Groups,
+                cache_ML: Optional[torch.Tensor] = None, gate_norms_of: Optional[torch.Tensor] = None):
+        """The experts' outputs for the grouped rows; with `gate_norms_of` (rows [N, d]) also ‖row · Wg_j‖ for every
+        held expert j, [N, E] (the ERC loss), from the same call: FSDP2 gathers the weights once and reduces their
+        gradient once (a second differentiable call of a sharded module would be reduced apart)."""
+        y_MD = grouped_glu(x_MD, x_MD, self.w_gate, self.w_p, self.w_o, groups, self.kernel)
+        return y_MD if gate_norms_of is None else (y_MD, erc_gate_norms(gate_norms_of, self.w_gate))
 
 
 class AoEExperts(nn.Module):
@@ -189,12 +195,17 @@ class AoEExperts(nn.Module):
         self.w_o = nn.Parameter(torch.empty(num_experts, wide, d))
         _init(self.w_up, low), _init(self.w_p, d), _init(self.w_o, wide)
 
-    def forward(self, x_MD: torch.Tensor, groups: Groups, cache_ML: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, groups: Groups,
+                cache_ML: Optional[torch.Tensor] = None, gate_norms_of: Optional[torch.Tensor] = None):
+        """As `SwiGLUExperts.forward`; the gate projection is Wdown_j·Wup_j, applied as two products."""
+        if gate_norms_of is not None and self.w_down is None:
+            raise ValueError("the gate projection of AoE experts starts from the scorer's Wdown, not their own")
         if (cache_ML is None) == (self.w_down is None):
             raise ValueError("factorised experts take the scorer's cache exactly when they hold no Wdown themselves")
         if cache_ML is None:
             cache_ML = grouped_linear(x_MD, self.w_down, groups, self.kernel)
-        return grouped_glu(x_MD, cache_ML, self.w_up, self.w_p, self.w_o, groups, self.kernel)
+        y_MD = grouped_glu(x_MD, cache_ML, self.w_up, self.w_p, self.w_o, groups, self.kernel)
+        return y_MD if gate_norms_of is None else (y_MD, erc_gate_norms(gate_norms_of, (self.w_down, self.w_up)))
 
 
 def build_experts(cfg: MoEConfig, num_experts: Optional[int] = None) -> nn.Module:

@@ -19,7 +19,8 @@ from torch import nn
 from aoe_ep.config import MoEConfig
 from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
-from aoe_ep.moe.losses import aux_loss, threshold_balance_loss, token_entropy
+from aoe_ep.moe.losses import (aux_loss, erc_eps, erc_from_norms, erc_noise, erc_proxies, threshold_balance_loss,
+                               token_entropy)
 from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer
 from aoe_ep.moe.selection import decide, threshold_gates, weigh
@@ -43,13 +44,17 @@ class MoEInfo:
     on every rank); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`; nonfinite_inputs: NaN or
     infinite input values over the EP group (an int, or a 0-dim device tensor on one device; nonzero only under
     `input_check = "flag"`, which lets them through); mask_TE: which experts this rank's tokens selected [T, n]
-    (bool; only while the layer's `record_selection` is set, else None)."""
+    (bool; only while the layer's `record_selection` is set, else None); erc_loss, erc_eps: the ERC loss (before its
+    weight, included in aux_loss) and the mean ε over experts, detached 0-dim tensors (None unless `moe.erc_loss_coeff`
+    is set and the layer is training)."""
 
     aux_loss: torch.Tensor
     stats: LoadStats
     timing: LayerTiming
     nonfinite_inputs: object = 0
     mask_TE: Optional[torch.Tensor] = None
+    erc_loss: Optional[torch.Tensor] = None
+    erc_eps: Optional[torch.Tensor] = None
 
 
 def count_nonfinite(x: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -86,12 +91,17 @@ class MoELayer(nn.Module):
 
     `info.timing` is host wall-clock; on an accelerator it measures device work only while `synchronize_timing` is
     set (the trainer sets it on logging steps, as synchronising every layer costs throughput). `record_selection`
-    puts the selection mask of this rank's tokens into `info.mask_TE` (the churn probe sets it).
+    puts the selection mask of this rank's tokens into `info.mask_TE` (the churn probe sets it). The ERC loss draws
+    its noise from (`erc_seed`, `erc_layer`, `erc_step`): the trainer sets the run seed and the layer's index once and
+    the step before every training step, so the noise is the same on every rank and after a resume.
     """
 
     synchronize_timing = False
     record_selection = False
     input_check = "raise"
+    erc_seed = 0
+    erc_layer = 0
+    erc_step = 0
 
     def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None,
                  dispatcher: Optional[Dispatcher] = None):
@@ -170,18 +180,35 @@ class MoELayer(nn.Module):
         else:
             loss = self.threshold_lambda.to(g_SE.dtype) * threshold_balance_loss(cfg, g_SE[own],
                                                                                  decision.mask_SE[own], sums)
+        proxies_nd, eps_n = self._erc_proxies() if cfg.erc_loss_coeff > 0 and self.training else (None, None)
 
         sync = self.synchronize_timing
         start = _wait(x, sync)
-        out_MD = self.experts(rows.x_MD, rows.groups, rows.cache_ML)
+        if proxies_nd is None:
+            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML), None
+        else:  # one call of the experts for both (FSDP2 gathers their weights once per forward)
+            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML, gate_norms_of=proxies_nd)
         after_experts = _wait(x, sync)
         y_TD = d.combine(out_MD, gates_SE, state)
         expert_seconds, combine_seconds = after_experts - start, _wait(x, sync) - after_experts
+        erc = None if m_nX is None else erc_from_norms(d.expert_columns(m_nX), cfg.erc_alpha)
+        if erc is not None:
+            loss = loss + cfg.erc_loss_coeff * erc
 
         info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds),
                        nonfinite_inputs=layout.nonfinite,
-                       mask_TE=decision.mask_SE[own] if self.record_selection else None)
+                       mask_TE=decision.mask_SE[own] if self.record_selection else None,
+                       erc_loss=None if erc is None else erc.detach(),
+                       erc_eps=None if erc is None else eps_n.mean())
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
+
+    def _erc_proxies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ERC proxies R̃ [n, d] of the router rows (differentiable in R) and ε [n] (`aoe_ep.moe.losses`); the
+        experts return their columns of M = ‖R̃ W_g‖ with their outputs, and the dispatcher gathers them."""
+        router_nd = self.scorer.weight
+        u_nd = erc_noise(*router_nd.shape, self.erc_seed, self.erc_layer, self.erc_step).to(router_nd.device)
+        eps_n = erc_eps(router_nd)
+        return erc_proxies(router_nd, eps_n, u_nd), eps_n
 
     @property
     def placement(self) -> Placement:

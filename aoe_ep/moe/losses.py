@@ -1,7 +1,8 @@
-"""Auxiliary losses: load balancing (Eq. 2 for routers, Eq. 6 for AoE), top-P's confidence-entropy regulariser and
-threshold selection's balancing loss (Routing-Free MoE, arXiv 2604.00801).
+"""Auxiliary losses: load balancing (Eq. 2 for routers, Eq. 6 for AoE), top-P's confidence-entropy regulariser,
+threshold selection's balancing loss (Routing-Free MoE, arXiv 2604.00801) and the expert-router coupling (ERC)
+loss of a learned router (arXiv 2512.23447).
 
-Both are written as sums over local tokens divided by the global token count, so that under expert or data
+The first two are written as sums over local tokens divided by the global token count, so that under expert or data
 parallelism the per-rank values add up to the single-device loss over the global batch.
 """
 
@@ -11,6 +12,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 
 from aoe_ep.config import MoEConfig
+from aoe_ep.moe.selection import at_least_fp32
 from aoe_ep.moe.stats import BatchSums
 
 
@@ -52,6 +54,66 @@ def aux_loss(cfg: MoEConfig, probs_own_TE: torch.Tensor, entropy_own_T: torch.Te
     return loss
 
 
+# The expert-router coupling loss (ERC; Lv et al., arXiv 2512.23447, Sec. 3). Router rows R[i] act as proxy tokens of
+# expert i; M[i, j] = ‖R̃[i] W_g^j‖ is how strongly expert j's gate projection answers proxy i. The pieces below are
+# what the layer runs under expert parallelism too: each rank computes the columns of its own experts
+# (`erc_gate_norms`) and the dispatcher gathers them (`expert_columns`) before `erc_from_norms`.
+
+def erc_noise(num_experts: int, d_model: int, seed: int, layer: int, step: int) -> torch.Tensor:
+    """u ~ U(−1, 1)^[n, d] for one layer and training step, from a CPU generator seeded by (run seed, layer, step)
+    only: the same on every rank, device and EP layout, and after a resume (the step is in the checkpoint)."""
+    mixed = ((int(seed) * 1_000_003 + int(layer)) * 1_000_000_007 + int(step)) % (2 ** 63)
+    g = torch.Generator(device="cpu").manual_seed(mixed)
+    return torch.rand(num_experts, d_model, generator=g, dtype=torch.float32) * 2.0 - 1.0
+
+
+def erc_eps(router_nd: torch.Tensor) -> torch.Tensor:
+    """ε_i = ‖R[i] − R[j*]‖ / (2‖R[i]‖), j* the nearest other row: the largest noise that keeps proxy i nearer to
+    R[i] than to any other row. No gradient (recomputed every step)."""
+    with torch.no_grad():
+        r = router_nd.detach().double()
+        dist_nn = torch.cdist(r, r).fill_diagonal_(float("inf"))
+        eps_n = dist_nn.min(dim=1).values / (2.0 * torch.linalg.vector_norm(r, dim=1))
+    return eps_n.to(at_least_fp32(router_nd).dtype)
+
+
+def erc_proxies(router_nd: torch.Tensor, eps_n: torch.Tensor, u_nd: torch.Tensor) -> torch.Tensor:
+    """R̃[i] = R[i] ⊙ (1 + ε_i·u_i): differentiable in R only (the multiplicative noise is a constant)."""
+    delta_nd = (1.0 + eps_n.detach().unsqueeze(1) * u_nd.detach().to(eps_n.dtype)).to(router_nd.dtype)
+    return router_nd * delta_nd
+
+
+def erc_gate_norms(proxies_nd: torch.Tensor, w_gate) -> torch.Tensor:
+    """M[:, j] = ‖R̃ W_g^j‖₂ for the experts j of `w_gate`: [n, X] for X experts. `w_gate` is the SwiGLU gate
+    projection [X, d, D], or the pair (W_down [X, d, r], W_up [X, r, D]) of factorised experts, applied as two
+    products so that W_g = W_down·W_up is never formed."""
+    x_1nd = proxies_nd.unsqueeze(0)
+    if isinstance(w_gate, (tuple, list)):
+        w_down_XdR, w_up_XRD = w_gate
+        a_XnD = torch.matmul(torch.matmul(x_1nd, w_down_XdR.to(x_1nd.dtype)), w_up_XRD.to(x_1nd.dtype))
+    else:
+        a_XnD = torch.matmul(x_1nd, w_gate.to(x_1nd.dtype))
+    return torch.linalg.vector_norm(at_least_fp32(a_XnD), dim=2).t().contiguous()
+
+
+def erc_from_norms(m_nn: torch.Tensor, alpha: float) -> torch.Tensor:
+    """L_ERC = (1/n²) Σ_i Σ_{j≠i} [relu(M[i,j] − α·M[i,i]) + relu(M[j,i] − α·M[i,i])]: expert i answers its own
+    proxy more strongly than any other expert does, and its proxy excites it more than other proxies do."""
+    n = m_nn.shape[0]
+    own_n1 = alpha * m_nn.diagonal().unsqueeze(1)
+    off_nn = ~torch.eye(n, dtype=torch.bool, device=m_nn.device)
+    terms_nn = torch.relu(m_nn - own_n1) + torch.relu(m_nn.t() - own_n1)
+    return (terms_nn * off_nn).sum() / (n * n)
+
+
+def erc_loss(router_nd: torch.Tensor, w_gate_ndD, alpha: float,
+             u_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_ERC, ε [n]) on one device: router rows R [n, d], every expert's gate projection W_g [n, d, D] (the input of
+    SiLU), α, and the noise u [n, d] in [−1, 1]. Factorised experts pass the pair (W_down [n, d, r], W_up [n, r, D])
+    as `w_gate_ndD` (see `erc_gate_norms`). Gradients reach R and every W_g^j; none flows through ε or u."""
+    eps_n = erc_eps(router_nd)
+    m_nn = erc_gate_norms(erc_proxies(router_nd, eps_n, u_nd), w_gate_ndD)
+    return erc_from_norms(m_nn, alpha), eps_n
 def threshold_balance_loss(cfg: MoEConfig, g_own_TE: torch.Tensor, fired_own_TE: torch.Tensor,
                            sums: BatchSums) -> torch.Tensor:
     """Routing-Free MoE's L_LB = μ·L_EB + (1 − μ)·L_TB before its adaptive weight λ (the layer's `threshold_lambda`):

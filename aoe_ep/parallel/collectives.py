@@ -15,7 +15,7 @@ import torch.distributed as dist
 from aoe_ep.moe.dispatcher import CommCounter
 
 __all__ = ["CommCounter", "all_gather_rows", "all_gather_sizes", "all_reduce_sum", "all_to_all_counts",
-           "all_to_all_rows", "attach_gathered"]
+           "all_to_all_rows", "attach_gathered", "all_gather_shared"]
 
 
 def _nbytes(rows: int, t: torch.Tensor) -> int:
@@ -92,6 +92,23 @@ class _AttachGathered(torch.autograd.Function):
         return _AllGatherRows.backward(ctx, grad)[0], None, None, None, None, None
 
 
+class _AllGatherShared(torch.autograd.Function):
+    """The all-gather whose result feeds a computation every rank repeats identically (the ERC loss from its
+    gathered score matrix): every rank's gradient for the gathered tensor is the same, so backward takes this rank's
+    rows of its own gradient and sends nothing. The reduce-scatter of `_AllGatherRows` would sum EP equal copies."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group, counter, name):
+        rank = dist.get_rank(group)
+        ctx.rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        counter.add(name, "fwd", (len(sizes) - 1) * _nbytes(x.shape[0], x))
+        return _gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rows].contiguous(), None, None, None, None
+
+
 class _AllToAllRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send, recv, group, counter, name):
@@ -119,6 +136,13 @@ def attach_gathered(x: torch.Tensor, gathered: torch.Tensor, sizes: Sequence[int
     """`gathered` (= all_gather_rows(x) computed earlier without gradient) as a function of x: backward
     reduce-scatters, counted under `name` like the all-gather's own backward."""
     return _AttachGathered.apply(x, gathered.detach(), list(sizes), group, counter, name)
+
+
+def all_gather_shared(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, counter: CommCounter,
+                      name: str) -> torch.Tensor:
+    """`all_gather_rows` for a result every rank then differentiates identically: backward keeps this rank's rows
+    of its own gradient (no communication), so that the rank's inputs get the single-device gradient."""
+    return _AllGatherShared.apply(x, list(sizes), group, counter, name)
 
 
 def all_to_all_rows(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: dist.ProcessGroup,

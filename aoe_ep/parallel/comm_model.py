@@ -20,6 +20,10 @@ alltoall:
   dispatch Σ_{q≠r} W_rq·(d + L_c)·b             W_rq = winning (token of r, expert of q) pairs; L_c = L when the
                                                  rows carry the AoE cache, else 0;  backward: Σ_{q≠r} W_qr·(d+L_c)·b
   combine  Σ_{q≠r} W_qr·d·b                     backward: Σ_{q≠r} W_rq·d·b
+both, with the ERC loss:
+  erc      (EP−1)·n_l·n·4                       all-gather of this rank's columns of M (n × n_l, fp32 like every
+                                                 score, whatever the compute dtype); no backward
+                                                 (every rank differentiates the same loss: `all_gather_shared`)
 
 The data-dependent terms (A, W) come from the routing mask; under uniform routing with K experts per token their
 expectations are W_rq = T_r·K/EP and A_rq = T_q·(1 − C(n−n_l, K)/C(n, K)), which `expected_bytes_per_token` uses.
@@ -48,7 +52,8 @@ def _any_pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Te
 
 
 def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], rank: int, d_model: int, d_low: int,
-                elem_bytes: int, aoe_cache: bool, expert_choice: bool, threshold: bool = False) -> dict[str, int]:
+                elem_bytes: int, aoe_cache: bool, expert_choice: bool, threshold: bool = False,
+                erc: bool = False) -> dict[str, int]:
     """Bytes rank `rank` sends in one forward and backward, keyed like `CommCounter.as_dict()` (zeros left out).
 
     mask_TE is the EP group's global routing mask over the concatenated batch, `sizes` its tokens per rank.
@@ -56,13 +61,13 @@ def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], ra
     ep = len(sizes)
     pairs = _pairs(mask_TE, sizes, ep) if dispatcher == "alltoall" else _any_pairs(mask_TE, sizes, ep)
     out = bytes_from_pairs(dispatcher, pairs.tolist(), sizes, rank, mask_TE.shape[1], d_model, d_low, elem_bytes,
-                           aoe_cache, expert_choice, threshold)
+                           aoe_cache, expert_choice, threshold, erc)
     return {k: int(v) for k, v in out.items()}
 
 
 def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: Sequence[float], rank: int,
                      num_experts: int, d_model: int, d_low: int, elem_bytes: int, aoe_cache: bool,
-                     expert_choice: bool, threshold: bool = False) -> dict[str, float]:
+                     expert_choice: bool, threshold: bool = False, erc: bool = False) -> dict[str, float]:
     """The model above from the routing's pair counts: `pairs` is A (allgather) or W (alltoall) as [EP][EP]
     nested lists, counts or their expectations (`aoe_ep.plan` passes expected values under a routing model)."""
     ep = len(sizes)
@@ -90,6 +95,8 @@ def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: S
         received = sum(w[q][rank] for q in others)
         out["dispatch/fwd"], out["dispatch/bwd"] = sent * row * elem_bytes, received * row * elem_bytes
         out["combine/fwd"], out["combine/bwd"] = received * d_model * elem_bytes, sent * d_model * elem_bytes
+    if erc:
+        out["erc/fwd"] = (ep - 1) * n_local * num_experts * 4
     return {k: v for k, v in sorted(out.items()) if v}
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from aoe_ep.moe.dispatcher import LocalDispatcher, TokenLayout
 from aoe_ep.moe.placement import Placement
-from aoe_ep.parallel.collectives import all_gather_sizes
+from aoe_ep.parallel.collectives import all_gather_shared, all_gather_sizes
 
 
 class GroupDispatcher(LocalDispatcher):
@@ -58,3 +58,10 @@ class GroupDispatcher(LocalDispatcher):
     def layout(self, x_TD: torch.Tensor, nonfinite: torch.Tensor) -> TokenLayout:
         sizes, bad = all_gather_sizes(x_TD.shape[0], nonfinite, self.group, self.counter)
         return TokenLayout(tuple(sizes), self.ep_rank, nonfinite=sum(bad))
+
+    def expert_columns(self, m_NX: torch.Tensor) -> torch.Tensor:
+        """One all-gather of every rank's expert columns (counted as "erc"); every rank then computes the same
+        function of the result, so backward hands each rank the gradient of its own columns (`all_gather_shared`)."""
+        m_PN = all_gather_shared(m_NX.t().contiguous(), [self.num_local] * self.ep_size, self.group, self.counter,
+                                 "erc")
+        return self.unplaced(m_PN.t())

@@ -33,6 +33,7 @@ class MoEStatsAccumulator:
         self.sums: Optional[torch.Tensor] = None   # [L, 2E + 4] float64: counts, score sums, entropy sum, tokens,
         #                                            margin sum, margin tokens
         self.seconds: Optional[torch.Tensor] = None  # [L, 2] float64: expert, combine
+        self.erc: Optional[torch.Tensor] = None  # [L, 3] float64: Σ ERC loss, Σ mean ε, micro-batches
 
     def add(self, infos: list[MoEInfo], timed: bool = True) -> None:
         if not infos:
@@ -47,6 +48,10 @@ class MoEStatsAccumulator:
                                    s.margin_tokens.double().view(1)]))
         sums = torch.stack(rows)
         self.sums = sums if self.sums is None else self.sums + sums
+        if infos[0].erc_loss is not None:
+            erc = torch.stack([torch.stack([i.erc_loss.double(), i.erc_eps.double(), i.erc_loss.new_ones(()).double()])
+                               for i in infos])
+            self.erc = erc if self.erc is None else self.erc + erc
         if timed:
             seconds = torch.tensor([[i.timing.expert_seconds, i.timing.combine_seconds] for i in infos],
                                    dtype=torch.float64)
@@ -75,12 +80,23 @@ class MoEStatsAccumulator:
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
 
+    def reduce_erc(self, runtime: Runtime) -> Optional[torch.Tensor]:
+        """[L, 2]: the mean ERC loss and mean ε per layer over the micro-batches since the last call (the same on
+        every rank of an EP group; averaged over the expert-data-parallel group); None without ERC; resets."""
+        if self.erc is None:
+            return None
+        sums = all_reduce_(self.erc.clone(), group=runtime.groups.expert_dp_group).cpu()
+        self.erc = None
+        return sums[:, :2] / sums[:, 2:].clamp_min(1.0)
+
+
 def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
-                placements: Optional[list] = None) -> dict[str, float | list]:
+                placements: Optional[list] = None, erc: Optional[torch.Tensor] = None) -> dict[str, float | list]:
     """The MoE layers' record of one logging window. Floats are summary scalars (per layer Ent_load, Ent_conf,
     max − min per expert and per device; the idle-time sums; seconds); lists hold one value per expert or device
     (`RunLogger` writes them to the JSONL whole and to tensorboard as histograms). `placements`: each layer's
-    expert placement (contiguous when absent), which `LoadStats.device_load` maps experts to devices by."""
+    expert placement (contiguous when absent), which `LoadStats.device_load` maps experts to devices by. `erc`:
+    [L, 2] per-layer ERC loss and mean ε (`MoEStatsAccumulator.reduce_erc`), logged as `erc_loss` and `erc_eps`."""
     out: dict[str, float | list] = {}
     placements = placements if placements is not None else [None] * len(stats)
     for i, (s, placement) in enumerate(zip(stats, placements)):
@@ -95,6 +111,8 @@ def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size
             device_load = s.device_load(ep_size, placement)
             out[f"{prefix}/device_load"] = device_load.tolist()
             out[f"{prefix}/device_max_minus_min"] = float(device_load.max() - device_load.min())
+        if erc is not None:
+            out[f"{prefix}/erc_loss"], out[f"{prefix}/erc_eps"] = float(erc[i, 0]), float(erc[i, 1])
     if stats:
         out["moe/idle_time"] = idle_time(stats)
         out["moe/idle_time_device"] = idle_time(stats, num_devices=ep_size, placements=placements)

@@ -126,8 +126,9 @@ class Trainer:
         init_parameters(model, cfg.train.seed)  # one model for every layout (aoe_ep/model/init.py)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        for layer in self.moe_layers:  # non-finite input flows on and is reported; the step guard decides
+        for i, layer in enumerate(self.moe_layers):  # non-finite input flows on and is reported; the step guard decides
             layer.input_check = "flag"
+            layer.erc_seed, layer.erc_layer = cfg.train.seed, i  # the ERC noise stream (with the step, below)
         self.bias_balancing = any(layer.cfg.balance == "bias" for layer in self.moe_layers)
         self.threshold_balancing = any(layer.cfg.selection == "threshold" and layer.cfg.balance == "aux"
                                        for layer in self.moe_layers)
@@ -299,6 +300,7 @@ class Trainer:
         model.train()
         for layer in self.moe_layers:
             layer.synchronize_timing = timed
+            layer.erc_step = self.step
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # Σ lm loss, Σ aux loss over micro-batches
         health = StepHealth(len(self.moe_layers), rt.device)
@@ -372,6 +374,7 @@ class Trainer:
 
     def _log_window(self, window: list[StepRecord], seconds: float) -> None:
         stats, timing = self.moe_stats.reduce(self.runtime)
+        erc = self.moe_stats.reduce_erc(self.runtime)
         comm = comm_scalars(self.moe_layers, len(window))
         churn = self._probe_churn() if self.probe is not None else None
         if not self.runtime.is_main:
@@ -394,7 +397,7 @@ class Trainer:
         if self.peak_flops:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
         scalars.update(moe_scalars(stats, timing, self.runtime.ep_size,
-                                   placements=[layer.placement for layer in self.moe_layers]))
+                                   placements=[layer.placement for layer in self.moe_layers], erc=erc))
         # AoE diagnostics: score margin, top-K churn, dead experts, wasted precompute (plain scalars per layer)
         if stats:
             scalars.update(diagnostic_scalars(stats, self.cfg.moe.scorer, churn))

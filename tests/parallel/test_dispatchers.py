@@ -22,6 +22,9 @@ CASES = [dict(scorer=s, selection=sel, dispatcher=disp, gate=("softmax_all" if i
 CASES += [dict(scorer="aoe", selection="top_k", dispatcher=disp, norm=norm) for disp in DISPATCHERS
           for norm in ("l1", "linf")]
 CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, expert_kind="factorized") for disp in DISPATCHERS]
+# The ERC loss (arXiv 2512.23447): one all-gather of M's expert columns; SwiGLU and factorised experts.
+CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, erc_loss_coeff=1.0, erc_alpha=alpha, **kind)
+          for disp in DISPATCHERS for alpha, kind in ((1.0, {}), (0.7, dict(expert_kind="factorized")))]
 # Threshold selection (Routing-Free MoE): b is set to each expert's median score on the group's batch (and above the
 # first token's scores), so that tokens fire 0..n experts; λ large enough that the balancing loss shows in the gradients.
 CASES += [dict(scorer=s, selection="threshold", dispatcher=disp, threshold=thr, threshold_lambda_init=0.5)
@@ -74,6 +77,9 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
         mine = slice(offset, offset + sizes[rank])
         err = {"y": _rel(y, y_ref[mine]), "aux_loss": _rel(info.aux_loss, info_ref.aux_loss),
                "x.grad": _rel(x.grad, x_group.grad[mine])}
+        if cfg.erc_loss_coeff:
+            err["erc_loss"] = _rel(info.erc_loss, info_ref.erc_loss)
+            err["erc_eps"] = _rel(info.erc_eps, info_ref.erc_eps)
         for field in ("tokens_per_expert", "load", "ent_load", "ent_conf", "max_minus_min", "score_mean",
                       "score_margin", "margin_tokens"):
             err[f"stats.{field}"] = _rel(getattr(info.stats, field).double(), getattr(info_ref.stats, field).double())
@@ -93,7 +99,7 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
                     else decide(s_TE, cfg, threshold_bias_E=threshold_bias).mask_SE)
         model = layer_bytes(cfg.dispatcher, mask, [sizes[r] for r in members], rank - members[0], cfg.d_model,
                             cfg.d_low, 4, aoe_cache=cfg.scorer == "aoe", expert_choice=cfg.selection == "expert_choice",
-                            threshold=threshold_bias is not None)
+                            threshold=threshold_bias is not None, erc=cfg.erc_loss_coeff > 0)
         if threshold_bias is not None:  # the data must exercise tokens of no expert and of several
             fired = mask.sum(dim=1)
             err["threshold_data"] = 0.0 if bool((fired == 0).any() and (fired >= 2).any()) else 1.0

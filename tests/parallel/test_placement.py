@@ -15,7 +15,10 @@ CASES = [dict(scorer="aoe", selection="top_k", dispatcher="allgather"),
          dict(scorer="aoe", selection="top_p", dispatcher="allgather", gate="softmax_all"),
          dict(scorer="router", selection="expert_choice", dispatcher="alltoall"),
          dict(scorer="router", selection="top_k", dispatcher="allgather"),
-         dict(scorer="self_routing", selection="top_k", dispatcher="alltoall", top_k=3)]
+         dict(scorer="self_routing", selection="top_k", dispatcher="alltoall", top_k=3),
+         dict(scorer="router", selection="top_k", dispatcher="alltoall", erc_loss_coeff=1.0),
+         dict(scorer="router", selection="top_k", dispatcher="allgather", erc_loss_coeff=1.0,
+              expert_kind="factorized")]
 # Scrambled placements of 8 experts (each rank's experts ascending, as `Placement` requires).
 PLACEMENTS = {2: [[1, 4, 6, 7], [0, 2, 3, 5]], 4: [[3, 6], [0, 7], [1, 5], [2, 4]]}
 RTOL = 1e-5

@@ -32,6 +32,27 @@ SIZE_4B = ["paper/moe_4b", "paper/aoe_4b"]
 PAPER = SIZE_732M + SIZE_4B + ["paper/table2/04_moe_aux_large_router"]
 
 
+# The ERC paper's 3B shape (arXiv 2512.23447: 12 layers, d 1536, 64 experts of width 768, top-8; AoE r = 512 for
+# equal parameters): "3B" nominal; the counts `aoe-ep params` prints (paper convention), ERC adds no parameters.
+SIZE_3B = {"paper/erc_3b_moe": (2881.5e6, 552.5e6), "paper/erc_3b_moe_erc": (2881.5e6, 552.5e6),
+           "paper/erc_3b_aoe": (2880.3e6, 551.3e6)}
+
+
+@pytest.mark.parametrize("preset", sorted(SIZE_3B))
+def test_erc_3b_presets_have_the_papers_shape_and_counts(preset):
+    cfg = load_config(preset)
+    m, moe = cfg.model, cfg.moe
+    assert (m.n_layers, m.d_model, m.vocab_size, moe.num_experts, moe.top_k, moe.expert_width) == (
+        12, 1536, 32000, 64, 8, 768)
+    assert moe.erc_loss_coeff == (1.0 if preset.endswith("_erc") else 0.0)
+    if moe.scorer == "aoe":
+        assert (moe.d_low, moe.d_wide) == (512, 768)  # Eq. 5 keeps the MoE's width at r = 512
+    count = count_parameters(cfg)
+    total, active = SIZE_3B[preset]
+    assert count.total == pytest.approx(total, abs=0.05e6) and count.active == pytest.approx(active, abs=0.05e6)
+    assert count.total == pytest.approx(3e9, rel=0.05)
+
+
 @pytest.mark.parametrize("preset", SIZE_732M + SIZE_4B)
 def test_parameter_counts_match_the_paper(preset):
     count = count_parameters(load_config(preset))

@@ -153,3 +153,24 @@ def test_every_layout_is_one_model_with_sharded_expert_state(tmp_path):
     resumed = _run(_config(tmp_path, "single_from_fsdp_ep2", "train.micro_batch_size=2"),
                    resume=_step3(tmp_path, "ep2_allgather_fsdp"))
     _assert_losses(resumed["losses"], references[(2,)]["losses"][3:], "one process from FSDP2 x EP 2")
+
+
+ERC = ("moe.scorer=router", "moe.erc_loss_coeff=1.0")  # the routed MoE with the ERC loss
+
+
+def _erc_worker(rank: int, world: int, tmp_path) -> dict:
+    return {disp: _run(_config(tmp_path, f"erc_ep2_{disp}", "train.micro_batch_size=1", *EP2,
+                               f"moe.dispatcher={disp}", *ERC))["losses"]
+            for disp in ("allgather", "alltoall")}
+
+
+def test_erc_loss_trains_alike_under_expert_parallelism(tmp_path):
+    """EP 2 (DDP) on 2 ranks (each rank's 2 sequences in 2 micro-batches) against one process with micro-batches
+    of 2: the same step losses and aux losses (the ERC term included, its noise drawn alike on every rank), so the
+    ERC gradients reach the sharded experts and the replicated router as on one device."""
+    want = _run(_config(tmp_path, "erc_single", "train.micro_batch_size=2", *ERC))["losses"]
+    per_rank = run_distributed(2, _erc_worker, tmp_path)
+    assert want[-1][0] < want[0][0]
+    for rank, results in enumerate(per_rank):
+        for disp, got in results.items():
+            _assert_losses(got, want, f"rank {rank} {disp} with ERC")

@@ -3,6 +3,9 @@ validation loss, parameter and optimizer moment equals the uninterrupted run's, 
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from aoe_ep.train.trainer import Trainer
@@ -19,13 +22,19 @@ def _run(cfg, resume=None):
     return result, params, moments, lr
 
 
-def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    full, full_params, full_moments, full_lr = _run(small_config(tmp_path / "full", "train.max_steps=6"))
+# The routed MoE with the ERC loss: its noise is drawn per step, so a resume must redraw the same stream.
+ERC = ("moe.scorer=router", "moe.erc_loss_coeff=1.0", "moe.erc_alpha=0.5")
 
-    interrupted = small_config(tmp_path / "split", "train.max_steps=6", "train.exit_at_step=3")
+
+@pytest.mark.parametrize("extra", [(), ERC], ids=["aoe", "router_erc"])
+def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extra):
+    full, full_params, full_moments, full_lr = _run(small_config(tmp_path / "full", "train.max_steps=6", *extra))
+
+    interrupted = small_config(tmp_path / "split", "train.max_steps=6", "train.exit_at_step=3", *extra)
     first, _, _, _ = _run(interrupted)
     assert first.step == 3 and first.checkpoint.name == "step_00000003"
-    second, params, moments, lr = _run(small_config(tmp_path / "split", "train.max_steps=6"), resume="latest")
+    second, params, moments, lr = _run(small_config(tmp_path / "split", "train.max_steps=6", *extra),
+                                       resume="latest")
 
     assert [r.step for r in first.history + second.history] == list(range(1, 7))
     for a, b in zip(full.history, first.history + second.history):
@@ -42,3 +51,12 @@ def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     # and the run really trained: loss fell and the resumed half did not restart from step 0
     assert full.history[-1].loss < full.history[0].loss
     assert second.history[0].step == 4
+    if extra:  # the ERC loss and ε are logged per layer, and the resumed half logs the same values
+        def erc_log(run):
+            records = [json.loads(line) for line in (tmp_path / run / "run" / "log.jsonl").read_text().splitlines()]
+            return {r["step"]: (r["moe/layer00/erc_loss"], r["moe/layer00/erc_eps"]) for r in records
+                    if "moe/layer00/erc_loss" in r}
+
+        full_log, split_log = erc_log("full"), erc_log("split")
+        assert sorted(full_log) == list(range(1, 7)) and full_log == split_log
+        assert all(loss > 0 and 0 < eps < 1 for loss, eps in full_log.values())

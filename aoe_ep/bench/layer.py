@@ -9,6 +9,8 @@ Contenders of every layer case:
   `moe/experts` shows what routing and dispatch cost around the matmuls; `experts_<kernel>`: the same with the
   other expert kernel, which shows the kernel choice;
 - `loop_reference`: the obvious AoE layer (one `nn.Linear` per expert, a masked loop; `bench/reference.py`);
+- `moe_erc`: the routed MoE with the ERC loss (weight 1, α 1), whose FLOPs 2·n²·d·D per step are spread over the
+  case's tokens in its bound (`moe_erc/moe`: the paper measured 0.2-0.8% overhead at its scale);
 - `threshold`: AoE's scorer with threshold selection (Routing-Free MoE), its learned b set from the case's inputs so
   that each expert fires on K/n of the tokens (`calibrate_threshold`): as many experts per token as top-K, so
   `threshold/aoe` has the FLOP bound 1 and shows what a threshold costs against a top-K sort.
@@ -39,7 +41,7 @@ from aoe_ep.cpu_allocator import active_allocator
 from aoe_ep.model.decoder import Decoder, token_cross_entropy
 from aoe_ep.model.ffn import DenseSwiGLU
 from aoe_ep.moe import MoELayer
-from aoe_ep.moe.cost import dense_flops, moe_flops
+from aoe_ep.moe.cost import dense_flops, erc_flops, moe_flops
 from aoe_ep.moe.grouped import Groups, choose_kernel
 from aoe_ep.train.flops import forward_flops_per_token
 
@@ -103,6 +105,7 @@ def contenders(case: dict, tokens: int, device: torch.device, dtype: torch.dtype
     expert_flops = k * dense_flops(case["d_model"], case["d_ffn"])
     moe = MoELayer(moe_cfg)
     threshold_cfg = dataclasses.replace(aoe_cfg, selection="threshold", threshold_density=k / n)
+    erc_cfg = dataclasses.replace(moe_cfg, erc_loss_coeff=1.0)
     auto = choose_kernel("auto", device, dtype, widths=(case["d_model"],), rows_per_group=tokens * k / n)
     other = "loop" if auto == "grouped" else "grouped"
     repeat = lambda x: x.repeat(k, 1)  # noqa: E731
@@ -114,6 +117,7 @@ def contenders(case: dict, tokens: int, device: torch.device, dtype: torch.dtype
            Contender("experts", ExpertsOnly(MoELayer(moe_cfg).experts, n), expert_flops, repeat),
            Contender(f"experts_{other}", ExpertsOnly(MoELayer(moe_cfg).experts, n, other), expert_flops, repeat),
            Contender("loop_reference", LoopAoE(aoe_cfg), moe_flops(aoe_cfg)),
+           Contender("moe_erc", MoELayer(erc_cfg), moe_flops(erc_cfg) + erc_flops(erc_cfg) / tokens),
            Contender("threshold", MoELayer(threshold_cfg), moe_flops(threshold_cfg), prepare=calibrate_threshold)]
     if case.get("skew") == "hot_expert":
         out += [Contender("moe_skewed", out[0].module, moe_flops(moe_cfg)),
@@ -211,7 +215,7 @@ def run_case(case: dict, tokens: int, iters: int, rounds: int, device: torch.dev
     flops = {c.name: c.flops_per_token for c in models}
     tps = {name: tokens / statistics.median(s) for name, s in samples.items()}
     pairs = [("aoe", "moe"), ("aoe", "dense"), ("moe", "dense"), ("moe", "experts"), ("aoe_recompute", "aoe"),
-             ("aoe", "loop_reference"), ("threshold", "aoe"), (next(c.name for c in models if c.name.startswith("experts_")), "experts")]
+             ("aoe", "loop_reference"), ("moe_erc", "moe"), ("threshold", "aoe"), (next(c.name for c in models if c.name.startswith("experts_")), "experts")]
     pairs += [(f"{name}_skewed", name) for name in ("moe", "aoe") if f"{name}_skewed" in tps]
     result = {"case": case, "tokens": tokens, "params": params, "flops_per_token": flops, "tokens_per_s": tps,
               "memory": memory, "ratios": [_ratio(tps, flops, a, b, samples) for a, b in pairs],

@@ -22,3 +22,13 @@ def moe_flops(cfg: MoEConfig) -> float:
         return 2.0 * n * d * cfg.d_low + k * (2.0 * cfg.d_low * cfg.d_wide + 4.0 * d * cfg.d_wide)
     router = 2.0 * d * n if cfg.scorer == "router" else 0.0
     return router + k * dense_flops(d, cfg.d_ffn)
+
+
+def erc_flops(cfg: MoEConfig) -> float:
+    """Forward FLOPs per step of the ERC loss (Lv et al.): the n proxies through every expert's gate projection,
+    2·n²·d·D (factorised experts: 2·n²·(d·d_low + d_low·d_wide)); independent of the token count."""
+    if cfg.erc_loss_coeff == 0:
+        return 0.0
+    n, d = cfg.num_experts, cfg.d_model
+    per_pair = d * cfg.d_low + cfg.d_low * cfg.d_wide if cfg.factorized else d * cfg.d_ffn
+    return 2.0 * n * n * per_pair

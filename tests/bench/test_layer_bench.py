@@ -12,6 +12,17 @@ from aoe_ep.moe.cost import dense_flops, moe_flops
 from aoe_ep.config import MoEConfig
 
 
+def test_erc_flops_are_two_n_squared_d_D_per_step():
+    from aoe_ep.moe.cost import erc_flops
+
+    cfg = MoEConfig(d_model=768, num_experts=64, top_k=3, d_ffn=768, scorer="router", erc_loss_coeff=1.0)
+    assert erc_flops(cfg) == 2 * 64 * 64 * 768 * 768
+    assert erc_flops(MoEConfig(d_model=768, num_experts=64, d_ffn=768, scorer="router")) == 0.0
+    factorised = MoEConfig(d_model=16, num_experts=4, d_ffn=16, d_low=4, d_wide=8, scorer="router",
+                           expert_kind="factorized", erc_loss_coeff=1.0)
+    assert erc_flops(factorised) == 2 * 16 * (16 * 4 + 4 * 8)
+
+
 def test_cost_model_matches_design_ratios():
     # DESIGN.md section 6: AoE/MoE FLOP ratio 0.923 with d_low=256 and 0.979 with d_low=64 (d=768, 8 experts, top-2)
     moe = moe_flops(MoEConfig(d_model=768, scorer="router", d_ffn=3072))
@@ -35,7 +46,7 @@ def test_bench_layer_runs_tiny_case(tmp_path, capsys):
         {"name": "tiny", "d_model": 16, "d_ffn": 16, "d_low": 8, "num_experts": 4, "top_k": 2}]}))
     results = main(str(cases), None, iters=1, rounds=1, device="cpu", dtype="float32", out=str(tmp_path / "r.json"))
     out = capsys.readouterr().out
-    assert "aoe/moe" in out and "aoe/dense" in out and "threshold/aoe" in out and "efficiency" in out
+    assert "aoe/moe" in out and "aoe/dense" in out and "threshold/aoe" in out and "moe_erc/moe" in out and "efficiency" in out
     (r,) = results
     assert r["params"]["aoe"] == r["params"]["moe"] - 4 * 16  # Eq. 5 equalises experts; MoE adds its router
     assert all(q["measured"] > 0 and q["bound"] > 0 for q in r["ratios"])

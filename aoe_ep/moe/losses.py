@@ -87,12 +87,18 @@ def erc_gate_norms(proxies_nd: torch.Tensor, w_gate) -> torch.Tensor:
     """M[:, j] = ‖R̃ W_g^j‖₂ for the experts j of `w_gate`: [n, X] for X experts. `w_gate` is the SwiGLU gate
     projection [X, d, D], or the pair (W_down [X, d, r], W_up [X, r, D]) of factorised experts, applied as two
     products so that W_g = W_down·W_up is never formed."""
-    x_1nd = proxies_nd.unsqueeze(0)
+    # bmm over the proxies expanded (a view) along the experts: torch.matmul's broadcasting would copy W_g
+    # ([X, d, D], as large as the experts' gate weights) and keep the copy for backward.
+    def times(x_Xnk: torch.Tensor, w_XkN: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x_Xnk, w_XkN.to(x_Xnk.dtype))
+
     if isinstance(w_gate, (tuple, list)):
         w_down_XdR, w_up_XRD = w_gate
-        a_XnD = torch.matmul(torch.matmul(x_1nd, w_down_XdR.to(x_1nd.dtype)), w_up_XRD.to(x_1nd.dtype))
+        x_Xnd = proxies_nd.unsqueeze(0).expand(w_down_XdR.shape[0], -1, -1)
+        a_XnD = times(times(x_Xnd, w_down_XdR), w_up_XRD)
     else:
-        a_XnD = torch.matmul(x_1nd, w_gate.to(x_1nd.dtype))
+        x_Xnd = proxies_nd.unsqueeze(0).expand(w_gate.shape[0], -1, -1)
+        a_XnD = times(x_Xnd, w_gate)
     return torch.linalg.vector_norm(at_least_fp32(a_XnD), dim=2).t().contiguous()
 
 

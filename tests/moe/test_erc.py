@@ -137,3 +137,18 @@ def test_layer_adds_the_weighted_erc_loss_and_routes_with_the_clean_router(exper
 def test_bad_erc_settings_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         MoEConfig(**{"d_model": 16, "num_experts": 4, "top_k": 2, "d_ffn": 8, "d_low": 4, **overrides})
+
+
+def test_erc_keeps_no_copy_of_the_gate_weights_for_backward():
+    from aoe_ep.bench.measure import saved_bytes_counter
+
+    torch.manual_seed(0)
+    saved = {}
+    for coeff in (0.0, 1.0):
+        layer = MoELayer(MoEConfig(d_model=32, num_experts=4, top_k=2, d_ffn=256, scorer="router",
+                                   erc_loss_coeff=coeff))
+        with saved_bytes_counter(exclude=list(layer.parameters())) as count:
+            layer(torch.randn(8, 32))
+        saved[coeff] = count[0]
+    # the ERC products keep only the n proxies and their [X, n, D] products, far less than W_g's 4 x 32 x 256 floats
+    assert saved[1.0] - saved[0.0] < layer.experts.w_gate.numel() * 4 / 4

@@ -113,12 +113,15 @@ def test_placement_changes_no_result(placed_results):
 def test_placement_takes_the_same_decision(placed_results):
     """The decision is taken over global experts, so the token counts are those of the contiguous placement bit for
     bit. (Outputs and gradients agree to rounding only: a rank sums other experts' partial outputs under
-    allgather, and CPU matmuls may round differently for rows at another offset of a buffer.)"""
+    allgather, and CPU matmuls may round differently for rows at another offset of a buffer; for the same reason the
+    ERC loss, whose columns are products with each expert's weights where its rank holds them, agrees to rounding.)"""
     world, per_rank = placed_results
     for rank, results in enumerate(per_rank):
         for i, r in enumerate(results["cases"]):
             assert r["exact"]["stats.tokens_per_expert"] and r["exact"]["stats.load"], (world, rank, CASES[i])
-            assert r["exact"]["aux_loss"] or CASES[i]["dispatcher"] == "allgather", (world, rank, CASES[i])
+            # the ERC term's M columns come from each expert's weights at its position in the local stack
+            rounding_only = CASES[i]["dispatcher"] == "allgather" or CASES[i].get("erc_loss_coeff", 0) > 0
+            assert r["exact"]["aux_loss"] or rounding_only, (world, rank, CASES[i])
 
 
 def _move(rank: int, world: int) -> dict:

@@ -57,24 +57,23 @@ class Groups:
             start += rows
 
 
-def _alignment(dtype: torch.dtype) -> int:
-    """Elements per 16 bytes: the stride multiple `torch._grouped_mm` requires."""
-    return max(1, 16 // torch.empty((), dtype=dtype).element_size())
+def _round_up(width: int, dtype: torch.dtype, nbytes: int) -> int:
+    """`width` elements of `dtype` rounded up to a multiple of `nbytes` bytes."""
+    align = max(1, nbytes // torch.empty((), dtype=dtype).element_size())
+    return -(-width // align) * align
 
 
 def pad_to(width: int, dtype: torch.dtype) -> int:
-    """`width` rounded up to the grouped kernel's stride alignment for `dtype` (e.g. 6470 -> 6472 in bf16)."""
-    align = _alignment(dtype)
-    return -(-width // align) * align
+    """`width` rounded up to the 16-byte stride alignment `torch._grouped_mm` requires (e.g. 6470 -> 6472 in bf16)."""
+    return _round_up(width, dtype, 16)
 
 
 def row_stride(width: int, dtype: torch.dtype) -> int:
     """The row stride the `loop` kernel gives its [rows, width] products: `width` rounded up to 64 bytes. MKL writes
     an output whose rows do not start on 64-byte boundaries far slower (CPU, fp32, [520, 768] x [768, 4393]: 103
     GFLOP/s into rows of 4393, 130-146 into rows of 4400-4480), and AoE's equal-parameter widths rarely align
-    (d_wide = 4393, 4194 and 1075 for the d_low 64 / 128 and 64-expert benchmark cases)."""
-    align = max(1, 64 // torch.empty((), dtype=dtype).element_size())
-    return -(-width // align) * align
+    (d_wide = 4393, 4195 and 1075 for the d_low 64 / 128 and 64-expert benchmark cases)."""
+    return _round_up(width, dtype, 64)
 
 
 def strided_empty(shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:

@@ -170,8 +170,7 @@ class MoELayer(nn.Module):
         # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded. The
         # margin is that of the scores the decision ranked (biased under `moe.balance: bias`; G under threshold
         # selection), so it is never negative.
-        ranked_SE = s_dec_SE if bias_E is None else s_dec_SE.detach() + bias_E
-        ranked_SE = ranked_SE if g_SE is None else g_SE
+        ranked_SE = g_SE if g_SE is not None else s_dec_SE if bias_E is None else s_dec_SE.detach() + bias_E
         margin_S = None if cfg.selection == "expert_choice" else selection_margin(ranked_SE, decision.mask_SE)
         sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S, g_SE)
         own = d.own_rows(layout)

@@ -89,16 +89,10 @@ def erc_gate_norms(proxies_nd: torch.Tensor, w_gate) -> torch.Tensor:
     products so that W_g = W_down·W_up is never formed."""
     # bmm over the proxies expanded (a view) along the experts: torch.matmul's broadcasting would copy W_g
     # ([X, d, D], as large as the experts' gate weights) and keep the copy for backward.
-    def times(x_Xnk: torch.Tensor, w_XkN: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x_Xnk, w_XkN.to(x_Xnk.dtype))
-
-    if isinstance(w_gate, (tuple, list)):
-        w_down_XdR, w_up_XRD = w_gate
-        x_Xnd = proxies_nd.unsqueeze(0).expand(w_down_XdR.shape[0], -1, -1)
-        a_XnD = times(times(x_Xnd, w_down_XdR), w_up_XRD)
-    else:
-        x_Xnd = proxies_nd.unsqueeze(0).expand(w_gate.shape[0], -1, -1)
-        a_XnD = times(x_Xnd, w_gate)
+    factors = tuple(w_gate) if isinstance(w_gate, (tuple, list)) else (w_gate,)
+    a_XnD = proxies_nd.unsqueeze(0).expand(factors[0].shape[0], -1, -1)
+    for w_XkN in factors:
+        a_XnD = torch.bmm(a_XnD, w_XkN.to(a_XnD.dtype))
     return torch.linalg.vector_norm(at_least_fp32(a_XnD), dim=2).t().contiguous()
 
 
@@ -120,6 +114,8 @@ def erc_loss(router_nd: torch.Tensor, w_gate_ndD, alpha: float,
     eps_n = erc_eps(router_nd)
     m_nn = erc_gate_norms(erc_proxies(router_nd, eps_n, u_nd), w_gate_ndD)
     return erc_from_norms(m_nn, alpha), eps_n
+
+
 def threshold_balance_loss(cfg: MoEConfig, g_own_TE: torch.Tensor, fired_own_TE: torch.Tensor,
                            sums: BatchSums) -> torch.Tensor:
     """Routing-Free MoE's L_LB = μ·L_EB + (1 − μ)·L_TB before its adaptive weight λ (the layer's `threshold_lambda`):

@@ -79,7 +79,6 @@ class MoEStatsAccumulator:
         self.sums = self.seconds = None
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
-
     def reduce_erc(self, runtime: Runtime) -> Optional[torch.Tensor]:
         """[L, 2]: the mean ERC loss and mean ε per layer over the micro-batches since the last call (the same on
         every rank of an EP group; averaged over the expert-data-parallel group); None without ERC; resets."""

@@ -58,3 +58,15 @@ def small_config(tmp_path, *overrides: str, preset: str = "tiny"):
             "train.min_lr=0.001", "train.eval_interval=3", "train.eval_steps=1", "train.save_interval=3",
             "train.log_interval=1", f"train.out_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"]
     return load_config(preset, base + list(overrides))
+
+
+def run_recording(cfg, read, name: str, resume=None) -> dict:
+    """Train `cfg` on these data (resuming from `resume`) and record `read(trainer)` as loaded ("loaded") and after
+    training (`name`), with the history, evals and final model state: for the per-layer balancing buffers."""
+    from aoe_ep.train.trainer import Trainer
+
+    with Trainer(cfg, resume=resume, data=BUILDERS) as trainer:
+        loaded = read(trainer)
+        result = trainer.fit()
+        return {"loaded": loaded, name: read(trainer), "history": result.history, "evals": result.evals,
+                "state": {k: v.detach().clone() for k, v in trainer.dp.model.state_dict().items()}}

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from aoe_ep.parallel.spawn import run_distributed
 from aoe_ep.train.trainer import Trainer
-from tests.train.synthetic import BUILDERS, small_config
+from tests.train.synthetic import BUILDERS, run_recording, small_config
 
 BIAS = ("moe.balance=bias", "moe.balance_rate=0.01", "model.n_layers=2")
 RTOL = 2e-5
@@ -27,11 +27,7 @@ def _biases(trainer: Trainer) -> list[torch.Tensor]:
 
 
 def _run(cfg, resume=None) -> dict:
-    with Trainer(cfg, resume=resume, data=BUILDERS) as trainer:
-        loaded = _biases(trainer)
-        result = trainer.fit()
-        return {"loaded": loaded, "biases": _biases(trainer), "history": result.history, "evals": result.evals,
-                "state": {k: v.detach().clone() for k, v in trainer.dp.model.state_dict().items()}}
+    return run_recording(cfg, _biases, "biases", resume)
 
 
 def test_bias_moves_is_logged_and_resumes_bit_identically(tmp_path):

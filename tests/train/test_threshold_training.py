@@ -12,7 +12,7 @@ import torch
 
 from aoe_ep.parallel.spawn import run_distributed
 from aoe_ep.train.trainer import Trainer
-from tests.train.synthetic import BUILDERS, small_config
+from tests.train.synthetic import run_recording, small_config
 
 THRESHOLD = ("model.n_layers=2", "moe.threshold_lambda_init=0.01", "moe.threshold_eta=0.5")
 LEAN = ("train.max_steps=4", "train.save_interval=4", "train.eval_interval=100", "train.eval_at_start=false")
@@ -26,11 +26,7 @@ def _lambdas(trainer: Trainer) -> list[float]:
 
 
 def _run(cfg, resume=None) -> dict:
-    with Trainer(cfg, resume=resume, data=BUILDERS) as trainer:
-        loaded = _lambdas(trainer)
-        result = trainer.fit()
-        return {"loaded": loaded, "lambdas": _lambdas(trainer), "history": result.history, "evals": result.evals,
-                "state": {k: v.detach().clone() for k, v in trainer.dp.model.state_dict().items()}}
+    return run_recording(cfg, _lambdas, "lambdas", resume)
 
 
 def _config(path, *overrides):

@@ -1,4 +1,5 @@
-"""The generated reference pages: docs/config.md (every config key) and docs/metrics.md (every logged key).
+"""The generated reference pages: docs/config.md (every config key) and docs/metrics.md (every logged key, and the
+figures and summary of `aoe-ep report`).
 
 `python -m aoe_ep.docsgen` rewrites both pages; `python -m aoe_ep.docsgen --check` exits 1 when either differs from
 what the code would write (the test suite runs the check). A config field without a meaning here, or a meaning for a
@@ -168,6 +169,34 @@ METRICS = [
 ]
 
 
+# The figures of `aoe-ep report`, by the names of `aoe_ep.analysis.report.FIGURES`: (file, what it draws, from which
+# keys). A figure without an entry here, or an entry for a figure that no longer exists, is an error.
+REPORT_FIGURES = {
+    "loss": ("loss.png", "training and validation loss over steps", "`train/loss`, `valid/loss`"),
+    "load heatmaps": ("load_heatmaps.png", "load × n per layer (rows) and expert (columns) at the `--steps` "
+                      "(default: first, middle, last logged step); 1 is balanced", "`moe/layerNN/load`"),
+    "load over training": ("load_over_training.png", "load × n per expert over steps, one panel per layer (the AoE "
+                           "paper's Fig. 3)", "`moe/layerNN/load`"),
+    "device load": ("device_load.png", "load of each device's experts over steps, one panel per layer",
+                    "`moe/layerNN/device_load`"),
+    "idle time": ("idle_time.png", "the idle-time metric per expert and per device over steps",
+                  "`moe/idle_time`, `moe/idle_time_device`"),
+    "entropy": ("entropy.png", "Ent_load and Ent_conf per layer over steps, against their maximum log n",
+                "`moe/layerNN/ent_load`, `moe/layerNN/ent_conf`"),
+    "scores": ("scores.png", "mean score per expert over steps (the AoE paper's Fig. 4: AoE's activation norm, a "
+               "router's logits)", "`moe/layerNN/score_mean`"),
+    "wait": ("wait.png", "measured expert and combine seconds, max and min across ranks, beside what the device load "
+             "predicts (the fastest rank's expert seconds × max/min device load)", "`moe/seconds/...`, "
+             "`moe/layerNN/device_load`"),
+    "bytes per collective": ("comm.png", "measured bytes per collective beside the communication model for the run's "
+                             "config (uniform routing; for `alltoall` the logged device load)",
+                             "`moe/bytes_per_step/COLL/fwd`, `moe/bytes_per_step/COLL/bwd`"),
+    "diagnostics": ("diagnostics.png", "the AoE diagnostics per layer over steps", "`moe/layerNN/score_margin`, "
+                    "`churn`, `dead_experts`, `wasted_precompute`"),
+    "bias": ("bias.png", "the balancing bias per expert over steps (`balance: bias`)", "`moe/layerNN/bias`"),
+}
+
+
 def metric_pattern(key: str) -> re.Pattern:
     """The regular expression a documented key stands for (NN: two digits; COLL: a collective's name)."""
     return re.compile("^" + re.escape(key).replace("NN", r"\d\d").replace("COLL", r"[a-z_]+") + "$")
@@ -242,7 +271,32 @@ def render_metrics() -> str:
              "`log.jsonl` and histograms in tensorboard.", "",
              "| key | kind | unit | meaning |", "|---|---|---|---|"]
     lines += [f"| `{key}` | {kind} | {unit} | {meaning} |" for key, kind, unit, meaning in METRICS]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + _render_report()) + "\n"
+
+
+def _render_report() -> list[str]:
+    """The figures and summary fields of `aoe-ep report`, from the report's own lists."""
+    from aoe_ep.analysis.report import FIGURES, SUMMARY_ROWS
+
+    names = [name for name, _ in FIGURES]
+    missing, extra = sorted(set(names) - set(REPORT_FIGURES)), sorted(set(REPORT_FIGURES) - set(names))
+    if missing or extra:
+        raise KeyError(f"aoe_ep/docsgen.py REPORT_FIGURES is out of date: missing {missing}, unknown {extra}")
+    lines = ["## The report's figures", "",
+             "`aoe-ep report RUN_DIR` reads these keys from `log.jsonl` (or, without it, the scalars of the "
+             "tensorboard events) and writes one PNG per figure beside `report.html`; a figure the run logged no key "
+             "for is left out and named so on the page. With `--compare` every figure draws each run. "
+             "See [reports.md](reports.md).", "",
+             "| figure | file | what | keys |", "|---|---|---|---|"]
+    for name in names:
+        file, meaning, keys = REPORT_FIGURES[name]
+        lines.append(f"| {name} | `{file}` | {meaning} | {keys} |")
+    lines += ["", "## The report's summary", "",
+              "The table at the top of `report.html`, and `aoe-ep report --json` (which also holds "
+              "`mean_max_minus_min` per layer, `run` and `source`):", "",
+              "| field | meaning |", "|---|---|"]
+    lines += [f"| `{key}` | {label} |" for key, label, _ in SUMMARY_ROWS]
+    return lines
 
 
 PAGES = {"config.md": render_config, "metrics.md": render_metrics}

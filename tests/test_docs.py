@@ -123,6 +123,13 @@ def test_config_help_names_every_key():
     assert set(docsgen.CONFIG_HELP) == set(docsgen.config_keys())
 
 
+def test_every_report_figure_is_described():
+    from aoe_ep.analysis.report import FIGURES
+
+    assert set(docsgen.REPORT_FIGURES) == {name for name, _ in FIGURES}
+    assert "| `worst_layer` |" in docsgen.render_metrics()
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_pages_have_no_broken_links(page):
     assert broken_links(page, page.read_text(encoding="utf-8")) == []

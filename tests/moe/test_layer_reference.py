@@ -43,6 +43,7 @@ PARAM_SCALE = {
     "experts.w_p": 0.3,
     "experts.w_o": 0.3,
     "experts.w_up": 0.3,
+    "experts.w_down": 0.3,
 }
 W_DOWN_SCALE = {"l2": 0.3, "l1": 0.12, "linf": 0.35}
 X_SCALE = {"aoe": 1.0, "router": 1.0, "self_routing": 1.5}
@@ -117,7 +118,10 @@ def build_layer(cfg, seed):
     layer = MoELayer(cfg).to(torch.float64)
     names = {name for name, _ in layer.named_parameters()}
     threshold = ("threshold_bias",) if cfg.selection == "threshold" else ()
-    assert names == set(EXPECTED_PARAMS[cfg.scorer] + threshold), names
+    expected = EXPECTED_PARAMS[cfg.scorer]
+    if cfg.scorer == "router" and cfg.expert_kind == "factorized":  # the paper's Table 2 config 3
+        expected = ("scorer.weight", "experts.w_down", "experts.w_up", "experts.w_p", "experts.w_o")
+    assert names == set(expected + threshold), names
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(layer.named_parameters()):
@@ -362,3 +366,57 @@ def test_threshold_selection_variants_match_reference(scorer, over):
         assert not cfg.unselected_get_gradient
     run_and_compare(cfg, (3, 4), _seed("thr-var", scorer, tuple(sorted(over.items()))),
                     prepare=_threshold_prepare(cfg, _seed("thrv", scorer)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The ERC loss (a learned router coupled to its experts)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expert_kind", ["swiglu", "factorized"])
+@pytest.mark.parametrize("selection", ["top_k", "top_p"])
+def test_erc_loss_matches_reference(selection, expert_kind):
+    # a training layer adds erc_loss_coeff·L_ERC to its aux loss, with gradients to the router and every W_g
+    cfg = make_cfg("router", selection, "softmax_topk", expert_kind=expert_kind, erc_loss_coeff=0.7, erc_alpha=0.8)
+    run_and_compare(cfg, (13,), _seed("erc", selection, expert_kind))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact ties: the lower expert index first (expert choice: the lower token index), in the layer and the reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _twin_prepare(cfg):
+    """Experts 2j and 2j + 1 score exactly alike: AoE's Wdown_{2j+1} = −Wdown_{2j} (every norm of −C is that of C),
+    the router's rows repeat, Self-Routing's channels repeat; the second half of the tokens repeats the first."""
+    def prepare(layer, x0):
+        n, xt = cfg.num_experts, x0.view(-1, cfg.d_model)
+        with torch.no_grad():
+            if cfg.scorer == "aoe":
+                layer.scorer.w_down[1::2] = -layer.scorer.w_down[0::2][:n // 2]
+            elif cfg.scorer == "router":
+                layer.scorer.weight[1::2] = layer.scorer.weight[0::2][:n // 2]
+            else:
+                off = cfg.self_routing_offset
+                xt[:, off + 1:off + n:2] = xt[:, off:off + n - 1:2][:, :n // 2]
+            half = xt.shape[0] // 2
+            xt[half:2 * half] = xt[:half]
+    return prepare
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_exact_ties_match_reference(scorer, selection):
+    # top-3 over twin experts splits a pair at the K boundary; expert choice with capacity 3 over twin tokens takes
+    # one pair and the first token of the next
+    n = NUM_EXPERTS[scorer]
+    cfg = make_cfg(scorer, selection, "softmax_topk", top_k=3, capacity_factor=n / 4, top_p=0.3)
+    masks = run_and_compare(cfg, (12,), _seed("twins", scorer, selection), prepare=_twin_prepare(cfg), ties=True)
+    if selection == "expert_choice":
+        taken = [{t for t in range(12) if i in masks[t]} for i in range(n)]
+        assert all(t - 6 in got for got in taken for t in got if t >= 6), taken  # a twin token only after its first
+        assert all(len({t % 6 for t in got}) == 2 for got in taken), taken  # every expert split a pair of twins
+    else:
+        pairs = [(m, j) for m in masks for j in range(0, n - 1, 2)]
+        assert all(j in m for m, j in pairs if j + 1 in m), masks  # a twin expert only after its first
+        assert any(j in m and j + 1 not in m for m, j in pairs), masks  # some token split a pair of twins

@@ -388,10 +388,15 @@ def test_erc_loss_matches_reference(selection, expert_kind):
 
 def _twin_prepare(cfg):
     """Experts 2j and 2j + 1 score exactly alike: AoE's Wdown_{2j+1} = −Wdown_{2j} (every norm of −C is that of C),
-    the router's rows repeat, Self-Routing's channels repeat; the second half of the tokens repeats the first."""
+    the router's rows repeat, Self-Routing's channels repeat; the second half of the tokens repeats the first. The
+    inputs and scorer weights are rounded to multiples of 1/64, so that every score is exact in float64 whatever
+    order a kernel sums in, and twins tie exactly in the layer too."""
     def prepare(layer, x0):
         n, xt = cfg.num_experts, x0.view(-1, cfg.d_model)
         with torch.no_grad():
+            x0.copy_(torch.round(x0 * 64) / 64)
+            for w in layer.scorer.parameters():
+                w.copy_(torch.round(w * 64) / 64)
             if cfg.scorer == "aoe":
                 layer.scorer.w_down[1::2] = -layer.scorer.w_down[0::2][:n // 2]
             elif cfg.scorer == "router":

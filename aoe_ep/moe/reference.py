@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ class Reference:
     masks: list
     scores: list
     ranked: list
-    erc_loss: Optional[torch.Tensor] = None
+    erc_loss: torch.Tensor | None = None
 
 
 def silu(a: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,7 @@ def ranking(values: list) -> list:
     return sorted(range(len(values)), key=lambda i: (-values[i], i))
 
 
-def score(cfg: MoEConfig, p: dict, x_D: torch.Tensor) -> tuple[torch.Tensor, Optional[list]]:
+def score(cfg: MoEConfig, p: dict, x_D: torch.Tensor) -> tuple[torch.Tensor, list | None]:
     """One token's scores s [n], and AoE's cache [C_1 .. C_n] (else None)."""
     n = cfg.num_experts
     if cfg.scorer == "router":  # Algorithm 1: the router's logits x Wr (large router: SiLU(x W_hidden) Wr)
@@ -75,11 +74,10 @@ def score(cfg: MoEConfig, p: dict, x_D: torch.Tensor) -> tuple[torch.Tensor, Opt
     return torch.stack([norm(c_L, cfg.norm) for c_L in cache]), cache
 
 
-def expert(cfg: MoEConfig, p: dict, i: int, x_D: torch.Tensor, cache: Optional[list]) -> torch.Tensor:
+def expert(cfg: MoEConfig, p: dict, i: int, x_D: torch.Tensor, cache: list | None) -> torch.Tensor:
     """E_i(x) = (SiLU(x Wg_i) ⊙ x Wp_i) Wo_i (Eq. 1); factorised Wg_i = Wdown_i Wup_i, AoE reusing its cache C_i."""
     if cfg.scorer == "aoe" or cfg.expert_kind == "factorized":
-        c_L = cache[i] if cache is not None else x_D @ p["experts.w_down"][i]
-        a = c_L @ p["experts.w_up"][i]
+        a = (cache[i] if cache is not None else x_D @ p["experts.w_down"][i]) @ p["experts.w_up"][i]
     else:
         a = x_D @ p["experts.w_gate"][i]
     return (silu(a) * (x_D @ p["experts.w_p"][i])) @ p["experts.w_o"][i]
@@ -92,8 +90,7 @@ def select(cfg: MoEConfig, ranked: list) -> list:
         return [{i for i in range(n) if ranked[t][i] > cfg.threshold} for t in range(T)]
     if cfg.selection == "top_k":
         return [set(ranking(ranked[t])[:cfg.top_k]) for t in range(T)]
-    probs = [[math.exp(v - max(row)) for v in row] for row in ranked]
-    probs = [[v / sum(row) for v in row] for row in probs]
+    probs = [[math.exp(v - max(row)) / sum(math.exp(u - max(row)) for u in row) for v in row] for row in ranked]
     masks = [set() for _ in range(T)]
     if cfg.selection == "top_p":  # experts ranked by probability, each kept while the mass before it is below P
         for t in range(T):
@@ -121,25 +118,20 @@ def erc_loss(cfg: MoEConfig, p: dict, u_nd: torch.Tensor) -> torch.Tensor:
     eps = [min(float(torch.sqrt(((R0[i] - R0[j]) ** 2).sum())) for j in range(n) if j != i)
            / (2.0 * float(torch.sqrt((R0[i] ** 2).sum()))) for i in range(n)]
     proxies = [R[i] * (1.0 + eps[i] * u_nd[i].to(R.dtype)) for i in range(n)]
-
-    def gate_input(r_D, j):  # r Wg_j, the input of SiLU (factorised: r Wdown_j, then Wup_j)
-        if cfg.expert_kind == "factorized":
-            return (r_D @ p["experts.w_down"][j]) @ p["experts.w_up"][j]
-        return r_D @ p["experts.w_gate"][j]
-
-    M = [[torch.sqrt((gate_input(proxies[i], j) ** 2).sum()) for j in range(n)] for i in range(n)]
+    factorized = cfg.expert_kind == "factorized"  # Wg_j = Wdown_j Wup_j
+    w_g = [p["experts.w_down"][j] @ p["experts.w_up"][j] if factorized else p["experts.w_gate"][j] for j in range(n)]
+    M = [[torch.sqrt(((proxies[i] @ w_g[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
     terms = [torch.clamp(M[a][b] - cfg.erc_alpha * M[i][i], min=0.0)
              for i in range(n) for j in range(n) if j != i for a, b in ((i, j), (j, i))]
     return torch.stack(terms).sum() / (n * n)
 
 
-def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: Optional[list] = None,
-            threshold_lambda: float = 1.0, erc_noise: Optional[torch.Tensor] = None) -> Reference:
+def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: list | None = None,
+            threshold_lambda: float = 1.0, erc_noise: torch.Tensor | None = None) -> Reference:
     """The layer on x [..., d]. `expert_bias` (n floats, `moe.balance: bias`) shifts the scores for the selection
     only; `threshold_lambda` is λ, the weight of threshold selection's balancing loss; `erc_noise` is the ERC's
     u [n, d] in [−1, 1] (given: the ERC loss is added, as by a training layer with `moe.erc_loss_coeff` set)."""
-    n, d = cfg.num_experts, cfg.d_model
-    x_TD = x.reshape(-1, d)
+    n, d, x_TD = cfg.num_experts, cfg.d_model, x.reshape(-1, cfg.d_model)
     T = x_TD.shape[0]
     scored = [score(cfg, p, x_TD[t]) for t in range(T)]
     s_T = [s for s, _ in scored]
@@ -187,8 +179,7 @@ def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: Optional[list
         if cfg.selection == "top_p":  # the confidence-entropy regulariser: the mean of Eq. 8's per-token entropy
             aux = aux + cfg.top_p_entropy_coeff * sum(-(pr * torch.log(pr)).sum() for pr in probs_T) / T
     erc = erc_loss(cfg, p, erc_noise) if erc_noise is not None else None
-    if erc is not None:
-        aux = aux + cfg.erc_loss_coeff * erc
+    aux = aux if erc is None else aux + cfg.erc_loss_coeff * erc
 
     # statistics, in Python floats: load normalised to 1, Ent_load (Eq. 7), Ent_conf (Eq. 8) of the unbiased
     # softmax, mean score per expert, and the score margin of the decision (lowest selected minus highest unselected
@@ -198,15 +189,9 @@ def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: Optional[list
     pv = [pr.detach().tolist() for pr in probs_T]
     margins = [min(ranked[t][i] for i in masks[t]) - max(ranked[t][i] for i in range(n) if i not in masks[t])
                for t in range(T) if cfg.selection != "expert_choice" and 0 < len(masks[t]) < n]
-    stats = {
-        "tokens_per_expert": counts,
-        "load": load,
-        "ent_load": -sum(f * math.log(f) for f in load if f > 0),
-        "ent_conf": sum(-sum(q * math.log(q) for q in row if q > 0) for row in pv) / T if T else 0.0,
-        "max_minus_min": max(load) - min(load),
-        "score_mean": [sum(row[i] for row in scores) / T if T else 0.0 for i in range(n)],
-        "num_tokens": T,
-        "score_margin": sum(margins) / len(margins) if margins else 0.0,
-        "margin_tokens": len(margins),
-    }
+    stats = {"tokens_per_expert": counts, "load": load, "ent_load": -sum(f * math.log(f) for f in load if f > 0),
+             "ent_conf": sum(-sum(q * math.log(q) for q in row if q > 0) for row in pv) / T if T else 0.0,
+             "max_minus_min": max(load) - min(load), "num_tokens": T,
+             "score_mean": [sum(row[i] for row in scores) / T if T else 0.0 for i in range(n)],
+             "score_margin": sum(margins) / len(margins) if margins else 0.0, "margin_tokens": len(margins)}
     return Reference(y=y, aux_loss=aux, stats=stats, masks=masks, scores=scores, ranked=ranked, erc_loss=erc)

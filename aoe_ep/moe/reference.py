@@ -131,17 +131,19 @@ def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: list | None =
     """The layer on x [..., d]. `expert_bias` (n floats, `moe.balance: bias`) shifts the scores for the selection
     only; `threshold_lambda` is λ, the weight of threshold selection's balancing loss; `erc_noise` is the ERC's
     u [n, d] in [−1, 1] (given: the ERC loss is added, as by a training layer with `moe.erc_loss_coeff` set)."""
+    if x.dim() == 0 or x.shape[-1] != cfg.d_model:
+        raise ValueError(f"reference.forward expects x [..., {cfg.d_model}], got shape {tuple(x.shape)}")
     n, d, x_TD = cfg.num_experts, cfg.d_model, x.reshape(-1, cfg.d_model)
     T = x_TD.shape[0]
     scored = [score(cfg, p, x_TD[t]) for t in range(T)]
-    s_T = [s for s, _ in scored]
-    probs_T = [softmax(s) for s in s_T]  # over all n experts: aux loss, Ent_conf, the softmax_all gate
-    scores = [s.detach().tolist() for s in s_T]
+    s_rows = [s for s, _ in scored]
+    p_rows = [softmax(s) for s in s_rows]  # over all n experts: aux loss, Ent_conf, the softmax_all gate
+    scores = [s.detach().tolist() for s in s_rows]
 
     if cfg.selection == "threshold":  # G_i = relu(s_i − b_i), differentiable in s and b
         b_E = p["threshold_bias"]
-        g_T = [torch.stack([torch.clamp(s[i] - b_E[i], min=0.0) for i in range(n)]) for s in s_T]
-        ranked = [g.detach().tolist() for g in g_T]
+        g_rows = [torch.stack([torch.clamp(s[i] - b_E[i], min=0.0) for i in range(n)]) for s in s_rows]
+        ranked = [g.detach().tolist() for g in g_rows]
     else:
         bias = expert_bias if expert_bias is not None else [0.0] * n
         ranked = [[v + b for v, b in zip(row, bias)] for row in scores]
@@ -151,16 +153,14 @@ def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: list | None =
     for t in range(T):  # y = Σ_{i∈I} g_i · E_i(x)
         chosen = sorted(masks[t])
         if cfg.selection == "threshold":  # the gate is G itself, no softmax
-            gates = {i: g_T[t][i] for i in chosen}
+            gates = {i: g_rows[t][i] for i in chosen}
         elif cfg.gate == "softmax_topk":  # softmax over the selected experts' scores
-            g = softmax(torch.stack([s_T[t][i] for i in chosen])) if chosen else []
+            g = softmax(torch.stack([s_rows[t][i] for i in chosen])) if chosen else []
             gates = dict(zip(chosen, g))
         else:  # the full softmax, not renormalised
-            gates = {i: probs_T[t][i] for i in chosen}
-        y_D = torch.zeros(d, dtype=x.dtype)
-        for i in chosen:
-            y_D = y_D + gates[i] * expert(cfg, p, i, x_TD[t], scored[t][1])
-        ys.append(y_D)
+            gates = {i: p_rows[t][i] for i in chosen}
+        e_rows = [gates[i] * expert(cfg, p, i, x_TD[t], scored[t][1]) for i in chosen]
+        ys.append(sum(e_rows, torch.zeros(d, dtype=x.dtype)))
     y = torch.stack(ys).reshape(x.shape) if T else x * 0.0
 
     counts = [sum(i in m for m in masks) for i in range(n)]
@@ -168,16 +168,16 @@ def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: list | None =
     if cfg.selection == "threshold" and cfg.balance == "aux" and T:
         # L_LB = μ·L_EB + (1 − μ)·L_TB, L_EB = (1/n) Σ_i mean_t(f_ti)·mean_t(G_ti), L_TB = mean_t[mean_i(f_ti)·
         # mean_j(G_tj)], f the 0/1 firing (a constant); weighted by λ
-        l_eb = sum((counts[i] / T) * (sum(g[i] for g in g_T) / T) for i in range(n)) / n
-        l_tb = sum((len(masks[t]) / n) * (g_T[t].sum() / n) for t in range(T)) / T
+        l_eb = sum((counts[i] / T) * (sum(g[i] for g in g_rows) / T) for i in range(n)) / n
+        l_tb = sum((len(masks[t]) / n) * (g_rows[t].sum() / n) for t in range(T)) / T
         aux = aux + threshold_lambda * (cfg.threshold_mu * l_eb + (1.0 - cfg.threshold_mu) * l_tb)
     elif cfg.selection in ("top_k", "top_p") and T:
         # Eq. 2 (router) / Eq. 6 (AoE): α·n·Σ f_i·P_i, f_i the share of tokens that selected i, P_i the mean
         # probability; only under `moe.balance: aux`
         alpha = cfg.aux_loss_coeff if cfg.balance == "aux" else 0.0
-        aux = aux + alpha * n * sum((counts[i] / T) * (sum(pr[i] for pr in probs_T) / T) for i in range(n))
+        aux = aux + alpha * n * sum((counts[i] / T) * (sum(pr[i] for pr in p_rows) / T) for i in range(n))
         if cfg.selection == "top_p":  # the confidence-entropy regulariser: the mean of Eq. 8's per-token entropy
-            aux = aux + cfg.top_p_entropy_coeff * sum(-(pr * torch.log(pr)).sum() for pr in probs_T) / T
+            aux = aux + cfg.top_p_entropy_coeff * sum(-(pr * torch.log(pr)).sum() for pr in p_rows) / T
     erc = erc_loss(cfg, p, erc_noise) if erc_noise is not None else None
     aux = aux if erc is None else aux + cfg.erc_loss_coeff * erc
 
@@ -186,7 +186,7 @@ def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: list | None =
     # ranked value, over the tokens that have both; expert choice records none)
     total = sum(counts)
     load = [c / total for c in counts] if total else [0.0] * n
-    pv = [pr.detach().tolist() for pr in probs_T]
+    pv = [pr.detach().tolist() for pr in p_rows]
     margins = [min(ranked[t][i] for i in masks[t]) - max(ranked[t][i] for i in range(n) if i not in masks[t])
                for t in range(T) if cfg.selection != "expert_choice" and 0 < len(masks[t]) < n]
     stats = {"tokens_per_expert": counts, "load": load, "ent_load": -sum(f * math.log(f) for f in load if f > 0),

@@ -242,6 +242,15 @@ def test_layer_matches_reference_one_token(scorer, selection):
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_layer_matches_reference_zero_tokens(scorer, selection):
+    # an empty batch: empty output, zero aux loss, zero counts, and zero gradients on both sides
+    cfg = make_cfg(scorer, selection, "softmax_all")
+    masks = run_and_compare(cfg, (2, 0), _seed("zero", scorer, selection))
+    assert masks == []
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
 @pytest.mark.parametrize("gate", GATES)
 def test_expert_choice_low_capacity_leaves_tokens_unrouted(scorer, gate):
     # capacity = ceil(12 * 0.5 / n): at most 10 of the 12 tokens can be taken, the rest must come out as exactly 0
@@ -425,3 +434,27 @@ def test_exact_ties_match_reference(scorer, selection):
         pairs = [(m, j) for m in masks for j in range(0, n - 1, 2)]
         assert all(j in m for m, j in pairs if j + 1 in m), masks  # a twin expert only after its first
         assert any(j in m and j + 1 not in m for m, j in pairs), masks  # some token split a pair of twins
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reference itself
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_reference_shares_no_code_with_the_layer():
+    # it imports torch, the standard library and MoEConfig only: nothing of the fast path it checks
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(reference))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "math", "dataclasses", "torch", "aoe_ep.config"}, imported
+
+
+@pytest.mark.parametrize("shape", [(3, 15), (16, 3), ()])
+def test_reference_rejects_inputs_of_the_wrong_width(shape):
+    cfg = make_cfg("router", "top_k", "softmax_topk")
+    params = dict(build_layer(cfg, 0).named_parameters())
+    with pytest.raises(ValueError, match=r"^reference.forward expects x \[\.\.\., 16\], got shape"):
+        reference.forward(cfg, params, torch.zeros(shape, dtype=torch.float64))

@@ -8,7 +8,8 @@ Contenders of every layer case:
 - `experts`: the MoE layer's own experts on already-grouped, balanced rows (T·K rows, no scoring, no dispatch), so
   `moe/experts` shows what routing and dispatch cost around the matmuls; `experts_<kernel>`: the same with the
   other expert kernel, which shows the kernel choice;
-- `loop_reference`: the obvious AoE layer (one `nn.Linear` per expert, a masked loop; `bench/reference.py`);
+- `loop_reference`: the obvious AoE layer (one `nn.Linear` per expert, a masked loop, the layer's tie rule;
+  `bench/reference.py`), a speed baseline (the layer's math is checked against `aoe_ep/moe/reference.py`);
 - `moe_erc`: the routed MoE with the ERC loss (weight 1, α 1), whose FLOPs 2·n²·d·D per step are spread over the
   case's tokens in its bound (`moe_erc/moe`: the paper measured 0.2-0.8% overhead at its scale);
 - `threshold`: AoE's scorer with threshold selection (Routing-Free MoE), its learned b set from the case's inputs so

@@ -231,7 +231,10 @@ def _is_main_process() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aoe_ep import __version__
+
     parser = argparse.ArgumentParser(prog="aoe-ep", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"aoe-ep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("params", help="parameter counts of configs (presets in configs/ or YAML paths)")

@@ -2,8 +2,8 @@
 `aoe-ep --version`, `aoe-ep params tiny` and a 2-step `aoe-ep train --config tiny` from an empty folder, with the
 presets it carries as package data; an editable install and a plain checkout find the same files the same way.
 
-Nothing is downloaded: the environments reuse this Python's packages (`--system-site-packages`: torch, megatron-core,
-...), aoe-ep alone is installed into them (`--no-deps --no-index`), and the wheel is built without build isolation
+Nothing is downloaded: the environments reuse this Python's packages (torch, megatron-core, ...; see `_venv`),
+aoe-ep alone is installed into them (`--no-deps --no-index`), and the wheel is built without build isolation
 with this Python's setuptools (launch/setup.sh installs it). The build reads a copy of the sources, so the checkout
 gets no build/ or .egg-info folders.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -57,9 +58,17 @@ def _run(cmd: list, cwd: Path, env: dict) -> str:
 
 
 def _venv(path: Path) -> Path:
-    """A fresh virtual environment that sees this Python's packages; its python (pip comes from this Python's)."""
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", path], path.parent, _env())
-    return path / "bin" / "python"
+    """A fresh virtual environment that sees this Python's packages (torch, megatron-core, pip, setuptools) after its
+    own; its python. A .pth file adds this interpreter's site directories: the same as --system-site-packages when
+    this Python is a system one, and still right when it is itself a virtual environment (whose packages
+    --system-site-packages would not reach)."""
+    _run([sys.executable, "-m", "venv", "--without-pip", path], path.parent, _env())
+    python = path / "bin" / "python"
+    own = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], path, _env()).strip())
+    parents = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    lines = "; ".join(f"site.addsitedir({d!r})" for d in parents if os.path.isdir(d))
+    (own / "aoe_ep_test_parent_site.pth").write_text(f"import site; {lines}\n")
+    return python
 
 
 def _shipped_configs(names: list[str]) -> set[str]:

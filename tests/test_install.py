@@ -51,7 +51,7 @@ def _env(**extra: str) -> dict:
 
 
 def _run(cmd: list, cwd: Path, env: dict) -> str:
-    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
+    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, check=False,
                           timeout=HANG_GUARD_S)
     assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout

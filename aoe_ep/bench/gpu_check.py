@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from aoe_ep.config import CONFIGS_DIR
 
@@ -25,7 +24,7 @@ from aoe_ep.config import CONFIGS_DIR
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(cmd: list[str], timeout: float, log: Path, cwd: Optional[Path] = None) -> tuple[int, float]:
+def _run(cmd: list[str], timeout: float, log: Path, cwd: Path | None = None) -> tuple[int, float]:
     start = time.perf_counter()
     with log.open("w") as f:
         try:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from aoe_ep.bench.measure import interleaved_samples, interleaved_times, paired_speedup, step_memory
 from aoe_ep.bench.reference import LoopAoE
-from aoe_ep.config import CONFIGS_DIR, Config, ModelConfig, MoEConfig
+from aoe_ep.config import CONFIGS_DIR, Config, ModelConfig, MoEConfig, resolve_config_path
 from aoe_ep.cpu_allocator import active_allocator
 from aoe_ep.model.decoder import Decoder, token_cross_entropy
 from aoe_ep.model.ffn import DenseSwiGLU
@@ -300,7 +300,7 @@ def format_result(r: dict) -> str:
 
 def main(cases_path: Optional[str], tokens: Optional[int], iters: int, rounds: int, device: str, dtype: str,
          out: Optional[str]) -> list[dict]:
-    spec = yaml.safe_load(Path(cases_path or DEFAULT_CASES).read_text())
+    spec = yaml.safe_load((resolve_config_path(cases_path) if cases_path else DEFAULT_CASES).read_text())
     dev = torch.device(device)
     results = []
     for case in spec["cases"]:

@@ -231,7 +231,10 @@ def _is_main_process() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aoe_ep import __version__
+
     parser = argparse.ArgumentParser(prog="aoe-ep", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"aoe-ep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("params", help="parameter counts of configs (presets in configs/ or YAML paths)")
@@ -353,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     b = bench.add_parser("layer", help="AoE vs MoE vs dense FFN throughput and memory, forward+backward")
-    b.add_argument("--cases", help="YAML with the cases (default: configs/bench/layer.yaml)")
+    b.add_argument("--cases",
+                   help="YAML file or preset with the cases (default: the preset bench/layer; bench/gpu for CUDA)")
     b.add_argument("--tokens", type=int, help="tokens per step (default: from the cases file)")
     b.add_argument("--iters", type=int, default=1, help="steps per timed round")
     b.add_argument("--rounds", type=int, default=6,
@@ -364,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench_layer)
 
     b = bench.add_parser("dispatch", help="allgather vs alltoall dispatcher: bytes per token and step time, EP=1,2,4")
-    b.add_argument("--spec", help="YAML with the layer and EP sizes (default: configs/bench/dispatch.yaml)")
+    b.add_argument("--spec",
+                   help="YAML file or preset with the layer and EP sizes (default: the preset bench/dispatch)")
     b.add_argument("--tokens", type=int, help="tokens per rank (default: from the spec)")
     b.add_argument("--iters", type=int, default=3, help="timed steps per configuration")
     b.add_argument("--ep", type=int, nargs="+", help="EP sizes (default: from the spec)")

@@ -10,12 +10,15 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets and bench case files, as package data: aoe_ep/configs is a link to the top-level configs/ in a source
+# checkout (and so in an editable install) and a folder of copies in a wheel; the same lookup serves all three.
+CONFIGS_DIR = Path(str(resources.files("aoe_ep") / "configs"))
 
 SCORERS = ("aoe", "router", "self_routing")
 NORMS = ("l2", "l1", "linf")
@@ -492,6 +495,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     for candidate in (CONFIGS_DIR / name_or_path, CONFIGS_DIR / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate
+    if not CONFIGS_DIR.is_dir():
+        raise ConfigError(f"config: no file named {name_or_path!r}, and the presets folder {CONFIGS_DIR} is missing "
+                          f"from this aoe-ep install")
     presets = sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
     raise ConfigError(f"config: no file or preset named {name_or_path!r} (presets: {', '.join(presets)})")
 

@@ -14,6 +14,12 @@ fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==${AOE_EP_TORCH_VERSION:-2.13.0}"
 fi
+# The build backend in this Python, not only in pip's isolated build environments: tests/test_install.py builds a wheel
+# with no network (--no-build-isolation), and setuptools >= 70.1 builds wheels without the separate `wheel` package.
+if ! "$PY" -c "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))" \
+     >/dev/null 2>&1; then
+  "$PY" -m pip install -q "setuptools>=70.1"
+fi
 if ! "$PY" -c "import aoe_ep, megatron.core, tensorboard, yaml, tqdm, matplotlib, pytest, tokenizers, sentencepiece, transformers" >/dev/null 2>&1 \
    || ! command -v aoe-ep >/dev/null 2>&1; then
   "$PY" -m pip install -q -e ".[test]"

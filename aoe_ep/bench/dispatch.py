@@ -12,7 +12,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from aoe_ep.config import CONFIGS_DIR
+from aoe_ep.config import CONFIGS_DIR, resolve_config_path
 from aoe_ep.parallel.spawn import run_distributed
 
 DEFAULT_SPEC = CONFIGS_DIR / "bench" / "dispatch.yaml"
@@ -69,7 +69,7 @@ def main(spec_path: Optional[str], tokens: Optional[int], iters: int, ep_sizes: 
          out: Optional[str]) -> list[dict]:
     from aoe_ep.parallel.comm_model import expected_bytes_per_token
 
-    spec = yaml.safe_load(Path(spec_path or DEFAULT_SPEC).read_text())
+    spec = yaml.safe_load((resolve_config_path(spec_path) if spec_path else DEFAULT_SPEC).read_text())
     layer_kwargs = spec["layer"]
     tokens = tokens or spec["tokens_per_rank"]
     results = []

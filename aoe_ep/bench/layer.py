@@ -8,7 +8,8 @@ Contenders of every layer case:
 - `experts`: the MoE layer's own experts on already-grouped, balanced rows (T·K rows, no scoring, no dispatch), so
   `moe/experts` shows what routing and dispatch cost around the matmuls; `experts_<kernel>`: the same with the
   other expert kernel, which shows the kernel choice;
-- `loop_reference`: the obvious AoE layer (one `nn.Linear` per expert, a masked loop; `bench/reference.py`);
+- `loop_reference`: the obvious AoE layer (one `nn.Linear` per expert, a masked loop, the layer's tie rule;
+  `bench/reference.py`), a speed baseline (the layer's math is checked against `aoe_ep/moe/reference.py`);
 - `moe_erc`: the routed MoE with the ERC loss (weight 1, α 1), whose FLOPs 2·n²·d·D per step are spread over the
   case's tokens in its bound (`moe_erc/moe`: the paper measured 0.2-0.8% overhead at its scale);
 - `threshold`: AoE's scorer with threshold selection (Routing-Free MoE), its learned b set from the case's inputs so
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from aoe_ep.bench.measure import interleaved_samples, interleaved_times, paired_speedup, step_memory
 from aoe_ep.bench.reference import LoopAoE
-from aoe_ep.config import CONFIGS_DIR, Config, ModelConfig, MoEConfig
+from aoe_ep.config import CONFIGS_DIR, Config, ModelConfig, MoEConfig, resolve_config_path
 from aoe_ep.cpu_allocator import active_allocator
 from aoe_ep.model.decoder import Decoder, token_cross_entropy
 from aoe_ep.model.ffn import DenseSwiGLU
@@ -299,7 +300,7 @@ def format_result(r: dict) -> str:
 
 def main(cases_path: Optional[str], tokens: Optional[int], iters: int, rounds: int, device: str, dtype: str,
          out: Optional[str]) -> list[dict]:
-    spec = yaml.safe_load(Path(cases_path or DEFAULT_CASES).read_text())
+    spec = yaml.safe_load((resolve_config_path(cases_path) if cases_path else DEFAULT_CASES).read_text())
     dev = torch.device(device)
     results = []
     for case in spec["cases"]:

@@ -1,9 +1,11 @@
-"""The obvious AoE layer, for `aoe-ep bench layer` to hold the fast path against (its `loop_reference` contender).
+"""The obvious AoE layer, for `aoe-ep bench layer` to time the fast path against (its `loop_reference` contender).
 
 One `nn.Linear` per expert and projection, a Python loop over experts with a boolean mask per expert, as the
 AoE baselines of public Routing-Free MoE code are written: every expert computes its cache for every token, is
-ranked by the cache's norm, and the top-K finish on the tokens that chose them. Same FLOPs and the same aux loss
-as `MoELayer` with `scorer: aoe`; nothing here is shared with the package's layer.
+ranked by the cache's L2 norm, and the top-K finish on the tokens that chose them. Same FLOPs, outputs and aux
+loss as `MoELayer` with `scorer: aoe`, the same tie rule (a stable descending sort: the lower expert index first;
+`torch.topk` promises no order among ties); nothing here is shared with the package's layer. It is a speed
+baseline: the statement of the layer's math to check against is `aoe_ep/moe/reference.py`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class LoopAoE(nn.Module):
         cfg = self.cfg
         caches = [down(x) for down in self.down]
         scores = torch.stack([c.norm(dim=-1) for c in caches], dim=1)
-        top_scores, top_idx = scores.topk(cfg.top_k, dim=1)
+        top_idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :cfg.top_k]
+        top_scores = scores.gather(1, top_idx)
         gates = torch.softmax(top_scores, dim=1)
         probs = torch.softmax(scores, dim=1)
         y = torch.zeros_like(x)

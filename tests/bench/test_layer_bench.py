@@ -96,6 +96,45 @@ def test_loop_reference_is_the_same_layer_as_aoe():
     torch.testing.assert_close(info.aux_loss, info_ref.aux_loss)
 
 
+def _loop_copy(layer, cfg):
+    from aoe_ep.bench.reference import LoopAoE
+
+    ref = LoopAoE(cfg).double()
+    with torch.no_grad():
+        for i in range(cfg.num_experts):
+            ref.down[i].weight.copy_(layer.scorer.w_down[i].t())
+            ref.up[i].weight.copy_(layer.experts.w_up[i].t())
+            ref.proj[i].weight.copy_(layer.experts.w_p[i].t())
+            ref.out[i].weight.copy_(layer.experts.w_o[i].t())
+    return ref
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_loop_reference_breaks_ties_as_the_layer_does(top_k):
+    # twin experts: Wdown_1 = -Wdown_0 and Wdown_3 = -Wdown_2 score exactly alike on every token (‖-C‖ = ‖C‖, exact
+    # in float64 with x and Wdown on multiples of 1/64) but compute different outputs; top-1 and top-3 split a pair
+    # of twins on every token, and the lower index wins
+    from aoe_ep.moe import MoELayer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, scorer="aoe", num_experts=4, top_k=top_k, d_ffn=16, d_low=8)
+    layer = MoELayer(cfg).double()
+    with torch.no_grad():
+        w_down = layer.scorer.w_down
+        w_down.copy_(torch.round(w_down * 64) / 64)
+        w_down[1::2] = -w_down[0::2]
+    ref = _loop_copy(layer, cfg)
+    x = torch.round(torch.randn(40, 16, dtype=torch.float64) * 64) / 64
+    (y, info), (y_ref, info_ref) = layer(x), ref(x)
+    counts = info.stats.tokens_per_expert.tolist()
+    if top_k == 1:
+        assert counts[1] == counts[3] == 0 and counts[0] > 0 and counts[2] > 0, counts
+    else:
+        assert counts[0] == counts[2] == 40 and counts[1] + counts[3] == 40 and 0 < counts[1] < 40, counts
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(info.aux_loss, info_ref.aux_loss)
+
+
 
 def test_paired_speedup_is_the_median_of_per_round_ratios():
     from aoe_ep.bench.measure import paired_speedup

@@ -1,8 +1,8 @@
-"""MoELayer against a per-token reference written from the formulas of the layer contract.
+"""MoELayer against the per-token reference `aoe_ep.moe.reference`, written from the formulas of the layer contract.
 
-The reference below loops over tokens in Python and uses only elementary torch ops (matmul, exp, log, sum) and
-Python sorting for the discrete choices; it shares nothing with aoe_ep except the parameters, which it reads from the
-layer by name so that both sides use identical weights. Everything runs in float64 so that the comparison can be tight.
+The reference loops over tokens in Python and uses only elementary torch ops and Python sorting for the discrete
+choices; it shares nothing with the layer except the parameters, which it reads from the layer by name so that both
+sides use identical weights. Everything runs in float64 so that the comparison can be tight.
 """
 
 import math
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from aoe_ep.config import MoEConfig
-from aoe_ep.moe import MoELayer
+from aoe_ep.moe import MoELayer, reference
+from aoe_ep.moe.losses import erc_noise
 
 RTOL = 1e-9
 ATOL = 1e-10
@@ -42,6 +43,7 @@ PARAM_SCALE = {
     "experts.w_p": 0.3,
     "experts.w_o": 0.3,
     "experts.w_up": 0.3,
+    "experts.w_down": 0.3,
 }
 W_DOWN_SCALE = {"l2": 0.3, "l1": 0.12, "linf": 0.35}
 X_SCALE = {"aoe": 1.0, "router": 1.0, "self_routing": 1.5}
@@ -51,189 +53,38 @@ def _seed(*parts):
     return zlib.crc32(repr(parts).encode())
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The reference, per token.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _silu(a):
-    return a / (1.0 + torch.exp(-a))
-
-
-def _softmax(s):
-    e = torch.exp(s - s.max())
-    return e / e.sum()
-
-
-def _entropy(p):
-    return -(p * torch.log(p)).sum()
-
-
-def reference_forward(cfg, params, x, bias=None, threshold_lambda=None):
-    """Returns y (shape of x), aux loss (0-dim), stats (dict of python / torch values), masks (list of sets).
-    `bias` (n floats, `moe.balance: bias`) shifts the scores for the selection only. Threshold selection reads its
-    b from params["threshold_bias"] and the weight of its balancing loss from `threshold_lambda`."""
-    n, K, d = cfg.num_experts, cfg.top_k, cfg.d_model
-    lead = x.shape[:-1]
-    xt = x.reshape(-1, d)
-    T = xt.shape[0]
-
-    # 1. scores per token (and the AoE cache)
-    scores, caches = [], []
-    for t in range(T):
-        row = xt[t]
-        if cfg.scorer == "router":
-            w = params["scorer.weight"]
-            s = torch.stack([(row * w[i]).sum() for i in range(n)])
-            caches.append(None)
-        elif cfg.scorer == "aoe":
-            wd = params["scorer.w_down"]
-            cache, s_list = [], []
-            for i in range(n):
-                c = row.unsqueeze(0).matmul(wd[i]).squeeze(0)  # [d_low]
-                cache.append(c)
-                if cfg.norm == "l2":
-                    s_list.append(torch.sqrt((c * c).sum()))
-                elif cfg.norm == "l1":
-                    s_list.append(c.abs().sum())
-                else:
-                    s_list.append(c.abs().max())
-            s = torch.stack(s_list)
-            caches.append(cache)
-        else:
-            off = cfg.self_routing_offset
-            s = torch.stack([row[off + i] for i in range(n)])
-            caches.append(None)
-        scores.append(s)
-
-    # 2. softmax over all n experts
-    probs = [_softmax(s) for s in scores]
-    sv = [s.detach().tolist() for s in scores]
-    pv = [p.detach().tolist() for p in probs]
-    stats_sv, stats_pv = sv, pv
-    ranked_sv = sv
-    if bias is not None:  # the selection ranks s + b (top-P: the softmax of s + b); nothing else sees the bias
-        sv = [[v + b for v, b in zip(row, bias)] for row in sv]
-        pv = [[math.exp(v - max(row)) / sum(math.exp(u - max(row)) for u in row) for v in row] for row in sv]
-        ranked_sv = sv
-
-    # 3. selection (sets of expert indices per token)
-    masks = [set() for _ in range(T)]
-    if cfg.selection == "threshold":  # Routing-Free MoE: G_i = relu(s_i - b_i), expert i fires when G_i > threshold
-        b = params["threshold_bias"]
-        G = [torch.stack([torch.clamp(scores[t][i] - b[i], min=0.0) for i in range(n)]) for t in range(T)]
+def check_clear_of_ties(cfg, ref, threshold_bias=None):
+    """The test data must sit clear of every decision boundary (the tie rule has tests of its own): no near tie at the
+    K boundary, no mass near P, no near tie at an expert's capacity, no score near b or b + threshold."""
+    n, T = cfg.num_experts, len(ref.ranked)
+    if cfg.selection == "threshold":
         for t in range(T):
             for i in range(n):
-                v = sv[t][i] - float(b[i].detach())
+                v = ref.scores[t][i] - float(threshold_bias[i].detach())
                 assert abs(v) > 1e-6 and abs(v - cfg.threshold) > 1e-6, "test data too close to the threshold"
-                if max(v, 0.0) > cfg.threshold:
-                    masks[t].add(i)
-        ranked_sv = [[float(G[t][i].detach()) for i in range(n)] for t in range(T)]
-    elif cfg.selection == "top_k":
+        return
+    if cfg.selection == "top_k":
+        K = cfg.top_k
         for t in range(T):
-            order = sorted(range(n), key=lambda i: (-sv[t][i], i))
-            # the test data must not sit on a tie at the K boundary
+            order = sorted(range(n), key=lambda i: (-ref.ranked[t][i], i))
             if K < n:
-                assert sv[t][order[K - 1]] - sv[t][order[K]] > 1e-6, "test data too close to a tie"
-            masks[t] = set(order[:K])
-    elif cfg.selection == "top_p":
+                assert ref.ranked[t][order[K - 1]] - ref.ranked[t][order[K]] > 1e-6, "test data too close to a tie"
+        return
+    pv = [[math.exp(v - max(row)) / sum(math.exp(u - max(row)) for u in row) for v in row] for row in ref.ranked]
+    if cfg.selection == "top_p":
         for t in range(T):
-            order = sorted(range(n), key=lambda i: (-pv[t][i], i))
             mass = 0.0
-            for i in order:
+            for i in sorted(range(n), key=lambda i: (-pv[t][i], i)):
                 assert abs(mass - cfg.top_p) > 1e-7, "test data too close to the top_p boundary"
-                if mass < cfg.top_p:
-                    masks[t].add(i)
-                    mass += pv[t][i]
-                else:
+                if mass >= cfg.top_p:
                     break
-    else:
-        cap = min(T, math.ceil(T * cfg.capacity_factor / n))
-        for i in range(n):
-            order = sorted(range(T), key=lambda t: (-pv[t][i], t))
-            if cap < T:
-                assert pv[order[cap - 1]][i] - pv[order[cap]][i] > 1e-9, "test data too close to a tie"
-            for t in order[:cap]:
-                masks[t].add(i)
-
-    # 4.-6. gates and the weighted sum of expert outputs
-    ys = []
-    for t in range(T):
-        row = xt[t]
-        sel = sorted(masks[t])
-        out = torch.zeros(d, dtype=x.dtype)
-        if sel:
-            if cfg.selection == "threshold":  # the gate is G itself: no softmax, no renormalisation
-                gates = {i: G[t][i] for i in sel}
-            elif cfg.gate == "softmax_topk":
-                s_sel = torch.stack([scores[t][i] for i in sel])
-                e = torch.exp(s_sel - s_sel.max())
-                g = e / e.sum()
-                gates = {i: g[j] for j, i in enumerate(sel)}
-            else:
-                gates = {i: probs[t][i] for i in sel}
-            for i in sel:
-                if cfg.scorer == "aoe":
-                    a = caches[t][i].unsqueeze(0).matmul(params["experts.w_up"][i]).squeeze(0)
-                else:
-                    a = row.unsqueeze(0).matmul(params["experts.w_gate"][i]).squeeze(0)
-                b = row.unsqueeze(0).matmul(params["experts.w_p"][i]).squeeze(0)
-                e_out = (_silu(a) * b).unsqueeze(0).matmul(params["experts.w_o"][i]).squeeze(0)
-                out = out + gates[i] * e_out
-        ys.append(out)
-    y = torch.stack(ys).reshape(*lead, d)
-
-    # 7. aux loss
-    counts = [sum(1 for t in range(T) if i in masks[t]) for i in range(n)]
-    if cfg.selection == "expert_choice":
-        aux = torch.zeros((), dtype=x.dtype)
-    elif cfg.selection == "threshold":
-        # L_LB = mu·L_EB + (1 - mu)·L_TB, L_EB = (1/n) Σ_i mean_t(f_ti)·mean_t(G_ti), L_TB = mean_t[mean_i(f_ti)·
-        # mean_j(G_tj)], f the 0/1 firing (a constant); weighted by λ; nothing under balance: none
-        l_eb = sum((counts[i] / T) * (sum(G[t][i] for t in range(T)) / T) for i in range(n)) / n
-        l_tb = sum((len(masks[t]) / n) * (G[t].sum() / n) for t in range(T)) / T
-        aux = threshold_lambda * (cfg.threshold_mu * l_eb + (1.0 - cfg.threshold_mu) * l_tb)
-        if cfg.balance != "aux":
-            aux = torch.zeros((), dtype=x.dtype)
-    else:
-        aux = torch.zeros((), dtype=x.dtype)
-        for i in range(n):
-            f_i = counts[i] / T
-            p_bar = sum(probs[t][i] for t in range(T)) / T
-            aux = aux + f_i * p_bar
-        aux = (cfg.aux_loss_coeff if cfg.balance == "aux" else 0.0) * n * aux
-        if cfg.selection == "top_p":
-            h = sum(_entropy(probs[t]) for t in range(T)) / T
-            aux = aux + cfg.top_p_entropy_coeff * h
-
-    # 8. statistics, from python floats
-    total = sum(counts)
-    load = [c / total for c in counts] if total > 0 else [0.0] * n
-    ent_load = -sum(l * math.log(l) for l in load if l > 0)
-    sv, pv = stats_sv, stats_pv
-    ent_conf = sum(-sum(p * math.log(p) for p in pv[t] if p > 0) for t in range(T)) / T
-    stats = {
-        "tokens_per_expert": counts,
-        "load": load,
-        "ent_load": ent_load,
-        "ent_conf": ent_conf,
-        "max_minus_min": max(load) - min(load),
-        "score_mean": [sum(sv[t][i] for t in range(T)) / T for i in range(n)],
-        "num_tokens": T,
-    }
-    # score margin: per token the weakest selected expert's score minus the strongest unselected one's (top-K: the
-    # K-th minus the (K+1)-th highest) in the scores the selection ranked (s + b under a bias), over the tokens that
-    # have both; expert choice records none
-    margins = []
-    if cfg.selection != "expert_choice":
-        for t in range(T):
-            inside = [ranked_sv[t][i] for i in masks[t]]
-            outside = [ranked_sv[t][i] for i in range(n) if i not in masks[t]]
-            if inside and outside:
-                margins.append(min(inside) - max(outside))
-    stats["score_margin"] = sum(margins) / len(margins) if margins else 0.0
-    stats["margin_tokens"] = len(margins)
-    return y, aux, stats, masks
+                mass += pv[t][i]
+        return
+    cap = min(T, math.ceil(T * cfg.capacity_factor / n))
+    for i in range(n):
+        order = sorted(range(T), key=lambda t: (-pv[t][i], t))
+        if cap < T:
+            assert pv[order[cap - 1]][i] - pv[order[cap]][i] > 1e-9, "test data too close to a tie"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,7 +118,10 @@ def build_layer(cfg, seed):
     layer = MoELayer(cfg).to(torch.float64)
     names = {name for name, _ in layer.named_parameters()}
     threshold = ("threshold_bias",) if cfg.selection == "threshold" else ()
-    assert names == set(EXPECTED_PARAMS[cfg.scorer] + threshold), names
+    expected = EXPECTED_PARAMS[cfg.scorer]
+    if cfg.scorer == "router" and cfg.expert_kind == "factorized":  # the paper's Table 2 config 3
+        expected = ("scorer.weight", "experts.w_down", "experts.w_up", "experts.w_p", "experts.w_o")
+    assert names == set(expected + threshold), names
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(layer.named_parameters()):
@@ -290,8 +144,9 @@ def _close(got, want, what, dtype_hint=None):
     torch.testing.assert_close(got_t.to(torch.float64), want_t, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None):
-    """`prepare(layer, x0)`, when given, may set up the layer and edit the input x0 in place before both run."""
+def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None, ties=False):
+    """`prepare(layer, x0)`, when given, may set up the layer and edit the input x0 in place before both run.
+    `ties`: the data may hold exact ties at a decision boundary (else it must sit clear of them)."""
     layer = build_layer(cfg, seed)
     if bias is not None:
         layer.expert_bias.copy_(torch.tensor(bias))
@@ -301,7 +156,8 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None):
     g = torch.randn(*shape, cfg.d_model, generator=gen, dtype=torch.float64) * g_scale
     if prepare is not None:
         prepare(layer, x0)
-    lam = float(layer.threshold_lambda) if cfg.selection == "threshold" else None
+    lam = float(layer.threshold_lambda) if cfg.selection == "threshold" else 1.0
+    u = erc_noise(cfg.num_experts, cfg.d_model, layer.erc_seed, layer.erc_layer, layer.erc_step)
 
     # package
     x = x0.clone().requires_grad_(True)
@@ -316,7 +172,11 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None):
     # reference, on detached copies of the same parameters
     ref_params = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
     x_ref = x0.clone().requires_grad_(True)
-    y_ref, aux_ref, stats_ref, masks = reference_forward(cfg, ref_params, x_ref, bias, lam)
+    ref = reference.forward(cfg, ref_params, x_ref, expert_bias=bias, threshold_lambda=lam,
+                            erc_noise=u if cfg.erc_loss_coeff > 0 else None)
+    if not ties:
+        check_clear_of_ties(cfg, ref, ref_params.get("threshold_bias"))
+    y_ref, aux_ref, stats_ref, masks = ref.y, ref.aux_loss, ref.stats, ref.masks
     loss_ref = (y_ref * g).sum() + aux_ref
     names = sorted(ref_params)
     ref_grads = torch.autograd.grad(loss_ref, [x_ref] + [ref_params[k] for k in names], allow_unused=True)
@@ -347,6 +207,8 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None):
         if got is None:
             got = torch.zeros_like(rg)
         torch.testing.assert_close(got, rg, rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"grad {name}: {m}")
+    if cfg.erc_loss_coeff > 0:
+        torch.testing.assert_close(info.erc_loss, ref.erc_loss.detach(), rtol=RTOL, atol=ATOL)
     return masks
 
 
@@ -377,6 +239,15 @@ def test_layer_matches_reference(scorer, selection, gate, norm, shape):
 def test_layer_matches_reference_one_token(scorer, selection):
     cfg = make_cfg(scorer, selection, "softmax_topk")
     run_and_compare(cfg, (1, 1), _seed("one", scorer, selection))
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_layer_matches_reference_zero_tokens(scorer, selection):
+    # an empty batch: empty output, zero aux loss, zero counts, and zero gradients on both sides
+    cfg = make_cfg(scorer, selection, "softmax_all")
+    masks = run_and_compare(cfg, (2, 0), _seed("zero", scorer, selection))
+    assert masks == []
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
@@ -504,3 +375,86 @@ def test_threshold_selection_variants_match_reference(scorer, over):
         assert not cfg.unselected_get_gradient
     run_and_compare(cfg, (3, 4), _seed("thr-var", scorer, tuple(sorted(over.items()))),
                     prepare=_threshold_prepare(cfg, _seed("thrv", scorer)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The ERC loss (a learned router coupled to its experts)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expert_kind", ["swiglu", "factorized"])
+@pytest.mark.parametrize("selection", ["top_k", "top_p"])
+def test_erc_loss_matches_reference(selection, expert_kind):
+    # a training layer adds erc_loss_coeff·L_ERC to its aux loss, with gradients to the router and every W_g
+    cfg = make_cfg("router", selection, "softmax_topk", expert_kind=expert_kind, erc_loss_coeff=0.7, erc_alpha=0.8)
+    run_and_compare(cfg, (13,), _seed("erc", selection, expert_kind))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact ties: the lower expert index first (expert choice: the lower token index), in the layer and the reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _twin_prepare(cfg):
+    """Experts 2j and 2j + 1 score exactly alike: AoE's Wdown_{2j+1} = −Wdown_{2j} (every norm of −C is that of C),
+    the router's rows repeat, Self-Routing's channels repeat; the second half of the tokens repeats the first. The
+    inputs and scorer weights are rounded to multiples of 1/64, so that every score is exact in float64 whatever
+    order a kernel sums in, and twins tie exactly in the layer too."""
+    def prepare(layer, x0):
+        n, xt = cfg.num_experts, x0.view(-1, cfg.d_model)
+        with torch.no_grad():
+            x0.copy_(torch.round(x0 * 64) / 64)
+            for w in layer.scorer.parameters():
+                w.copy_(torch.round(w * 64) / 64)
+            if cfg.scorer == "aoe":
+                layer.scorer.w_down[1::2] = -layer.scorer.w_down[0::2][:n // 2]
+            elif cfg.scorer == "router":
+                layer.scorer.weight[1::2] = layer.scorer.weight[0::2][:n // 2]
+            else:
+                off = cfg.self_routing_offset
+                xt[:, off + 1:off + n:2] = xt[:, off:off + n - 1:2][:, :n // 2]
+            half = xt.shape[0] // 2
+            xt[half:2 * half] = xt[:half]
+    return prepare
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_exact_ties_match_reference(scorer, selection):
+    # top-3 over twin experts splits a pair at the K boundary; expert choice with capacity 3 over twin tokens takes
+    # one pair and the first token of the next
+    n = NUM_EXPERTS[scorer]
+    cfg = make_cfg(scorer, selection, "softmax_topk", top_k=3, capacity_factor=n / 4, top_p=0.3)
+    masks = run_and_compare(cfg, (12,), _seed("twins", scorer, selection), prepare=_twin_prepare(cfg), ties=True)
+    if selection == "expert_choice":
+        taken = [{t for t in range(12) if i in masks[t]} for i in range(n)]
+        assert all(t - 6 in got for got in taken for t in got if t >= 6), taken  # a twin token only after its first
+        assert all(len({t % 6 for t in got}) == 2 for got in taken), taken  # every expert split a pair of twins
+    else:
+        pairs = [(m, j) for m in masks for j in range(0, n - 1, 2)]
+        assert all(j in m for m, j in pairs if j + 1 in m), masks  # a twin expert only after its first
+        assert any(j in m and j + 1 not in m for m, j in pairs), masks  # some token split a pair of twins
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reference itself
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_reference_shares_no_code_with_the_layer():
+    # it imports torch, the standard library and MoEConfig only: nothing of the fast path it checks
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(reference))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "math", "dataclasses", "torch", "aoe_ep.config"}, imported
+
+
+@pytest.mark.parametrize("shape", [(3, 15), (16, 3), ()])
+def test_reference_rejects_inputs_of_the_wrong_width(shape):
+    cfg = make_cfg("router", "top_k", "softmax_topk")
+    params = dict(build_layer(cfg, 0).named_parameters())
+    with pytest.raises(ValueError, match=r"^reference.forward expects x \[\.\.\., 16\], got shape"):
+        reference.forward(cfg, params, torch.zeros(shape, dtype=torch.float64))

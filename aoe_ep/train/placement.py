@@ -5,7 +5,7 @@ The load is the global token count per layer and expert over the applied steps s
 (`ExpertLoad`): their plain sum, and a recency-weighted sum (each step's counts weighted by 0.5 ** (age in steps /
 `parallel.placement_half_life`)), which is what the placement is chosen from, since routing keeps moving during
 training and the recent load predicts the next steps' load better than the whole interval's (measured on the tiny
-run: README). Each checkpoint records both in `meta.json` (`expert_load`) with the placement those steps ran under
+run: docs/studies.md). Each checkpoint records both in `meta.json` (`expert_load`) with the placement those steps ran under
 (`expert_placement`). Under `balanced`, a run re-places its experts when it loads a checkpoint (from the load
 that checkpoint recorded) and after each save (from the load just recorded); every rank computes the same placement
 from the same counts. Re-placing moves each expert's parameters and AdamW moments to its new rank

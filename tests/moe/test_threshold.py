@@ -11,10 +11,10 @@ import torch
 from aoe_ep.config import ConfigError, MoEConfig
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.balance import step_token_counts
+from aoe_ep.moe.balancing import update_balancing
 from aoe_ep.moe.losses import threshold_balance_loss
 from aoe_ep.moe.selection import decide, threshold_gates
 from aoe_ep.moe.stats import BatchSums
-from aoe_ep.moe.balancing import update_balancing
 from aoe_ep.moe.threshold import lambda_update, step_density, step_tokens
 from aoe_ep.train.balancing_log import balancing_scalars
 

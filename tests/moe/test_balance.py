@@ -13,8 +13,8 @@ from aoe_ep.config import ConfigError, MoEConfig, load_config
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.balance import bias_update, step_token_counts
 from aoe_ep.moe.balancing import update_balancing
-from aoe_ep.train.balancing_log import balancing_scalars
 from aoe_ep.moe.selection import decide
+from aoe_ep.train.balancing_log import balancing_scalars
 from tests.moe.test_layer_reference import NUM_EXPERTS, SCORERS, _seed, make_cfg, run_and_compare
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from aoe_ep.config import MoEConfig, ModelConfig
+from aoe_ep.config import ModelConfig, MoEConfig
 from aoe_ep.model import Decoder
 from aoe_ep.moe import MoELayer, StepContext
 from aoe_ep.moe.context import DEFAULT_CONTEXT

@@ -20,6 +20,7 @@ Per-step updates read the step's global counts (`update_balancing`); the layer n
 
 from __future__ import annotations
 
+import abc
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -39,7 +40,7 @@ THRESHOLD_BIAS_INIT = 1e-6  # Routing-Free MoE's initial b
 ExpertChoice = Callable[[torch.Tensor], Decision]
 
 
-class Balancing:
+class Balancing(abc.ABC):
     """The interface the layer calls, with the behaviour of a scheme that adds nothing to the selection; `loss` is
     each scheme's own. `updates_per_step`: whether `update` needs the step's global counts."""
 
@@ -63,10 +64,10 @@ class Balancing:
         """The scores the decision ranked (for the selection margin)."""
         return s_dec_SE
 
+    @abc.abstractmethod
     def loss(self, layer: nn.Module, own: slice, mask_SE: torch.Tensor, probs_SE: torch.Tensor,
              entropy_S: torch.Tensor, g_SE: Optional[torch.Tensor], sums: BatchSums) -> torch.Tensor:
         """The balancing loss over the EP group's batch, differentiable through this rank's rows `own`."""
-        raise NotImplementedError(f"{type(self).__name__} defines no loss")
 
     def update(self, layer: nn.Module, counts_E: torch.Tensor, num_tokens: torch.Tensor | float) -> None:
         """Move the scheme's state after an applied optimiser step, from the step's global expert counts [n] and

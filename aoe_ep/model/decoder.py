@@ -18,6 +18,7 @@ from aoe_ep.model.attention import CausalSelfAttention
 from aoe_ep.model.ffn import DenseSwiGLU
 from aoe_ep.model.kv_cache import KVCache, LayerKVCache
 from aoe_ep.moe import MoEInfo, MoELayer
+from aoe_ep.moe.context import DEFAULT_CONTEXT, StepContext
 
 
 @dataclass(frozen=True)
@@ -33,26 +34,27 @@ class DecoderOutput:
 class DecoderBlock(nn.Module):
     """h = x + Attn(RMSNorm(x)); y = h + FFN(RMSNorm(h))."""
 
-    def __init__(self, model: ModelConfig, moe: Optional[MoEConfig], ep_group=None):
+    def __init__(self, model: ModelConfig, moe: Optional[MoEConfig], ep_group=None, index: int = 0):
         super().__init__()
         self.attn_norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
         self.attn = CausalSelfAttention(model.d_model, model.n_heads, model.max_seq_len, model.rope_theta)
         self.ffn_norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
         self.is_moe = model.ffn == "moe"
-        self.ffn = MoELayer(moe, ep_group=ep_group) if self.is_moe else DenseSwiGLU(model.d_model, model.d_ffn)
+        self.ffn = MoELayer(moe, ep_group=ep_group, index=index) if self.is_moe else DenseSwiGLU(model.d_model, model.d_ffn)
 
-    def forward(self, x_BSD: torch.Tensor,
-                cache: Optional[LayerKVCache] = None) -> tuple[torch.Tensor, Optional[MoEInfo]]:
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[LayerKVCache] = None,
+                ctx: StepContext = DEFAULT_CONTEXT) -> tuple[torch.Tensor, Optional[MoEInfo]]:
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cache)
         if self.is_moe:
-            f_BSD, info = self.ffn(self.ffn_norm(h_BSD))
+            f_BSD, info = self.ffn(self.ffn_norm(h_BSD), ctx=ctx)
             return h_BSD + f_BSD, info
         return h_BSD + self.ffn(self.ffn_norm(h_BSD)), None
 
 
 class Decoder(nn.Module):
     """`out = model(tokens)` maps tokens [B, S] (S <= max_seq_len) to a `DecoderOutput`. With a `KVCache`
-    (`model.new_cache(batch)`), tokens are the S positions after the cached ones (generation)."""
+    (`model.new_cache(batch)`), tokens are the S positions after the cached ones (generation). `ctx`: the
+    `StepContext` every MoE layer runs under (the trainer's, once per step)."""
 
     def __init__(self, model: ModelConfig, moe: Optional[MoEConfig] = None, ep_group=None):
         super().__init__()
@@ -61,13 +63,14 @@ class Decoder(nn.Module):
             raise ValueError("model.ffn is 'moe' but no MoEConfig was given")
         self.cfg = model
         self.embed = nn.Embedding(model.vocab_size, model.d_model)
-        self.blocks = nn.ModuleList(DecoderBlock(model, moe, ep_group) for _ in range(model.n_layers))
+        self.blocks = nn.ModuleList(DecoderBlock(model, moe, ep_group, index=i) for i in range(model.n_layers))
         self.norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
         self.head = nn.Linear(model.d_model, model.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=model.d_model ** -0.5)
 
-    def forward(self, tokens_BS: torch.Tensor, cache: Optional[KVCache] = None) -> DecoderOutput:
+    def forward(self, tokens_BS: torch.Tensor, cache: Optional[KVCache] = None,
+                ctx: StepContext = DEFAULT_CONTEXT) -> DecoderOutput:
         past = cache.length if cache is not None else 0
         if past + tokens_BS.shape[-1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past + tokens_BS.shape[-1]} exceeds "
@@ -76,7 +79,7 @@ class Decoder(nn.Module):
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         infos = []
         for index, block in enumerate(self.blocks):
-            x_BSD, info = block(x_BSD, cache.layers[index] if cache is not None else None)
+            x_BSD, info = block(x_BSD, cache.layers[index] if cache is not None else None, ctx)
             if info is not None:
                 aux = aux + info.aux_loss.float()
                 infos.append(info)

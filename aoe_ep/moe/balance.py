@@ -10,7 +10,8 @@ by a fixed rate against its expert's load error,
 
 where c_i is the number of tokens expert i processed in that step: all micro-batches, over the whole data-parallel
 world. The counts are the same numbers on every rank, so the bias is too; the trainer forms them in the step's one
-world-wide reduction. The layer never sees ranks: it only reads its buffer.
+world-wide reduction. The layer never sees ranks: its scheme (`aoe_ep.moe.balancing.BiasBalancing`) reads the
+buffer in the decision and moves it by `bias_update`.
 
 megatron-core's `get_updated_expert_bias` applies the same rule, but all-reduces the counts itself over the
 global `parallel_state` group; here the counts are already global, so only the rule is written out.
@@ -18,11 +19,12 @@ global `parallel_state` group; here the counts are already global, so only the r
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from aoe_ep.moe.layer import MoEInfo, MoELayer
+if TYPE_CHECKING:
+    from aoe_ep.moe.layer import MoEInfo, MoELayer
 
 
 def bias_update(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float) -> torch.Tensor:
@@ -43,23 +45,3 @@ def step_token_counts(infos: Sequence[Sequence[MoEInfo]], layers: Sequence[MoELa
         counts_LE += torch.stack([info.stats.tokens_per_expert.to(counts_LE) for info in micro])
     return counts_LE
 
-
-@torch.no_grad()
-def update_expert_biases(layers: Sequence[MoELayer], counts_LE: torch.Tensor) -> None:
-    """Move each biased layer's `expert_bias` in place by `bias_update` with its own `moe.balance_rate`; `counts_LE`
-    holds the step's global counts of every layer in `layers`."""
-    for layer, counts_E in zip(layers, counts_LE):
-        if layer.cfg.balance == "bias":
-            layer.expert_bias.copy_(bias_update(layer.expert_bias, counts_E, layer.cfg.balance_rate))
-
-
-def bias_scalars(layers: Sequence[MoELayer]) -> dict[str, float | list[float]]:
-    """Log values per biased layer (NN its index among `layers`): `moe/layerNN/bias`, the n biases as a list, and
-    `moe/layerNN/bias_max_abs`, the largest |b_i|."""
-    out: dict[str, float | list[float]] = {}
-    for i, layer in enumerate(layers):
-        if layer.cfg.balance == "bias":
-            bias_E = layer.expert_bias.detach().cpu()
-            out[f"moe/layer{i:02d}/bias"] = bias_E.tolist()
-            out[f"moe/layer{i:02d}/bias_max_abs"] = float(bias_E.abs().max())
-    return out

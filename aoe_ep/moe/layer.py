@@ -17,17 +17,17 @@ import torch.distributed as dist
 from torch import nn
 
 from aoe_ep.config import MoEConfig
+from aoe_ep.moe.balancing import THRESHOLD_BIAS_INIT, build_balancing, build_coupling
+from aoe_ep.moe.context import DEFAULT_CONTEXT, StepContext
 from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
-from aoe_ep.moe.losses import (aux_loss, erc_eps, erc_from_norms, erc_noise, erc_proxies, threshold_balance_loss,
-                               token_entropy)
+from aoe_ep.moe.losses import scale_gradient, token_entropy
 from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer
-from aoe_ep.moe.selection import decide, threshold_gates, weigh
+from aoe_ep.moe.selection import weigh
 from aoe_ep.moe.stats import LoadStats, selection_margin
 
-INPUT_CHECKS = ("raise", "flag")
-THRESHOLD_BIAS_INIT = 1e-6  # Routing-Free MoE's initial b
+__all__ = ["THRESHOLD_BIAS_INIT", "LayerTiming", "MoEInfo", "MoELayer", "StepContext"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,15 @@ class LayerTiming:
 
 @dataclass(frozen=True)
 class MoEInfo:
-    """aux_loss: this layer's auxiliary loss over the EP group's batch (add it to the training loss; the same value
-    on every rank); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`; nonfinite_inputs: NaN or
-    infinite input values over the EP group (an int, or a 0-dim device tensor on one device; nonzero only under
+    """aux_loss: this layer's auxiliary loss over the EP group's batch, the same value on every rank: add it to the
+    training loss (its gradient flows through this rank's tokens only; summed over the EP group it is the
+    single-device gradient, or, under the step context's `rank_mean_gradients`, averaged over the data-parallel
+    world); stats: its `LoadStats` (global); timing: this rank's `LayerTiming`; nonfinite_inputs: NaN or infinite
+    input values over the EP group (an int, or a 0-dim device tensor on one device; nonzero only under the context's
     `input_check = "flag"`, which lets them through); mask_TE: which experts this rank's tokens selected [T, n]
-    (bool; only while the layer's `record_selection` is set, else None); erc_loss, erc_eps: the ERC loss (before its
-    weight, included in aux_loss) and the mean ε over experts, detached 0-dim tensors (None unless `moe.erc_loss_coeff`
-    is set and the layer is training)."""
+    (bool; only under the context's `record_selection`, else None); erc_loss, erc_eps: the ERC loss (before its
+    weight, included in aux_loss) and the mean ε over experts, detached 0-dim tensors (None unless
+    `moe.erc_loss_coeff` is set and the layer is training)."""
 
     aux_loss: torch.Tensor
     stats: LoadStats
@@ -87,27 +89,21 @@ class MoELayer(nn.Module):
 
     `y, info = layer(x)` maps x [..., d_model] to y of the same shape: y = Σ_{i∈I} g_i · E_i(x). With `ep_group`,
     this rank holds experts [r·n/EP, (r+1)·n/EP) (or those its `placement` names) and x is this rank's tokens;
-    info is the same on every rank.
+    info is the same on every rank. `layer(x, ctx=...)` runs under a `StepContext` (what the trainer tells the
+    layers each step: `aoe_ep.moe.context`); `index` is the layer's position among a model's MoE layers (it keys
+    the ERC noise).
 
-    `info.timing` is host wall-clock; on an accelerator it measures device work only while `synchronize_timing` is
-    set (the trainer sets it on logging steps, as synchronising every layer costs throughput). `record_selection`
-    puts the selection mask of this rank's tokens into `info.mask_TE` (the churn probe sets it). The ERC loss draws
-    its noise from (`erc_seed`, `erc_layer`, `erc_step`): the trainer sets the run seed and the layer's index once and
-    the step before every training step, so the noise is the same on every rank and after a resume.
+    `info.timing` is host wall-clock; on an accelerator it measures device work only under the context's
+    `synchronize_timing`. Balancing (`aoe_ep.moe.balancing`) is one scheme object, `balancing`, chosen from the
+    config, plus `coupling`, the ERC loss when `moe.erc_loss_coeff` is set.
     """
 
-    synchronize_timing = False
-    record_selection = False
-    input_check = "raise"
-    erc_seed = 0
-    erc_layer = 0
-    erc_step = 0
-
     def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None,
-                 dispatcher: Optional[Dispatcher] = None):
+                 dispatcher: Optional[Dispatcher] = None, index: int = 0):
         super().__init__()
         cfg.validate("moe")
         self.cfg = cfg
+        self.index = index
         self.dispatcher = dispatcher if dispatcher is not None else build_dispatcher(cfg, ep_group)
         ep_size, ep_rank = self.dispatcher.ep_size, self.dispatcher.ep_rank
         self.num_local_experts = cfg.num_experts // ep_size
@@ -119,21 +115,15 @@ class MoELayer(nn.Module):
         mark_expert_parameters(self.experts.parameters())
         if self.scorer_is_sharded:
             mark_expert_parameters(self.scorer.parameters())
-        if cfg.balance == "bias":
-            # Replicated on every rank; moved after each optimiser step from the step's global counts
-            # (aoe_ep.moe.balance); no gradient.
-            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        if cfg.selection == "threshold":
-            # Routing-Free MoE's b (replicated like the router, its gradient from this rank's uses), and the weight
-            # λ of its balancing loss, moved after each optimiser step from the step's density (aoe_ep/moe/threshold.py).
-            self.threshold_bias = nn.Parameter(torch.full((cfg.num_experts,), THRESHOLD_BIAS_INIT))
-            self.register_buffer("threshold_lambda", torch.tensor(float(cfg.threshold_lambda_init)))
+        self.balancing = build_balancing(cfg)
+        self.balancing.register(self)
+        self.coupling = build_coupling(cfg)
 
-    def _check(self, nonfinite, layout_count) -> None:
+    def _check(self, nonfinite, layout_count, input_check: str) -> None:
         """`input_check = "raise"`: a ValueError for non-finite input. Where the dispatcher exchanged the count
         (expert parallel), every rank of the group raises together; on one CPU device the check is eager; on an
         accelerator it is an asynchronous device assertion, so that it never blocks the host."""
-        if self.input_check != "raise":
+        if input_check != "raise":
             return
         if isinstance(layout_count, int):
             if layout_count:
@@ -144,70 +134,59 @@ class MoELayer(nn.Module):
         else:
             torch._assert_async(nonfinite == 0, "MoELayer input holds NaN or infinite values")
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEInfo]:
-        cfg, d = self.cfg, self.dispatcher
-        if self.input_check not in INPUT_CHECKS:
-            raise ValueError(f"MoELayer.input_check must be one of {INPUT_CHECKS}, got {self.input_check!r}")
+    def forward(self, x: torch.Tensor, ctx: StepContext = DEFAULT_CONTEXT) -> tuple[torch.Tensor, MoEInfo]:
+        cfg, d, scheme = self.cfg, self.dispatcher, self.balancing
         nonfinite = count_nonfinite(x, cfg.d_model)
         # Rows travel and experts run in the compute dtype (autocast's, if on); scores and gates in at least fp32.
         x_TD = x.reshape(-1, cfg.d_model).to(compute_dtype(x))
-
         layout = d.layout(x_TD, nonfinite)
-        self._check(nonfinite, layout.nonfinite)
+        self._check(nonfinite, layout.nonfinite, ctx.input_check)
+
+        # score: the scorer runs on the tokens the dispatcher scores here; the decision sees all n experts' scores
         xs_SD = d.scored_tokens(x_TD, layout)
         scores = self.scorer(xs_SD)
         s_dec_SE = d.all_expert_scores(scores.s_TE, layout)
-        bias_E = getattr(self, "expert_bias", None)
-        threshold_bias_E = getattr(self, "threshold_bias", None)
-        decision = decide(s_dec_SE, cfg, expert_choice=partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
-                                                               layout=layout),
-                          bias_E=bias_E, threshold_bias_E=threshold_bias_E)
+        # decide (the balancing scheme may shift the ranked scores, or select by its own gates)
+        decision = scheme.decide(self, s_dec_SE, partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
+                                                         layout=layout))
+        # dispatch: the selected rows reach their experts' ranks; the differentiable scores come back attached
         rows, state, s_SX = d.dispatch(x_TD, xs_SD, scores, decision, layout)
         s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
-        g_SE = None if threshold_bias_E is None else threshold_gates(s_SE, threshold_bias_E)
+        g_SE = scheme.gates(self, s_SE)
         probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate, g_SE)
         entropy_S = token_entropy(s_SE, probs_SE)
-        # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded. The
-        # margin is that of the scores the decision ranked (biased under `moe.balance: bias`; G under threshold
-        # selection), so it is never negative.
-        ranked_SE = g_SE if g_SE is not None else s_dec_SE if bias_E is None else s_dec_SE.detach() + bias_E
-        margin_S = None if cfg.selection == "expert_choice" else selection_margin(ranked_SE, decision.mask_SE)
+        # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded.
+        margin_S = (None if cfg.selection == "expert_choice"
+                    else selection_margin(scheme.ranked(self, s_dec_SE, g_SE), decision.mask_SE))
         sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S, g_SE)
         own = d.own_rows(layout)
-        if g_SE is None:
-            loss = aux_loss(cfg, probs_SE[own], entropy_S[own], sums)
-        else:
-            loss = self.threshold_lambda.to(g_SE.dtype) * threshold_balance_loss(cfg, g_SE[own],
-                                                                                 decision.mask_SE[own], sums)
-        proxies_nd, eps_n = self._erc_proxies() if cfg.erc_loss_coeff > 0 and self.training else (None, None)
+        loss = scheme.loss(self, own, decision.mask_SE, probs_SE, entropy_S, g_SE, sums)
 
-        sync = self.synchronize_timing
+        # experts (with the ERC gate norms in the same call: FSDP2 gathers their weights once per forward)
+        coupling = self.coupling if self.training else None
+        proxies_nd, eps_n = coupling.proxies(self, ctx) if coupling is not None else (None, None)
+        sync = ctx.synchronize_timing
         start = _wait(x, sync)
         if proxies_nd is None:
             out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML), None
-        else:  # one call of the experts for both (FSDP2 gathers their weights once per forward)
+        else:
             out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML, gate_norms_of=proxies_nd)
         after_experts = _wait(x, sync)
+        # combine: each token's expert outputs, weighted by its gates, back on its rank
         y_TD = d.combine(out_MD, gates_SE, state)
         expert_seconds, combine_seconds = after_experts - start, _wait(x, sync) - after_experts
-        erc = None if m_nX is None else erc_from_norms(d.expert_columns(m_nX), cfg.erc_alpha)
+        erc = None if m_nX is None else coupling.loss(d.expert_columns, m_nX)
         if erc is not None:
-            loss = loss + cfg.erc_loss_coeff * erc
+            loss = loss + coupling.coeff * erc
+        if ctx.rank_mean_gradients and d.ep_size > 1:
+            loss = scale_gradient(loss, d.ep_size)
 
         info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds),
                        nonfinite_inputs=layout.nonfinite,
-                       mask_TE=decision.mask_SE[own] if self.record_selection else None,
+                       mask_TE=decision.mask_SE[own] if ctx.record_selection else None,
                        erc_loss=None if erc is None else erc.detach(),
                        erc_eps=None if erc is None else eps_n.mean())
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
-
-    def _erc_proxies(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ERC proxies R̃ [n, d] of the router rows (differentiable in R) and ε [n] (`aoe_ep.moe.losses`); the
-        experts return their columns of M = ‖R̃ W_g‖ with their outputs, and the dispatcher gathers them."""
-        router_nd = self.scorer.weight
-        u_nd = erc_noise(*router_nd.shape, self.erc_seed, self.erc_layer, self.erc_step).to(router_nd.device)
-        eps_n = erc_eps(router_nd)
-        return erc_proxies(router_nd, eps_n, u_nd), eps_n
 
     @property
     def placement(self) -> Placement:

@@ -27,6 +27,27 @@ def _global_value(own: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return own + (total - own).detach()
 
 
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; the gradient times `factor` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x with its value unchanged and its gradient multiplied by `factor` (as `factor · x` would have it). A layer's
+    aux loss takes this form, with the EP size, when the caller averages every rank's gradients over the data-
+    parallel world: its gradient flows through the rank's own tokens only, so the EP group's ranks together carry
+    one single-device gradient, which the world-wide mean would otherwise divide by the EP size."""
+    return _ScaleGradient.apply(x, factor)
+
 def load_balancing_loss(probs_own_TE: torch.Tensor, sums: BatchSums, coeff: float) -> torch.Tensor:
     """α·n·Σ f_i·P_i with f_i = tokens_per_expert/T (sums to K for top-K) and P_i = mean softmax probability.
 

@@ -9,16 +9,18 @@ applied optimiser step it moves toward the target density ρ* = `moe.threshold_d
 where ρ is the fraction of (token, expert) pairs that fired in that step: all micro-batches, over the whole
 data-parallel world. Too many experts firing raises the weight of the loss that pushes G down; too few lowers it.
 As for `moe.balance: bias` (aoe_ep/moe/balance.py) the counts are the step's global ones, formed in its one
-world-wide reduction, so λ is the same number on every rank; the layer only reads its buffer.
+world-wide reduction, so λ is the same number on every rank; the layer's scheme
+(`aoe_ep.moe.balancing.ThresholdBalancing`) reads the buffer in its loss and moves it by `lambda_update`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from aoe_ep.moe.layer import MoEInfo, MoELayer
+if TYPE_CHECKING:
+    from aoe_ep.moe.layer import MoEInfo
 
 LAMBDA_MAX = 1.0  # the Routing-Free repository caps λ at 1
 
@@ -42,30 +44,3 @@ def step_density(counts_LE: torch.Tensor, num_tokens: torch.Tensor | float) -> t
     pairs = counts_LE.shape[1] * torch.as_tensor(num_tokens, dtype=torch.float64, device=counts_LE.device)
     return counts_LE.double().sum(dim=1) / pairs.clamp_min(1)
 
-
-@torch.no_grad()
-def update_threshold_lambdas(layers: Sequence[MoELayer], counts_LE: torch.Tensor,
-                             num_tokens: torch.Tensor | float) -> None:
-    """Move each threshold layer's `threshold_lambda` in place by `lambda_update` with its own config; `counts_LE`
-    holds the step's global counts of every layer in `layers`, `num_tokens` the step's global token count."""
-    density_L = step_density(counts_LE, num_tokens)
-    for layer, density in zip(layers, density_L):
-        cfg = layer.cfg
-        if cfg.selection == "threshold" and cfg.balance == "aux":
-            layer.threshold_lambda.copy_(lambda_update(layer.threshold_lambda, density, cfg.threshold_density,
-                                                       cfg.threshold_eta))
-
-
-def threshold_scalars(layers: Sequence[MoELayer], stats: Sequence) -> dict[str, float]:
-    """Log values per threshold layer (NN its index among `layers`): `moe/layerNN/density`, ρ over the logging
-    window's global batch (its `LoadStats`), and `moe/layerNN/threshold_lambda`, the current λ."""
-    out: dict[str, float] = {}
-    for i, layer in enumerate(layers):
-        if layer.cfg.selection != "threshold":
-            continue
-        if i < len(stats):
-            s = stats[i]
-            out[f"moe/layer{i:02d}/density"] = float(s.tokens_per_expert.sum()) / max(
-                s.tokens_per_expert.numel() * s.num_tokens, 1)
-        out[f"moe/layer{i:02d}/threshold_lambda"] = float(layer.threshold_lambda)
-    return out

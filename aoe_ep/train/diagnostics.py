@@ -17,11 +17,13 @@ held the same selections, so the resumed run logs the same churn; otherwise its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Optional
 
 import torch
 
 from aoe_ep.moe import LoadStats
+from aoe_ep.moe.context import DEFAULT_CONTEXT, StepContext
 from aoe_ep.train.batches import BatchPlan, collate
 from aoe_ep.train.distributed import all_reduce_
 
@@ -70,29 +72,31 @@ class ChurnProbe:
         self.previous: Optional[list[torch.Tensor]] = None
 
     @torch.no_grad()
-    def selections(self, model, moe_layers: list, autocast=contextlib.nullcontext) -> list[torch.Tensor]:
-        """Per MoE layer, the selection mask [probe tokens of this rank, n] in eval mode (collective under EP); the
-        layers' byte counters are paused, so logged bytes stay those of training steps."""
+    def selections(self, model, moe_layers: list, autocast=contextlib.nullcontext,
+                   ctx: StepContext = DEFAULT_CONTEXT) -> list[torch.Tensor]:
+        """Per MoE layer, the selection mask [probe tokens of this rank, n] in eval mode (collective under EP), the
+        layers running under `ctx` with `record_selection` set; their byte counters are paused, so logged bytes stay
+        those of training steps."""
         was_training = model.training
         model.eval()
         masks: list[list[torch.Tensor]] = [[] for _ in moe_layers]
+        recording = dataclasses.replace(ctx, record_selection=True)
         with contextlib.ExitStack() as stack:
             for layer in moe_layers:
                 stack.enter_context(layer.dispatcher.counter.paused())
-                layer.record_selection = True
-                stack.callback(setattr, layer, "record_selection", False)
             for tokens in self.tokens:
                 with autocast():
-                    infos = model(tokens).moe
+                    infos = model(tokens, ctx=recording).moe
                 for per_layer, info in zip(masks, infos):
                     per_layer.append(info.mask_TE)
         model.train(was_training)
         return [torch.cat(m) for m in masks]
 
-    def update(self, model, moe_layers: list, group=None, autocast=contextlib.nullcontext) -> Optional[list[float]]:
+    def update(self, model, moe_layers: list, group=None, autocast=contextlib.nullcontext,
+               ctx: StepContext = DEFAULT_CONTEXT) -> Optional[list[float]]:
         """Probe now; the churn per layer since the previous probe, summed over the ranks of `group` (default: the
         world), or None at the first probe (collective)."""
-        masks = self.selections(model, moe_layers, autocast)
+        masks = self.selections(model, moe_layers, autocast, ctx)
         previous, self.previous = self.previous, masks
         if previous is None:
             return None

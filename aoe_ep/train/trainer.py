@@ -7,8 +7,9 @@ clipping → scheduler → AdamW, with validation, logging and checkpoints at th
 A step minimises the mean over micro-batches and ranks of (token-mean cross-entropy + Σ_layers aux loss); the
 logged `loss` is the cross-entropy part (validation perplexity is its exp), `aux_loss` the rest. Under expert
 parallelism each rank's aux loss is its EP group's value whose gradient flows through the rank's own tokens only
-(summed over the group it is the single-device gradient), so it is scaled by the EP size before the world-wide mean
-that DDP takes, which keeps its weight equal to the single-device recipe.
+(summed over the group it is the single-device gradient); the step's `StepContext` asks the layers for it in the
+form that survives the world-wide mean DDP takes (its gradient scaled by the EP size, its value unchanged), which
+keeps its weight equal to the single-device recipe.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ import yaml
 
 from aoe_ep.config import Config, ConfigError, ModelConfig, MoEConfig
 from aoe_ep.model import Decoder, init_parameters, token_cross_entropy
-from aoe_ep.moe import MoELayer
-from aoe_ep.moe.balance import bias_scalars, step_token_counts, update_expert_biases
-from aoe_ep.moe.threshold import step_tokens, threshold_scalars, update_threshold_lambdas
+from aoe_ep.moe import MoELayer, StepContext
+from aoe_ep.moe.balance import step_token_counts
+from aoe_ep.moe.balancing import needs_step_counts, update_balancing
+from aoe_ep.moe.threshold import step_tokens
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train import placement as place
+from aoe_ep.train.balancing_log import balancing_scalars
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
@@ -126,9 +129,6 @@ class Trainer:
         init_parameters(model, cfg.train.seed)  # one model for every layout (aoe_ep/model/init.py)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        for i, layer in enumerate(self.moe_layers):  # non-finite input flows on and is reported; the step guard decides
-            layer.input_check = "flag"
-            layer.erc_seed, layer.erc_layer = cfg.train.seed, i  # the ERC noise stream (with the step, below)
         self.bias_balancing = any(layer.cfg.balance == "bias" for layer in self.moe_layers)
         self.threshold_balancing = any(layer.cfg.selection == "threshold" and layer.cfg.balance == "aux"
                                        for layer in self.moe_layers)
@@ -182,7 +182,7 @@ class Trainer:
             for layer in self.moe_layers:
                 uncounted.enter_context(layer.dispatcher.counter.paused())
             with self._autocast():
-                out = model(batch.tokens)
+                out = model(batch.tokens, ctx=self._step_context(timed=False))
                 ce_sum, count = token_cross_entropy(out.logits, batch.labels, batch.loss_mask)
             (ce_sum / count.clamp_min(1.0) + out.aux_loss).backward()
         self.optimizer.zero_grad(set_to_none=True)
@@ -258,6 +258,14 @@ class Trainer:
     def _autocast(self):
         return autocast(self.autocast_dtype, self.runtime.device)
 
+    def _step_context(self, timed: bool) -> StepContext:
+        """What the MoE layers run under at the current step: non-finite input flows on and is reported (the step
+        guard decides), the ERC noise follows (run seed, layer, step), and the aux loss comes in the form added to
+        the loss below (DDP averages the gradients of every rank). `timed`: the layers synchronise the accelerator
+        to time their phases."""
+        return StepContext(step=self.step, seed=self.cfg.train.seed, synchronize_timing=timed, input_check="flag",
+                           rank_mean_gradients=True)
+
     # ------------------------------------------------------------------------------------------------------------
     # the loop
 
@@ -298,9 +306,7 @@ class Trainer:
         """One optimiser step; `timed`: the MoE layers synchronise the accelerator to time their phases."""
         model, plan, rt = self.dp.module, self.plan, self.runtime
         model.train()
-        for layer in self.moe_layers:
-            layer.synchronize_timing = timed
-            layer.erc_step = self.step
+        ctx = self._step_context(timed)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # Σ lm loss, Σ aux loss over micro-batches
         health = StepHealth(len(self.moe_layers), rt.device)
@@ -310,10 +316,10 @@ class Trainer:
             last = micro == plan.num_micro_batches - 1
             with self.dp.sync_context(last):
                 with self._autocast():
-                    out = model(batch.tokens)
+                    out = model(batch.tokens, ctx=ctx)
                     ce_sum, count = token_cross_entropy(out.logits, batch.labels, batch.loss_mask)
                     lm = ce_sum / count.clamp_min(1.0)
-                    loss = (lm + rt.ep_size * out.aux_loss) / plan.num_micro_batches
+                    loss = (lm + out.aux_loss) / plan.num_micro_batches
                 loss.backward()
             sums += torch.stack([lm.detach(), out.aux_loss.detach()]).double()
             health.add(out.moe)
@@ -325,7 +331,7 @@ class Trainer:
         # rank holds its group's: ep_size times each).
         packed = health.packed(sums / plan.num_micro_batches, grad_norm)
         counts_LE = step_token_counts(infos, self.moe_layers, rt.device) if self.moe_layers else None
-        balance = counts_LE is not None and (self.bias_balancing or self.threshold_balancing)
+        balance = counts_LE is not None and needs_step_counts(self.moe_layers)
         reduced = all_reduce_(torch.cat([packed, counts_LE.flatten(), step_tokens(infos, rt.device)]) if balance
                               else packed)
         v = verdict(reduced[:packed.numel()], rt.world_size, rt.ep_size)
@@ -334,8 +340,7 @@ class Trainer:
             self.optimizer.step()
             if balance:
                 global_LE = reduced[packed.numel():-1].view_as(counts_LE) / rt.ep_size
-                update_expert_biases(self.moe_layers, global_LE)
-                update_threshold_lambdas(self.moe_layers, global_LE, reduced[-1] / rt.ep_size)
+                update_balancing(self.moe_layers, global_LE, reduced[-1] / rt.ep_size)
             for micro_infos in infos:
                 self.moe_stats.add(micro_infos, timed)
             if counts_LE is not None:
@@ -357,7 +362,7 @@ class Trainer:
         if self.eval_batches == 0:
             return None
         sums = validation_sums(self.dp.model, self.moe_layers, self.valid_ds, self.plan, self.eval_batches,
-                               self.runtime.device, self.autocast_dtype)
+                               self.runtime.device, self.autocast_dtype, ctx=self._step_context(timed=False))
         all_reduce_(sums)
         return float(sums[0] / sums[1].clamp_min(1.0))
 
@@ -401,14 +406,14 @@ class Trainer:
         # AoE diagnostics: score margin, top-K churn, dead experts, wasted precompute (plain scalars per layer)
         if stats:
             scalars.update(diagnostic_scalars(stats, self.cfg.moe.scorer, churn))
-        scalars.update(bias_scalars(self.moe_layers))
-        scalars.update(threshold_scalars(self.moe_layers, stats))
+        scalars.update(balancing_scalars(self.moe_layers, stats))
         scalars.update(comm)
         self.logger.log(self.step, scalars, images={"moe/load_heatmap": load_heatmap(stats)} if stats else None)
 
     def _probe_churn(self) -> Optional[list[float]]:
         """Churn per MoE layer of the fixed probe batch since the last probe (collective over the world)."""
-        return self.probe.update(self.dp.model, self.moe_layers, autocast=self._autocast)
+        return self.probe.update(self.dp.model, self.moe_layers, autocast=self._autocast,
+                                 ctx=self._step_context(timed=False))
 
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (collective). None if that step's checkpoint already exists."""

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from aoe_ep.model import token_cross_entropy
+from aoe_ep.moe.context import DEFAULT_CONTEXT, StepContext
 from aoe_ep.train.batches import BatchPlan, collate
 
 
@@ -33,10 +34,12 @@ def num_validation_batches(dataset: Any, plan: BatchPlan, eval_steps: int) -> in
 
 @torch.no_grad()
 def validation_sums(model, moe_layers: list, dataset: Any, plan: BatchPlan, num_batches: int,
-                    device: torch.device, dtype: Optional[torch.dtype], progress=None) -> torch.Tensor:
+                    device: torch.device, dtype: Optional[torch.dtype], progress=None,
+                    ctx: StepContext = DEFAULT_CONTEXT) -> torch.Tensor:
     """[Σ masked cross-entropy, Σ mask] (float64) of this rank's share of global batches [0, num_batches) of
     `dataset`, in the trainer's micro-batch layout; the caller sums over ranks. `progress` (a tqdm bar) advances
-    one per global batch. The MoE layers' byte counters are paused: logged bytes are those of training steps."""
+    one per global batch; `ctx`: the `StepContext` the MoE layers run under. The MoE layers' byte counters are paused:
+    logged bytes are those of training steps."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)
@@ -47,7 +50,7 @@ def validation_sums(model, moe_layers: list, dataset: Any, plan: BatchPlan, num_
             for micro in range(plan.num_micro_batches):
                 batch = collate(dataset, plan.indices(batch_index * plan.global_samples, micro), device)
                 with autocast(dtype, device):
-                    logits = model(batch.tokens).logits
+                    logits = model(batch.tokens, ctx=ctx).logits
                 ce_sum, count = token_cross_entropy(logits, batch.labels, batch.loss_mask)
                 sums += torch.stack([ce_sum, count]).double()
             if progress is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aoe_ep.config import MoEConfig
-from aoe_ep.moe import MoELayer
+from aoe_ep.moe import MoELayer, StepContext
 from aoe_ep.moe.experts import grouped_glu
 from aoe_ep.moe.grouped import Groups, gmm, gmm_wgrad
 
@@ -49,13 +49,13 @@ def test_cuda_fp32_layer_matches_cpu_float64(scorer, selection):
 @pytest.mark.parametrize("scorer", SCORERS)
 def test_local_bf16_layer_never_synchronises(scorer, selection):
     layer = MoELayer(MoEConfig(scorer=scorer, selection=selection, **DIMS)).cuda().bfloat16()
-    layer.input_check = "flag"  # "raise" on CUDA is an asynchronous assertion, but flag is what training uses
+    flag = StepContext(input_check="flag")  # "raise" on CUDA is an asynchronous assertion; training uses flag
     x = torch.randn(256, DIMS["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer(x)  # warm-up outside the check (lazy CUDA initialisation may synchronise)
+    layer(x, ctx=flag)  # warm-up outside the check (lazy CUDA initialisation may synchronise)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, info = layer(x)
+        y, info = layer(x, ctx=flag)
         (y.float().sum() + info.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -11,8 +11,10 @@ import torch
 
 from aoe_ep.config import ConfigError, MoEConfig, load_config
 from aoe_ep.moe import MoELayer
-from aoe_ep.moe.balance import bias_scalars, bias_update, step_token_counts, update_expert_biases
+from aoe_ep.moe.balance import bias_update, step_token_counts
+from aoe_ep.moe.balancing import update_balancing
 from aoe_ep.moe.selection import decide
+from aoe_ep.train.balancing_log import balancing_scalars
 from tests.moe.test_layer_reference import NUM_EXPERTS, SCORERS, _seed, make_cfg, run_and_compare
 
 
@@ -41,10 +43,10 @@ def test_layer_biases_move_with_the_counts_of_all_micro_batches():
     counts_LE = step_token_counts(micro, layers, torch.device("cpu"))
     expected = [[sum(int(m[i].stats.tokens_per_expert[e]) for m in micro) for e in range(4)] for i in range(2)]
     assert counts_LE.tolist() == expected and counts_LE.sum().item() == 2 * 3 * 6
-    update_expert_biases(layers, counts_LE)
+    update_balancing(layers, counts_LE, 3 * 6)
     for layer, counts in zip(layers, expected):
         assert layer.expert_bias.tolist() == pytest.approx(_direct([0.0] * 4, counts, 0.5))
-    logged = bias_scalars(layers)
+    logged = balancing_scalars(layers)
     assert set(logged) == {f"moe/layer{i:02d}/{key}" for i in range(2) for key in ("bias", "bias_max_abs")}
     for i, counts in enumerate(expected):
         assert logged[f"moe/layer{i:02d}/bias"] == pytest.approx(_direct([0.0] * 4, counts, 0.5))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aoe_ep.config import ConfigError, MoEConfig
-from aoe_ep.moe import MoELayer
+from aoe_ep.moe import MoELayer, StepContext
 from aoe_ep.moe.losses import erc_loss, erc_noise
 
 
@@ -102,12 +102,12 @@ def test_layer_adds_the_weighted_erc_loss_and_routes_with_the_clean_router(exper
     dims = dict(d_model=16, num_experts=4, top_k=2, d_ffn=12, d_low=6, scorer="router", expert_kind=expert_kind)
     torch.manual_seed(0)
     plain = MoELayer(MoEConfig(**dims))
-    layer = MoELayer(MoEConfig(**dims, erc_loss_coeff=0.7, erc_alpha=0.8))
+    layer = MoELayer(MoEConfig(**dims, erc_loss_coeff=0.7, erc_alpha=0.8), index=2)
     layer.load_state_dict(plain.state_dict())
-    layer.erc_seed, layer.erc_layer, layer.erc_step = 11, 2, 9
+    ctx = StepContext(seed=11, step=9)
     x = torch.randn(20, 16)
     y0, info0 = plain(x)
-    y1, info1 = layer(x)
+    y1, info1 = layer(x, ctx=ctx)
     assert torch.equal(y0, y1) and torch.equal(info0.stats.tokens_per_expert, info1.stats.tokens_per_expert)
     experts = layer.experts
     w_gate = (experts.w_down, experts.w_up) if expert_kind == "factorized" else experts.w_gate
@@ -119,7 +119,7 @@ def test_layer_adds_the_weighted_erc_loss_and_routes_with_the_clean_router(exper
     info1.aux_loss.backward()
     assert layer.scorer.weight.grad.abs().sum() > 0
     layer.eval()  # evaluation computes no ERC term
-    _, info2 = layer(x)
+    _, info2 = layer(x, ctx=ctx)
     assert info2.erc_loss is None
 
 

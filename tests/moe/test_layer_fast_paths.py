@@ -9,7 +9,7 @@ import torch
 
 from aoe_ep.bench.measure import saved_bytes_counter
 from aoe_ep.config import MoEConfig
-from aoe_ep.moe import MoELayer
+from aoe_ep.moe import MoELayer, StepContext
 
 SCORERS = ("aoe", "router", "self_routing")
 # 16-byte-aligned widths in fp32 and bf16, so that the grouped kernel runs; d_wide 12 is padded to 16 in bf16
@@ -112,9 +112,8 @@ def test_local_layer_has_no_data_dependent_shape_or_host_read(scorer, selection,
     # bf16, the dtype the grouped kernel runs in on an accelerator; the hidden width 12 is padded to 16.
     cfg = _cfg(scorer, selection, aoe_cache=aoe_cache)
     layer = MoELayer(cfg).to("meta", torch.bfloat16)
-    layer.input_check = "flag"
     x = torch.randn(40, cfg.d_model, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    y, info = layer(x)
+    y, info = layer(x, ctx=StepContext(input_check="flag"))
     (y.sum() + info.aux_loss).backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
     assert all(p.grad is not None and p.grad.shape == p.shape for p in layer.parameters())
@@ -128,11 +127,10 @@ def test_flag_mode_lets_non_finite_input_through_and_counts_it(scorer):
     x[3, 5], x[7, 0] = float("nan"), float("inf")
     with pytest.raises(ValueError, match="2 NaN or infinite"):
         layer(x)
-    layer.input_check = "flag"
-    y, info = layer(x)
+    flag = StepContext(input_check="flag")
+    y, info = layer(x, ctx=flag)
     assert int(info.nonfinite_inputs) == 2 and y.shape == x.shape
-    _, clean = layer(torch.randn(10, cfg.d_model))
+    _, clean = layer(torch.randn(10, cfg.d_model), ctx=flag)
     assert int(clean.nonfinite_inputs) == 0
-    layer.input_check = "warn"
     with pytest.raises(ValueError, match="input_check"):
-        layer(x)
+        layer(x, ctx=StepContext(input_check="warn"))

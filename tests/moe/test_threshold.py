@@ -11,11 +11,12 @@ import torch
 from aoe_ep.config import ConfigError, MoEConfig
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.balance import step_token_counts
+from aoe_ep.moe.balancing import update_balancing
 from aoe_ep.moe.losses import threshold_balance_loss
 from aoe_ep.moe.selection import decide, threshold_gates
 from aoe_ep.moe.stats import BatchSums
-from aoe_ep.moe.threshold import (lambda_update, step_density, step_tokens, threshold_scalars,
-                                  update_threshold_lambdas)
+from aoe_ep.moe.threshold import lambda_update, step_density, step_tokens
+from aoe_ep.train.balancing_log import balancing_scalars
 
 
 def _cfg(**over):
@@ -120,11 +121,11 @@ def test_layer_lambdas_follow_the_step_density_and_are_logged():
     density = step_density(counts_LE, tokens[0])
     assert density.tolist() == [counts_LE[0].sum().item() / 90, counts_LE[1].sum().item() / 90]
     assert density.tolist() == [1.0, 0.0]
-    update_threshold_lambdas(layers, counts_LE, tokens[0])
+    update_balancing(layers, counts_LE, tokens[0])
     assert layers[0].threshold_lambda.item() == pytest.approx(0.15)
     assert layers[1].threshold_lambda.item() == pytest.approx(0.1 / 1.5)
     stats = [micro[0][i].stats for i in range(2)]
-    logged = threshold_scalars(layers, stats)
+    logged = balancing_scalars(layers, stats)
     assert logged == pytest.approx({"moe/layer00/density": 1.0, "moe/layer00/threshold_lambda": 0.15,
                                     "moe/layer01/density": 0.0, "moe/layer01/threshold_lambda": 0.1 / 1.5})
 

@@ -92,7 +92,9 @@ def _churn_sequence(scorer: str, dispatcher: str, ep_group, samples: range) -> l
     _flip_first_layer(state, scorer)
     _load_full(model, state)
     out.append(probe.update(model, layers))
-    assert all(not layer.record_selection for layer in layers) and model.training
+    assert model.training
+    with torch.no_grad():  # the probe's recording context ends with it: a plain forward records no selection
+        assert all(info.mask_TE is None for info in model(probe.tokens[0]).moe)
     return out
 
 

@@ -1,5 +1,8 @@
 """The MoE layer: score → decide → dispatch → experts → combine, plus its aux loss and load statistics.
 
+Read `aoe_ep/moe/reference.py` first: the same layer written per token, which this one must equal in outputs, losses,
+statistics and every gradient (tests/moe/test_layer_reference.py holds it there).
+
 The layer never asks about ranks: the dispatcher (`aoe_ep.moe.dispatcher.Dispatcher`), built from `ep_group` and
 `cfg.dispatcher` or handed in, decides which tokens are scored here, which rows reach the experts this layer holds,
 and how global sums are formed. On one device, top-K and expert choice run without a host synchronisation.
@@ -85,7 +88,7 @@ def _wait(x: torch.Tensor, synchronize: bool) -> float:
 
 
 class MoELayer(nn.Module):
-    """AoE, routed-MoE or Self-Routing FFN layer (DESIGN.md sections 1, 2 and 5).
+    """AoE, routed-MoE or Self-Routing FFN layer (docs/design.md sections 1, 2 and 5).
 
     `y, info = layer(x)` maps x [..., d_model] to y of the same shape: y = Σ_{i∈I} g_i · E_i(x). With `ep_group`,
     this rank holds experts [r·n/EP, (r+1)·n/EP) (or those its `placement` names) and x is this rank's tokens;

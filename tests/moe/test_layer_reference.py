@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aoe_ep.config import MoEConfig
-from aoe_ep.moe import MoELayer, reference
+from aoe_ep.moe import MoELayer, StepContext, reference
 from aoe_ep.moe.losses import erc_noise
 
 RTOL = 1e-9
@@ -157,11 +157,12 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None, ties
     if prepare is not None:
         prepare(layer, x0)
     lam = float(layer.threshold_lambda) if cfg.selection == "threshold" else 1.0
-    u = erc_noise(cfg.num_experts, cfg.d_model, layer.erc_seed, layer.erc_layer, layer.erc_step)
+    ctx = StepContext(step=3, seed=11)  # the ERC noise is keyed by (seed, layer index, step)
+    u = erc_noise(cfg.num_experts, cfg.d_model, ctx.seed, layer.index, ctx.step)
 
     # package
     x = x0.clone().requires_grad_(True)
-    y, info = layer(x)
+    y, info = layer(x, ctx=ctx)
     assert y.shape == x.shape and y.dtype == torch.float64
     aux = info.aux_loss
     assert torch.is_tensor(aux) and aux.dim() == 0

@@ -588,6 +588,24 @@ class Trainer:
         self.close()
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) during training; the message names the step, the last checkpoint and how to resume."""
+
+
 def train(cfg: Config, resume: Optional[str] = None, data: Optional[DataBuilders] = None) -> TrainResult:
-    with Trainer(cfg, resume=resume, data=data) as trainer:
-        return trainer.fit()
+    try:
+        trainer = Trainer(cfg, resume=resume, data=data)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted during start-up, before any step; nothing was trained") from None
+    with trainer:
+        try:
+            return trainer.fit()
+        except KeyboardInterrupt:
+            try:
+                latest = ckpt.latest_checkpoint(trainer.ckpt_root)
+            except ckpt.CheckpointError:
+                latest = None
+            where = (f"the last checkpoint is {latest} (step {ckpt.read_meta(latest)['step']}); continue from it with "
+                     f"the same command and --resume" if latest is not None
+                     else "no checkpoint was written yet; start again without --resume")
+            raise Interrupted(f"interrupted at step {trainer.step}; {where}") from None

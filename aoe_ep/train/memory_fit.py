@@ -1,15 +1,17 @@
 """Refuse, before anything is allocated, a model whose parameters, gradients and AdamW state cannot fit in this
-machine's memory: the per-rank bytes of `aoe_ep.plan.state.rank_state` (the plan's arithmetic, on a meta model)
-against the accelerator's memory, or the host's physical memory shared by the ranks of this node."""
+machine's memory: the per-rank bytes of the plan's arithmetic (`aoe_ep.plan.state`: fp32 weights and gradients,
+two AdamW moments) against the accelerator's memory, or the host's physical memory shared by the ranks of this
+node."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
 import torch
 
-from aoe_ep.config import Config, ConfigError
+from aoe_ep.config import Config, ConfigError, count_parameters, ffn_param_count
 
 GIB = 2 ** 30
 
@@ -31,11 +33,20 @@ def device_memory_bytes(device: torch.device) -> Optional[int]:
 
 
 def state_bytes(cfg: Config, ep: int, world: int) -> int:
-    """Weights + gradients + optimizer state one rank keeps (no activations)."""
-    from aoe_ep.plan.state import rank_state
+    """Weights + gradients + AdamW state one rank keeps (no activations), at `aoe_ep.plan.state`'s bytes per
+    parameter, counted from the config's arithmetic (`count_parameters`): building even a meta model of an absurd
+    width overflows torch's size computation."""
+    from aoe_ep.plan.state import ADAM_MOMENTS, FP32
 
-    state = rank_state(cfg, ep, world)
-    return state.bytes_weights + state.bytes_grads + state.bytes_optimizer
+    count = count_parameters(cfg)
+    experts = cfg.model.n_layers * ffn_param_count(cfg.model, cfg.moe)[0] if cfg.model.ffn == "moe" else 0
+    dense = count.total_untied - experts
+    if cfg.train.dense_parallel == "fsdp":
+        dense = math.ceil(dense / world)
+        experts = math.ceil(experts / world)
+    else:
+        experts = math.ceil(experts / ep)
+    return (dense + experts) * FP32 * (2 + ADAM_MOMENTS)
 
 
 def check_state_fits(cfg: Config, ep: int, world: int, device: torch.device, ranks_sharing: int = 1) -> None:

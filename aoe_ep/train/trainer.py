@@ -362,7 +362,7 @@ class Trainer:
             result.evals.append((0, self._evaluate_and_log()))
         if self.probe is not None and self.step < stop and self.step % t.log_interval == 0:
             self._probe_churn()  # the selections the first log's churn compares with (aoe_ep/train/diagnostics.py)
-        bar = progress_bar(t.max_steps, self.step, self.runtime.is_main)
+        bar = self.bar = progress_bar(t.max_steps, self.step, self.runtime.is_main)
         window: list[StepRecord] = []
         window_start = time.perf_counter()
         while self.step < stop:
@@ -601,6 +601,8 @@ def train(cfg: Config, resume: Optional[str] = None, data: Optional[DataBuilders
         try:
             return trainer.fit()
         except KeyboardInterrupt:
+            if getattr(trainer, "bar", None) is not None:
+                trainer.bar.close()  # the message goes on a line of its own
             try:
                 latest = ckpt.latest_checkpoint(trainer.ckpt_root)
             except ckpt.CheckpointError:

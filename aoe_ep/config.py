@@ -347,7 +347,8 @@ class TrainConfig:
             _require(_is_int(value) and value > 0, p + name, f"must be a positive integer, got {value!r}")
         _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, p + "warmup_steps",
                  f"must be a non-negative integer, got {self.warmup_steps!r}")
-        _require(_is_int(self.seed) and self.seed >= 0, p + "seed", f"must be a non-negative integer, got {self.seed!r}")
+        _require(_is_int(self.seed) and self.seed >= 0, p + "seed",
+                 f"must be a non-negative integer, got {self.seed!r}")
         _require(isinstance(self.out_dir, str) and self.out_dir.strip() != "", p + "out_dir",
                  f"must be a directory path, got {self.out_dir!r}")
         # every float below needs a finite value: an infinite lr or clipping bound trains to NaN weights

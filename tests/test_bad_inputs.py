@@ -102,21 +102,21 @@ def test_train_interrupted_prints_one_line_and_exits_130(tmp_path, capsys, monke
     real_step = trainer_module.Trainer._train_step
 
     def step_then_interrupt(self, timed):
-        if self.step == 3:
+        if self.step == 1:
             raise KeyboardInterrupt
         return real_step(self, timed)
 
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", step_then_interrupt)
     from tests.train.synthetic import small_config
 
-    cfg = small_config(tmp_path, "train.save_interval=2", "train.eval_at_start=false")
+    cfg = small_config(tmp_path, "train.save_interval=1", "train.eval_at_start=false")
     monkeypatch.setattr("aoe_ep.config.load_config", lambda name, overrides=None: cfg)
     assert main(["train", "--config", "tiny"]) == 130
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("aoe-ep train:")]
     assert "Traceback" not in captured.err and len(lines) == 1, captured.err
-    assert lines[0] == (f"aoe-ep train: interrupted at step 3; the last checkpoint is {tmp_path}/run/checkpoints/"
-                        f"step_00000002 (step 2); continue from it with the same command and --resume")
+    assert lines[0] == (f"aoe-ep train: interrupted at step 1; the last checkpoint is {tmp_path}/run/checkpoints/"
+                        f"step_00000001 (step 1); continue from it with the same command and --resume")
     assert not (tmp_path / "run" / ".lock.pid").exists()  # the lock went with the run
 
 

@@ -231,14 +231,21 @@ class Trainer:
         """Resuming from a checkpoint older than the newest one under ckpt_root starts a new branch of history: the
         later checkpoints move aside (kept) and `latest` names the resumed one, so that what this run saves is
         what is on disk and `latest` is its newest checkpoint."""
-        aside = None
+        aside, error = None, None
         if self.runtime.is_main:
-            aside = ckpt.set_aside_after(self.ckpt_root, step)
+            try:
+                aside = ckpt.set_aside_after(self.ckpt_root, step)
+            except OSError as err:
+                error = f"{err.strerror or err}"
             if aside is not None:
                 moved = ", ".join(sorted(p.name for p in aside.iterdir()))
                 print(f"aoe-ep train: resuming at step {step} starts a new history: the later checkpoints "
                       f"({moved}) were moved to {aside}")
-        dist.barrier()
+        failed = all_reduce_(torch.tensor([int(error is not None)], device=self.runtime.device),
+                             op=dist.ReduceOp.MAX).item()
+        if failed:
+            raise ckpt.CheckpointError(f"{self.ckpt_root}: cannot move the checkpoints after step {step} aside "
+                                       f"({error or 'on rank 0'}); nothing was resumed")
         return aside
 
     def _config_changes(self, path: Path) -> list[str]:
@@ -270,9 +277,8 @@ class Trainer:
                 number += 1
                 path = starts / f"start_{number:03d}_{ckpt.step_name(step)}.yaml"
             path.write_text(self._config_yaml())
-        except OSError as err:
-            raise ConfigError(f"train.out_dir: cannot record this start's config under {starts}: "
-                              f"{err.strerror or err}") from None
+        except OSError as err:  # rank 0 alone: a note, not an error the other ranks would not share
+            print(f"aoe-ep train: note: cannot record this start's config under {starts}: {err.strerror or err}")
 
     def _balanced(self) -> bool:
         return self.cfg.parallel.expert_placement == "balanced" and self.runtime.ep_size > 1 and bool(self.moe_layers)

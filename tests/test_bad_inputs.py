@@ -152,6 +152,7 @@ EVAL_CASES = {
     "latest_outside": ("../../elsewhere", "not the name of a step directory beside it"),
     "latest_missing_step": ("step_00000099", "names step_00000099, which does not exist"),
     "invalid_meta": ("meta", "meta.json: cannot be read"),
+    "device_as_data": ("device", "/dev/zero: not a regular file"),
 }
 
 
@@ -165,6 +166,10 @@ def test_eval(case, checkpoints, tmp_path, capsys):
         root = tmp_path / "run" / "checkpoints"
         if spec == "meta":
             (root / "step_00000002" / "meta.json").write_text("{not json")
+        elif spec == "device":
+            assert_one_line(capsys, ["eval", "--checkpoint", target, "--device", "cpu", "--data", "/dev/zero"],
+                            cause, "aoe-ep: data error: ")
+            return
         else:
             (root / "latest").write_text(spec + "\n")
     assert_one_line(capsys, ["eval", "--checkpoint", target, "--device", "cpu"], cause, "aoe-ep: checkpoint error: ")

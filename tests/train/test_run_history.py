@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -153,3 +154,27 @@ def test_two_runs_started_together_in_one_out_dir(tmp_path, documents):
     assert f"seed: {winner + 1}" in (out_dir / "config.yaml").read_text()
     assert not (out_dir / PID_NAME).exists()  # released by the winner's clean exit
     RunLock.acquire(out_dir).release()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, documents):
+    """SIGINT to a training process once it has a checkpoint: one line naming the step, the last checkpoint and
+    how to resume; exit status 130; the lock is released."""
+    out_dir = tmp_path / "run"
+    args = _sets(f"train.out_dir={out_dir}", f"data.paths=[{documents}]", f"data.cache_dir={tmp_path}/cache",
+                 "train.max_steps=500", "train.warmup_steps=1", "train.eval_interval=1000", "train.eval_steps=1",
+                 "train.eval_at_start=false", "train.save_interval=1", "train.global_batch_tokens=512",
+                 "train.micro_batch_size=4", "train.device=cpu")
+    env = dict(os.environ, AOE_EP_ALLOCATOR="system")
+    run = subprocess.Popen([sys.executable, "-m", "aoe_ep.cli", "train", "--config", "tiny", *args], env=env,
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    latest = out_dir / "checkpoints" / "latest"
+    while not latest.exists() and run.poll() is None:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.startswith("aoe-ep train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("aoe-ep train: interrupted at step ")
+    assert f"the last checkpoint is {out_dir}/checkpoints/step_" in lines[0] and "--resume" in lines[0]
+    assert not (out_dir / PID_NAME).exists()

@@ -4,7 +4,9 @@ Layout under `<out_dir>/checkpoints/`: `step_00000100/` (DCP files, `meta.json`,
 one-line file naming the newest complete checkpoint. A save writes into `.tmp-step_.../`, and only after every rank
 has finished is that directory renamed and `latest` replaced (write, fsync, rename): a crash at any point of a save
 leaves the previous checkpoint and the pointer to it intact. The directory must lie on a filesystem every rank
-sees (every rank writes its own shards).
+sees (every rank writes its own shards). `latest` holds a bare step directory name, never a path. Resuming from a
+checkpoint older than the newest starts a new history: `set_aside_after` moves the later ones into
+`superseded_after_step_.../` beside them (kept) and points `latest` at the resumed one.
 
 Loading works after changing the number of ranks: dense weights are saved as replicated tensors (or FSDP2's
 DTensors), and expert weights, sharded over the EP group, as DTensors of their single-device shape sharded on dim 0

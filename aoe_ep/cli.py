@@ -15,6 +15,9 @@ class CommandError(Exception):
     """Bad input to a subcommand that argparse cannot see (e.g. a prompt too long for the model): one line, exit 2."""
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
 def default_device() -> str:
     """The one place a device is chosen when the user names none."""
     import torch
@@ -51,9 +54,36 @@ def _plan(args: argparse.Namespace) -> int:
     if args.config is None:
         raise CommandError("name a CONFIG (preset or YAML path), or a run with --placement RUN_DIR")
     cfg = load_config(args.config, args.overrides)
-    plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share)
+    if args.ep is not None and args.dp is not None:
+        plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share)
+    else:  # a default table: keep the layouts the batch divides and say which were skipped
+        plans, skipped = _dividing_plans(cfg, args)
+        if skipped:
+            print(f"aoe-ep plan: skipped {len(skipped)} layout(s) the batch does not divide: {'; '.join(skipped)}",
+                  file=sys.stderr)
     print(render(args.config, cfg, plans, args.json))
     return 0
+
+
+def _dividing_plans(cfg, args: argparse.Namespace) -> tuple[list, list[str]]:
+    from aoe_ep.config import ConfigError
+    from aoe_ep.plan.layout import plan_layout
+    from aoe_ep.plan.report import layouts
+    from aoe_ep.plan.state import model_parameters
+
+    params = model_parameters(cfg)
+    plans, skipped, first_error = [], [], None
+    for ep, dp in layouts(cfg, args.ep, args.dp):
+        try:
+            plans.append(plan_layout(cfg, ep, dp, args.micro_batch, args.gpu, args.hot_expert_share, params))
+        except ConfigError as err:
+            if not str(err).startswith("train.global_batch_tokens"):
+                raise
+            first_error = first_error or err
+            skipped.append(f"EP {ep} x DP {dp}")
+    if not plans:
+        raise first_error
+    return plans, skipped
 
 
 def _bench_layer(args: argparse.Namespace) -> int:
@@ -66,8 +96,12 @@ def _bench_layer(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     from aoe_ep.data import preprocess
 
-    result = preprocess(args.input, args.output_prefix, args.tokenizer, jsonl_key=args.jsonl_key,
-                        txt_mode=args.txt_mode)
+    try:
+        result = preprocess(args.input, args.output_prefix, args.tokenizer, jsonl_key=args.jsonl_key,
+                            txt_mode=args.txt_mode)
+    except OSError as err:
+        raise CommandError(f"--output-prefix {args.output_prefix}: cannot write {err.filename or ''}: "
+                           f"{err.strerror or err}") from None
     print(f"{result.prefix}.bin/.idx: {result.documents:,} documents, {result.tokens:,} tokens (eod included)"
           + (f"; skipped {result.skipped_empty:,} empty documents" if result.skipped_empty else ""))
     return 0
@@ -84,8 +118,15 @@ def _train(args: argparse.Namespace) -> int:
     from aoe_ep.config import load_config
     from aoe_ep.train.trainer import train
 
+    from aoe_ep.train.trainer import Interrupted
+
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except Interrupted as stop:
+        if _is_main_process():
+            print(f"aoe-ep train: {stop}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.is_main:
         last_eval = next((loss for _, loss in reversed(result.evals) if loss is not None), None)
         print(f"trained to step {result.step} in {result.seconds:.1f}s"
@@ -115,10 +156,23 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import math
+
     from aoe_ep.data import build_tokenizer
     from aoe_ep.eval.generate import SamplingConfig, generate
     from aoe_ep.eval.loading import open_checkpoint
 
+    if args.greedy and args.top_p is not None:
+        raise CommandError("--greedy takes the most likely token, --top-p samples: give one of them")
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise CommandError(f"--temperature: must be a positive finite number, got {args.temperature}")
+    if args.top_p is not None and not (0.0 < args.top_p <= 1.0):
+        raise CommandError(f"--top-p: must lie in (0, 1], got {args.top_p}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CommandError(f"--prompt: not valid UTF-8 text (byte {err.object[err.start:err.end]!r} at "
+                           f"position {err.start})") from None
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.top_p is None or args.greedy,
                               temperature=args.temperature, top_p=1.0 if args.top_p is None else args.top_p,
                               seed=args.seed)
@@ -141,6 +195,11 @@ def _lm_eval(args: argparse.Namespace) -> int:
     try:
         from aoe_ep.eval.harness import main
     except ImportError as err:
+        if args.harness_args[:1] in (["--help"], ["-h"]):
+            print("usage: aoe-ep lm-eval [lm-evaluation-harness arguments], e.g. --model aoe-ep --model_args "
+                  "checkpoint=runs/tiny --tasks arc_easy\n(lm-evaluation-harness is not installed here, so its own "
+                  f"options cannot be listed: {err}; pip install -e '.[eval]')")
+            return 0
         raise CommandError(f"needs lm-evaluation-harness ({err}): pip install -e '.[eval]'") from None
     main(args.harness_args)
     return 0
@@ -191,7 +250,10 @@ def _toy(args: argparse.Namespace) -> int:
     from aoe_ep.analysis.toy import ToyConfig, describe, run_toy
 
     cfg = ToyConfig(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, dim=args.dim, seed=args.seed)
-    result = run_toy(args.out, cfg)
+    try:
+        result = run_toy(args.out, cfg)
+    except OSError as err:
+        raise CommandError(f"--out {args.out}: cannot write {err.filename or ''}: {err.strerror or err}") from None
     if args.json:
         print(json.dumps(result))
         return 0
@@ -203,11 +265,11 @@ def _toy(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from aoe_ep.analysis.report import describe, write_report
+    from aoe_ep.analysis.report import describe, json_safe, write_report
 
     result = write_report(args.run_dir, args.out, args.compare or (), args.steps, progress=not args.json)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(json_safe(result), allow_nan=False))
         return 0
     print(describe(result))
     print(f"report: {result['out']}/report.html")
@@ -381,8 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
 HEAVY_COMMANDS = ("train", "bench")  # long CPU work: worth the allocator (aoe_ep/cpu_allocator.py)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, except that everything after `lm-eval` goes to lm-evaluation-harness untouched (argparse would
+    take its options, `--model aoe-ep` or `--help`, as its own)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["lm-eval"]:
+        rest = words[1:]
+        return argparse.Namespace(command="lm-eval", func=_lm_eval,
+                                  harness_args=rest[1:] if rest[:1] == ["--"] else rest)
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY_COMMANDS:
         from aoe_ep import cpu_allocator
 
@@ -403,8 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except tuple(kind for kind, _ in prefixes) as err:
         prefix = next(text for kind, text in prefixes if isinstance(err, kind))
-        print(f"{prefix}: {err}", file=sys.stderr)
+        print(f"{prefix}: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"aoe-ep {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -132,12 +132,12 @@ class MoEConfig:
                      f"must be a positive integer, got {self.d_wide!r}")
         _require(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0, p + "top_p",
                  f"must lie in (0, 1], got {self.top_p!r}")
-        _require(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0, p + "capacity_factor",
-                 f"must be positive, got {self.capacity_factor!r}")
-        _require(isinstance(self.aux_loss_coeff, (int, float)) and self.aux_loss_coeff >= 0, p + "aux_loss_coeff",
-                 f"must be >= 0, got {self.aux_loss_coeff!r}")
-        _require(isinstance(self.top_p_entropy_coeff, (int, float)) and self.top_p_entropy_coeff >= 0,
-                 p + "top_p_entropy_coeff", f"must be >= 0, got {self.top_p_entropy_coeff!r}")
+        _require(_is_number(self.capacity_factor) and self.capacity_factor > 0, p + "capacity_factor",
+                 f"must be a positive finite number, got {self.capacity_factor!r}")
+        _require(_is_number(self.aux_loss_coeff) and self.aux_loss_coeff >= 0, p + "aux_loss_coeff",
+                 f"must be a finite number >= 0, got {self.aux_loss_coeff!r}")
+        _require(_is_number(self.top_p_entropy_coeff) and self.top_p_entropy_coeff >= 0,
+                 p + "top_p_entropy_coeff", f"must be a finite number >= 0, got {self.top_p_entropy_coeff!r}")
         # `aux`: the load-balancing loss with aux_loss_coeff; `bias`: DeepSeek-V3's aux-loss-free per-expert bias
         # (aoe_ep/moe/balance.py), aux_loss_coeff unused; `none`: neither. Top-P's entropy term applies in all three.
         _one_of(self.balance, BALANCES, p + "balance")
@@ -240,6 +240,9 @@ class ModelConfig:
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, p + name, f"must be a positive integer, got {value!r}")
         _one_of(self.ffn, FFNS, p + "ffn")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value > 0, p + name, f"must be a positive finite number, got {value!r}")
         _require(self.d_model % self.n_heads == 0, p + "n_heads",
                  f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
@@ -291,8 +294,8 @@ class DataConfig:
                  "must be a list of dataset prefixes")
         _require(not self.weights or len(self.weights) == len(self.paths), p + "weights",
                  f"{len(self.weights)} weights for {len(self.paths)} paths")
-        _require(all(isinstance(w, (int, float)) and w >= 0 for w in self.weights), p + "weights",
-                 "must be non-negative numbers")
+        _require(all(_is_number(w) and w >= 0 for w in self.weights), p + "weights",
+                 "must be non-negative finite numbers")
         parts = str(self.split).split(",")
         _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts), p + "split",
                  f"must read 'train,valid,test' weights such as '98,2,0', got {self.split!r}")
@@ -347,12 +350,21 @@ class TrainConfig:
             _require(_is_int(value) and value > 0, p + name, f"must be a positive integer, got {value!r}")
         _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, p + "warmup_steps",
                  f"must be a non-negative integer, got {self.warmup_steps!r}")
-        _require(self.lr > 0, p + "lr", f"must be positive, got {self.lr!r}")
-        _require(0 <= self.min_lr <= self.lr, p + "min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr!r}")
-        _require(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, p + "beta1",
-                 f"betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
-        _require(self.grad_clip > 0, p + "grad_clip", f"must be positive, got {self.grad_clip!r}")
+        _require(_is_int(self.seed) and self.seed >= 0, p + "seed",
+                 f"must be a non-negative integer, got {self.seed!r}")
+        _require(isinstance(self.out_dir, str) and self.out_dir.strip() != "", p + "out_dir",
+                 f"must be a directory path, got {self.out_dir!r}")
+        # every float below needs a finite value: an infinite lr or clipping bound trains to NaN weights
+        _require(_is_number(self.lr) and self.lr > 0, p + "lr", f"must be a positive finite number, got {self.lr!r}")
+        _require(_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr, p + "min_lr",
+                 f"must lie in [0, lr={self.lr}], got {self.min_lr!r}")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, p + "weight_decay",
+                 f"must be a finite number >= 0, got {self.weight_decay!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(_is_number(value) and 0 <= value < 1, p + name, f"must lie in [0, 1), got {value!r}")
+        _require(_is_number(self.grad_clip) and self.grad_clip > 0, p + "grad_clip",
+                 f"must be a positive finite number, got {self.grad_clip!r}")
         # lr_decay_steps (None: max_steps) and the step to stop at early (0: max_steps); the schedule is unchanged.
         _one_of(self.lr_decay_style, LR_DECAY_STYLES, p + "lr_decay_style")
         if self.lr_decay_steps is None:
@@ -367,8 +379,8 @@ class TrainConfig:
         _one_of(self.precision, PRECISIONS, p + "precision")
         _one_of(self.dense_parallel, DENSE_PARALLEL, p + "dense_parallel")
         _one_of(self.device, ("auto", "cpu", "cuda"), p + "device")
-        _require(isinstance(self.peak_tflops, (int, float)) and self.peak_tflops >= 0, p + "peak_tflops",
-                 f"must be >= 0 (0: look the GPU up), got {self.peak_tflops!r}")
+        _require(_is_number(self.peak_tflops) and self.peak_tflops >= 0, p + "peak_tflops",
+                 f"must be a finite number >= 0 (0: look the GPU up), got {self.peak_tflops!r}")
 
 
 @dataclass
@@ -432,7 +444,10 @@ def _build(cls: type, raw: Any, prefix: str, extra: Optional[dict] = None) -> An
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """YAML gives ints for floats (`top_p: 1`) and strings for everything on the command line; accept both."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     target = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+    if value is None and not optional and target is not Any:
+        raise ConfigError(f"{name}: needs a value (an empty value, or YAML null, was given)")
     if value is None or target is Any:
         return value
     if target is float and isinstance(value, int) and not isinstance(value, bool):
@@ -458,6 +473,7 @@ def config_from_dict(raw: dict) -> Config:
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
     model = _build(ModelConfig, raw.get("model", {}), "model")
+    model.validate("model")  # before the moe section, whose d_model follows model.d_model
     parallel = _build(ParallelConfig, raw.get("parallel", {}), "parallel")
     moe = None
     if raw.get("moe") is not None:
@@ -479,7 +495,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or len(parts) != 2 or not all(parts):
             raise ConfigError(f"{item}: an override must read section.field=value, e.g. moe.top_k=4")
         section, name = parts
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key.strip()}: the value {text!r} is not valid YAML "
+                              f"({str(err).splitlines()[0]})") from None
         out.setdefault(section, {})
         if not isinstance(out[section], dict):
             out[section] = {}
@@ -487,11 +507,33 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe YAML that refuses a key given twice in one mapping (plain YAML lets the last one win silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A file path, or the name of a preset in configs/ (`tiny` -> configs/tiny.yaml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config: {name_or_path} is a directory; name a YAML file or a preset")
+    if path.exists():
+        raise ConfigError(f"config: {name_or_path} is not a regular file; name a YAML file or a preset")
     for candidate in (CONFIGS_DIR / name_or_path, CONFIGS_DIR / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate
@@ -506,9 +548,18 @@ def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Con
     """Load a YAML file or preset, apply overrides, validate."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except OSError as err:
+        raise ConfigError(f"config: cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:
+        raise ConfigError(f"config: {path} is empty (it needs at least a model section)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections (model, moe, ...) at the top level, "
+                          f"not a {type(raw).__name__}")
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -146,10 +147,32 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, compare:
     """Write report.html and its PNGs; returns the main run's summary (with "compare" when given) and "out"."""
     runs = [read_run(run_dir)] + [read_run(c) for c in compare]
     out_dir = Path(out) if out is not None else Path(run_dir) / "report"
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ReportError(f"--out {out_dir}: cannot create it ({err.strerror})") from None
+    try:
+        return _write(runs, out_dir, compare, steps, progress)
+    except BaseException:
+        if created:  # no partial report folder
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def json_safe(value):
+    """NaN and infinities (not JSON) as null, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _write(runs: list[RunLog], out_dir: Path, compare: Sequence[str | Path], steps: Optional[Sequence[int]],
+           progress: bool) -> dict:
     summaries = [summarize(r) for r in runs]
     figures, skipped = [], []
     with tqdm(FIGURES, desc="report", unit="figure", disable=not progress, dynamic_ncols=True) as bar:
@@ -163,7 +186,7 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, compare:
     result = dict(summaries[0])
     if compare:
         result["compare"] = summaries[1:]
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n")
     result["out"] = str(out_dir)
     return result
 

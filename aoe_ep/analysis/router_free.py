@@ -224,7 +224,8 @@ def read_text_ids(text_path: Optional[str], tokenizer, max_bytes: int) -> list[i
     if text_path is not None:
         path = Path(text_path)
         if not path.is_file():
-            raise ValueError(f"--text {text_path}: no such file")
+            raise ValueError(f"--text {text_path}: not a regular file (a device or pipe cannot be read as text)"
+                             if path.exists() else f"--text {text_path}: no such file")
         text = path.read_bytes()[:max_bytes].decode("utf-8", errors="ignore")
     else:
         import sysconfig

@@ -127,7 +127,36 @@ def _read_jsonl(path: Path) -> tuple[dict[int, dict], int]:
             print(f"aoe-ep report: {path}:{number}: not a log record, left out", file=sys.stderr)
             continue
         records.setdefault(step, {}).update(_fold_per_item_tags(record))
-    return records, skipped
+    return _drop_malformed(records, path), skipped
+
+
+def _drop_malformed(records: dict[int, dict], path: Path) -> dict[int, dict]:
+    """Leave out, with a warning, a record whose value is neither a number nor a list of numbers, or whose list
+    (one value per expert or device) has another length than that key's other records."""
+    def numeric(x) -> bool:
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    lengths: dict[str, dict[int, int]] = {}
+    for record in records.values():
+        for key, value in record.items():
+            if isinstance(value, list):
+                counts = lengths.setdefault(key, {})
+                counts[len(value)] = counts.get(len(value), 0) + 1
+    usual = {key: max(counts, key=lambda n: (counts[n], n)) for key, counts in lengths.items()}
+    kept = {}
+    for step, record in records.items():
+        bad = next((key for key, value in record.items()
+                    if not (numeric(value) or (isinstance(value, list) and all(map(numeric, value))
+                                               and len(value) == usual[key]))), None)
+        if bad is None:
+            kept[step] = record
+            continue
+        value = record[bad]
+        what = (f"{len(value)} values where the other records have {usual[bad]}" if isinstance(value, list)
+                and len(value) != usual[bad] else "not a number or a list of numbers")
+        print(f"aoe-ep report: {path}: the record of step {step} is malformed ({bad}: {what}), left out",
+              file=sys.stderr)
+    return kept
 
 
 def _fold_per_item_tags(record: dict) -> dict:

@@ -61,7 +61,8 @@ def find_inputs(inputs: Sequence[Union[str, Path]]) -> list[Path]:
                                 f"expected .txt or .jsonl")
             found.append(item)
         else:
-            raise DataError(f"{item}: no such file or directory")
+            raise DataError(f"{item}: not a regular file or directory (a device or pipe cannot be read as "
+                            f"documents)" if item.exists() else f"{item}: no such file or directory")
     return list(dict.fromkeys(found))
 
 

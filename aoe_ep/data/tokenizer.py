@@ -140,7 +140,8 @@ def build_tokenizer(spec: str) -> Tokenizer:
         raise DataError(f"data.tokenizer: {spec!r} is neither 'byte' nor a path to a tokenizers .json file or a "
                         f"sentencepiece .model file")
     if not path.is_file():
-        raise DataError(f"{path}: tokenizer file not found (data.tokenizer)")
+        raise DataError(f"{path}: not a regular file (data.tokenizer)" if path.exists()
+                        else f"{path}: tokenizer file not found (data.tokenizer)")
     return HuggingFaceTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
 
 

@@ -85,10 +85,22 @@ def open_checkpoint(spec: str | Path, expert_parallel_size: Optional[int] = None
         with torch.device(runtime.device):
             model = Decoder(cfg.model, cfg.moe, ep_group=runtime.groups.ep_group)
         ckpt.load_model_weights(path, model, runtime)
+        _refuse_nonfinite(path, model, runtime)
         model.eval()
         yield LoadedCheckpoint(path=path, cfg=cfg, meta=ckpt.read_meta(path), model=model, runtime=runtime)
     finally:
         teardown(runtime)
+
+
+def _refuse_nonfinite(path: Path, model: torch.nn.Module, runtime) -> None:
+    """Collective: a checkpoint with NaN or inf weights is refused in one line (every rank together)."""
+    from aoe_ep.train.distributed import all_reduce_
+
+    bad = [name for name, p in model.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    if all_reduce_(torch.tensor([len(bad)], device=runtime.device)).item():
+        where = f" (first on this rank: {bad[0]})" if bad else ""
+        raise ckpt.CheckpointError(f"{path}: the weights hold NaN or inf{where}; use an earlier checkpoint")
 
 
 def _env_world_size() -> int:

@@ -57,6 +57,8 @@ def read_token_stream(spec: str, tokenizer: Tokenizer) -> np.ndarray:
         if not ids:
             raise DataError(f"{spec}: holds no text")
         return np.asarray(ids, dtype=np.int64)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise DataError(f"{spec}: not a regular file (a device or pipe cannot be read as text)")
     if path.is_file() and path.suffix not in (".bin", ".idx"):
         raise DataError(f"{spec}: expected a .txt or .jsonl file or a dataset prefix (PREFIX.bin + PREFIX.idx)")
     info = inspect_dataset(str(path))

@@ -4,7 +4,9 @@ Layout under `<out_dir>/checkpoints/`: `step_00000100/` (DCP files, `meta.json`,
 one-line file naming the newest complete checkpoint. A save writes into `.tmp-step_.../`, and only after every rank
 has finished is that directory renamed and `latest` replaced (write, fsync, rename): a crash at any point of a save
 leaves the previous checkpoint and the pointer to it intact. The directory must lie on a filesystem every rank
-sees (every rank writes its own shards).
+sees (every rank writes its own shards). `latest` holds a bare step directory name, never a path. Resuming from a
+checkpoint older than the newest starts a new history: `set_aside_after` moves the later ones into
+`superseded_after_step_.../` beside them (kept) and points `latest` at the resumed one.
 
 Loading works after changing the number of ranks: dense weights are saved as replicated tensors (or FSDP2's
 DTensors), and expert weights, sharded over the EP group, as DTensors of their single-device shape sharded on dim 0
@@ -28,6 +30,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +57,8 @@ from aoe_ep.train.optim import is_expert_param
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+SUPERSEDED_PREFIX = "superseded_after_"
+STEP_NAME = re.compile(r"step_\d{8}")
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -73,10 +78,56 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{pointer}: cannot be read ({err})") from None
+    if not name:
+        raise CheckpointError(f"{pointer} is empty: it should name a checkpoint such as step_00000100; write "
+                              f"the newest step directory's name into it, or delete it")
+    if not STEP_NAME.fullmatch(name):  # a path would let `latest` point outside the run directory
+        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a step directory beside it "
+                              f"(such as step_00000100)")
+    path = root / name
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {name}, which does not exist")
     if not is_complete(path):
-        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
+        raise CheckpointError(f"{pointer} names {name}, which is incomplete (no .metadata or meta.json)")
     return path
+
+
+def checkpoint_steps(root: Path) -> dict[int, Path]:
+    """The complete checkpoints directly under `root`, by step."""
+    if not root.is_dir():
+        return {}
+    return {int(p.name[len("step_"):]): p for p in root.iterdir()
+            if STEP_NAME.fullmatch(p.name) and p.is_dir() and is_complete(p)}
+
+
+def set_aside_after(root: Path, step: int) -> Optional[Path]:
+    """Start a new branch of history at `step` (rank 0): move every checkpoint of a later step into
+    `root/superseded_after_step_NNNNNNNN_<time>/` (kept, never deleted) and point `latest` at `step`'s checkpoint
+    when it lies under `root` (else remove `latest` until the first save). Returns the folder, or None when there
+    was nothing later."""
+    later = sorted(p for s, p in checkpoint_steps(root).items() if s > step)
+    if not later:
+        return None
+    aside = root / f"{SUPERSEDED_PREFIX}{step_name(step)}_{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = aside.with_name(f"{aside.name.rsplit('.', 1)[0]}.{suffix}")
+    aside.mkdir()
+    for path in later:
+        os.rename(path, aside / path.name)
+    _fsync_dir(aside)
+    current = root / step_name(step)
+    if is_complete(current):
+        _write_durably(root / LATEST, current.name + "\n", atomic=True)
+    else:
+        (root / LATEST).unlink(missing_ok=True)
+    _fsync_dir(root)
+    return aside
 
 
 def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:

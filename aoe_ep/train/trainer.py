@@ -40,7 +40,9 @@ from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
-from aoe_ep.train.guards import BadStepCounter, StepHealth, verdict
+from aoe_ep.train.guards import BadStepCounter, StepHealth, TrainingError, verdict
+from aoe_ep.train.memory_fit import check_state_fits
+from aoe_ep.train.run_lock import RunLock, prepare_out_dir
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
 from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, load_heatmap, moe_scalars,
                                   peak_memory_bytes, progress_bar)
@@ -90,10 +92,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: Optional[str] = None, data: Optional[DataBuilders] = None):
         self.cfg = cfg
+        self.lock: Optional[RunLock] = None
         self.runtime = setup_runtime(cfg.train, cfg.parallel.expert_parallel_size)
         try:
             self._setup(resume, data or default_data_builders())
         except BaseException:
+            self._release_lock()
             teardown(self.runtime)
             raise
 
@@ -105,6 +109,9 @@ class Trainer:
         check_ranks_agree(cfg, rt.device, resume)  # first of all: a rank with another config stops every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.plan: BatchPlan = plan_batches(cfg, rt.world_size, rt.rank)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        check_state_fits(cfg, rt.ep_size, rt.world_size, rt.device, local_ranks)  # before anything is allocated
+        self._lock_out_dir()
         build_tokenizer, build_datasets = data
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size < tokenizer.vocab_size:
@@ -114,6 +121,13 @@ class Trainer:
 
         self.ckpt_root = ckpt.checkpoint_root(self.out_dir)
         resume_path = self._resolve_resume(resume)
+        start_step = int(ckpt.read_meta(resume_path)["step"]) if resume_path is not None else 0
+        if resume_path is not None and start_step > cfg.train.max_steps:
+            raise ConfigError(f"train.max_steps: the checkpoint {resume_path} is at step {start_step}, past "
+                              f"max_steps={cfg.train.max_steps}: nothing to train; raise train.max_steps")
+        self.config_changes = self._config_changes(resume_path) if resume_path is not None else []
+        self.superseded = self._branch_history(start_step) if resume_path is not None else None
+        self._record_start(start_step)
 
         # Data before the model, so that a data problem is reported before minutes of model building.
         meta = ckpt.read_meta(resume_path) if resume_path is not None else {"step": 0, "consumed_samples": 0}
@@ -162,8 +176,10 @@ class Trainer:
         run_info = {"world_size": rt.world_size, "expert_parallel_size": rt.ep_size,
                     "micro_batch_size": self.plan.micro_batch_size, "num_micro_batches": self.plan.num_micro_batches,
                     "seq_len": self.plan.seq_len, "precision": str(self.autocast_dtype or torch.float32)}
+        # `config.yaml` stays the record of the run's first start; every start has its own file under starts/
+        first_start = not (self.out_dir / "config.yaml").exists()
         self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None,
-                                config_yaml=self._config_yaml(), run_info=run_info)
+                                config_yaml=self._config_yaml() if first_start else None, run_info=run_info)
         if resume_path is not None and self.step < cfg.train.max_steps:
             self._settle_ddp_buckets()
 
@@ -186,6 +202,83 @@ class Trainer:
                 ce_sum, count = token_cross_entropy(out.logits, batch.labels, batch.loss_mask)
             (ce_sum / count.clamp_min(1.0) + out.aux_loss).backward()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _lock_out_dir(self) -> None:
+        """Rank 0 creates train.out_dir and takes its run lock; every rank fails together when it cannot."""
+        error = None
+        if self.runtime.is_main:
+            try:
+                prepare_out_dir(self.out_dir)
+                self.lock = RunLock.acquire(self.out_dir)
+            except ConfigError as err:
+                error = err
+        failed = all_reduce_(torch.tensor([int(error is not None)], device=self.runtime.device),
+                             op=dist.ReduceOp.MAX).item()
+        if error is not None:
+            raise error
+        if failed:
+            raise ConfigError(f"train.out_dir: rank 0 could not create or lock {self.out_dir}")
+        if self.lock is not None and self.lock.stale:
+            print(f"aoe-ep train: note: {self.out_dir} had the stale lock of a run that no longer runs "
+                  f"({self.lock.stale}); taken over")
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _branch_history(self, step: int) -> Optional[Path]:
+        """Resuming from a checkpoint older than the newest one under ckpt_root starts a new branch of history: the
+        later checkpoints move aside (kept) and `latest` names the resumed one, so that what this run saves is
+        what is on disk and `latest` is its newest checkpoint."""
+        aside, error = None, None
+        if self.runtime.is_main:
+            try:
+                aside = ckpt.set_aside_after(self.ckpt_root, step)
+            except OSError as err:
+                error = f"{err.strerror or err}"
+            if aside is not None:
+                moved = ", ".join(sorted(p.name for p in aside.iterdir()))
+                print(f"aoe-ep train: resuming at step {step} starts a new history: the later checkpoints "
+                      f"({moved}) were moved to {aside}")
+        failed = all_reduce_(torch.tensor([int(error is not None)], device=self.runtime.device),
+                             op=dist.ReduceOp.MAX).item()
+        if failed:
+            raise ckpt.CheckpointError(f"{self.ckpt_root}: cannot move the checkpoints after step {step} aside "
+                                       f"({error or 'on rank 0'}); nothing was resumed")
+        return aside
+
+    def _config_changes(self, path: Path) -> list[str]:
+        """Every field whose value differs from the config the checkpoint was written with (section.field)."""
+        try:
+            saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return []
+        now = dataclasses.asdict(self.cfg)
+        changes = []
+        for section, values in now.items():
+            before = saved.get(section) if isinstance(saved, dict) else None
+            if not isinstance(values, dict) or not isinstance(before, dict):
+                continue
+            changes += [f"{section}.{key} {before[key]!r} -> {value!r}" for key, value in values.items()
+                        if key in before and before[key] != value]
+        return changes
+
+    def _record_start(self, step: int) -> None:
+        """Write this start's config to `<out_dir>/starts/start_NNN_step_SSSSSSSS.yaml` (never overwritten)."""
+        if not self.runtime.is_main:
+            return
+        starts = self.out_dir / "starts"
+        try:
+            starts.mkdir(exist_ok=True)
+            number = 1 + sum(1 for p in starts.glob("start_*.yaml"))
+            path = starts / f"start_{number:03d}_{ckpt.step_name(step)}.yaml"
+            while path.exists():
+                number += 1
+                path = starts / f"start_{number:03d}_{ckpt.step_name(step)}.yaml"
+            path.write_text(self._config_yaml())
+        except OSError as err:  # rank 0 alone: a note, not an error the other ranks would not share
+            print(f"aoe-ep train: note: cannot record this start's config under {starts}: {err.strerror or err}")
 
     def _balanced(self) -> bool:
         return self.cfg.parallel.expert_placement == "balanced" and self.runtime.ep_size > 1 and bool(self.moe_layers)
@@ -240,6 +333,10 @@ class Trainer:
         saved = yaml.safe_load((path / "config.yaml").read_text())
         now = dataclasses.asdict(self.cfg)
         free = {("moe", "dispatcher"), ("model", "max_seq_len")}
+        tokenizer = (saved.get("data") or {}).get("tokenizer", "byte")
+        if tokenizer != self.cfg.data.tokenizer:
+            raise ckpt.CheckpointError(f"{path} was trained with data.tokenizer={tokenizer!r}, the config names "
+                                       f"{self.cfg.data.tokenizer!r}: token ids would change meaning")
         # a field added after the checkpoint was written (`moe.balance`) reads there as its default
         defaults = {"model": {f.name: f.default for f in dataclasses.fields(ModelConfig)},
                     "moe": {f.name: f.default for f in dataclasses.fields(MoEConfig)}}
@@ -279,7 +376,7 @@ class Trainer:
             result.evals.append((0, self._evaluate_and_log()))
         if self.probe is not None and self.step < stop and self.step % t.log_interval == 0:
             self._probe_churn()  # the selections the first log's churn compares with (aoe_ep/train/diagnostics.py)
-        bar = progress_bar(t.max_steps, self.step, self.runtime.is_main)
+        bar = self.bar = progress_bar(t.max_steps, self.step, self.runtime.is_main)
         window: list[StepRecord] = []
         window_start = time.perf_counter()
         while self.step < stop:
@@ -424,6 +521,7 @@ class Trainer:
         if self.threshold_balancing:
             check_replicas_agree({f"MoE layer {i} threshold_lambda": layer.threshold_lambda.view(1)
                                   for i, layer in enumerate(self.moe_layers)})
+        self._refuse_nonfinite_parameters()
         progress = {"step": self.step, "consumed_samples": self.consumed_samples}
         state = ckpt.training_state(self.dp.model, self.optimizer, self.scheduler, progress, rt)
         meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,
@@ -441,6 +539,20 @@ class Trainer:
         if recent is not None and self._balanced() and float(recent.sum()) > 0:
             self._replace(recent)
         return path if path is not None else self.ckpt_root / ckpt.step_name(self.step)
+
+    def _refuse_nonfinite_parameters(self) -> None:
+        """Collective: a checkpoint is never written from non-finite parameters; the run stops instead and
+        `latest` keeps naming the last finite checkpoint."""
+        bad = torch.zeros(1, device=self.runtime.device)
+        for p in self.dp.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).sum()
+        if all_reduce_(bad).item() == 0:
+            return
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        kept = f"`latest` still names {latest}" if latest is not None else "no checkpoint was written"
+        raise TrainingError(f"step {self.step}: the parameters are not finite, so no checkpoint is written; {kept}; "
+                            f"resume from it with a smaller train.lr or train.grad_clip")
 
     def _replace(self, counts) -> None:
         """After a save under `balanced`: re-place the experts by the load just recorded (collective)."""
@@ -465,6 +577,8 @@ class Trainer:
               f"precision {self.autocast_dtype or torch.float32}; steps {self.step} -> {stop}; out_dir {self.out_dir}")
         if self.resumed_from is not None:
             print(f"resumed from {ckpt.describe(self.resumed_from)}")
+            print("changed since that checkpoint: " + ("; ".join(self.config_changes) if self.config_changes
+                                                       else "nothing"))
         if self.placement_note:
             print("\n".join(self.placement_note))
         if cfg.model.ffn == "moe" and rt.ep_size >= 4 and cfg.moe.dispatcher == "allgather":
@@ -475,6 +589,7 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        self._release_lock()
         teardown(self.runtime)
 
     def __enter__(self) -> "Trainer":
@@ -484,6 +599,26 @@ class Trainer:
         self.close()
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) during training; the message names the step, the last checkpoint and how to resume."""
+
+
 def train(cfg: Config, resume: Optional[str] = None, data: Optional[DataBuilders] = None) -> TrainResult:
-    with Trainer(cfg, resume=resume, data=data) as trainer:
-        return trainer.fit()
+    try:
+        trainer = Trainer(cfg, resume=resume, data=data)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted during start-up, before any step; nothing was trained") from None
+    with trainer:
+        try:
+            return trainer.fit()
+        except KeyboardInterrupt:
+            if getattr(trainer, "bar", None) is not None:
+                trainer.bar.close()  # the message goes on a line of its own
+            try:
+                latest = ckpt.latest_checkpoint(trainer.ckpt_root)
+            except ckpt.CheckpointError:
+                latest = None
+            where = (f"the last checkpoint is {latest} (step {ckpt.read_meta(latest)['step']}); continue from it with "
+                     f"the same command and --resume" if latest is not None
+                     else "no checkpoint was written yet; start again without --resume")
+            raise Interrupted(f"interrupted at step {trainer.step}; {where}") from None

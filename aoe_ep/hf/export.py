@@ -29,7 +29,7 @@ import torch
 from aoe_ep.config import Config
 from aoe_ep.data import build_tokenizer
 from aoe_ep.hf.errors import ConversionError
-from aoe_ep.hf.staging import staged_directory
+from aoe_ep.hf.staging import quiet_transformers, staged_directory
 
 FORMATS = ("auto", "llama", "mixtral", "aoe_ep")
 TEMPLATES = ("configuration_aoe_ep.py", "modeling_aoe_ep.py")
@@ -235,7 +235,8 @@ def export_state(cfg: Config, state: dict[str, torch.Tensor], out_dir: str | Pat
     eod = build_tokenizer(cfg.data.tokenizer).eod
     model = build_hf_model(cfg, state, fmt, eod)
     with staged_directory(out_dir) as stage:
-        model.save_pretrained(str(stage), max_shard_size=max_shard_size)
+        with quiet_transformers():
+            model.save_pretrained(str(stage), max_shard_size=max_shard_size)
         if fmt == "aoe_ep":
             here = Path(__file__).resolve().parent
             for name in TEMPLATES:

@@ -28,7 +28,7 @@ from aoe_ep.config import Config, ConfigError, DataConfig, MoEConfig, ModelConfi
 from aoe_ep.data import build_tokenizer
 from aoe_ep.hf.errors import ConversionError
 from aoe_ep.hf.export import TOKENIZER_KEY
-from aoe_ep.hf.staging import check_destination, staged_directory
+from aoe_ep.hf.staging import check_destination, quiet_transformers, staged_directory
 
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -147,7 +147,8 @@ def load_hf_state(hf_dir: Path, raw: dict) -> dict[str, torch.Tensor]:
 
     cls = MixtralForCausalLM if raw["model_type"] == "mixtral" else LlamaForCausalLM
     try:
-        model, info = cls.from_pretrained(str(hf_dir), dtype=torch.float32, output_loading_info=True)
+        with quiet_transformers():
+            model, info = cls.from_pretrained(str(hf_dir), dtype=torch.float32, output_loading_info=True)
     except Exception as err:
         raise ConversionError(f"{hf_dir}: transformers cannot load it as {cls.__name__} "
                               f"({type(err).__name__}: {str(err).strip().splitlines()[0]})") from None

@@ -10,6 +10,7 @@ first, and nothing is unpickled beyond DCP's metadata records (`aoe_ep.train.che
 from __future__ import annotations
 
 import pathlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,8 +56,10 @@ def read_model_state(spec: str | Path) -> tuple[Path, Config, dict, dict[str, to
     if not model:
         raise CheckpointError(f"{path}: holds no model tensors")
     try:
-        dcp.load({"model": model}, storage_reader=SafeFileSystemReader(str(path)), planner=TensorsOnlyLoadPlanner(),
-                 no_dist=True)
+        with warnings.catch_warnings():  # reading in one process is the intent here, not a fallback
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": model}, storage_reader=SafeFileSystemReader(str(path)),
+                     planner=TensorsOnlyLoadPlanner(), no_dist=True)
     except CheckpointError:
         raise
     except Exception as err:

@@ -243,7 +243,8 @@ def _import(args: argparse.Namespace) -> int:
             result = import_hf(args.hf_dir, args.out_dir, tokenizer=args.tokenizer)
     except ConversionError as err:
         raise CommandError(str(err)) from None
-    print(f"{result.out_dir}: {result.model_type} imported as a run directory; checkpoint {result.checkpoint}")
+    kind = f"{result.model_type} upcycled to AoE" if args.to == "aoe" else result.model_type
+    print(f"{result.out_dir}: {kind}, imported as a run directory; checkpoint {result.checkpoint}")
     return 0
 
 

@@ -105,3 +105,23 @@ def test_export_refuses_a_non_empty_destination(tmp_path):
     with pytest.raises(ConversionError, match="not an empty directory"):
         export_state(cfg, random_model(cfg).state_dict(), tmp_path / "hf")
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("fixture", ["hf_json", "sp_model"])
+def test_tokenizer_files_travel_and_encode_the_same(fixture, request, tmp_path):
+    from transformers import AutoTokenizer
+
+    from aoe_ep.data import build_tokenizer
+    from aoe_ep.hf.importer import import_hf
+
+    spec = request.getfixturevalue(fixture)
+    cfg = kind_config("mixtral", "model.vocab_size=301", f"data.tokenizer={spec}")
+    export_state(cfg, random_model(cfg).state_dict(), tmp_path / "hf")
+    ours = build_tokenizer(spec)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "def add(a, b):\n    return a + b  # sum"
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == ours.eod
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    copied = tmp_path / "run" / ("tokenizer.json" if spec.endswith(".json") else "tokenizer.model")
+    assert copied.read_bytes() == open(spec, "rb").read()

@@ -22,7 +22,6 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -206,7 +205,7 @@ def build_hf_model(cfg: Config, state: dict[str, torch.Tensor], fmt: str, eod: i
 # Tokenizer
 
 
-def _write_tokenizer(spec: str, out: Path, max_len: int) -> Optional[str]:
+def _write_tokenizer(spec: str, out: Path, max_len: int) -> str | None:
     """Copy a tokenizers / sentencepiece file with a tokenizer_config.json; None for the byte tokenizer."""
     if spec == "byte":
         return None

@@ -19,12 +19,11 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
 
-from aoe_ep.config import Config, ConfigError, DataConfig, MoEConfig, ModelConfig, TrainConfig
+from aoe_ep.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, TrainConfig
 from aoe_ep.data import build_tokenizer
 from aoe_ep.hf.errors import ConversionError
 from aoe_ep.hf.export import TOKENIZER_KEY
@@ -202,7 +201,7 @@ def aoe_state_dict(cfg: Config, hf: dict[str, torch.Tensor], kv_heads: int) -> d
     return {k: v.float().contiguous().clone() for k, v in out.items()}
 
 
-def find_tokenizer(hf_dir: Path, raw: dict, asked: Optional[str]) -> tuple[str, Optional[Path]]:
+def find_tokenizer(hf_dir: Path, raw: dict, asked: str | None) -> tuple[str, Path | None]:
     """(tokenizer spec for the run, file to copy or None): --tokenizer, else the directory's tokenizer.json /
     tokenizer.model, else `aoe_ep_tokenizer: byte` in config.json (an aoe-ep export); otherwise an error."""
     if asked is not None:
@@ -246,7 +245,7 @@ def write_run(cfg: Config, state: dict[str, torch.Tensor], stage: Path, final: P
     return ckpt.checkpoint_root(final) / path.name
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: Optional[str] = None,
+def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str | None = None,
               transform=None) -> ImportResult:
     """Import `hf_dir` into the new run directory `out_dir`. `transform(cfg, state) -> (cfg, state)` rewrites the
     model before it is written (AoE upcycling)."""

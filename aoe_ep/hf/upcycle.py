@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from aoe_ep.config import Config, ConfigError, MoEConfig
+from aoe_ep.config import Config, ConfigError
 from aoe_ep.hf.errors import ConversionError
 
 
@@ -77,15 +76,15 @@ def upcycle(cfg: Config, state: dict[str, torch.Tensor], d_low: int) -> tuple[Co
 
 
 def describe(report: UpcycleReport) -> str:
-    lines = [f"AoE upcycling at d_low = {report.d_low}: relative Frobenius error of W_g ≈ W_down·W_up per layer "
-             f"(mean over experts, max), share of ‖W_g‖² kept"]
+    lines = [(f"AoE upcycling at d_low = {report.d_low}: relative Frobenius error of W_g ≈ W_down·W_up per layer "
+              f"(mean over experts, max), share of ‖W_g‖² kept")]
     for i, (errors, energy) in enumerate(zip(report.errors_LE, report.energy_LE)):
         lines.append(f"  layer {i:2d}: error {sum(errors) / len(errors):.4f} (max {max(errors):.4f}), "
                      f"energy kept {sum(energy) / len(energy):.4f}")
     return "\n".join(lines)
 
 
-def upcycle_import(hf_dir: str | Path, out_dir: str | Path, d_low: Optional[int], tokenizer: Optional[str] = None):
+def upcycle_import(hf_dir: str | Path, out_dir: str | Path, d_low: int | None, tokenizer: str | None = None):
     """`aoe-ep import --to aoe --d-low R`: (ImportResult, UpcycleReport)."""
     from aoe_ep.hf.importer import import_hf
 

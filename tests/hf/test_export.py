@@ -4,6 +4,7 @@ generates the same greedy tokens; stock formats need no remote code; what a form
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,4 +125,4 @@ def test_tokenizer_files_travel_and_encode_the_same(fixture, request, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == ours.eod
     import_hf(tmp_path / "hf", tmp_path / "run")
     copied = tmp_path / "run" / ("tokenizer.json" if spec.endswith(".json") else "tokenizer.model")
-    assert copied.read_bytes() == open(spec, "rb").read()
+    assert copied.read_bytes() == Path(spec).read_bytes()

@@ -35,7 +35,7 @@ def test_upcycled_run_is_aoe_with_the_factorised_experts(tmp_path, capsys):
     model = random_model(cfg)
     export_state(cfg, model.state_dict(), tmp_path / "hf")
     rank = cfg.moe.d_ffn  # full rank: W_down·W_up = W_g, so each expert computes what it computed before
-    result, report = upcycle_import(tmp_path / "hf", tmp_path / "run", rank)
+    _, report = upcycle_import(tmp_path / "hf", tmp_path / "run", rank)
     assert len(report.errors_LE) == cfg.model.n_layers and max(map(max, report.errors_LE)) < 1e-5
     with open_checkpoint(tmp_path / "run", device="cpu") as loaded:
         moe = loaded.cfg.moe

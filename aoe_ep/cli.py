@@ -1,5 +1,5 @@
-"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, report, params, plan, bench layer, bench
-dispatch.
+"""`aoe-ep`: train, preprocess, eval, generate, lm-eval, router-free, toy, report, params, plan, export, import,
+bench layer, bench dispatch.
 
 Subcommands import their modules lazily: megatron-core takes seconds to import and `--help` should not wait.
 """
@@ -276,6 +276,40 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from aoe_ep.hf.errors import ConversionError
+    from aoe_ep.hf.export import export_checkpoint
+
+    try:
+        result = export_checkpoint(args.checkpoint, args.out_dir, args.format, args.max_shard_size)
+    except ConversionError as err:
+        raise CommandError(str(err)) from None
+    remote = " (load with trust_remote_code=True)" if result.format == "aoe_ep" else ""
+    print(f"{result.out_dir}: {result.format}{remote}; {', '.join(result.files)}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from aoe_ep.hf.errors import ConversionError
+    from aoe_ep.hf.importer import import_hf
+
+    try:
+        if args.to == "aoe":
+            from aoe_ep.hf.upcycle import describe, upcycle_import
+
+            result, report = upcycle_import(args.hf_dir, args.out_dir, args.d_low, tokenizer=args.tokenizer)
+            print(describe(report))
+        else:
+            if args.d_low is not None:
+                raise ConversionError("--d-low goes with --to aoe (the rank of the factorised gate projections)")
+            result = import_hf(args.hf_dir, args.out_dir, tokenizer=args.tokenizer)
+    except ConversionError as err:
+        raise CommandError(str(err)) from None
+    kind = f"{result.model_type} upcycled to AoE" if args.to == "aoe" else result.model_type
+    print(f"{result.out_dir}: {kind}, imported as a run directory; checkpoint {result.checkpoint}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -415,6 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--txt-mode", default="file", choices=["file", "paragraph"],
                    help="a .txt file is one document (file) or one per blank-line-separated block (paragraph)")
     p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory (Llama, Mixtral, or the "
+                                      "aoe_ep architecture with its modeling code)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint directory, or a run directory (its newest checkpoint); any training layout")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) directory")
+    p.add_argument("--format", default="auto", choices=["auto", "llama", "mixtral", "aoe_ep"],
+                   help="auto: llama for dense models, mixtral where exact, else aoe_ep (trust_remote_code)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="safetensors shard size above which weights are split, with an index (default 5GB)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="a Mixtral- or Llama-format Hugging Face directory becomes a run directory; "
+                                      "--to aoe upcycles a Mixtral into AoE")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers model directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) run directory")
+    p.add_argument("--to", default="same", choices=["same", "aoe"],
+                   help="same: the model as it is; aoe: each expert's W_g factorised by truncated SVD into "
+                        "W_down·W_up of rank --d-low, the router dropped")
+    p.add_argument("--d-low", type=_positive_int, metavar="R", help="rank of the AoE factorisation (with --to aoe)")
+    p.add_argument("--tokenizer", help="aoe-ep tokenizer spec ('byte', a .json or .model file); default: the "
+                                       "directory's tokenizer.json / tokenizer.model")
+    p.set_defaults(func=_import)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     b = bench.add_parser("layer", help="AoE vs MoE vs dense FFN throughput and memory, forward+backward")

@@ -51,7 +51,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.config is None:
         raise CommandError("name a CONFIG (preset or YAML path), or a run with --placement RUN_DIR")
     cfg = load_config(args.config, args.overrides)
-    plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share)
+    plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share, args.ac)
     print(render(args.config, cfg, plans, args.json))
     return 0
 
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100", help="hardware constants: h100, h200 or a100 (default: h100)")
     p.add_argument("--hot-expert-share", type=float, metavar="S",
                    help="skewed routing: one expert gets share S of the routed rows (default: uniform)")
+    p.add_argument("--ac", choices=("none", "selective", "full", "auto"),
+                   help="activation checkpointing (default: train.activation_checkpointing; every N-th block: --set "
+                        "train.ac_every=N); auto: per layout the mode and micro-batch that fit with the shortest step")
     p.add_argument("--json", action="store_true", help="print one JSON object per layout (a list)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value; may repeat")

@@ -11,8 +11,8 @@ A recomputed MoE layer (under `full`) takes the same decision as its first forwa
 scores from the same input and buffers with the same arithmetic. Its statistics are values in its `MoEInfo`,
 which checkpoint's recompute discards, so they are counted once; the one side effect, the dispatcher's byte
 counter, is paused while the recompute runs (it runs inside backward, where autograd has a current graph task).
-Recomputation runs to the end of the block (no early stop), so every rank of an expert-parallel group runs the same
-collectives in the same order.
+A block with an MoE layer recomputes to its end (no early stop), so every rank of an expert-parallel group runs the
+same collectives in the same order.
 
 Every block-level wrapper replaces the module's `forward` on the instance: parameter names, state dicts and
 checkpoints are unchanged, and FSDP2's hooks (applied afterwards) wrap the checkpointed forward.
@@ -85,7 +85,9 @@ def _checkpoint_forward(module: nn.Module, context_fn: Callable = None) -> None:
         if not _active(module, *args, **kwargs):
             return inner(*args, **kwargs)
         extra = {"context_fn": context_fn} if context_fn is not None else {}
-        with set_checkpoint_early_stop(False):
+        # A region with an MoE layer recomputes to its end, so that every rank runs the same collectives; any other
+        # stops as soon as backward has what it needs (selective attention skips its output projection).
+        with set_checkpoint_early_stop(not moe_layers):
             return checkpoint(recompute, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
 
     forward.checkpointed = True
@@ -98,10 +100,9 @@ def keep_all_but_last_matmul(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in ATTENTION_KERNELS:
         return CheckpointPolicy.MUST_SAVE
     if op in MATMULS:
-        counts = ctx.matmuls
-        key = ctx.is_recompute
-        counts[key] = counts.get(key, 0) + 1
-        return CheckpointPolicy.MUST_SAVE if counts[key] < ctx.keep_matmuls else CheckpointPolicy.PREFER_RECOMPUTE
+        seen = ctx.matmuls.get(ctx.is_recompute, 0)
+        ctx.matmuls[ctx.is_recompute] = seen + 1
+        return CheckpointPolicy.MUST_SAVE if seen < ctx.keep_matmuls else CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 

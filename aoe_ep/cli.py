@@ -73,6 +73,16 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    from aoe_ep.bench.train import main
+
+    try:
+        main(args.models, args.rounds, args.device or default_device(), args.out)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    return 0
+
+
 def _bench_dispatch(args: argparse.Namespace) -> int:
     from aoe_ep.bench.dispatch import main
 
@@ -365,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     b.add_argument("--out", help="also write the results as JSON here")
     b.set_defaults(func=_bench_layer)
+
+    b = bench.add_parser("train", help="activation checkpointing (none, selective, full) and torch.compile side by "
+                                       "side: tokens/s and kept activation memory of whole decoders, forward+backward")
+    b.add_argument("--models", nargs="+", metavar="NAME",
+                   help="'tiny (AoE)', '732M slice, AoE', '732M slice, MoE' (default: all three)")
+    b.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default: 5)")
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--out", help="also write the results as JSON here")
+    b.set_defaults(func=_bench_train)
 
     b = bench.add_parser("dispatch", help="allgather vs alltoall dispatcher: bytes per token and step time, EP=1,2,4")
     b.add_argument("--spec", help="YAML with the layer and EP sizes (default: configs/bench/dispatch.yaml)")

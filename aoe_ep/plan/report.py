@@ -70,7 +70,8 @@ def _gib(x: float) -> str:
 
 
 def table(plans: list[Plan]) -> str:
-    """One row per layout (AC: the activation-checkpointing mode, /N when every N-th block): state and activation GiB, step FLOPs and bytes sent, step seconds by part, fit."""
+    """One row per layout (AC: the activation-checkpointing mode, /N when every N-th block): state and activation
+    GiB, step FLOPs and bytes sent, step seconds by part, fit."""
     head = ("EP", "DP", "AC", "mbs", "dense M", "expert M", "weights", "grads", "adam", "activ.", "total GiB", "TFLOP",
             "EP GB", "DP GB", "compute", "memory", "intra", "inter", "step s", "fits", "max mbs")
     rows = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ def _active(module: nn.Module, *args, **kwargs) -> bool:
     return not any(isinstance(a, LayerKVCache) for a in list(args) + list(kwargs.values()))
 
 
-def _checkpoint_forward(module: nn.Module, context_fn: Callable = None) -> None:
+def _checkpoint_forward(module: nn.Module, context_fn: Optional[Callable] = None) -> None:
     """Replace `module.forward` with its checkpointed self (a plain one, or a selective one with `context_fn`)."""
     inner = module.forward
     moe_layers = _moe_layers(module)

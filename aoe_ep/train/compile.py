@@ -28,7 +28,7 @@ def check_compile(device: torch.device) -> None:
     x = torch.arange(8, dtype=torch.float32, device=device)
     try:
         got = torch.compile(_probe, dynamic=False)(x)
-    except Exception as err:  # inductor raises many kinds (a missing compiler is a CppCompileError or an OSError)
+    except Exception as err:  # noqa: BLE001 - inductor raises many kinds (a missing compiler is a CppCompileError or an OSError)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"train.compile: this machine cannot compile for {device.type} ({type(err).__name__}: "
                           f"{first}); set train.compile=false") from None

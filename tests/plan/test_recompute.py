@@ -81,9 +81,11 @@ def test_checkpointing_lowers_memory_and_adds_recompute():
     assert plans["full"].step_seconds["total"] > plans["none"].step_seconds["total"]
     chosen = choose_levers(cfg, 8, 1)
     assert chosen.fits and chosen.micro_batch == plans[chosen.activation_checkpointing].max_micro_batch
-    # a model that fits only when recomputed: the choice is a checkpointing mode
-    tight = load_config("paper/aoe_4b", ["data.seq_len=8192", "model.max_seq_len=8192", "train.global_batch_tokens=65536"])
-    assert choose_levers(tight, 8, 1, gpu="h100").micro_batch >= 1
+    # 65,536-token sequences: one does not fit without recomputation, so the choice is `full`
+    long = load_config("paper/aoe_4b", ["data.seq_len=65536", "model.max_seq_len=65536"])
+    assert plan_all(long, ep=8, dp=1, micro_batch=1, ac="none")[0].max_micro_batch == 0
+    chosen = choose_levers(long, 8, 1, gpu="h100")
+    assert (chosen.activation_checkpointing, chosen.fits) == ("full", True) and chosen.micro_batch >= 1
 
 
 def test_bad_ac_values():

@@ -46,7 +46,8 @@ def _assert_same(got: dict, want: dict, where: str) -> None:
         assert torch.equal(got["grads"][name], grad), f"{where}: gradient of {name}"
     for got_layer, want_layer in zip(got["stats"], want["stats"], strict=True):
         for field, value in want_layer.items():
-            same = torch.equal(got_layer[field], value) if isinstance(value, torch.Tensor) else got_layer[field] == value
+            mine = got_layer[field]
+            same = torch.equal(mine, value) if isinstance(value, torch.Tensor) else mine == value
             assert same, f"{where}: load statistic {field}"
     assert got["bytes"] == want["bytes"], f"{where}: byte counters"
 
@@ -131,7 +132,8 @@ def test_trainer_with_checkpointing_trains_alike(tmp_path):
     losses = {}
     for mode in ("none", "full", "selective"):
         cfg = small_config(tmp_path / mode, "model.n_layers=2", "train.max_steps=3", "train.eval_at_start=false",
-                           "train.eval_interval=100", "train.save_interval=100", f"train.activation_checkpointing={mode}")
+                           "train.eval_interval=100", "train.save_interval=100",
+                           f"train.activation_checkpointing={mode}")
         with Trainer(cfg, data=BUILDERS) as trainer:
             losses[mode] = [(r.loss, r.aux_loss, r.grad_norm) for r in trainer.fit().history]
             if mode != "none":

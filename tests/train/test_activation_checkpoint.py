@@ -154,3 +154,24 @@ def test_bad_values_name_the_key(override, key):
 def test_compile_does_not_take_selective():
     with pytest.raises(ConfigError, match="^train.compile:.*selective"):
         load_config("tiny", ["train.compile=true", "train.activation_checkpointing=selective"])
+
+
+def _fsdp_worker(rank: int, world: int, tmp_path) -> dict:
+    from aoe_ep.train.trainer import Trainer
+
+    out = {}
+    for mode in ("none", "full", "selective"):
+        cfg = small_config(tmp_path / mode, "model.n_layers=2", "train.max_steps=2", "train.eval_at_start=false",
+                           "train.eval_interval=100", "train.save_interval=100", "parallel.expert_parallel_size=2",
+                           "moe.dispatcher=alltoall", "train.dense_parallel=fsdp", "train.micro_batch_size=1",
+                           f"train.activation_checkpointing={mode}")
+        with Trainer(cfg, data=BUILDERS) as trainer:
+            out[mode] = [(r.loss, r.aux_loss, r.grad_norm) for r in trainer.fit().history]
+    return out
+
+
+def test_checkpointing_under_fsdp2_and_expert_parallelism(tmp_path):
+    """EP 2 with alltoall and FSDP2 for the dense weights, two micro-batches per step: the same losses and norms."""
+    for losses in run_distributed(2, _fsdp_worker, tmp_path):
+        assert losses["full"] == pytest.approx(losses["none"], rel=1e-6)
+        assert losses["selective"] == pytest.approx(losses["none"], rel=1e-6)

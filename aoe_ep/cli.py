@@ -55,7 +55,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise CommandError("name a CONFIG (preset or YAML path), or a run with --placement RUN_DIR")
     cfg = load_config(args.config, args.overrides)
     if args.ep is not None and args.dp is not None:
-        plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share)
+        plans = plan_all(cfg, args.ep, args.dp, args.micro_batch, args.gpu, args.hot_expert_share, args.ac)
     else:  # a default table: keep the layouts the batch divides and say which were skipped
         plans, skipped = _dividing_plans(cfg, args)
         if skipped:
@@ -67,15 +67,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _dividing_plans(cfg, args: argparse.Namespace) -> tuple[list, list[str]]:
     from aoe_ep.config import ConfigError
-    from aoe_ep.plan.layout import plan_layout
-    from aoe_ep.plan.report import layouts
-    from aoe_ep.plan.state import model_parameters
+    from aoe_ep.plan.report import layouts, plan_all
 
-    params = model_parameters(cfg)
     plans, skipped, first_error = [], [], None
     for ep, dp in layouts(cfg, args.ep, args.dp):
         try:
-            plans.append(plan_layout(cfg, ep, dp, args.micro_batch, args.gpu, args.hot_expert_share, params))
+            plans += plan_all(cfg, ep, dp, args.micro_batch, args.gpu, args.hot_expert_share, args.ac)
         except ConfigError as err:
             if not str(err).startswith("train.global_batch_tokens"):
                 raise
@@ -104,6 +101,16 @@ def _preprocess(args: argparse.Namespace) -> int:
                            f"{err.strerror or err}") from None
     print(f"{result.prefix}.bin/.idx: {result.documents:,} documents, {result.tokens:,} tokens (eod included)"
           + (f"; skipped {result.skipped_empty:,} empty documents" if result.skipped_empty else ""))
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from aoe_ep.bench.train import main
+
+    try:
+        main(args.models, args.rounds, args.device or default_device(), args.out)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     return 0
 
 
@@ -352,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100", help="hardware constants: h100, h200 or a100 (default: h100)")
     p.add_argument("--hot-expert-share", type=float, metavar="S",
                    help="skewed routing: one expert gets share S of the routed rows (default: uniform)")
+    p.add_argument("--ac", choices=("none", "selective", "full", "auto"),
+                   help="activation checkpointing (default: train.activation_checkpointing; every N-th block: --set "
+                        "train.ac_every=N); auto: per layout the mode and micro-batch that fit with the shortest step")
     p.add_argument("--json", action="store_true", help="print one JSON object per layout (a list)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value; may repeat")
@@ -485,6 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     b.add_argument("--out", help="also write the results as JSON here")
     b.set_defaults(func=_bench_layer)
+
+    b = bench.add_parser("train", help="activation checkpointing (none, selective, full) and torch.compile side by "
+                                       "side: tokens/s and kept activation memory of whole decoders, forward+backward")
+    b.add_argument("--models", nargs="+", metavar="NAME",
+                   help="'tiny (AoE)', '732M slice, AoE', '732M slice, MoE' (default: all three)")
+    b.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default: 5)")
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--out", help="also write the results as JSON here")
+    b.set_defaults(func=_bench_train)
 
     b = bench.add_parser("dispatch", help="allgather vs alltoall dispatcher: bytes per token and step time, EP=1,2,4")
     b.add_argument("--spec",

@@ -34,6 +34,7 @@ FFNS = ("dense", "moe")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DENSE_PARALLEL = ("ddp", "fsdp")
+AC_MODES = ("none", "selective", "full")  # aoe_ep/train/activation_checkpoint.py
 
 
 class ConfigError(ValueError):
@@ -312,7 +313,9 @@ class TrainConfig:
     keep_checkpoints (0: all); precision "auto" = bf16 autocast on GPU, fp32 on CPU; dense_parallel "ddp" or "fsdp"
     (FSDP2) for the non-expert weights; device "auto" | "cpu" | "cuda"; peak_tflops per GPU for MFU (0: by name);
     max_bad_steps: consecutive steps with a non-finite loss or gradient norm (each skipped on every rank) that stop
-    the run.
+    the run. activation_checkpointing "none" | "selective" | "full" on every `ac_every`-th decoder block
+    (aoe_ep/train/activation_checkpoint.py); compile: torch.compile the blocks' attention, norms and dense FFNs
+    (aoe_ep/train/compile.py).
     """
 
     max_steps: int = 200
@@ -341,6 +344,9 @@ class TrainConfig:
     device: str = "auto"
     peak_tflops: float = 0.0
     max_bad_steps: int = 3
+    activation_checkpointing: str = "none"
+    ac_every: int = 1
+    compile: bool = False
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix + "."
@@ -381,6 +387,13 @@ class TrainConfig:
         _one_of(self.device, ("auto", "cpu", "cuda"), p + "device")
         _require(_is_number(self.peak_tflops) and self.peak_tflops >= 0, p + "peak_tflops",
                  f"must be a finite number >= 0 (0: look the GPU up), got {self.peak_tflops!r}")
+        _one_of(self.activation_checkpointing, AC_MODES, p + "activation_checkpointing")
+        _require(_is_int(self.ac_every) and self.ac_every > 0, p + "ac_every",
+                 f"must be a positive integer (checkpoint every N-th block), got {self.ac_every!r}")
+        _require(isinstance(self.compile, bool), p + "compile", f"must be true or false, got {self.compile!r}")
+        # the selective policy picks the tensors to keep op by op, which compiled kernels do not expose
+        _require(not (self.compile and self.activation_checkpointing == "selective"), p + "compile",
+                 "does not combine with train.activation_checkpointing=selective; use 'full' or 'none'")
 
 
 @dataclass

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def synchronize(device: torch.device) -> None:
@@ -32,6 +35,53 @@ def saved_bytes_counter(exclude: Iterable[torch.Tensor] = ()) -> Iterator[list[i
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
+
+
+class _OutputRecorder(TorchDispatchMode):
+    """Calls `note` on every tensor an operator returns."""
+
+    def __init__(self, note: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.note = note
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.note(leaf)
+        return out
+
+
+@contextmanager
+def kept_bytes_counter(exclude: Iterable[torch.Tensor] = ()) -> Iterator[Callable[[], int]]:
+    """What a forward keeps for backward, whoever keeps it: yields `kept()`, which (called once the forward's
+    outputs other than the loss are dropped, before backward) returns the bytes of the storages still alive among
+    those autograd saved and those any operator of the forward produced. Unlike `saved_bytes_counter` it also sees
+    what activation checkpointing keeps outside autograd's saved tensors: a checkpointed region's inputs and the
+    outputs a selective policy stores. Each storage counts once; the `exclude`d ones (the parameters) not at all."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, tuple] = {}
+
+    def note(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in excluded or not storage.nbytes() or t.device.type == "meta":
+            return
+        old = seen.get(key)
+        if old is not None and not torch.UntypedStorage._expired(old[0]):
+            return
+        seen[key] = (storage._weak_ref(), storage.nbytes())
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        note(t)
+        return t
+
+    def kept() -> int:
+        gc.collect()
+        return sum(n for ref, n in seen.values() if not torch.UntypedStorage._expired(ref))
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _OutputRecorder(note):
+        yield kept
 
 
 def step_memory(step: Callable[[], torch.Tensor], device: torch.device, params: Iterable[torch.Tensor] = ()) -> dict:

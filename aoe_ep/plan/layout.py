@@ -18,6 +18,8 @@ from aoe_ep.parallel.comm_model import bytes_from_pairs
 from aoe_ep.plan.activations import MicroBatch, activation_bytes, routed_rows
 from aoe_ep.plan.flops import step_flops
 from aoe_ep.plan.hardware import GPU, GPUS, GPUS_PER_NODE
+from aoe_ep.plan.recompute import (checkpointed_bytes, rebuilt_block_bytes, recompute_flops,
+                                   recompute_traffic_bytes)
 from aoe_ep.plan.routing import RoutingModel, routing_model
 from aoe_ep.plan.state import FP32, ParamShape, RankState, gradient_sync_bytes, rank_state
 from aoe_ep.train.batches import plan_batches
@@ -27,7 +29,9 @@ ADAMW_BYTES_PER_ELEMENT = 7 * FP32  # fused AdamW reads weight, gradient, two mo
 
 @dataclass(frozen=True)
 class Plan:
-    """Per rank and per optimiser step unless named otherwise (`activations`: one micro-batch)."""
+    """Per rank and per optimiser step unless named otherwise (`activations`: one micro-batch, as kept under
+    `activation_checkpointing` on every `ac_every`-th block; `bytes_transient` adds the block a `full` backward
+    rebuilds; `flops["recompute"]`: the forward that `full` runs again)."""
 
     ep: int
     dp: int
@@ -54,6 +58,8 @@ class Plan:
     step_seconds: dict
     fits: bool
     max_micro_batch: int
+    activation_checkpointing: str = "none"
+    ac_every: int = 1
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,7 +87,8 @@ def _routing(cfg: Config, ep: int, tokens: int, hot_share: Optional[float]) -> O
 
 
 def _micro_batch(cfg: Config, mb: int, ep: int, routing: Optional[RoutingModel]) -> tuple[MicroBatch, float, dict]:
-    """The micro-batch, the routed rows reaching this rank's experts per MoE layer, and its activation bytes."""
+    """The micro-batch, the routed rows reaching this rank's experts per MoE layer, and its activation bytes without
+    activation checkpointing."""
     c = compute_bytes(cfg)
     micro = MicroBatch(batch=mb, seq_len=cfg.data.seq_len, compute_bytes=c, autocast=c != FP32)
     rows = ep * micro.tokens * routing.rank_rows_per_token(0, ep) if routing is not None else 0.0
@@ -131,9 +138,12 @@ def _max_micro_batch(cfg: Config, ep: int, world: int, routing: Optional[Routing
                      usable: float) -> int:
     """The largest micro-batch whose memory fits and that splits the global batch evenly over the ranks (0: none).
     Activations are affine in the micro-batch size."""
+    mode, every = cfg.train.activation_checkpointing, cfg.train.ac_every
+
     def need(mb: int) -> float:
         micro, _, acts = _micro_batch(cfg, mb, ep, routing)
-        return sum(acts.values()) + _transient_bytes(cfg, micro)
+        kept = checkpointed_bytes(cfg, micro, acts, mode, every)
+        return sum(kept.values()) + _transient_bytes(cfg, micro) + rebuilt_block_bytes(cfg, acts, mode)
 
     fixed = state.bytes_weights + state.bytes_grads + state.bytes_optimizer
     one, two = need(1), need(2)
@@ -170,21 +180,29 @@ def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None
     routing = _routing(cfg, ep, mb * cfg.data.seq_len, hot_share)
     steps = batches.num_micro_batches
     state = rank_state(cfg, ep, world, params, steps)
-    micro, rows, acts = _micro_batch(cfg, mb, ep, routing)
+    mode, every = cfg.train.activation_checkpointing, cfg.train.ac_every
+    micro, rows, plain = _micro_batch(cfg, mb, ep, routing)
+    acts = checkpointed_bytes(cfg, micro, plain, mode, every)
 
     layer = ep_layer_bytes(cfg.moe, ep, micro.tokens, micro.compute_bytes, routing) if routing is not None else {}
     comm = {f"ep.{name}": steps * cfg.model.n_layers * v for name, v in layer.items()}
+    if mode == "full":  # a recomputed MoE layer runs its forward collectives again
+        again = -(-cfg.model.n_layers // every)
+        comm.update({f"ep.{name}": comm[f"ep.{name}"] + steps * again * v for name, v in layer.items()
+                     if name.endswith("/fwd")})
     dp_comm = gradient_sync_bytes(cfg.train.dense_parallel, world, ep, state.params_dense, state.params_expert,
                                   steps)
     comm.update({f"dp.{name}": v for name, v in dp_comm.items()})
 
     flops = step_flops(cfg, steps * micro.tokens, steps * rows)
+    if mode != "none":
+        flops["recompute"] = recompute_flops(cfg, flops, mode, every)
     bytes_activations = sum(acts.values())
     memory = (steps * 2 * bytes_activations + (steps - 1) * 2 * FP32 * state.numel_local
-              + ADAMW_BYTES_PER_ELEMENT * state.numel_local)
+              + ADAMW_BYTES_PER_ELEMENT * state.numel_local + steps * recompute_traffic_bytes(plain, acts, mode))
     seconds = _step_seconds(hardware, micro.compute_bytes, sum(flops.values()), memory,
                             sum(v for k, v in comm.items() if k.startswith("ep.")), sum(dp_comm.values()), ep, world)
-    transient = _transient_bytes(cfg, micro)
+    transient = _transient_bytes(cfg, micro) + rebuilt_block_bytes(cfg, plain, mode)
     total = state.bytes_weights + state.bytes_grads + state.bytes_optimizer + bytes_activations + transient
     usable = hardware.usable_memory_bytes
     return Plan(
@@ -195,4 +213,5 @@ def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None
         bytes_activations=bytes_activations, activations=acts, bytes_transient=transient, bytes_total=total,
         bytes_usable=usable, flops_per_step=sum(flops.values()), flops=flops, comm_bytes_per_step=comm,
         step_seconds=seconds, fits=total <= usable,
-        max_micro_batch=_max_micro_batch(cfg, ep, world, routing, state, usable))
+        max_micro_batch=_max_micro_batch(cfg, ep, world, routing, state, usable),
+        activation_checkpointing=mode, ac_every=every)

@@ -35,8 +35,10 @@ from aoe_ep.moe.balancing import needs_step_counts, update_balancing
 from aoe_ep.moe.threshold import step_tokens
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train import placement as place
+from aoe_ep.train.activation_checkpoint import apply_activation_checkpointing
 from aoe_ep.train.balancing_log import balancing_scalars
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
+from aoe_ep.train.compile import compile_blocks
 from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
 from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
@@ -146,6 +148,9 @@ class Trainer:
         self.bias_balancing = any(layer.cfg.balance == "bias" for layer in self.moe_layers)
         self.threshold_balancing = any(layer.cfg.selection == "threshold" and layer.cfg.balance == "aux"
                                        for layer in self.moe_layers)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
+        if cfg.train.compile:
+            compile_blocks(model, rt.device)
         self.dp = DataParallelModel(model, rt, cfg.train.dense_parallel)
         self.optimizer = build_optimizer(model, cfg.train, rt.device, allow_apex=self.dp.kind != "fsdp")
         self.scheduler = build_scheduler(self.optimizer, cfg.train)

@@ -25,7 +25,7 @@ CHOICES = {
     "moe.dispatcher": C.DISPATCHERS, "moe.expert_kind": C.EXPERT_KINDS, "moe.expert_kernel": C.EXPERT_KERNELS,
     "moe.aoe_cache": C.AOE_CACHES, "moe.balance": C.BALANCES, "model.ffn": C.FFNS,
     "parallel.expert_placement": C.EXPERT_PLACEMENTS, "train.lr_decay_style": C.LR_DECAY_STYLES,
-    "train.precision": C.PRECISIONS, "train.dense_parallel": C.DENSE_PARALLEL, "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": C.PRECISIONS, "train.activation_checkpointing": C.AC_MODES, "train.dense_parallel": C.DENSE_PARALLEL, "train.device": ("auto", "cpu", "cuda"),
 }
 
 SECTIONS = {
@@ -116,6 +116,10 @@ CONFIG_HELP = {
     "train.device": "`auto`: CUDA when available",
     "train.peak_tflops": "peak bf16 TFLOP/s per GPU for MFU (0: from the GPU's name)",
     "train.max_bad_steps": "consecutive non-finite steps (each skipped on every rank) that stop the run",
+    "train.activation_checkpointing": "recompute in backward: `full` keeps only each block's input, `selective` "
+                                      "recomputes element-wise work only (docs/performance.md)",
+    "train.ac_every": "checkpoint every N-th block (blocks 0, N, 2N, ...)",
+    "train.compile": "torch.compile each block's norms, attention and dense FFN (the MoE layers stay eager)",
 }
 
 # Every key the trainer logs (log.jsonl and tensorboard), NN standing for the layer index and COLL for a collective.

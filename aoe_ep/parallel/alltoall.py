@@ -22,10 +22,9 @@ from aoe_ep.moe.routing import Decision, group_rows, row_gates, weighted_sum
 from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
 from aoe_ep.parallel.collectives import all_gather_rows, all_reduce_sum, all_to_all_counts, all_to_all_rows
+from aoe_ep.parallel.comm_model import COMBINES
 from aoe_ep.parallel.group import GroupDispatcher
 from aoe_ep.parallel.rank_dispatch import combine_on_rank, dispatch_by_rank, placed_rows, regroup
-
-COMBINES = ("rank", "pair")
 
 
 class AllToAllDispatcher(GroupDispatcher):

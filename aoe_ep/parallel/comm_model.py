@@ -48,7 +48,7 @@ from typing import Optional, Sequence
 
 import torch
 
-COMBINES = ("rank", "pair")
+COMBINES = ("rank", "pair")  # the `alltoall` dispatcher's routes: per (token, rank), per (token, expert) pair
 
 
 def _pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Tensor:

@@ -110,7 +110,7 @@ def dispatch_by_rank(dispatcher, x_TD: torch.Tensor, scores, decision) -> tuple[
                                          recv_rows, group, counter, "dispatch")
     d = x_TD.shape[1]
     experts_NL = received_NX[:, d:].detach() > 0.5
-    expert_P, row_P = torch.nonzero(experts_NL.t(), as_tuple=True)  # expert-major, received rows ascending
+    _, row_P = torch.nonzero(experts_NL.t(), as_tuple=True)  # expert-major, received rows ascending
     recv_pairs_QL = torch.stack([c.sum(dim=0) for c in torch.split(experts_NL, recv_rows)]).tolist()
     send_pairs = mask_SQL.sum(dim=(0, 2)).tolist()
     perm_M = None

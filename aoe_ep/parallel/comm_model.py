@@ -18,8 +18,9 @@ alltoall (both routes):
   probs    (EP−1)·T_r·n·b   (expert choice)     all-gather of the softmax for the global ranking
 alltoall, combine "rank" (the default: a token row once per (token, rank), its expert outputs summed there):
   counts   (EP−1)·8                             token rows per destination rank
-  dispatch Σ_{q≠r} U_rq·(d + n_l)·b             U_rq = tokens of r with ≥1 winner among q's experts; each row
-                                                 carries n_l 0/1 expert columns;  backward: Σ_{q≠r} U_qr·d·b
+  dispatch Σ_{q≠r} U_rq·(d + ⌈n_l/8⌉)·b         U_rq = tokens of r with ≥1 winner among q's experts; each row
+                                                 carries its expert flags, 8 to a column (`expert_columns`)
+                                                 backward: Σ_{q≠r} U_qr·d·b
   cache    Σ_{q≠r} W_rq·L·b   (AoE only)        W_rq = winning (token of r, expert of q) pairs: the cache row of
                                                  each pair;  backward: Σ_{q≠r} W_qr·L·b
   gates    Σ_{q≠r} W_rq·g                       the gate of each pair, g = max(4, b) bytes (gates are at least
@@ -49,6 +50,12 @@ from typing import Optional, Sequence
 import torch
 
 COMBINES = ("rank", "pair")  # the `alltoall` dispatcher's routes: per (token, rank), per (token, expert) pair
+EXPERT_BITS = 8  # expert flags per column of a dispatched row: integers below 2^8 are exact in bf16 and wider
+
+
+def expert_columns(n_local: int) -> int:
+    """Columns that carry a dispatched token row's flags for the n_local experts of its destination rank."""
+    return -(-n_local // EXPERT_BITS)
 
 
 def _pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Tensor:
@@ -122,7 +129,7 @@ def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: S
             rows_received = sum(u[q][rank] for q in others)
             gate_bytes = max(4, elem_bytes)
             out["counts/fwd"] = (ep - 1) * 8
-            out["dispatch/fwd"] = rows_sent * (d_model + n_local) * elem_bytes
+            out["dispatch/fwd"] = rows_sent * (d_model + expert_columns(n_local)) * elem_bytes
             out["dispatch/bwd"] = rows_received * d_model * elem_bytes
             if aoe_cache:
                 out["cache/fwd"], out["cache/bwd"] = sent * d_low * elem_bytes, received * d_low * elem_bytes
@@ -162,7 +169,7 @@ def expected_bytes_per_token(dispatcher: str, d_model: int, d_low: int, num_expe
     if combine == "rank":
         rows = (ep - 1) * p_any  # remote ranks a token reaches
         per_pair = (d_low * elem_bytes if aoe_cache else 0) + max(4, elem_bytes)
-        return {"fwd": rows * (2 * d_model + n_local) * elem_bytes + remote * per_pair,
+        return {"fwd": rows * (2 * d_model + expert_columns(n_local)) * elem_bytes + remote * per_pair,
                 "bwd": rows * 2 * d_model * elem_bytes + remote * per_pair}
     row = d_model + (d_low if aoe_cache else 0)
     return {"fwd": remote * (row + d_model) * elem_bytes, "bwd": remote * (row + d_model) * elem_bytes}

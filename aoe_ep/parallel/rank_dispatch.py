@@ -1,8 +1,8 @@
 """Dispatch once per (token, rank), combine on the expert's rank: the `alltoall` dispatcher's default route.
 
-A token row travels once to every rank that holds at least one of its chosen experts, followed by one 0/1 column per
-expert of that rank saying which of them it goes to (in the rows' dtype, so that one all-to-all carries both; the
-backward returns the gradient of the token row alone). What belongs to a (token, expert) pair travels in the order the
+A token row travels once to every rank that holds at least one of its chosen experts, followed by flags saying which
+of that rank's experts it goes to, 8 to a column as an integer below 256 (exact in the rows' dtype from bf16 up, so
+that one all-to-all carries both; the backward returns the gradient of the token row alone). What belongs to a (token, expert) pair travels in the order the
 experts group their rows, (local expert, token ascending): AoE's cache row of the pair at dispatch, its gate at
 combine. The rank runs its experts on the pairs, weighs each output by its gate and sums a token's weighted outputs
 there, so one row per (token, rank) goes back; the owner adds a token's returned rows. The backward mirrors each step:
@@ -25,6 +25,24 @@ from aoe_ep.moe.dispatcher import CommCounter, DispatchState, ExpertRows
 from aoe_ep.moe.grouped import Groups
 from aoe_ep.moe.routing import group_rows, row_gates, weighted_sum
 from aoe_ep.parallel.collectives import all_to_all_counts, all_to_all_rows
+from aoe_ep.parallel.comm_model import EXPERT_BITS, expert_columns
+
+
+def pack_experts(flags_UL: torch.Tensor) -> torch.Tensor:
+    """Boolean flags [U, L] -> int64 codes [U, ⌈L/8⌉], flag j of a row as bit j % 8 of its column j // 8."""
+    rows, n = flags_UL.shape
+    columns = expert_columns(n)
+    padded = flags_UL.new_zeros(rows, columns * EXPERT_BITS)
+    padded[:, :n] = flags_UL
+    bits = torch.arange(EXPERT_BITS, device=flags_UL.device)
+    return (padded.view(rows, columns, EXPERT_BITS).long() << bits).sum(dim=2)
+
+
+def unpack_experts(codes_NC: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_experts`: codes (any dtype holding the integers exactly) -> boolean flags [N, n]."""
+    bits = torch.arange(EXPERT_BITS, device=codes_NC.device)
+    flags = (codes_NC.round().long().unsqueeze(2) >> bits) & 1
+    return flags.view(codes_NC.shape[0], codes_NC.shape[1] * EXPERT_BITS)[:, :n].bool()
 
 
 def placed_rows(counts_E: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -57,14 +75,14 @@ def _remote(counts: Sequence[int], rank: int) -> int:
 
 
 class _RowsWithExperts(torch.autograd.Function):
-    """Token rows [U, d] and their 0/1 expert columns [U, n_local] in one all-to-all; backward returns the rows'
-    gradient only (the columns are routing metadata)."""
+    """Token rows [U, d] and their expert codes [U, C] (`pack_experts`) in one all-to-all; backward returns the
+    rows' gradient only (the codes are routing metadata)."""
 
     @staticmethod
-    def forward(ctx, x_UD, experts_UL, send, recv, group, counter: CommCounter, name: str):
+    def forward(ctx, x_UD, codes_UC, send, recv, group, counter: CommCounter, name: str):
         ctx.send, ctx.recv, ctx.group, ctx.counter, ctx.name = send, recv, group, counter, name
         ctx.d = x_UD.shape[1]
-        payload_UX = torch.cat([x_UD, experts_UL.to(x_UD.dtype)], dim=1)
+        payload_UX = torch.cat([x_UD, codes_UC.to(x_UD.dtype)], dim=1)
         rank = dist.get_rank(group)
         counter.add(name, "fwd", _remote(send, rank) * payload_UX.shape[1] * payload_UX.element_size())
         return _exchange(payload_UX, send, recv, group)
@@ -106,10 +124,10 @@ def dispatch_by_rank(dispatcher, x_TD: torch.Tensor, scores, decision) -> tuple[
     send_rows_Q = hit_QS.sum(dim=1)
     recv_rows_Q = all_to_all_counts(send_rows_Q.view(ep, 1), group, counter).view(ep)
     send_rows, recv_rows = send_rows_Q.tolist(), recv_rows_Q.tolist()
-    received_NX = _RowsWithExperts.apply(x_TD.index_select(0, token_U), mask_SQL[token_U, dest_U], send_rows,
-                                         recv_rows, group, counter, "dispatch")
+    received_NX = _RowsWithExperts.apply(x_TD.index_select(0, token_U), pack_experts(mask_SQL[token_U, dest_U]),
+                                         send_rows, recv_rows, group, counter, "dispatch")
     d = x_TD.shape[1]
-    experts_NL = received_NX[:, d:].detach() > 0.5
+    experts_NL = unpack_experts(received_NX[:, d:].detach(), n_local)
     _, row_P = torch.nonzero(experts_NL.t(), as_tuple=True)  # expert-major, received rows ascending
     recv_pairs_QL = torch.stack([c.sum(dim=0) for c in torch.split(experts_NL, recv_rows)]).tolist()
     send_pairs = mask_SQL.sum(dim=(0, 2)).tolist()

@@ -174,11 +174,26 @@ def test_the_rank_route_sends_each_token_once_per_rank():
                   expert_choice=False)
     rank, pair = layer_bytes("alltoall", combine="rank", **common), layer_bytes("alltoall", combine="pair", **common)
     assert pair["dispatch/fwd"] == 4 * (16 + 4) * 4 and pair["combine/bwd"] == 4 * 16 * 4
-    # one row of d + n_local (its 0/1 expert columns), the cache row and gate of each of its 4 pairs
-    assert rank["dispatch/fwd"] == 1 * (16 + 4) * 4 and rank["dispatch/bwd"] == 1 * 16 * 4
+    # one row of d + 1 (its 4 expert flags in one column), the cache row and gate of each of its 4 pairs
+    assert rank["dispatch/fwd"] == 1 * (16 + 1) * 4 and rank["dispatch/bwd"] == 1 * 16 * 4
     assert rank["cache/fwd"] == 4 * 4 * 4 and rank["gates/fwd"] == 4 * 4
     assert rank["combine/bwd"] == 1 * 16 * 4  # the gradient of the one combined row
     assert rank["combine/fwd"] == pair["combine/fwd"] == 1 * 16 * 4  # token 2's row from expert 0
     assert rank["counts/fwd"] == 8 and pair["counts/fwd"] == 4 * 8
     with pytest.raises(ValueError, match="combine must be one of"):
         layer_bytes("alltoall", combine="token", **common)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_expert_flags_survive_the_row_dtype(dtype):
+    """A row's expert flags travel 8 to a column in the rows' dtype and come back exactly, for any expert count."""
+    from aoe_ep.parallel.rank_dispatch import pack_experts, unpack_experts
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 32):
+        flags = torch.rand(40, n, generator=gen) < 0.5
+        flags[0] = True  # the largest code of every column, 255 where the column is full
+        codes = pack_experts(flags)
+        assert codes.shape == (40, -(-n // 8))
+        assert torch.equal(unpack_experts(codes.to(dtype), n), flags), n
+        assert unpack_experts(pack_experts(flags[:0]).to(dtype), n).shape == (0, n)  # a rank that sends no row

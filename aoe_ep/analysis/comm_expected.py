@@ -48,7 +48,8 @@ def expected_bytes_per_step(run: RunLog) -> dict[str, dict[str, float]]:
     elem = _element_bytes(run, cfg)
     rows_per_token = routed_rows(moe, ep * tokens) / (ep * tokens)
     layers = cfg.model.n_layers
-    uniform = ep_layer_bytes(moe, ep, tokens, elem, routing_model(moe.num_experts, rows_per_token, None))
+    uniform_routing = routing_model(moe.num_experts, rows_per_token, None)
+    uniform = ep_layer_bytes(moe, ep, tokens, elem, uniform_routing)
     out = {"model, uniform routing": {k: v * layers * micro_batches for k, v in uniform.items()}}
     device_loads = run.layer_series("device_load")
     if moe.dispatcher == "alltoall" and device_loads:
@@ -58,7 +59,8 @@ def expected_bytes_per_step(run: RunLog) -> dict[str, dict[str, float]]:
             pairs = [[tokens * rows_per_token * float(x) for x in load_q] for _ in range(ep)]
             layer = bytes_from_pairs("alltoall", pairs, [tokens] * ep, 0, moe.num_experts, moe.d_model, moe.d_low,
                                      elem, aoe_cache=moe.scorer == "aoe",
-                                     expert_choice=moe.selection == "expert_choice")
+                                     expert_choice=moe.selection == "expert_choice",
+                                     rank_pairs=uniform_routing.rank_pairs(tokens, ep))  # rows: not logged
             for k, v in layer.items():
                 total[k] = total.get(k, 0.0) + v * micro_batches
         out["model, logged device load"] = total

@@ -1,5 +1,9 @@
 """The `alltoall` dispatcher: communication-lean (DESIGN.md section 2).
 
+Two routes for the rows (the constructor's `combine`): "rank" (the default, `aoe_ep.parallel.rank_dispatch`) sends a
+token once to each rank holding one of its experts and sums its expert outputs there; "pair", described below, sends
+one row per (token, expert) pair and sums on the token's rank. Everything before the dispatch is the same for both.
+
 The selector (AoE's Wdown of all experts, or the router) is replicated and scores this rank's tokens locally; only
 global statistics cross ranks (one all-reduce of counts and sums; for expert choice, the probabilities); an
 all-to-all with uneven splits sends each winning (token, expert) row, with its cached low-rank activation, to the
@@ -18,28 +22,18 @@ from aoe_ep.moe.routing import Decision, group_rows, row_gates, weighted_sum
 from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
 from aoe_ep.parallel.collectives import all_gather_rows, all_reduce_sum, all_to_all_counts, all_to_all_rows
+from aoe_ep.parallel.comm_model import COMBINES
 from aoe_ep.parallel.group import GroupDispatcher
-
-
-def placed_rows(counts_E: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Row index that reorders rows grouped by expert (counts_E of each, expert 0 first) to the expert order
-    `order` (a permutation of the experts), keeping each expert's rows in their order."""
-    counts_P = counts_E.index_select(0, order)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    starts_P = torch.cumsum(counts_P, 0) - counts_P
-    total = int(counts_E.sum())
-    slot_M = torch.repeat_interleave(torch.arange(order.numel(), device=order.device), counts_P, output_size=total)
-    return starts_E.index_select(0, order)[slot_M] + torch.arange(total, device=order.device) - starts_P[slot_M]
-
-
-def regroup(x_MX: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
-    """Rows in consecutive chunks ordered (a, b), chunk (a, b) of sizes_AB[a][b] rows, reordered to (b, a)."""
-    chunks = torch.split(x_MX, [n for row in sizes_AB for n in row])
-    width = len(sizes_AB[0]) if sizes_AB else 0
-    return torch.cat([chunks[a * width + b] for b in range(width) for a in range(len(sizes_AB))])
+from aoe_ep.parallel.rank_dispatch import combine_on_rank, dispatch_by_rank, placed_rows, regroup
 
 
 class AllToAllDispatcher(GroupDispatcher):
+    def __init__(self, group, num_experts: int, combine: str = "rank"):
+        if combine not in COMBINES:
+            raise ValueError(f"alltoall dispatcher: combine must be one of {COMBINES}, got {combine!r}")
+        super().__init__(group, num_experts)
+        self.combine_on = combine
+
     def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> Decision:
         """Experts rank tokens over the whole EP batch, so the probabilities (n per token) are all-gathered."""
         probs_all = all_gather_rows(probs_SE.detach(), layout.sizes, self.group, self.counter, "probs")
@@ -63,6 +57,8 @@ class AllToAllDispatcher(GroupDispatcher):
                          token_balance_sum=rest[n] if g_SE is not None else None)
 
     def dispatch(self, x_TD, xs_SD, scores, decision, layout: TokenLayout):
+        if self.combine_on == "rank":
+            return dispatch_by_rank(self, x_TD, scores, decision)
         rows = group_rows(decision)
         x_MD = x_TD.index_select(0, rows.token_index_M)
         s_SX, cache_ML = scores.attach(rows, x_MD)
@@ -88,6 +84,8 @@ class AllToAllDispatcher(GroupDispatcher):
         return expert_rows, state, s_SX
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        if self.combine_on == "rank":
+            return combine_on_rank(self, out_MD, gates_SE, state)
         recv_sizes_QL, send, recv, perm_M = state.route
         sizes_LQ = [list(col) for col in zip(*recv_sizes_QL)] if recv_sizes_QL else []
         back_MD = regroup(out_MD, sizes_LQ)

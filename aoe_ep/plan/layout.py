@@ -115,7 +115,8 @@ def ep_layer_bytes(moe: MoEConfig, ep: int, tokens_per_rank: int, elem_bytes: in
     pairs = routing.pairs(moe.dispatcher, tokens_per_rank, ep)
     return bytes_from_pairs(moe.dispatcher, pairs, [tokens_per_rank] * ep, rank, moe.num_experts, moe.d_model,
                             moe.d_low, elem_bytes, aoe_cache=moe.scorer == "aoe",
-                            expert_choice=moe.selection == "expert_choice", erc=moe.erc_loss_coeff > 0)
+                            expert_choice=moe.selection == "expert_choice", erc=moe.erc_loss_coeff > 0,
+                            rank_pairs=routing.rank_pairs(tokens_per_rank, ep))
 
 
 def _step_seconds(gpu: GPU, precision_bytes: int, flops: float, memory_bytes: float, ep_bytes: float,

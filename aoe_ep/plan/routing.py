@@ -4,7 +4,7 @@ Model (top-K token choice, every rank with T tokens): a token selects the hot ex
 (S: its share of the T·K rows) and its other choices uniformly among the other n − 1 experts. S = 1/n is uniform
 top-K exactly (a uniform K-subset contains a given expert with probability K/n). From it the communication model's
 pair counts follow: W[r][q] = T·(expected selections among rank q's experts), A[r][q] = T·P(a token of q selects
-at least one of rank r's experts). Rank 0 holds the hot expert.
+at least one of rank r's experts), U[r][q] = A[q][r]. Rank 0 holds the hot expert.
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ class RoutingModel:
         if dispatcher == "alltoall":
             return [[tokens_per_rank * self.rank_rows_per_token(q, ep) for q in range(ep)] for _ in range(ep)]
         return [[tokens_per_rank * (1.0 - self.p_none(r, ep)) for _ in range(ep)] for r in range(ep)]
+
+    def rank_pairs(self, tokens_per_rank: float, ep: int) -> list[list[float]]:
+        """U of `bytes_from_pairs` (the `alltoall` rank combine): U[r][q] = T·P(a token of r selects at least one of
+        rank q's experts)."""
+        return [[tokens_per_rank * (1.0 - self.p_none(q, ep)) for q in range(ep)] for _ in range(ep)]
 
 
 def routing_model(num_experts: int, top_k: float, hot_share: float | None) -> RoutingModel:

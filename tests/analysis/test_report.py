@@ -201,9 +201,12 @@ def test_compare_optional_keys_and_the_communication_model(tiny_run, tmp_path, c
     models = expected_bytes_per_step(read_run(ep2))
     uniform, logged = models["model, uniform routing"], models["model, logged device load"]
     assert uniform["stats/fwd"] == (2 - 1) * (3 * 4 + 3) * 8 * 2 * 2  # counts, Σp, Σs, Σ entropy, Σ margin, its tokens
-    assert uniform["dispatch/fwd"] == pytest.approx(32 * 2 * 0.5 * (32 + 8) * 4 * 2 * 2)  # half of the K rows leave
+    # a token row (d + one column of expert flags) leaves unless both its experts are local: 1 − C(2, 2)/C(4, 2)
+    assert uniform["dispatch/fwd"] == pytest.approx(32 * (1 - 1 / 6) * (32 + 1) * 4 * 2 * 2)
+    assert uniform["cache/fwd"] == pytest.approx(32 * 2 * 0.5 * 8 * 4 * 2 * 2)  # half of the K pairs leave
     device1 = [np.mean([r[f"moe/layer{i:02d}/device_load"][1] for r in records]) for i in range(2)]
-    assert logged["dispatch/fwd"] == pytest.approx(sum(32 * 2 * d * (32 + 8) * 4 * 2 for d in device1))
+    assert logged["cache/fwd"] == pytest.approx(sum(32 * 2 * d * 8 * 4 * 2 for d in device1))
+    assert logged["gates/fwd"] == pytest.approx(sum(32 * 2 * d * 4 * 2 for d in device1))
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):

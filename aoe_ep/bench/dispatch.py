@@ -61,7 +61,7 @@ def _measure(rank: int, world: int, layer_kwargs: dict, tokens: int, iters: int)
             if world == 1:  # one device: both dispatchers are the local one
                 rows.append(dict(rows[-1], dispatcher="alltoall"))
                 break
-    destroy_groups()
+    destroy_groups(groups)
     return rows
 
 

@@ -21,7 +21,7 @@ from aoe_ep.config import Config, config_from_dict
 from aoe_ep.model import Decoder
 from aoe_ep.moe import MoELayer
 from aoe_ep.train import checkpoint as ckpt
-from aoe_ep.train.distributed import Runtime, setup_runtime, teardown
+from aoe_ep.parallel.runtime import Runtime, setup_runtime, teardown
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 
 from aoe_ep.moe import LoadStats
 from aoe_ep.train.batches import BatchPlan, collate
-from aoe_ep.train.distributed import all_reduce_
+from aoe_ep.parallel.runtime import all_reduce_
 
 
 def dead_experts(stats: LoadStats) -> int:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from aoe_ep.moe import LoadStats, MoEInfo, idle_time
-from aoe_ep.train.distributed import Runtime, all_reduce_
+from aoe_ep.parallel.runtime import Runtime, all_reduce_
 
 
 class MoEStatsAccumulator:

@@ -36,7 +36,7 @@ from aoe_ep.train import placement as place
 from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
-from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
+from aoe_ep.parallel.runtime import all_reduce_, setup_runtime, teardown
 from aoe_ep.train.guards import BadStepCounter, StepHealth, verdict
 from aoe_ep.train.flops import peak_flops, train_flops_per_token
 from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, load_heatmap, moe_scalars,

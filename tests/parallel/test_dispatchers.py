@@ -104,7 +104,7 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
             fired = mask.sum(dim=1)
             err["threshold_data"] = 0.0 if bool((fired == 0).any() and (fired >= 2).any()) else 1.0
         results[i] = {"err": err, "bytes": layer.dispatcher.counter.as_dict(), "model": model}
-    destroy_groups()
+    destroy_groups(groups)
     return results
 
 
@@ -159,7 +159,7 @@ def _ties(rank: int, world: int, dispatcher: str) -> list:
         y_ref, info_ref = ref(x_all)
         out.append((info.stats.tokens_per_expert.tolist(), info_ref.stats.tokens_per_expert.tolist(),
                     _rel(y, y_ref[rank * 3:(rank + 1) * 3])))
-    destroy_groups()
+    destroy_groups(groups)
     return out
 
 

@@ -92,7 +92,7 @@ def _check(rank: int, world: int, sizes: list[int]) -> list[dict]:
             err[f"grad.{name} vs contiguous"] = _rel(g, grads_c[name])
             exact[f"grad.{name}"] = torch.equal(g, grads_c[name])
         out.append({"err": err, "exact": exact})
-    destroy_groups()
+    destroy_groups(groups)
     return {"cases": out, "move": _move(rank, world)}
 
 

@@ -67,7 +67,7 @@ def _counters(rank: int, world: int) -> dict:
         y.square().sum().backward()
         out[(scorer, dispatcher, routing)] = (x.shape[0], layer.dispatcher.counter.as_dict())
     out["activations"] = {dispatcher: _saved_activations(groups, dispatcher) for dispatcher in DISPATCHERS}
-    destroy_groups()
+    destroy_groups(groups)
     return out
 
 

@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_allocator.ensure_allocator(sys.argv[1:])  # re-executes this command once, if it changes anything
         if int(os.environ.get("RANK", "0")) == 0:
             print(cpu_allocator.announce(), file=sys.stderr, flush=True)
-    from aoe_ep.analysis.run_log import ReportError
+    from aoe_ep.train.run_log import ReportError
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
     from aoe_ep.train.checkpoint import CheckpointError

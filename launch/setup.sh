@@ -14,7 +14,7 @@ fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==${AOE_EP_TORCH_VERSION:-2.13.0}"
 fi
-if ! "$PY" -c "import aoe_ep, megatron.core, tensorboard, yaml, tqdm, matplotlib, pytest, tokenizers, sentencepiece, transformers" >/dev/null 2>&1 \
+if ! "$PY" -c "import aoe_ep, megatron.core, tensorboard, yaml, tqdm, matplotlib, pytest, tokenizers, sentencepiece, transformers, importlinter" >/dev/null 2>&1 \
    || ! command -v aoe-ep >/dev/null 2>&1; then
   "$PY" -m pip install -q -e ".[test]"
 fi

@@ -6,7 +6,7 @@ import json
 from typing import Optional
 
 from aoe_ep.config import Config
-from aoe_ep.plan.hardware import GPUS, assumptions
+from aoe_ep.hardware import GPUS, assumptions
 from aoe_ep.plan.layout import Plan, plan_layout
 from aoe_ep.plan.state import model_parameters
 

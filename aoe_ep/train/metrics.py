@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from aoe_ep.log_keys import layer_prefix
 from aoe_ep.moe import LoadStats, MoEInfo, idle_time
 from aoe_ep.parallel.runtime import Runtime, all_reduce_
 
@@ -99,7 +100,7 @@ def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size
     out: dict[str, float | list] = {}
     placements = placements if placements is not None else [None] * len(stats)
     for i, (s, placement) in enumerate(zip(stats, placements)):
-        prefix = f"moe/layer{i:02d}"
+        prefix = layer_prefix(i)
         out[f"{prefix}/ent_load"] = float(s.ent_load)
         out[f"{prefix}/ent_conf"] = float(s.ent_conf)
         out[f"{prefix}/max_minus_min"] = float(s.max_minus_min)

@@ -23,6 +23,7 @@ import os
 from typing import Optional
 
 import torch
+import aoe_ep.megatron_core  # noqa: F401  (megatron-core, quiet about TE / apex)
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig

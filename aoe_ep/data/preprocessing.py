@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
+import aoe_ep.megatron_core  # noqa: F401  (megatron-core, quiet about TE / apex)
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 

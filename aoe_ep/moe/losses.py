@@ -9,6 +9,7 @@ parallelism the per-rank values add up to the single-device loss over the global
 from __future__ import annotations
 
 import torch
+import aoe_ep.megatron_core  # noqa: F401  (megatron-core, quiet about TE / apex)
 from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 
 from aoe_ep.config import MoEConfig

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 from datetime import timedelta
 
 import torch
@@ -22,11 +23,19 @@ from aoe_ep.parallel.groups import ParallelGroups, destroy_groups, initialize_gr
 @dataclass
 class Runtime:
     """device: this rank's device; groups: DP x EP process groups and their meshes (`initialize_groups`);
-    owns_process_group: whether `teardown` should destroy the default group (False when the caller created it)."""
+    owns_process_group: whether `teardown` should destroy the default group (False when the caller created it);
+    restore_flush_denormal: the CPU's flush-denormal setting before `flush_denormals`, which `teardown` restores."""
 
     device: torch.device
     groups: ParallelGroups
     owns_process_group: bool
+    restore_flush_denormal: Optional[bool] = None
+
+    def flush_denormals(self) -> None:
+        """Flush denormal floats to zero on the CPU for the rest of this run (`teardown` restores the setting)."""
+        if self.restore_flush_denormal is None:
+            self.restore_flush_denormal = denormals_flushed()
+        torch.set_flush_denormal(True)
 
     @property
     def mesh(self) -> DeviceMesh:
@@ -86,7 +95,17 @@ def setup_runtime(cfg: TrainConfig, expert_parallel_size: int) -> Runtime:
     return Runtime(device=device, groups=groups, owns_process_group=owns)
 
 
+def denormals_flushed() -> bool:
+    """Whether the CPU flushes denormal floats to zero now (torch has a setter only): a denormal times one is zero."""
+    return bool(torch.tensor([1e-310], dtype=torch.float64).mul(1.0)[0] == 0)
+
+
 def teardown(runtime: Runtime) -> None:
+    """Destroy the run's groups (and the default group when the runtime created it); restore the flush-denormal
+    setting."""
+    if runtime.restore_flush_denormal is not None:
+        torch.set_flush_denormal(runtime.restore_flush_denormal)
+        runtime.restore_flush_denormal = None
     destroy_groups(runtime.groups)
     if runtime.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -54,3 +54,17 @@ def test_dp2_ep2_builds_each_group_once():
         assert got["expert_dp"] == [rank % 2, rank % 2 + 2]
         assert got["ep_rank"] == rank % 2
         assert got["dense_is_world"] and got["mesh_shares"], rank
+
+
+def test_flushing_denormals_lasts_until_teardown():
+    from aoe_ep.parallel.runtime import denormals_flushed, setup_runtime, teardown
+
+    assert not denormals_flushed()
+    runtime = setup_runtime(TrainConfig(device="cpu"), expert_parallel_size=1)
+    try:
+        runtime.flush_denormals()
+        assert denormals_flushed()
+        runtime.flush_denormals()  # a second call keeps the setting found first
+    finally:
+        teardown(runtime)
+    assert not denormals_flushed()

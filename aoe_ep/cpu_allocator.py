@@ -7,8 +7,9 @@ jemalloc keep freed pages; so does glibc with `mmap_max=0` and a high trim thres
 
 An allocator is chosen at process start only, so `aoe-ep train` and `aoe-ep bench` re-execute themselves once with
 the allocator set (`ensure_allocator`) when they compute on the CPU (a CUDA run is left as it is), and say so; the
-launch scripts export the same settings before torchrun (`python -m aoe_ep.cpu_allocator` prints them). `AOE_EP_ALLOCATOR=system` leaves the process as it is;
-`tcmalloc`, `jemalloc` or `glibc` ask for one. A missing library never fails a run: it falls back to glibc.
+launch scripts export the same settings before torchrun (`python -m aoe_ep.cpu_allocator` prints them).
+`AOE_EP_ALLOCATOR=system` leaves the process as it is; `tcmalloc`, `jemalloc` or `glibc` ask for one. A missing
+library never fails a run: it falls back to glibc.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Each item: `tokens` and `labels` (LongTensor [seq_len], labels[t] = tokens[t+1] 
 
 from __future__ import annotations
 
+import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
+# isort: split
 import copy
 import logging
 import math
@@ -23,7 +26,6 @@ import os
 from typing import Optional
 
 import torch
-import aoe_ep.megatron_core  # noqa: F401  (megatron-core, quiet about TE / apex)
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig

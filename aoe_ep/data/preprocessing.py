@@ -13,6 +13,9 @@ either the previous dataset or none, never half of one.
 
 from __future__ import annotations
 
+import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
+# isort: split
 import json
 import os
 import re
@@ -22,7 +25,6 @@ from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-import aoe_ep.megatron_core  # noqa: F401  (megatron-core, quiet about TE / apex)
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist

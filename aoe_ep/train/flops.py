@@ -1,7 +1,9 @@
-"""Model FLOPs per token and GPU peaks, for the model-FLOPs utilisation (MFU) the trainer logs on GPU.
+"""Model FLOPs per token and GPU peaks (`aoe_ep.hardware`), for the model-FLOPs utilisation (MFU) the trainer logs
+on GPU.
 
 Attention and head FLOPs come from `aoe_ep.model.cost`, FFN FLOPs from the layer cost model (`aoe_ep.moe.cost`); a
-multiply-add counts 2 and a training step costs three forwards (backward ≈ 2× forward). Recomputation is not counted: this is model FLOPs.
+multiply-add counts 2 and a training step costs three forwards (backward ≈ 2× forward). Recomputation is not
+counted: this is model FLOPs.
 """
 
 from __future__ import annotations

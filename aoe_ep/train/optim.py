@@ -6,8 +6,10 @@ apex's FusedAdam on GPU when apex is installed (NGC images carry it), torch's fu
 
 from __future__ import annotations
 
+import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
+# isort: split
 import torch
-import aoe_ep.megatron_core  # noqa: F401  (megatron-core, quiet about TE / apex)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import nn
 

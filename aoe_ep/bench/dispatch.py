@@ -25,7 +25,7 @@ def _measure(rank: int, world: int, layer_kwargs: dict, tokens: int, iters: int)
 
     from aoe_ep.config import MoEConfig
     from aoe_ep.moe import MoELayer
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     rows = []
@@ -61,7 +61,6 @@ def _measure(rank: int, world: int, layer_kwargs: dict, tokens: int, iters: int)
             if world == 1:  # one device: both dispatchers are the local one
                 rows.append(dict(rows[-1], dispatcher="alltoall"))
                 break
-    destroy_groups(groups)
     return rows
 
 

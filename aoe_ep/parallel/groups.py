@@ -58,11 +58,3 @@ def initialize_groups(expert_parallel_size: int, device_type: Optional[str] = No
         expert_dp_group=expert_dp_group,
         dp_group=dist.group.WORLD, mesh=mesh, expert_mesh=expert_mesh)
 
-
-def destroy_groups(groups: ParallelGroups) -> None:
-    """Destroy the row and column groups of `groups` (the default group stays for its owner to destroy)."""
-    if not dist.is_initialized():
-        return
-    for group in {groups.mesh.get_group("ep"), groups.mesh.get_group("dp")}:
-        if group is not dist.group.WORLD and group != dist.GroupMember.NON_GROUP_MEMBER:
-            dist.destroy_process_group(group)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from aoe_ep.config import ConfigError, TrainConfig
-from aoe_ep.parallel.groups import ParallelGroups, destroy_groups, initialize_groups
+from aoe_ep.parallel.groups import ParallelGroups, initialize_groups
 
 
 @dataclass
@@ -101,12 +101,11 @@ def denormals_flushed() -> bool:
 
 
 def teardown(runtime: Runtime) -> None:
-    """Destroy the run's groups (and the default group when the runtime created it); restore the flush-denormal
-    setting."""
+    """Restore the flush-denormal setting; destroy the default group when the runtime created it (the run's DP x EP
+    groups go with it; a caller that owns the default group keeps them until it destroys that group)."""
     if runtime.restore_flush_denormal is not None:
         torch.set_flush_denormal(runtime.restore_flush_denormal)
         runtime.restore_flush_denormal = None
-    destroy_groups(runtime.groups)
     if runtime.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -97,14 +97,13 @@ def _churn_sequence(scorer: str, dispatcher: str, ep_group, samples: range) -> l
 
 
 def _ep2(rank: int, world: int) -> dict:
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     share = PROBE_SAMPLES // world
     out = {(scorer, dispatcher): _churn_sequence(scorer, dispatcher, groups.ep_group,
                                                  range(rank * share, (rank + 1) * share))
            for scorer in SCORERS for dispatcher in DISPATCHERS}
-    destroy_groups(groups)
     return out
 
 

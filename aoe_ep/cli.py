@@ -516,10 +516,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HEAVY_COMMANDS = ("train", "bench")  # long CPU work: worth the allocator (aoe_ep/cpu_allocator.py)
+HEAVY_COMMANDS = ("train", "bench")  # long work: on the CPU, worth the allocator (aoe_ep/cpu_allocator.py)
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _runs_on_cpu(args: argparse.Namespace) -> bool:
+    """Whether a heavy command computes on the CPU: `train` by its config's train.device, `bench layer` by --device
+    (unset or auto: CPU when torch sees no CUDA device); `bench dispatch` runs gloo ranks on the CPU. A config that
+    does not load counts as not (the command reports its error itself)."""
+    if args.command == "train":
+        from aoe_ep.config import ConfigError, load_config
+
+        try:
+            want = load_config(args.config, args.overrides).train.device
+        except ConfigError:
+            return False
+    else:
+        want = args.device if args.bench == "layer" else "cpu"
+    return (default_device() if want in (None, "auto") else want) == "cpu"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """argparse, except that everything after `lm-eval` goes to lm-evaluation-harness untouched (argparse would
     take its options, `--model aoe-ep` or `--help`, as its own)."""
     words = sys.argv[1:] if argv is None else list(argv)
@@ -531,14 +547,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY_COMMANDS:
+    args = parse_args(argv)
+    if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY_COMMANDS and _runs_on_cpu(args):
         from aoe_ep import cpu_allocator
 
         cpu_allocator.ensure_allocator(sys.argv[1:])  # re-executes this command once, if it changes anything
         if int(os.environ.get("RANK", "0")) == 0:
             print(cpu_allocator.announce(), file=sys.stderr, flush=True)
-    from aoe_ep.analysis.run_log import ReportError
+    from aoe_ep.train.run_log import ReportError
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
     from aoe_ep.train.checkpoint import CheckpointError

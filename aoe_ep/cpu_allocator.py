@@ -5,10 +5,11 @@ dense layer's parameters). glibc serves every allocation above its mmap threshol
 mmap and returns it on free, so those gradients are page-faulted in every step at a few GB/s. tcmalloc and
 jemalloc keep freed pages; so does glibc with `mmap_max=0` and a high trim threshold (its tunables, read at start).
 
-An allocator is chosen at process start only, so `aoe-ep` re-executes itself once with the allocator set
-(`ensure_allocator`), and the launch scripts export the same settings before torchrun
-(`python -m aoe_ep.cpu_allocator` prints them). `AOE_EP_ALLOCATOR=system` leaves the process as it is;
-`tcmalloc`, `jemalloc` or `glibc` ask for one. A missing library never fails a run: it falls back to glibc.
+An allocator is chosen at process start only, so `aoe-ep train` and `aoe-ep bench` re-execute themselves once with
+the allocator set (`ensure_allocator`) when they compute on the CPU (a CUDA run is left as it is), and say so; the
+launch scripts export the same settings before torchrun (`python -m aoe_ep.cpu_allocator` prints them).
+`AOE_EP_ALLOCATOR=system` leaves the process as it is; `tcmalloc`, `jemalloc` or `glibc` ask for one. A missing
+library never fails a run: it falls back to glibc.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def ensure_allocator(argv: list[str]) -> None:
 
 
 def announce() -> str:
-    return f"aoe-ep: CPU allocator: {active_allocator()}"
+    """The line a CPU run prints: the allocator, and whether this process was re-executed to load it."""
+    how = ("this command re-executed itself to load it; AOE_EP_ALLOCATOR=system runs it as started"
+           if os.environ.get(_APPLIED) else "as the process started")
+    return f"aoe-ep: CPU run, memory allocator {active_allocator()} ({how})"
 
 
 if __name__ == "__main__":  # the launch scripts: `eval "$(python -m aoe_ep.cpu_allocator)"`

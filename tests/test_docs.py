@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aoe_ep import docsgen
-from aoe_ep.cli import build_parser
+from aoe_ep.cli import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -92,7 +92,7 @@ def unparsable_commands(text: str) -> list[str]:
         words = ["X" if re.fullmatch(r"[A-Z][A-Z_]*", w) else w for w in words]  # placeholders such as RUN_DIR
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                build_parser().parse_args(words)
+                parse_args(words)
         except SystemExit as exit_:
             if exit_.code not in (0, None):
                 bad.append(line)

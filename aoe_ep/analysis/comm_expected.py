@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aoe_ep.analysis.run_log import RunLog
+from aoe_ep.train.run_log import RunLog
 from aoe_ep.config import ConfigError, config_from_dict
 from aoe_ep.parallel.comm_model import bytes_from_pairs
 from aoe_ep.plan.activations import routed_rows

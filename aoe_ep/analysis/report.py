@@ -1,6 +1,6 @@
 """`aoe-ep report RUN_DIR [--out DIR] [--compare RUN ...] [--steps S ...] [--json]`: a run's load report.
 
-Reads the run's log (`aoe_ep.analysis.run_log`), writes `report.html` and one PNG per figure
+Reads the run's log (`aoe_ep.train.run_log`), writes `report.html` and one PNG per figure
 (`aoe_ep.analysis.report_figures`) into DIR (default `<RUN_DIR>/report`), and returns the summary:
 
     final_loss          the last logged train/loss (mean of its logging window)
@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aoe_ep.analysis import report_figures as figs
-from aoe_ep.analysis.run_log import ReportError, RunLog, read_run
+from aoe_ep.train.run_log import ReportError, RunLog, read_run
 
 
 def _last(run: RunLog, key: str) -> Optional[float]:

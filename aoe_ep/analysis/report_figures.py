@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from aoe_ep.analysis.comm_expected import expected_bytes_per_step  # noqa: E402
-from aoe_ep.analysis.run_log import RunLog  # noqa: E402
+from aoe_ep.log_keys import layer_key  # noqa: E402
+from aoe_ep.train.run_log import RunLog  # noqa: E402
 
 DPI = 90
 LOAD_CMAP = "coolwarm"  # load × E from 0 (blue, idle) through 1 (white-grey, balanced) to 2 or more (red)
@@ -96,7 +97,7 @@ def chosen_steps(run: RunLog, wanted: Optional[Sequence[int]]) -> list[int]:
 
 
 def _load_matrix(run: RunLog, step: int) -> Optional[np.ndarray]:
-    rows = [run.records[step].get(f"moe/layer{layer:02d}/load") for layer in run.layers()]
+    rows = [run.records[step].get(layer_key(layer, "load")) for layer in run.layers()]
     rows = [r for r in rows if r is not None]
     return np.stack([_relative_load(r) for r in rows]) if rows else None
 
@@ -286,7 +287,7 @@ def scores_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
 def _predicted_expert_max(run: RunLog, step: int, expert_min: float) -> Optional[float]:
     """What the load predicts the slowest rank spends in its experts: the fastest rank's seconds scaled by the
     ratio of the most to the least loaded device (summed over layers)."""
-    loads = [run.records[step].get(f"moe/layer{layer:02d}/device_load") for layer in run.layers()]
+    loads = [run.records[step].get(layer_key(layer, "device_load")) for layer in run.layers()]
     loads = [np.asarray(x, dtype=float) for x in loads if x is not None]
     if not loads:
         return None

@@ -22,26 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aoe_ep.moe.scorers import activation_norm
+from aoe_ep.moe.selection import top_k_order
+
 NODES = ("xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output")
 ALL_NODES = NODES + ("router",)
-NORMS = ("l2", "l1", "linf")
 GATES = ("softmax", "uniform")
-
-
-def activation_norm(a_TEX: torch.Tensor, norm: str) -> torch.Tensor:
-    """‖a‖ over the last dimension: [T, E, X] -> [T, E]."""
-    if norm == "l2":
-        return a_TEX.float().norm(dim=-1)
-    if norm == "l1":
-        return a_TEX.float().abs().sum(dim=-1)
-    if norm == "linf":
-        return a_TEX.float().abs().amax(dim=-1)
-    raise ValueError(f"norm: {norm!r} is not one of {', '.join(NORMS)}")
-
-
-def top_k_stable(s_TE: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [T, K] of each row's K highest scores; ties go to the lower expert index."""
-    return torch.sort(s_TE, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 @dataclass
@@ -94,7 +80,7 @@ class RouterFreeMoE(nn.Module):
             if self.node == "output":
                 paused_TEX = torch.bmm(h_TEF.transpose(0, 1), w_o_EDF.transpose(1, 2)).transpose(0, 1)
         s_TE = activation_norm(paused_TEX, self.norm)
-        chosen_TK = top_k_stable(s_TE, self.top_k)
+        chosen_TK = top_k_order(s_TE, self.top_k)
         gates_TK = (torch.softmax(s_TE.gather(1, chosen_TK), dim=-1) if self.gate == "softmax"
                     else torch.full(chosen_TK.shape, 1.0 / self.top_k, device=x_TD.device))
         with torch.no_grad():

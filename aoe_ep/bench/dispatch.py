@@ -33,7 +33,7 @@ def _measure(rank: int, world: int, layer_kwargs: dict, tokens: int, iters: int,
     from aoe_ep.config import MoEConfig
     from aoe_ep.moe import MoELayer
     from aoe_ep.parallel.alltoall import AllToAllDispatcher
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     contenders = CONTENDERS if world > 1 else CONTENDERS[:1]  # one device: every contender is the local layer
@@ -78,7 +78,6 @@ def _measure(rank: int, world: int, layer_kwargs: dict, tokens: int, iters: int,
                          "bwd_bytes_per_token": counter.total("bwd") / n / tokens})
         if world == 1:
             rows += [dict(rows[-1], dispatcher=d, route=r) for d, r in CONTENDERS[1:]]
-    destroy_groups()
     return rows
 
 

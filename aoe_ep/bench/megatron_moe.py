@@ -17,6 +17,8 @@ from aoe_ep.moe import MoELayer
 
 
 def _megatron_layer(d_model: int, d_ffn: int, num_experts: int, top_k: int, dtype: torch.dtype):
+    import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+    # isort: split
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec

@@ -16,6 +16,9 @@ Each item: `tokens` and `labels` (LongTensor [seq_len], labels[t] = tokens[t+1] 
 
 from __future__ import annotations
 
+import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
+# isort: split
 import copy
 import logging
 import math

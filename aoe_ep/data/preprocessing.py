@@ -13,6 +13,9 @@ either the previous dataset or none, never half of one.
 
 from __future__ import annotations
 
+import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
+# isort: split
 import json
 import os
 import re

@@ -11,7 +11,6 @@ it is one extra id, `vocab_size - 1`, after the tokenizer's own ids. `decode` dr
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from aoe_ep.data.errors import DataError
+from aoe_ep.hashing import file_sha256
 
 # End-of-document tokens of common vocabularies, in the order they are looked for in a tokenizers JSON file.
 EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<eod>", "[EOS]", "<|eos|>")
@@ -83,7 +83,7 @@ class HuggingFaceTokenizer(Tokenizer):
         self.vocab_size = own_size if own_eod is not None else own_size + 1
         self.eod = own_eod if own_eod is not None else own_size
         self._own_size = own_size
-        digest = _sha256(path)
+        digest = file_sha256(path).hex()
         self.name = f"hf:{path.name}@{digest[:12]}"
         self.unique_identifiers = OrderedDict(
             [("class", "HuggingFaceTokenizer"), ("sha256", digest), ("vocab_size", self.vocab_size),
@@ -113,7 +113,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = own_size if own_eod >= 0 else own_size + 1
         self.eod = own_eod if own_eod >= 0 else own_size
         self._own_size = own_size
-        digest = _sha256(path)
+        digest = file_sha256(path).hex()
         self.name = f"sentencepiece:{path.name}@{digest[:12]}"
         self.unique_identifiers = OrderedDict(
             [("class", "SentencePieceTokenizer"), ("sha256", digest), ("vocab_size", self.vocab_size),
@@ -152,9 +152,3 @@ def _import_optional(module: str, path: Path):
         raise DataError(f"{path}: reading this tokenizer needs the `{module}` package: pip install {module}") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -21,7 +21,7 @@ from aoe_ep.config import Config, config_from_dict
 from aoe_ep.model import Decoder
 from aoe_ep.moe import MoELayer
 from aoe_ep.train import checkpoint as ckpt
-from aoe_ep.train.distributed import Runtime, setup_runtime, teardown
+from aoe_ep.parallel.runtime import Runtime, setup_runtime, teardown
 
 
 @dataclass
@@ -94,7 +94,7 @@ def open_checkpoint(spec: str | Path, expert_parallel_size: Optional[int] = None
 
 def _refuse_nonfinite(path: Path, model: torch.nn.Module, runtime) -> None:
     """Collective: a checkpoint with NaN or inf weights is refused in one line (every rank together)."""
-    from aoe_ep.train.distributed import all_reduce_
+    from aoe_ep.parallel.runtime import all_reduce_
 
     bad = [name for name, p in model.named_parameters()
            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]

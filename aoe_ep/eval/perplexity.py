@@ -27,7 +27,7 @@ from aoe_ep.data.preprocessing import SUFFIXES, read_documents
 from aoe_ep.data.tokenizer import Tokenizer
 from aoe_ep.eval.loading import LoadedCheckpoint, open_checkpoint
 from aoe_ep.train.batches import BatchPlan, plan_batches
-from aoe_ep.train.distributed import all_reduce_
+from aoe_ep.parallel.runtime import all_reduce_
 from aoe_ep.train.validation import autocast_dtype, num_validation_batches, validation_sums
 
 

@@ -220,7 +220,7 @@ def write_run(cfg: Config, state: dict[str, torch.Tensor], stage: Path, final: P
     trainer's own save (an in-process world of one)."""
     from aoe_ep.model import Decoder
     from aoe_ep.train import checkpoint as ckpt
-    from aoe_ep.train.distributed import setup_runtime, teardown
+    from aoe_ep.parallel.runtime import setup_runtime, teardown
     from aoe_ep.train.optim import build_optimizer, build_scheduler
 
     train = dataclasses.replace(cfg.train, device="cpu")

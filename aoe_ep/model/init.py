@@ -15,12 +15,12 @@ type, and a parameter of a module type it does not know is an error rather than 
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from aoe_ep.hashing import digest63
 from aoe_ep.model.ffn import DenseSwiGLU
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.layer import THRESHOLD_BIAS_INIT
@@ -64,7 +64,7 @@ CONSTANTS: dict[tuple[type, str], float] = {
 def stable_seed(*parts) -> int:
     """63 bits of SHA-256 of the parts joined by '/' (Python's `hash` of a str is salted per process)."""
     data = "/".join(str(part) for part in parts).encode()
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+    return digest63(data)
 
 
 def _draw(shape, std: float, *key) -> torch.Tensor:

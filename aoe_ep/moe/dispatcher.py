@@ -5,12 +5,12 @@ rows reach the experts this rank holds, how global sums are formed and how exper
 Phases as in Megatron-Core's token dispatchers: permute → (communicate) → compute → (communicate) → unpermute.
 
 The layer never builds an expert-parallel dispatcher itself: `aoe_ep.parallel` registers its factories here
-(`register_dispatcher`), so this package does not import the parallel one.
+(`register_dispatcher`) when it is imported, which the `aoe_ep.moe` package does once this module is loaded; no module
+of this package imports the parallel one.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -185,7 +185,6 @@ class LocalDispatcher:
 
 DispatcherFactory = Callable[[dist.ProcessGroup, int], Dispatcher]
 _FACTORIES: dict[str, DispatcherFactory] = {}
-PARALLEL_PACKAGE = "aoe_ep.parallel"  # registers the expert-parallel dispatchers on import
 
 
 def register_dispatcher(name: str, factory: DispatcherFactory) -> None:
@@ -201,5 +200,6 @@ def build_dispatcher(cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup]) -> D
     if cfg.num_experts % ep_size:
         raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel size {ep_size}")
     if cfg.dispatcher not in _FACTORIES:
-        importlib.import_module(PARALLEL_PACKAGE)
+        raise ValueError(f"moe.dispatcher={cfg.dispatcher!r} is not a registered expert-parallel dispatcher "
+                         f"(registered: {', '.join(sorted(_FACTORIES)) or 'none'})")
     return _FACTORIES[cfg.dispatcher](ep_group, cfg.num_experts)

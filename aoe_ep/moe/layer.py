@@ -26,7 +26,7 @@ from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
 from aoe_ep.moe.losses import scale_gradient, token_entropy
 from aoe_ep.moe.placement import Placement
-from aoe_ep.moe.scorers import build_scorer
+from aoe_ep.moe.scorers import build_scorer, scorer_sharded_over_ep
 from aoe_ep.moe.selection import weigh
 from aoe_ep.moe.stats import LoadStats, selection_margin
 
@@ -112,7 +112,7 @@ class MoELayer(nn.Module):
         self.num_local_experts = cfg.num_experts // ep_size
         self.expert_offset = ep_rank * self.num_local_experts  # under the contiguous placement
         # Under `allgather` each rank scores only its own experts' Wdown; under `alltoall` the selector is replicated.
-        self.scorer_is_sharded = cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and ep_size > 1
+        self.scorer_is_sharded = scorer_sharded_over_ep(cfg, ep_size)
         self.scorer = build_scorer(cfg, self.num_local_experts if self.scorer_is_sharded else cfg.num_experts)
         self.experts = build_experts(cfg, self.num_local_experts)
         mark_expert_parameters(self.experts.parameters())

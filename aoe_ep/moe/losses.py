@@ -8,6 +8,9 @@ parallelism the per-rank values add up to the single-device loss over the global
 
 from __future__ import annotations
 
+import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
+# isort: split
 import torch
 from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 

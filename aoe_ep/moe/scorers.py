@@ -66,8 +66,20 @@ class RouterScorer(nn.Module):
         return _no_cache(at_least_fp32(h_TH @ self.weight.t()))
 
 
+# AoE's norms (Appendix A) as vector-norm orders.
+NORM_ORDERS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
+
+
 def _norm(c: torch.Tensor, ord: float) -> torch.Tensor:
     return torch.linalg.vector_norm(at_least_fp32(c), ord=ord, dim=-1)
+
+
+def activation_norm(a_TEX: torch.Tensor, norm: str) -> torch.Tensor:
+    """The score AoE gives an activation: its norm `norm` ("l2" | "l1" | "linf") over the last dimension, at least
+    fp32: [..., X] -> [...]."""
+    if norm not in NORM_ORDERS:
+        raise ValueError(f"norm: {norm!r} is not one of {', '.join(NORM_ORDERS)}")
+    return _norm(a_TEX, NORM_ORDERS[norm])
 
 
 def _norm_grad(c: torch.Tensor, ord: float, ds: torch.Tensor, s: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -132,11 +144,9 @@ class AoEScorer(nn.Module):
     All experts' Wdown are stacked [E, d, d_low] and applied as one [d, E·d_low] matmul.
     """
 
-    ORDERS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
-
     def __init__(self, cfg: MoEConfig, num_experts: int):
         super().__init__()
-        self.ord = self.ORDERS[cfg.norm]
+        self.ord = NORM_ORDERS[cfg.norm]
         self.mode = cfg.aoe_cache if cfg.unselected_get_gradient else "sparse"
         self.w_down = nn.Parameter(torch.empty(num_experts, cfg.d_model, cfg.d_low))
         nn.init.normal_(self.w_down, std=cfg.d_model ** -0.5)
@@ -179,6 +189,13 @@ class SelfRoutingScorer(nn.Module):
 
 
 SCORERS = {"router": RouterScorer, "aoe": AoEScorer, "self_routing": SelfRoutingScorer}
+
+
+def scorer_sharded_over_ep(cfg: MoEConfig, ep_size: int) -> bool:
+    """Whether the scorer's weight is split over an EP group of `ep_size` like the experts: AoE's Wdown under
+    `allgather` (each rank scores only its own experts). The router, and AoE's Wdown under `alltoall`, are
+    replicated like a dense weight."""
+    return ep_size > 1 and cfg.scorer == "aoe" and cfg.dispatcher == "allgather"
 
 
 def build_scorer(cfg: MoEConfig, num_experts: Optional[int] = None) -> nn.Module:

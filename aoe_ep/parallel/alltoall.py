@@ -21,10 +21,18 @@ from aoe_ep.moe.grouped import Groups
 from aoe_ep.moe.routing import Decision, group_rows, row_gates, weighted_sum
 from aoe_ep.moe.selection import expert_capacity, expert_choice_mask
 from aoe_ep.moe.stats import BatchSums
+from aoe_ep.packing import pack
 from aoe_ep.parallel.collectives import all_gather_rows, all_reduce_sum, all_to_all_counts, all_to_all_rows
 from aoe_ep.parallel.comm_model import COMBINES
 from aoe_ep.parallel.group import GroupDispatcher
 from aoe_ep.parallel.rank_dispatch import combine_on_rank, dispatch_by_rank, placed_rows, regroup
+
+# The `BatchSums` fields summed over the EP group (the last two under threshold selection only) and those that count.
+SUMMED = ("tokens_per_expert", "probs_sum", "entropy_sum", "score_sum", "margin_sum", "margin_tokens", "gate_sum",
+          "token_balance_sum")
+COUNTS = ("tokens_per_expert", "margin_tokens")
+
+
 
 
 class AllToAllDispatcher(GroupDispatcher):
@@ -43,18 +51,11 @@ class AllToAllDispatcher(GroupDispatcher):
     def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None,
                     g_SE=None) -> BatchSums:
         local = BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S, g_SE)
-        n = self.num_experts
-        threshold = [] if g_SE is None else [local.gate_sum.double(), local.token_balance_sum.double().view(1)]
-        packed = torch.cat([local.tokens_per_expert.double(), local.probs_sum.double(), local.score_sum.double(),
-                            local.entropy_sum.double().view(1), local.margin_sum.view(1),
-                            local.margin_tokens.double().view(1), *threshold])
-        total = all_reduce_sum(packed, self.group, self.counter, "stats")
-        rest = total[3 * n + 3:]  # threshold selection's gate sums and token-balance sum
-        return BatchSums(tokens_per_expert=total[:n].round().long(), probs_sum=total[n:2 * n],
-                         entropy_sum=total[3 * n], score_sum=total[2 * n:3 * n], num_tokens=layout.total,
-                         margin_sum=total[3 * n + 1], margin_tokens=total[3 * n + 2].round().long(),
-                         gate_sum=rest[:n] if g_SE is not None else None,
-                         token_balance_sum=rest[n] if g_SE is not None else None)
+        fields = {name: getattr(local, name) for name in SUMMED if getattr(local, name) is not None}
+        packed, packing = pack(fields)
+        total = packing.unpack(all_reduce_sum(packed, self.group, self.counter, "stats"))
+        return BatchSums(num_tokens=layout.total, **{
+            name: total[name].round().long() if name in COUNTS else total.get(name) for name in SUMMED})
 
     def dispatch(self, x_TD, xs_SD, scores, decision, layout: TokenLayout):
         if self.combine_on == "rank":

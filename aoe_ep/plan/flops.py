@@ -10,9 +10,8 @@ rank that holds the expert; the output head 2·d·V.
 from __future__ import annotations
 
 from aoe_ep.config import Config, MoEConfig
+from aoe_ep.model.cost import TRAIN_FORWARDS, attention_flops, head_flops
 from aoe_ep.moe.cost import dense_flops, moe_flops
-
-TRAIN_FORWARDS = 3.0
 
 
 def selector_flops(cfg: MoEConfig) -> float:
@@ -35,11 +34,11 @@ def step_flops(cfg: Config, tokens: float, expert_rows: float) -> dict[str, floa
     each MoE layer (summed over the step's micro-batches)."""
     m = cfg.model
     seq = cfg.data.seq_len
-    out = {"attention": m.n_layers * (8.0 * m.d_model * m.d_model + 2.0 * seq * m.d_model) * tokens}
+    out = {"attention": m.n_layers * attention_flops(m.d_model, seq) * tokens}
     if m.ffn == "moe":
         out["selector"] = m.n_layers * selector_flops(cfg.moe) * tokens
         out["experts"] = m.n_layers * expert_row_flops(cfg.moe) * expert_rows
     else:
         out["dense_ffn"] = m.n_layers * dense_flops(m.d_model, m.d_ffn) * tokens
-    out["head"] = 2.0 * m.d_model * m.vocab_size * tokens
+    out["head"] = head_flops(m.d_model, m.vocab_size) * tokens
     return {k: TRAIN_FORWARDS * v for k, v in out.items()}

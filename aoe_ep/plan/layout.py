@@ -17,7 +17,7 @@ from aoe_ep.config import Config, ConfigError, MoEConfig
 from aoe_ep.parallel.comm_model import bytes_from_pairs
 from aoe_ep.plan.activations import MicroBatch, activation_bytes, routed_rows
 from aoe_ep.plan.flops import step_flops
-from aoe_ep.plan.hardware import GPU, GPUS, GPUS_PER_NODE
+from aoe_ep.hardware import GPU, GPUS, GPUS_PER_NODE
 from aoe_ep.plan.recompute import (checkpointed_bytes, rebuilt_block_bytes, recompute_flops,
                                    recompute_traffic_bytes)
 from aoe_ep.plan.routing import RoutingModel, routing_model
@@ -160,7 +160,7 @@ def _max_micro_batch(cfg: Config, ep: int, world: int, routing: Optional[Routing
 def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None, gpu: str = "h100",
                 hot_share: Optional[float] = None, params: Optional[list[ParamShape]] = None) -> Plan:
     """The plan of rank 0 under world = dp × ep (EP inner), `micro_batch` sequences per rank (default:
-    train.micro_batch_size) on `gpu` (a key of `aoe_ep.plan.hardware.GPUS`); `params`: `model_parameters(cfg)`,
+    train.micro_batch_size) on `gpu` (a key of `aoe_ep.hardware.GPUS`); `params`: `model_parameters(cfg)`,
     to build the meta model once for many layouts."""
     if gpu not in GPUS:
         raise ConfigError(f"--gpu: {gpu!r} is not one of {', '.join(sorted(GPUS))}")

@@ -2,7 +2,7 @@
 
 The load is the run's latest checkpoint's record (`expert_load` in meta.json: the global tokens per expert since
 the checkpoint before it, recency-weighted as the trainer chooses its placement from), or, without one, the per-expert load of its log.jsonl summed over the logged windows
-(either format, as `aoe_ep.analysis.run_log` reads them: `"moe/layer00/load": [..]` lists, or one scalar tag
+(either format, as `aoe_ep.train.run_log` reads them: `"moe/layer00/load": [..]` lists, or one scalar tag
 `moe/layer00/load/expert3` per expert). Per
 layer it prints the per-device max − min of that load under the contiguous split, under the placement the run
 used (when the checkpoint records it), and under `balanced_placement`; their sums are the per-device idle-time
@@ -37,8 +37,8 @@ def _from_checkpoint(run_dir: Path) -> Optional[dict]:
 
 
 def _from_log(run_dir: Path) -> Optional[dict]:
-    """The per-expert load of the run's log (`aoe_ep.analysis.run_log` reads both formats) summed over its windows."""
-    from aoe_ep.analysis.run_log import ReportError, read_run
+    """The per-expert load of the run's log (`aoe_ep.train.run_log` reads both formats) summed over its windows."""
+    from aoe_ep.train.run_log import ReportError, read_run
 
     try:
         run = read_run(run_dir)

@@ -7,7 +7,7 @@ import json
 from typing import Optional
 
 from aoe_ep.config import AC_MODES, Config, ConfigError
-from aoe_ep.plan.hardware import GPUS, assumptions
+from aoe_ep.hardware import GPUS, assumptions
 from aoe_ep.plan.layout import Plan, plan_layout
 from aoe_ep.plan.state import model_parameters
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from aoe_ep.config import Config
-
-FP32 = 4
-ADAM_MOMENTS = 2
+from aoe_ep.moe.scorers import scorer_sharded_over_ep
+from aoe_ep.train.optim import ADAM_MOMENTS, FP32  # what the trainer's AdamW keeps per element
 
 
 @dataclass(frozen=True)
@@ -38,14 +37,13 @@ def model_parameters(cfg: Config) -> list[ParamShape]:
 
 
 def sharded_over_ep(param: ParamShape, cfg: Config, ep: int) -> bool:
-    """Expert weights, and AoE's Wdown under `allgather` (each rank scores only its own experts), are split over
-    the EP group; everything else (the router, AoE's Wdown under `alltoall`) is replicated like a dense weight."""
+    """Expert weights, and the scorer's weight where the layer splits it (`scorer_sharded_over_ep`), are split over
+    the EP group; everything else is replicated like a dense weight."""
     if ep == 1:
         return False
     if param.expert:
         return True
-    return (cfg.moe is not None and cfg.moe.scorer == "aoe" and cfg.moe.dispatcher == "allgather"
-            and param.name.endswith("scorer.w_down"))
+    return cfg.moe is not None and param.name.endswith("scorer.w_down") and scorer_sharded_over_ep(cfg.moe, ep)
 
 
 def state_shards(dense_parallel: str, world: int, ep: int) -> tuple[int, int]:

@@ -52,7 +52,7 @@ from aoe_ep.parallel.reshard import move_experts
 from aoe_ep.train.checkpoint_integrity import (MANIFEST_KEY, CheckpointError, SafeFileSystemReader,
                                                TensorsOnlyLoadPlanner, assert_tensors_only, file_sha256,
                                                shard_digests, verify_digests)
-from aoe_ep.train.distributed import Runtime
+from aoe_ep.parallel.runtime import Runtime
 from aoe_ep.train.optim import is_expert_param
 
 LATEST = "latest"

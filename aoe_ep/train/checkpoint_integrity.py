@@ -13,7 +13,6 @@ torch.distributed.checkpoint unpickles its `.metadata` file with `pickle.load` a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pathlib
 import pickle
@@ -25,6 +24,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.planner import ReadItem
+
+from aoe_ep.hashing import file_sha256
 
 
 class CheckpointError(RuntimeError):
@@ -98,14 +99,6 @@ class SafeFileSystemReader(FileSystemReader):
 
 DIGEST_BYTES = 32
 MANIFEST_KEY = "sha256"
-
-
-def file_sha256(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.digest()
 
 
 def _mine(names: list[str]) -> range:

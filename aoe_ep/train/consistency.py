@@ -24,6 +24,7 @@ import yaml
 
 import aoe_ep
 from aoe_ep.config import Config, ConfigError
+from aoe_ep.hashing import digest63
 from aoe_ep.train.guards import TrainingError
 
 PACKAGE_DIR = Path(aoe_ep.__file__).resolve().parent
@@ -51,17 +52,13 @@ def identity(cfg: Config, resume: Optional[str] = None) -> dict:
     return {"config": dataclasses.asdict(cfg), "command": {"--resume": resume}, "packages": package_versions()}
 
 
-def _digest(text: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-
-
 def check_ranks_agree(cfg: Config, device: torch.device, resume: Optional[str] = None, group=None) -> None:
     """Collective over `group` (default: the world). Raises the same ConfigError on every rank on a mismatch."""
     world = dist.get_world_size(group)
     if world == 1:
         return
     text = yaml.safe_dump(identity(cfg, resume), sort_keys=True).encode()
-    mine = torch.tensor([_digest(text), len(text)], dtype=torch.int64, device=device)
+    mine = torch.tensor([digest63(text), len(text)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     if all(torch.equal(g[0], gathered[0][0]) for g in gathered):

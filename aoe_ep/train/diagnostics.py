@@ -22,10 +22,11 @@ from typing import Any, Optional
 
 import torch
 
+from aoe_ep.log_keys import layer_prefix
 from aoe_ep.moe import LoadStats
 from aoe_ep.moe.context import DEFAULT_CONTEXT, StepContext
 from aoe_ep.train.batches import BatchPlan, collate
-from aoe_ep.train.distributed import all_reduce_
+from aoe_ep.parallel.runtime import all_reduce_
 
 
 def dead_experts(stats: LoadStats) -> int:
@@ -45,7 +46,7 @@ def diagnostic_scalars(stats: list[LoadStats], scorer: str, churn: Optional[list
     `wasted_precompute`; plus the total `moe/dead_experts`."""
     out: dict[str, float] = {}
     for i, s in enumerate(stats):
-        prefix = f"moe/layer{i:02d}"
+        prefix = layer_prefix(i)
         if int(s.margin_tokens):
             out[f"{prefix}/score_margin"] = float(s.score_margin)
         if churn is not None:

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from aoe_ep.moe import MoEInfo
+from aoe_ep.packing import PackedLayout, pack
 
 
 class TrainingError(RuntimeError):
@@ -43,10 +44,18 @@ class StepHealth:
                                          for info in infos])
 
     def packed(self, losses: torch.Tensor, grad_norm: float) -> torch.Tensor:
-        """[lm, aux, gradient norm not finite, nonfinite inputs per layer (L), bad statistics per layer (L)]:
-        what the step all-reduces over the world."""
-        flag = losses.new_tensor([0.0 if math.isfinite(grad_norm) else 1.0])
-        return torch.cat([losses.double(), flag.double(), self.nonfinite_inputs_L, self.bad_stats_L])
+        """[lm, aux, gradient norm not finite, nonfinite inputs per layer (L), bad statistics per layer (L)]
+        (`health_packing`): what the step all-reduces over the world."""
+        packed, _ = pack({"loss": losses[0], "aux_loss": losses[1],
+                          "grad_norm_bad": losses.new_tensor(0.0 if math.isfinite(grad_norm) else 1.0),
+                          "nonfinite_inputs": self.nonfinite_inputs_L, "bad_stats": self.bad_stats_L})
+        return packed
+
+
+def health_packing(num_layers: int) -> PackedLayout:
+    """The layout of `StepHealth.packed` for a model of `num_layers` MoE layers."""
+    return PackedLayout(("loss", "aux_loss", "grad_norm_bad", "nonfinite_inputs", "bad_stats"),
+                        (None, None, None, num_layers, num_layers))
 
 
 @dataclass(frozen=True)
@@ -71,13 +80,13 @@ class Verdict:
 
 def verdict(reduced: torch.Tensor, world_size: int, ep_size: int) -> Verdict:
     """Read the all-reduced `StepHealth.packed` tensor (summed over `world_size` ranks)."""
-    values = reduced.cpu().tolist()
-    layers = (len(values) - 3) // 2
-    inputs, stats = values[3:3 + layers], values[3 + layers:]
+    num_layers = (reduced.numel() - 3) // 2  # three scalars, then two values per layer
+    f = {k: v.tolist() for k, v in health_packing(num_layers).unpack(reduced.cpu()).items()}
     # each EP rank reports its group's count: the world sum holds every group's count ep_size times
-    return Verdict(loss=values[0] / world_size, aux_loss=values[1] / world_size, grad_norm_bad=values[2] > 0,
-                   nonfinite_inputs=tuple(int(round(n / ep_size)) for n in inputs),
-                   bad_stats=tuple(s > 0 for s in stats))
+    return Verdict(loss=f["loss"] / world_size, aux_loss=f["aux_loss"] / world_size,
+                   grad_norm_bad=f["grad_norm_bad"] > 0,
+                   nonfinite_inputs=tuple(int(round(n / ep_size)) for n in f["nonfinite_inputs"]),
+                   bad_stats=tuple(s > 0 for s in f["bad_stats"]))
 
 
 class BadStepCounter:

@@ -1,5 +1,5 @@
 """Refuse, before anything is allocated, a model whose parameters, gradients and AdamW state cannot fit in this
-machine's memory: the per-rank bytes of the plan's arithmetic (`aoe_ep.plan.state`: fp32 weights and gradients,
+machine's memory: the per-rank bytes of the plan's arithmetic (`aoe_ep.plan.state`, from `aoe_ep.train.optim`'s sizes: fp32 weights and gradients,
 two AdamW moments) against the accelerator's memory, or the host's physical memory shared by the ranks of this
 node."""
 
@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from aoe_ep.config import Config, ConfigError, count_parameters, ffn_param_count
+from aoe_ep.train.optim import ADAM_MOMENTS, FP32
 
 GIB = 2 ** 30
 
@@ -33,11 +34,9 @@ def device_memory_bytes(device: torch.device) -> Optional[int]:
 
 
 def state_bytes(cfg: Config, ep: int, world: int) -> int:
-    """Weights + gradients + AdamW state one rank keeps (no activations), at `aoe_ep.plan.state`'s bytes per
+    """Weights + gradients + AdamW state one rank keeps (no activations), at the plan's bytes per
     parameter, counted from the config's arithmetic (`count_parameters`): building even a meta model of an absurd
     width overflows torch's size computation."""
-    from aoe_ep.plan.state import ADAM_MOMENTS, FP32
-
     count = count_parameters(cfg)
     experts = cfg.model.n_layers * ffn_param_count(cfg.model, cfg.moe)[0] if cfg.model.ffn == "moe" else 0
     dense = count.total_untied - experts

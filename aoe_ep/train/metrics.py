@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from aoe_ep.log_keys import layer_prefix
 from aoe_ep.moe import LoadStats, MoEInfo, idle_time
-from aoe_ep.train.distributed import Runtime, all_reduce_
+from aoe_ep.packing import PackedLayout, pack
+from aoe_ep.parallel.runtime import Runtime, all_reduce_
 
 
 class MoEStatsAccumulator:
@@ -30,27 +32,33 @@ class MoEStatsAccumulator:
     trainer's logging steps)."""
 
     def __init__(self) -> None:
-        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 4] float64: counts, score sums, entropy sum, tokens,
-        #                                            margin sum, margin tokens
+        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 4] float64, `packing`: counts, score sums, entropy sum,
+        self.packing: Optional[PackedLayout] = None  # tokens, margin sum, margin tokens
         self.seconds: Optional[torch.Tensor] = None  # [L, 2] float64: expert, combine
-        self.erc: Optional[torch.Tensor] = None  # [L, 3] float64: Σ ERC loss, Σ mean ε, micro-batches
+        self.erc: Optional[torch.Tensor] = None  # [L, 3] float64, `erc_packing`: Σ ERC loss, Σ mean ε, micro-batches
+        self.erc_packing: Optional[PackedLayout] = None
 
     def add(self, infos: list[MoEInfo], timed: bool = True) -> None:
         if not infos:
             return
-        rows = []
-        for info in infos:
-            s = info.stats
-            n = float(s.num_tokens)
-            rows.append(torch.cat([s.tokens_per_expert.double(), s.score_mean.double() * n,
-                                   (s.ent_conf.double() * n).view(1), s.ent_conf.new_full((1,), n).double(),
-                                   (s.score_margin.double() * s.margin_tokens).view(1),
-                                   s.margin_tokens.double().view(1)]))
-        sums = torch.stack(rows)
+        stats = [info.stats for info in infos]
+        tokens_L = torch.tensor([float(s.num_tokens) for s in stats], dtype=torch.float64,
+                                device=stats[0].tokens_per_expert.device)
+        sums, self.packing = pack({
+            "counts": torch.stack([s.tokens_per_expert.double() for s in stats]),
+            "score_sum": torch.stack([s.score_mean.double() for s in stats]) * tokens_L[:, None],
+            "entropy_sum": torch.stack([s.ent_conf.double() for s in stats]) * tokens_L,
+            "tokens": tokens_L,
+            "margin_sum": torch.stack([s.score_margin.double() * s.margin_tokens for s in stats]),
+            "margin_tokens": torch.stack([s.margin_tokens.double() for s in stats]),
+        }, batch_dims=1)
         self.sums = sums if self.sums is None else self.sums + sums
         if infos[0].erc_loss is not None:
-            erc = torch.stack([torch.stack([i.erc_loss.double(), i.erc_eps.double(), i.erc_loss.new_ones(()).double()])
-                               for i in infos])
+            erc, self.erc_packing = pack({"erc_loss": torch.stack([i.erc_loss.double() for i in infos]),
+                                          "erc_eps": torch.stack([i.erc_eps.double() for i in infos]),
+                                          "micro_batches": torch.ones(len(infos), dtype=torch.float64,
+                                                                            device=infos[0].erc_loss.device)},
+                                         batch_dims=1)
             self.erc = erc if self.erc is None else self.erc + erc
         if timed:
             seconds = torch.tensor([[i.timing.expert_seconds, i.timing.combine_seconds] for i in infos],
@@ -68,14 +76,10 @@ class MoEStatsAccumulator:
         seconds = (self.seconds if self.seconds is not None else torch.zeros(sums.shape[0], 2)).to(runtime.device)
         hi = all_reduce_(seconds.clone(), op=dist.ReduceOp.MAX)
         lo = all_reduce_(seconds.clone(), op=dist.ReduceOp.MIN)
-        num_experts = (sums.shape[1] - 4) // 2
-        stats = []
-        for row in sums.cpu():
-            counts, score_sum = row[:num_experts], row[num_experts:2 * num_experts]
-            entropy_sum, tokens = row[2 * num_experts], int(row[2 * num_experts + 1])
-            margin_sum, margin_tokens = row[2 * num_experts + 2], row[2 * num_experts + 3].round().long()
-            stats.append(LoadStats.from_counts(counts.round().long(), entropy_sum, score_sum, tokens, margin_sum,
-                                               margin_tokens))
+        f = self.packing.unpack(sums.cpu())
+        stats = [LoadStats.from_counts(f["counts"][i].round().long(), f["entropy_sum"][i], f["score_sum"][i],
+                                       int(f["tokens"][i]), f["margin_sum"][i], f["margin_tokens"][i].round().long())
+                 for i in range(sums.shape[0])]
         self.sums = self.seconds = None
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
@@ -84,9 +88,9 @@ class MoEStatsAccumulator:
         every rank of an EP group; averaged over the expert-data-parallel group); None without ERC; resets."""
         if self.erc is None:
             return None
-        sums = all_reduce_(self.erc.clone(), group=runtime.groups.expert_dp_group).cpu()
+        f = self.erc_packing.unpack(all_reduce_(self.erc.clone(), group=runtime.groups.expert_dp_group).cpu())
         self.erc = None
-        return sums[:, :2] / sums[:, 2:].clamp_min(1.0)
+        return torch.stack([f["erc_loss"], f["erc_eps"]], dim=-1) / f["micro_batches"].clamp_min(1.0)[:, None]
 
 
 def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
@@ -99,7 +103,7 @@ def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size
     out: dict[str, float | list] = {}
     placements = placements if placements is not None else [None] * len(stats)
     for i, (s, placement) in enumerate(zip(stats, placements)):
-        prefix = f"moe/layer{i:02d}"
+        prefix = layer_prefix(i)
         out[f"{prefix}/ent_load"] = float(s.ent_load)
         out[f"{prefix}/ent_conf"] = float(s.ent_conf)
         out[f"{prefix}/max_minus_min"] = float(s.max_minus_min)

@@ -6,11 +6,17 @@ apex's FusedAdam on GPU when apex is installed (NGC images carry it), torch's fu
 
 from __future__ import annotations
 
+import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
+# isort: split
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import nn
 
 from aoe_ep.config import TrainConfig
+
+FP32 = 4  # bytes of an fp32 master weight, gradient or moment
+ADAM_MOMENTS = 2  # AdamW keeps two moments per element
 
 
 def is_expert_param(p: nn.Parameter) -> bool:

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from aoe_ep.config import ConfigError
 from aoe_ep.moe import MoELayer
-from aoe_ep.train.distributed import Runtime, all_reduce_
+from aoe_ep.parallel.runtime import Runtime, all_reduce_
 from aoe_ep.train.optim import is_expert_param
 
 

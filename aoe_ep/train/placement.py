@@ -21,7 +21,7 @@ import torch
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.placement import Placement, balanced_placement
 from aoe_ep.parallel.reshard import move_experts
-from aoe_ep.train.distributed import Runtime, all_reduce_
+from aoe_ep.parallel.runtime import Runtime, all_reduce_
 from aoe_ep.train.optim import is_expert_param
 
 LOAD_KEY, PLACEMENT_KEY = "expert_load", "expert_placement"

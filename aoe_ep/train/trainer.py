@@ -41,7 +41,7 @@ from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.compile import compile_blocks
 from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
-from aoe_ep.train.distributed import all_reduce_, setup_runtime, teardown
+from aoe_ep.parallel.runtime import all_reduce_, setup_runtime, teardown
 from aoe_ep.train.guards import BadStepCounter, StepHealth, TrainingError, verdict
 from aoe_ep.train.memory_fit import check_state_fits
 from aoe_ep.train.run_lock import RunLock, prepare_out_dir
@@ -171,7 +171,7 @@ class Trainer:
         if self.autocast_dtype is not None and rt.device.type == "cpu":
             # bf16 on a CPU without native bf16 kernels meets denormal fp32 values early in training, which x86 runs
             # tens of times slower (measured: 0.2 s steps of the tiny model took 1.7-3.8 s); flush them to zero.
-            torch.set_flush_denormal(True)
+            rt.flush_denormals()  # until teardown
         self.flops_per_token = train_flops_per_token(cfg, self.plan.seq_len)
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()

@@ -71,7 +71,7 @@ def test_summary_equals_the_log_and_the_report_is_written(tiny_run, tmp_path, ca
 
     # the default out_dir, and the steps of the heatmaps: the nearest logged ones (a tie takes the earlier)
     from aoe_ep.analysis.report_figures import chosen_steps
-    from aoe_ep.analysis.run_log import read_run
+    from aoe_ep.train.run_log import read_run
 
     assert main(["report", str(tiny_run), "--steps", "3", "100"]) == 0
     assert f"{tiny_run}/report/report.html" in capsys.readouterr().out
@@ -112,7 +112,7 @@ def test_heatmap_image_colours_each_layer_and_expert():
 
 def test_a_run_still_writing_and_an_unreadable_line(tiny_run, tmp_path):
     from aoe_ep.analysis.report import summarize
-    from aoe_ep.analysis.run_log import read_run
+    from aoe_ep.train.run_log import read_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "report"))
@@ -131,7 +131,7 @@ def test_a_run_still_writing_and_an_unreadable_line(tiny_run, tmp_path):
 def test_tensorboard_fallback_and_the_earlier_log_format(tiny_run, tmp_path, capsys):
     from aoe_ep.analysis.report import summarize
     from aoe_ep.analysis.report_figures import chosen_steps
-    from aoe_ep.analysis.run_log import read_run
+    from aoe_ep.train.run_log import read_run
 
     run = tmp_path / "tb_only"
     shutil.copytree(tiny_run / "tb", run / "tb")
@@ -196,7 +196,7 @@ def test_compare_optional_keys_and_the_communication_model(tiny_run, tmp_path, c
 
     # the model, by hand: T = 2 x 16 tokens per micro-batch, 2 micro-batches, 2 layers, d = 32, d_low = 8, n = 4
     from aoe_ep.analysis.comm_expected import expected_bytes_per_step
-    from aoe_ep.analysis.run_log import read_run
+    from aoe_ep.train.run_log import read_run
 
     models = expected_bytes_per_step(read_run(ep2))
     uniform, logged = models["model, uniform routing"], models["model, logged device load"]

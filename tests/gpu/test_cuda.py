@@ -81,7 +81,7 @@ def test_cuda_grouped_gemm_matches_loop(width):
 
 
 def test_bf16_training_step_and_world_of_one_on_nccl(tmp_path):
-    # a plain `train` on CUDA initialises a world of one on NCCL (aoe_ep/train/distributed.py)
+    # a plain `train` on CUDA initialises a world of one on NCCL (aoe_ep/parallel/runtime.py)
     from aoe_ep.train.trainer import train
     from tests.train.synthetic import BUILDERS, small_config
 

@@ -44,7 +44,7 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
     from aoe_ep.moe import MoELayer
     from aoe_ep.moe.selection import decide, select
     from aoe_ep.parallel.comm_model import layer_bytes
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(ep)
     members = list(range((rank // ep) * ep, (rank // ep) * ep + ep))
@@ -104,7 +104,6 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
             fired = mask.sum(dim=1)
             err["threshold_data"] = 0.0 if bool((fired == 0).any() and (fired >= 2).any()) else 1.0
         results[i] = {"err": err, "bytes": layer.dispatcher.counter.as_dict(), "model": model}
-    destroy_groups()
     return results
 
 
@@ -138,7 +137,7 @@ def test_byte_counters_equal_the_communication_model(layout_results):
 def _ties(rank: int, world: int, dispatcher: str) -> list:
     from aoe_ep.config import MoEConfig
     from aoe_ep.moe import MoELayer
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     out = []
@@ -159,7 +158,6 @@ def _ties(rank: int, world: int, dispatcher: str) -> list:
         y_ref, info_ref = ref(x_all)
         out.append((info.stats.tokens_per_expert.tolist(), info_ref.stats.tokens_per_expert.tolist(),
                     _rel(y, y_ref[rank * 3:(rank + 1) * 3])))
-    destroy_groups()
     return out
 
 

@@ -52,7 +52,7 @@ def _check(rank: int, world: int, sizes: list[int]) -> list[dict]:
     from aoe_ep.config import MoEConfig
     from aoe_ep.moe import MoELayer
     from aoe_ep.moe.placement import Placement
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     placement = Placement.of(PLACEMENTS[world])
@@ -92,7 +92,6 @@ def _check(rank: int, world: int, sizes: list[int]) -> list[dict]:
             err[f"grad.{name} vs contiguous"] = _rel(g, grads_c[name])
             exact[f"grad.{name}"] = torch.equal(g, grads_c[name])
         out.append({"err": err, "exact": exact})
-    destroy_groups()
     return {"cases": out, "move": _move(rank, world)}
 
 

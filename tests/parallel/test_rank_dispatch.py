@@ -66,7 +66,7 @@ def _worker(rank: int, world: int) -> list[dict]:
     from aoe_ep.moe.selection import decide
     from aoe_ep.parallel.alltoall import AllToAllDispatcher
     from aoe_ep.parallel.comm_model import layer_bytes
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     offset = sum(SIZES[:rank])
@@ -124,7 +124,6 @@ def _worker(rank: int, world: int) -> list[dict]:
         ranks_per_token = mask[:, placement.order].view(mask.shape[0], world, -1).any(dim=2).sum(dim=1)
         results.append({"err": err, "bytes": dispatcher.counter.as_dict(), "model": model,
                         "ranks_per_token": ranks_per_token.tolist(), "experts_per_token": mask.sum(dim=1).tolist()})
-    destroy_groups()
     return results
 
 

@@ -44,7 +44,7 @@ def _tokens(choices: list[tuple[int, ...]], seed: int) -> torch.Tensor:
 
 def _counters(rank: int, world: int) -> dict:
     from aoe_ep.moe import MoELayer
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     out = {}
@@ -67,7 +67,6 @@ def _counters(rank: int, world: int) -> dict:
         y.square().sum().backward()
         out[(scorer, dispatcher, routing)] = (x.shape[0], layer.dispatcher.counter.as_dict())
     out["activations"] = {dispatcher: _saved_activations(groups, dispatcher) for dispatcher in DISPATCHERS}
-    destroy_groups()
     return out
 
 

@@ -99,23 +99,20 @@ def test_no_checkpoint_without_backward():
 
 
 def _ep_worker(rank: int, world: int) -> dict:
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     out = {}
-    try:
-        tokens = torch.randint(0, 64, (2 + rank, 16), generator=torch.Generator().manual_seed(10 + rank))
-        for dispatcher, scorer in itertools.product(("allgather", "alltoall"), SCORERS):
-            cfg = load_config("tiny", SMALL + [f"moe.scorer={scorer}", f"moe.dispatcher={dispatcher}",
-                                               "parallel.expert_parallel_size=2"])
-            want = _step(cfg, "none", tokens, groups.ep_group)
-            assert sum(sum(b.values()) for b in want["bytes"]) > 0
-            for mode in MODES:
-                got = _step(cfg, mode, tokens, groups.ep_group)
-                _assert_same(got, want, f"rank {rank} {dispatcher}/{scorer}/{mode}")
-                out[(dispatcher, scorer, mode)] = got["runs"]
-    finally:
-        destroy_groups()
+    tokens = torch.randint(0, 64, (2 + rank, 16), generator=torch.Generator().manual_seed(10 + rank))
+    for dispatcher, scorer in itertools.product(("allgather", "alltoall"), SCORERS):
+        cfg = load_config("tiny", SMALL + [f"moe.scorer={scorer}", f"moe.dispatcher={dispatcher}",
+                                           "parallel.expert_parallel_size=2"])
+        want = _step(cfg, "none", tokens, groups.ep_group)
+        assert sum(sum(b.values()) for b in want["bytes"]) > 0
+        for mode in MODES:
+            got = _step(cfg, mode, tokens, groups.ep_group)
+            _assert_same(got, want, f"rank {rank} {dispatcher}/{scorer}/{mode}")
+            out[(dispatcher, scorer, mode)] = got["runs"]
     return out
 
 

@@ -100,12 +100,11 @@ def _layer_case(rank: int, dispatcher: str, scorer: str, selection: str, ep_grou
 
 
 def _worker(rank: int, world: int, tmp_path) -> dict:
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(2)
     layers = {(disp, scorer, sel): _layer_case(rank, disp, scorer, sel, groups.ep_group)
               for disp in ("allgather", "alltoall") for scorer, sel in (("aoe", "top_k"), ("router", "top_p"))}
-    destroy_groups()
     runs = {}
     for name, overrides in EP_RUNS.items():
         out = _run(small_config(tmp_path / name, *BIAS, *LEAN, "parallel.expert_parallel_size=2",

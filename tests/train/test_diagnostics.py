@@ -13,7 +13,7 @@ from aoe_ep.config import TrainConfig
 from aoe_ep.moe import LoadStats
 from aoe_ep.parallel.spawn import run_distributed
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars
-from aoe_ep.train.distributed import setup_runtime, teardown
+from aoe_ep.parallel.runtime import setup_runtime, teardown
 from aoe_ep.train.trainer import Trainer
 from tests.train.synthetic import BUILDERS, SyntheticDataset, small_config
 
@@ -99,14 +99,13 @@ def _churn_sequence(scorer: str, dispatcher: str, ep_group, samples: range) -> l
 
 
 def _ep2(rank: int, world: int) -> dict:
-    from aoe_ep.parallel.groups import destroy_groups, initialize_groups
+    from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(world)
     share = PROBE_SAMPLES // world
     out = {(scorer, dispatcher): _churn_sequence(scorer, dispatcher, groups.ep_group,
                                                  range(rank * share, (rank + 1) * share))
            for scorer in SCORERS for dispatcher in DISPATCHERS}
-    destroy_groups()
     return out
 
 

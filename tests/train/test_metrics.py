@@ -9,7 +9,7 @@ import torch
 
 from aoe_ep.config import MoEConfig, TrainConfig, load_config
 from aoe_ep.moe import MoELayer
-from aoe_ep.train.distributed import setup_runtime, teardown
+from aoe_ep.parallel.runtime import setup_runtime, teardown
 from aoe_ep.train.flops import forward_flops_per_token, peak_flops
 from aoe_ep.train.metrics import MoEStatsAccumulator, moe_scalars
 

@@ -1,4 +1,5 @@
-"""Named hardware constants the step-time estimate and the memory check use (vendor datasheet figures).
+"""Named hardware constants (vendor datasheet figures): the GPUs the planner's step-time estimate and memory check
+model, and the bf16 peaks the trainer's model-FLOPs utilisation divides by.
 
 Peaks are dense (no sparsity). NVLink is the per-direction bandwidth of one GPU; the NIC is one per GPU. 8 GPUs per
 node. Memory is what `nvidia-smi` reports for the board, of which `USABLE_FRACTION` is taken as available to the
@@ -8,6 +9,7 @@ caching allocator (CUDA context, NCCL buffers and fragmentation take the rest).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 GPUS_PER_NODE = 8
 USABLE_FRACTION = 0.92
@@ -37,6 +39,19 @@ GPUS = {
     "a100": GPU("A100 SXM 80GB", bf16_flops=312e12, fp32_flops=19.5e12, hbm_bytes_per_s=2.0e12,
                 memory_bytes=81920 * MIB, nvlink_bytes_per_s=300e9, nic_bytes_per_s=200e9 / 8),
 }
+
+# Dense bf16 tensor-core peaks by device name, matched in order against torch.cuda.get_device_name() (so "H100 PCIe"
+# before "H100"); the GPUs modelled above take their figure from `GPUS`.
+PEAK_BF16_FLOPS = (
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H200", GPUS["h200"].bf16_flops), ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12), ("H100", GPUS["h100"].bf16_flops), ("H800", 989e12), ("A100", GPUS["a100"].bf16_flops),
+    ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak FLOP/s of the device `device_name` names, None for a device not in the table."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
 
 
 def assumptions(gpu: GPU) -> str:

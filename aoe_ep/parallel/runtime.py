@@ -1,4 +1,4 @@
-"""Where the training runs: device, process group, the DP x EP groups and the ("dp", "ep") device mesh.
+"""Where a run executes (training or evaluation): device, process group, the DP x EP groups and their device meshes.
 
 The one place a device and a backend are chosen. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) the default
 process group comes from the environment; a plain `aoe-ep train` runs as a world of one on an in-process store, so
@@ -10,28 +10,42 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from aoe_ep.config import ConfigError, TrainConfig
-from aoe_ep.parallel.groups import ParallelGroups, destroy_groups, initialize_groups
+from aoe_ep.parallel.groups import ParallelGroups, initialize_groups
 
 
 @dataclass
 class Runtime:
-    """device: this rank's device; groups: DP x EP process groups; mesh: 2-D ("dp", "ep") over the world, whose
-    rows [k·EP, (k+1)·EP) are the expert-parallel groups (the layout of `initialize_groups`) and whose columns are the
-    expert-data-parallel groups; expert_mesh: the same ranks as ("ep", "dp"), the order in which an expert tensor is
-    split (over the EP group into each rank's experts, then over its expert-DP group by FSDP2); owns_process_group:
-    whether `teardown` should destroy the default group (False when the caller created it)."""
+    """device: this rank's device; groups: DP x EP process groups and their meshes (`initialize_groups`);
+    owns_process_group: whether `teardown` should destroy the default group (False when the caller created it);
+    restore_flush_denormal: the CPU's flush-denormal setting before `flush_denormals`, which `teardown` restores."""
 
     device: torch.device
     groups: ParallelGroups
-    mesh: DeviceMesh
-    expert_mesh: DeviceMesh
     owns_process_group: bool
+    restore_flush_denormal: Optional[bool] = None
+
+    def flush_denormals(self) -> None:
+        """Flush denormal floats to zero on the CPU for the rest of this run (`teardown` restores the setting)."""
+        if self.restore_flush_denormal is None:
+            self.restore_flush_denormal = denormals_flushed()
+        torch.set_flush_denormal(True)
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        """("dp", "ep") over the world: rows are the expert-parallel groups, columns the expert-data-parallel ones."""
+        return self.groups.mesh
+
+    @property
+    def expert_mesh(self) -> DeviceMesh:
+        """The same ranks and groups as ("ep", "dp"): an expert tensor splits over EP, then over expert-DP (FSDP2)."""
+        return self.groups.expert_mesh
 
     @property
     def rank(self) -> int:
@@ -63,7 +77,7 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 
 def setup_runtime(cfg: TrainConfig, expert_parallel_size: int) -> Runtime:
-    """Initialise (or join) the default process group, then the DP x EP groups and the device mesh."""
+    """Initialise (or join) the default process group, then the DP x EP groups and their device meshes."""
     device = pick_device(cfg)
     owns = not dist.is_initialized()
     if owns:
@@ -77,15 +91,21 @@ def setup_runtime(cfg: TrainConfig, expert_parallel_size: int) -> Runtime:
     if world % expert_parallel_size:
         raise ConfigError(f"parallel.expert_parallel_size: {expert_parallel_size} does not divide the world size "
                           f"{world}")
-    groups = initialize_groups(expert_parallel_size)
-    mesh = init_device_mesh(device.type, (world // expert_parallel_size, expert_parallel_size),
-                            mesh_dim_names=("dp", "ep"))
-    expert_mesh = DeviceMesh(device.type, mesh.mesh.t().contiguous(), mesh_dim_names=("ep", "dp"))
-    return Runtime(device=device, groups=groups, mesh=mesh, expert_mesh=expert_mesh, owns_process_group=owns)
+    groups = initialize_groups(expert_parallel_size, device.type)
+    return Runtime(device=device, groups=groups, owns_process_group=owns)
+
+
+def denormals_flushed() -> bool:
+    """Whether the CPU flushes denormal floats to zero now (torch has a setter only): a denormal times one is zero."""
+    return bool(torch.tensor([1e-310], dtype=torch.float64).mul(1.0)[0] == 0)
 
 
 def teardown(runtime: Runtime) -> None:
-    destroy_groups()
+    """Restore the flush-denormal setting; destroy the default group when the runtime created it (the run's DP x EP
+    groups go with it; a caller that owns the default group keeps them until it destroys that group)."""
+    if runtime.restore_flush_denormal is not None:
+        torch.set_flush_denormal(runtime.restore_flush_denormal)
+        runtime.restore_flush_denormal = None
     if runtime.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 

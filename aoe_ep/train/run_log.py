@@ -19,13 +19,14 @@ from typing import Any, Optional
 
 import yaml
 
+from aoe_ep.log_keys import LAYER_PREFIX, layer_key, parse_layer_key
+
 
 class ReportError(Exception):
     """A run directory that cannot be reported on (missing, no log, no records): one line, exit 2."""
 
 
-LAYER_KEY = re.compile(r"^moe/layer(\d+)/(.+)$")
-_OLD_PER_ITEM = re.compile(r"^(moe/layer\d+/(?:load|score_mean|device_load))/(?:expert|device)(\d+)$")
+_OLD_PER_ITEM = re.compile(rf"^({LAYER_PREFIX}\d+/(?:load|score_mean|device_load))/(?:expert|device)(\d+)$")
 
 
 @dataclass
@@ -56,14 +57,14 @@ class RunLog:
 
     def layers(self) -> list[int]:
         """Indices of the MoE layers the log holds."""
-        found = {int(m.group(1)) for r in self.records.values() for k in r if (m := LAYER_KEY.match(k))}
+        found = {p[0] for r in self.records.values() for k in r if (p := parse_layer_key(k))}
         return sorted(found)
 
     def layer_series(self, metric: str) -> dict[int, tuple[list[int], list]]:
         """Per layer that logs `metric` (e.g. 'load', 'ent_load'): (steps, values)."""
         out = {}
         for layer in self.layers():
-            steps, values = self.series(f"moe/layer{layer:02d}/{metric}")
+            steps, values = self.series(layer_key(layer, metric))
             if steps:
                 out[layer] = (steps, values)
         return out

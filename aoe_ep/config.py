@@ -61,7 +61,7 @@ def derive_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
 
 @dataclass
 class MoEConfig:
-    """One MoE / AoE / Self-Routing FFN layer (DESIGN.md section 5)."""
+    """One MoE / AoE / Self-Routing FFN layer (docs/design.md section 5)."""
 
     d_model: int = 0
     num_experts: int = 8
@@ -189,7 +189,7 @@ class MoEConfig:
     def unselected_get_gradient(self) -> bool:
         """Whether an expert a token did not select gets a gradient through its score: through the full softmax
         of the aux loss, the `softmax_all` gate or the top-P entropy term. When none applies, AoE keeps only the
-        selected cache rows for backward (DESIGN.md section 6). Under threshold selection an unfired expert's
+        selected cache rows for backward (docs/design.md section 3). Under threshold selection an unfired expert's
         G = relu(s - b) is at most the threshold: with threshold 0 it is 0 with relu's gradient 0; with a positive
         threshold it may be positive and gets a gradient through the balancing loss's mean G."""
         if self.selection == "threshold":

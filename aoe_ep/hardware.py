@@ -67,5 +67,5 @@ def assumptions(gpu: GPU) -> str:
         "accumulation, the AdamW update) at HBM bandwidth + communication; nothing overlaps, no recomputation, "
         "so it is a pessimistic bound on the parts and an optimistic one on the kernels (peak FLOP/s).",
         "State: fp32 master weights and gradients, AdamW's two fp32 moments; bf16 autocast saves bf16 "
-        "activations and bf16 weight copies; EP rows travel in the compute dtype (issue 15).",
+        "activations and bf16 weight copies; EP rows travel in the compute dtype.",
     ])

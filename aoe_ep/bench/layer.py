@@ -1,6 +1,6 @@
 """`aoe-ep bench layer`: forward+backward throughput of AoE vs routed MoE (equal parameters, Eq. 5) vs a dense
 SwiGLU FFN with the MoE's active expert FLOPs, measured side by side in interleaved rounds and printed as ratios
-next to the FLOP bound of the cost model (DESIGN.md section 6), with the activation memory each keeps for backward.
+next to the FLOP bound of the cost model (docs/design.md section 3), with the activation memory each keeps for backward.
 
 Contenders of every layer case:
 - `moe`, `aoe`, `dense`: the three layers above; `aoe_recompute`: AoE with `moe.aoe_cache: recompute` (its leanest

@@ -1,4 +1,4 @@
-"""Cost model of one FFN layer (DESIGN.md section 6): forward FLOPs per token, a multiply-add counting 2.
+"""Cost model of one FFN layer (docs/design.md section 3): forward FLOPs per token, a multiply-add counting 2.
 
 Backward is about twice the forward, so forward+backward ratios equal forward ratios; benchmarks print their
 measured throughput ratios next to the bounds these give.

@@ -1,7 +1,7 @@
 """Experts, stacked [E, ...] and run on rows already grouped per expert, one grouped product per projection.
 
 `SwiGLUExperts` is the Llama expert of the routed MoE and Self-Routing; `AoEExperts` is its factorised AoE form,
-which starts from the scorer's cache C_i = x Wdown_i instead of recomputing x Wg_i (DESIGN.md section 1, step 4).
+which starts from the scorer's cache C_i = x Wdown_i instead of recomputing x Wg_i (docs/design.md section 1.4).
 
 Both run through one `autograd.Function`, `_GroupedGLU`: y = (SiLU(g Wg_e) ⊙ x Wp_e) Wo_e with g = x (SwiGLU) or
 g = C (AoE). It saves x, g and the two pre-activations and recomputes SiLU and the product in backward (megablocks

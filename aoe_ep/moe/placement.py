@@ -3,7 +3,7 @@
 Experts keep their identity (their parameters, statistics and checkpoint entries are those of global expert i);
 a placement only decides the rank that computes them. `contiguous` gives rank r the experts [r·n/EP, (r+1)·n/EP);
 `balanced` chooses, from a measured load per expert, the partition into EP groups of n/EP experts whose per-device
-loads have the smallest max − min (the per-device term of the idle-time metric, DESIGN.md section 1).
+loads have the smallest max − min (the per-device term of the idle-time metric, docs/design.md section 1).
 
 The partition problem is NP-hard in general, so `balanced_placement` is exact where exhaustive search is cheap
 (at most `EXACT_LIMIT` partitions: e.g. 8 experts over 2 or 4 ranks, 12 over 2, 3 or 4, 16 over 2) and otherwise

@@ -1,4 +1,4 @@
-"""Scorers: what ranks the experts for each token (DESIGN.md section 1).
+"""Scorers: what ranks the experts for each token (docs/design.md section 1).
 
 Each scorer maps x_TD to `Scores`: the score matrix s_TE over the experts it holds, which the decision reads, and
 `attach(rows)`, which returns the differentiable scores and, for AoE, the low-rank cache rows of the (token,

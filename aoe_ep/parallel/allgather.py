@@ -1,4 +1,4 @@
-"""The `allgather` dispatcher: the AoE design card's path (DESIGN.md section 2).
+"""The `allgather` dispatcher: the AoE design card's path (docs/design.md section 2).
 
 Tokens are all-gathered over the EP group; each rank computes the low-rank cache of its own experts for all gathered
 tokens (Wdown stays with its expert); the [T_all, n_local] norms are all-gathered so every rank holds the same

@@ -1,4 +1,4 @@
-"""The `alltoall` dispatcher: communication-lean (DESIGN.md section 2).
+"""The `alltoall` dispatcher: communication-lean (docs/design.md section 2).
 
 Two routes for the rows (the constructor's `combine`): "rank" (the default, `aoe_ep.parallel.rank_dispatch`) sends a
 token once to each rank holding one of its experts and sums its expert outputs there; "pair", described below, sends

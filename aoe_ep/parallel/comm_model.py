@@ -1,4 +1,4 @@
-"""Communication model: the bytes each rank sends in one EP layer, forward and backward (DESIGN.md section 2).
+"""Communication model: the bytes each rank sends in one EP layer, forward and backward (docs/design.md section 2).
 
 Notation: T_r tokens on rank r, T = Σ T_r over the EP group, d = d_model, L = d_low, n experts, n_l = n/EP local
 experts, b bytes per element, 8 bytes per int64 count. "Sent" excludes what a rank keeps for itself.

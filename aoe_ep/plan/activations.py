@@ -64,7 +64,7 @@ def dense_ffn_bytes(mb: MicroBatch, d: int, d_ffn: int) -> int:
 
 
 def aoe_cache_kept(cfg: MoEConfig) -> str:
-    """Which part of AoE's low-rank cache [T, n, d_low] the scorer keeps for backward (issue 15, `moe.aoe_cache`):
+    """Which part of AoE's low-rank cache [T, n, d_low] the scorer keeps for backward (`moe.aoe_cache`):
 
     - "selected": only the selected rows (with the `softmax_topk` gate and neither aux loss nor top-P entropy an
                   unselected expert gets no gradient): the scorer keeps the rows' tokens [M, d], which the experts

@@ -1,4 +1,4 @@
-"""FLOPs of one training step on one rank, by part (DESIGN.md section 6; a multiply-add counts 2, backward ≈ 2×
+"""FLOPs of one training step on one rank, by part (docs/design.md section 3; a multiply-add counts 2, backward ≈ 2×
 forward, so a step is three forwards; no recomputation).
 
 Per token and layer: attention's QKV and output projections 8d² and its causal score and value matmuls 2·S·d

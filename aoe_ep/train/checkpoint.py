@@ -310,6 +310,8 @@ def save_checkpoint(root: Path, step: int, state: dict, runtime: Runtime, meta: 
         dcp.save(state, checkpoint_id=str(tmp))
     except (Exception, CheckpointException) as err:  # raised on every rank: DCP gathers the ranks' results
         _abandon(tmp, final, root, runtime)
+        if any(isinstance(e, KeyboardInterrupt) for e in _causes(err)):
+            raise KeyboardInterrupt from None  # Ctrl-C during the write: an interruption, not a write failure
         raise _save_error(root, step, "write", _first_os_error(err), err) from None
     digests = shard_digests(tmp, runtime.device)
 

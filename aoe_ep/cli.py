@@ -31,9 +31,11 @@ def _params(args: argparse.Namespace) -> int:
     for name in args.config:
         cfg = load_config(name, args.overrides)
         count = count_parameters(cfg)
-        print(f"{name}: total {count.total / 1e6:,.1f}M, active {count.active / 1e6:,.1f}M "
-              f"(vocabulary counted once in total, twice in active); "
-              f"touched per token {count.active_compute / 1e6:,.1f}M; as built, untied: {count.total_untied / 1e6:,.1f}M")
+        print(
+            f"{name}: total {count.total / 1e6:,.1f}M, active {count.active / 1e6:,.1f}M "
+            f"(vocabulary counted once in total, twice in active); "
+            f"touched per token {count.active_compute / 1e6:,.1f}M; as built, untied: {count.total_untied / 1e6:,.1f}M"
+        )
     return 0
 
 
@@ -59,8 +61,10 @@ def _plan(args: argparse.Namespace) -> int:
     else:  # a default table: keep the layouts the batch divides and say which were skipped
         plans, skipped = _dividing_plans(cfg, args)
         if skipped:
-            print(f"aoe-ep plan: skipped {len(skipped)} layout(s) the batch does not divide: {'; '.join(skipped)}",
-                  file=sys.stderr)
+            print(
+                f"aoe-ep plan: skipped {len(skipped)} layout(s) the batch does not divide: {'; '.join(skipped)}",
+                file=sys.stderr,
+            )
     print(render(args.config, cfg, plans, args.json))
     return 0
 
@@ -94,13 +98,17 @@ def _preprocess(args: argparse.Namespace) -> int:
     from aoe_ep.data import preprocess
 
     try:
-        result = preprocess(args.input, args.output_prefix, args.tokenizer, jsonl_key=args.jsonl_key,
-                            txt_mode=args.txt_mode)
+        result = preprocess(
+            args.input, args.output_prefix, args.tokenizer, jsonl_key=args.jsonl_key, txt_mode=args.txt_mode
+        )
     except OSError as err:
-        raise CommandError(f"--output-prefix {args.output_prefix}: cannot write {err.filename or ''}: "
-                           f"{err.strerror or err}") from None
-    print(f"{result.prefix}.bin/.idx: {result.documents:,} documents, {result.tokens:,} tokens (eod included)"
-          + (f"; skipped {result.skipped_empty:,} empty documents" if result.skipped_empty else ""))
+        raise CommandError(
+            f"--output-prefix {args.output_prefix}: cannot write {err.filename or ''}: {err.strerror or err}"
+        ) from None
+    print(
+        f"{result.prefix}.bin/.idx: {result.documents:,} documents, {result.tokens:,} tokens (eod included)"
+        + (f"; skipped {result.skipped_empty:,} empty documents" if result.skipped_empty else "")
+    )
     return 0
 
 
@@ -123,9 +131,7 @@ def _bench_dispatch(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from aoe_ep.config import load_config
-    from aoe_ep.train.trainer import train
-
-    from aoe_ep.train.trainer import Interrupted
+    from aoe_ep.train.trainer import Interrupted, train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -136,10 +142,12 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if result.is_main:
         last_eval = next((loss for _, loss in reversed(result.evals) if loss is not None), None)
-        print(f"trained to step {result.step} in {result.seconds:.1f}s"
-              + (f"; validation loss {last_eval:.4f}" if last_eval is not None else "")
-              + (f"; checkpoint {result.checkpoint}" if result.checkpoint else "")
-              + f"; tensorboard --logdir {cfg.train.out_dir}/tb")
+        print(
+            f"trained to step {result.step} in {result.seconds:.1f}s"
+            + (f"; validation loss {last_eval:.4f}" if last_eval is not None else "")
+            + (f"; checkpoint {result.checkpoint}" if result.checkpoint else "")
+            + f"; tensorboard --logdir {cfg.train.out_dir}/tb"
+        )
     return 0
 
 
@@ -149,16 +157,23 @@ def _eval(args: argparse.Namespace) -> int:
 
     from aoe_ep.eval.perplexity import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
-                                 expert_parallel_size=args.expert_parallel_size, device=args.device)
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        batch_size=args.batch_size,
+        expert_parallel_size=args.expert_parallel_size,
+        device=args.device,
+    )
     if _is_main_process():
         if args.json:
             print(json.dumps(result.as_dict()))
         else:
             source = ", ".join(result.data) if result.data else "the run's validation split"
-            print(f"{result.checkpoint} (step {result.step}) on {source}: loss {result.loss:.4f}, "
-                  f"perplexity {result.perplexity:.3f}, {result.tokens:,} tokens, "
-                  f"{result.loss / math.log(2):.4f} bits per token")
+            print(
+                f"{result.checkpoint} (step {result.step}) on {source}: loss {result.loss:.4f}, "
+                f"perplexity {result.perplexity:.3f}, {result.tokens:,} tokens, "
+                f"{result.loss / math.log(2):.4f} bits per token"
+            )
     return 0
 
 
@@ -178,11 +193,16 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise CommandError(f"--prompt: not valid UTF-8 text (byte {err.object[err.start:err.end]!r} at "
-                           f"position {err.start})") from None
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.top_p is None or args.greedy,
-                              temperature=args.temperature, top_p=1.0 if args.top_p is None else args.top_p,
-                              seed=args.seed)
+        raise CommandError(
+            f"--prompt: not valid UTF-8 text (byte {err.object[err.start : err.end]!r} at position {err.start})"
+        ) from None
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.top_p is None or args.greedy,
+        temperature=args.temperature,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        seed=args.seed,
+    )
     try:
         sampling.validate()
     except ValueError as err:
@@ -203,9 +223,11 @@ def _lm_eval(args: argparse.Namespace) -> int:
         from aoe_ep.eval.harness import main
     except ImportError as err:
         if args.harness_args[:1] in (["--help"], ["-h"]):
-            print("usage: aoe-ep lm-eval [lm-evaluation-harness arguments], e.g. --model aoe-ep --model_args "
-                  "checkpoint=runs/tiny --tasks arc_easy\n(lm-evaluation-harness is not installed here, so its own "
-                  f"options cannot be listed: {err}; pip install -e '.[eval]')")
+            print(
+                "usage: aoe-ep lm-eval [lm-evaluation-harness arguments], e.g. --model aoe-ep --model_args "
+                "checkpoint=runs/tiny --tasks arc_easy\n(lm-evaluation-harness is not installed here, so its own "
+                f"options cannot be listed: {err}; pip install -e '.[eval]')"
+            )
             return 0
         raise CommandError(f"needs lm-evaluation-harness ({err}): pip install -e '.[eval]'") from None
     main(args.harness_args)
@@ -224,19 +246,23 @@ def _router_free(args: argparse.Namespace) -> int:
     nodes = list(ALL_NODES) if "all" in args.node else list(dict.fromkeys(args.node))
     spec = args.tokenizer
     if spec is None:
-        found = [p for p in (Path(args.hf_dir) / "tokenizer.json", Path(args.hf_dir) / "tokenizer.model")
-                 if p.is_file()]
+        found = [
+            p for p in (Path(args.hf_dir) / "tokenizer.json", Path(args.hf_dir) / "tokenizer.model") if p.is_file()
+        ]
         if not found:
-            raise CommandError(f"{args.hf_dir} has no tokenizer.json or tokenizer.model: pass --tokenizer "
-                               f"(e.g. 'byte' for the demo checkpoints)")
+            raise CommandError(
+                f"{args.hf_dir} has no tokenizer.json or tokenizer.model: pass --tokenizer "
+                f"(e.g. 'byte' for the demo checkpoints)"
+            )
         spec = str(found[0])
     try:
         model = load_mixtral(args.hf_dir, device=args.device or default_device())
         ids = read_text_ids(args.text, build_tokenizer(spec), args.max_bytes)
         seq_len = min(args.seq_len, model.config.max_position_embeddings)
         results = []
-        with tqdm(total=len(nodes) * len(windows(ids, seq_len)), unit="window", desc="router-free",
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(nodes) * len(windows(ids, seq_len)), unit="window", desc="router-free", dynamic_ncols=True
+        ) as bar:
             for node in nodes:
                 results.append(evaluate_node(model, ids, node, args.norm, args.gate, seq_len, progress=bar))
     except ValueError as err:
@@ -342,57 +368,116 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="parameter counts of configs (presets in configs/ or YAML paths)")
     p.add_argument("config", nargs="+", help="preset name (e.g. paper/aoe_732m) or YAML path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config value; may repeat")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config value; may repeat",
+    )
     p.set_defaults(func=_params)
 
-    p = sub.add_parser("plan", help="per-rank memory, FLOPs, communication and step time of a config under DP x EP; "
-                                    "with --placement, the idle-time gain of a balanced expert placement on a run")
+    p = sub.add_parser(
+        "plan",
+        help="per-rank memory, FLOPs, communication and step time of a config under DP x EP; "
+        "with --placement, the idle-time gain of a balanced expert placement on a run",
+    )
     p.add_argument("config", nargs="?", help="preset name (e.g. paper/aoe_4b) or YAML path")
-    p.add_argument("--placement", metavar="RUN_DIR",
-                   help="a run's out_dir (or checkpoint): per layer the per-device max - min of its measured load "
-                        "under the contiguous and the balanced placement, and the predicted idle-time gain")
-    p.add_argument("--ep", type=int, help="expert-parallel size (default: a table over 1, 2, 4, 8; with "
-                                          "--placement, the run's)")
+    p.add_argument(
+        "--placement",
+        metavar="RUN_DIR",
+        help="a run's out_dir (or checkpoint): per layer the per-device max - min of its measured load "
+        "under the contiguous and the balanced placement, and the predicted idle-time gain",
+    )
+    p.add_argument(
+        "--ep", type=int, help="expert-parallel size (default: a table over 1, 2, 4, 8; with --placement, the run's)"
+    )
     p.add_argument("--dp", type=int, help="data-parallel size (default: a few)")
-    p.add_argument("--micro-batch", type=int, help="sequences per rank and micro-batch (default: train.micro_batch_size)")
+    p.add_argument(
+        "--micro-batch", type=int, help="sequences per rank and micro-batch (default: train.micro_batch_size)"
+    )
     p.add_argument("--gpu", default="h100", help="hardware constants: h100, h200 or a100 (default: h100)")
-    p.add_argument("--hot-expert-share", type=float, metavar="S",
-                   help="skewed routing: one expert gets share S of the routed rows (default: uniform)")
-    p.add_argument("--ac", choices=("none", "selective", "full", "auto"),
-                   help="activation checkpointing (default: train.activation_checkpointing; every N-th block: --set "
-                        "train.ac_every=N); auto: per layout the mode and micro-batch that fit with the shortest step")
+    p.add_argument(
+        "--hot-expert-share",
+        type=float,
+        metavar="S",
+        help="skewed routing: one expert gets share S of the routed rows (default: uniform)",
+    )
+    p.add_argument(
+        "--ac",
+        choices=("none", "selective", "full", "auto"),
+        help="activation checkpointing (default: train.activation_checkpointing; every N-th block: --set "
+        "train.ac_every=N); auto: per layout the mode and micro-batch that fit with the shortest step",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per layout (a list)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config value; may repeat")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config value; may repeat",
+    )
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
     p.add_argument("--config", required=True, help="preset name (e.g. tiny, paper/aoe_732m) or YAML path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config value; may repeat")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint under train.out_dir, or from the CHECKPOINT directory; "
-                        "'--resume auto' starts fresh when there is none yet (for requeued jobs)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config value; may repeat",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint under train.out_dir, or from the CHECKPOINT directory; "
+        "'--resume auto' starts fresh when there is none yet (for requeued jobs)",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint (one process, or every rank under torchrun)")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a checkpoint directory, or a run directory (its newest checkpoint)")
-    p.add_argument("--data", nargs="+", metavar="PREFIX_OR_TEXT",
-                   help="megatron-core dataset prefixes (PREFIX.bin/.idx) or .txt/.jsonl files; default: the run's "
-                        "validation split, exactly as the trainer evaluates it")
-    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="sequences per rank and micro-batch "
-                                                                "(default: the run's train.micro_batch_size)")
-    p.add_argument("--expert-parallel-size", type=_positive_int, metavar="EP",
-                   help="default: the checkpoint's when it divides the number of processes, else 1")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint directory, or a run directory (its newest checkpoint)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PREFIX_OR_TEXT",
+        help="megatron-core dataset prefixes (PREFIX.bin/.idx) or .txt/.jsonl files; default: the run's "
+        "validation split, exactly as the trainer evaluates it",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="B",
+        help="sequences per rank and micro-batch (default: the run's train.micro_batch_size)",
+    )
+    p.add_argument(
+        "--expert-parallel-size",
+        type=_positive_int,
+        metavar="EP",
+        help="default: the checkpoint's when it divides the number of processes, else 1",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the checkpoint config's train.device")
     p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, tokens, ...")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a checkpoint (greedy or top-p sampling, KV cache)")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint directory, or a run directory (its newest checkpoint)",
+    )
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
     p.add_argument("--top-p", type=float, metavar="P", help="sample from the nucleus of mass P (default: greedy)")
@@ -402,30 +487,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the checkpoint config's train.device")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the model 'aoe-ep' registered; arguments go to it",
-                       add_help=False)
-    p.add_argument("harness_args", nargs=argparse.REMAINDER,
-                   help="e.g. --model aoe-ep --model_args checkpoint=runs/tiny --tasks arc_easy")
+    p = sub.add_parser(
+        "lm-eval", help="lm-evaluation-harness with the model 'aoe-ep' registered; arguments go to it", add_help=False
+    )
+    p.add_argument(
+        "harness_args",
+        nargs=argparse.REMAINDER,
+        help="e.g. --model aoe-ep --model_args checkpoint=runs/tiny --tasks arc_easy",
+    )
     p.set_defaults(func=_lm_eval)
 
-    p = sub.add_parser("router-free", help="Section 3.1: remove a Mixtral checkpoint's routers, let experts choose "
-                                           "themselves by activation norm; perplexity per pause node")
+    p = sub.add_parser(
+        "router-free",
+        help="Section 3.1: remove a Mixtral checkpoint's routers, let experts choose "
+        "themselves by activation norm; perplexity per pause node",
+    )
     p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers MixtralForCausalLM directory")
-    p.add_argument("--node", nargs="+", required=True,
-                   choices=["xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output", "router", "all"],
-                   help="pause node(s) whose activation norm ranks the experts; 'router': as trained; 'all'")
+    p.add_argument(
+        "--node",
+        nargs="+",
+        required=True,
+        choices=["xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output", "router", "all"],
+        help="pause node(s) whose activation norm ranks the experts; 'router': as trained; 'all'",
+    )
     p.add_argument("--norm", default="l2", choices=["l2", "l1", "linf"], help="activation norm (default l2)")
-    p.add_argument("--gate", default="softmax", choices=["softmax", "uniform"],
-                   help="weights of the chosen experts: softmax of their norms (AoE) or equal")
-    p.add_argument("--text", metavar="FILE", help="text to measure perplexity on (default: the last files of the "
-                                                  "built-in corpus)")
+    p.add_argument(
+        "--gate",
+        default="softmax",
+        choices=["softmax", "uniform"],
+        help="weights of the chosen experts: softmax of their norms (AoE) or equal",
+    )
+    p.add_argument(
+        "--text", metavar="FILE", help="text to measure perplexity on (default: the last files of the built-in corpus)"
+    )
     p.add_argument("--max-bytes", type=_positive_int, default=65536, help="bytes of the text used (default 65536)")
-    p.add_argument("--tokenizer", help="aoe-ep tokenizer spec ('byte', a .json or .model file); default: the "
-                                       "directory's tokenizer.json / tokenizer.model")
+    p.add_argument(
+        "--tokenizer",
+        help="aoe-ep tokenizer spec ('byte', a .json or .model file); default: the "
+        "directory's tokenizer.json / tokenizer.model",
+    )
     p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (capped by the model's)")
     p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help="one JSON list: per node perplexity, loss, tokens, "
-                                                       "router_overlap, seconds, load")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON list: per node perplexity, loss, tokens, router_overlap, seconds, load",
+    )
     p.set_defaults(func=_router_free)
 
     p = sub.add_parser("toy", help="Appendix B: tiny AoE vs MoE classifiers on Gaussian classes, in two stages")
@@ -441,73 +548,131 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train.out_dir (reads its log.jsonl, else its tb/ events)")
     p.add_argument("--out", metavar="DIR", help="where report.html and the figures go (default: RUN_DIR/report)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="other run directories drawn beside it")
-    p.add_argument("--steps", nargs="+", type=int, metavar="S",
-                   help="steps of the load heatmaps (the nearest logged; default: first, middle, last)")
-    p.add_argument("--json", action="store_true",
-                   help="print the summary as one JSON object (final_loss, final_valid_loss, idle_time_expert, "
-                        "idle_time_device, worst_layer, ...; with --compare a 'compare' list of the others)")
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        metavar="S",
+        help="steps of the load heatmaps (the nearest logged; default: first, middle, last)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as one JSON object (final_loss, final_valid_loss, idle_time_expert, "
+        "idle_time_device, worst_layer, ...; with --compare a 'compare' list of the others)",
+    )
     p.set_defaults(func=_report)
 
     p = sub.add_parser("preprocess", help="tokenize .txt/.jsonl files into a megatron-core .bin/.idx dataset")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
-                   help=".txt or .jsonl files, or directories searched recursively for them")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                   help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json")
-    p.add_argument("--tokenizer", default="byte",
-                   help="'byte', a tokenizers .json file or a sentencepiece .model file (default: byte)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE_OR_DIR",
+        help=".txt or .jsonl files, or directories searched recursively for them",
+    )
+    p.add_argument(
+        "--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="'byte', a tokenizers .json file or a sentencepiece .model file (default: byte)",
+    )
     p.add_argument("--jsonl-key", default="text", help="the field of each .jsonl line that holds the text")
-    p.add_argument("--txt-mode", default="file", choices=["file", "paragraph"],
-                   help="a .txt file is one document (file) or one per blank-line-separated block (paragraph)")
+    p.add_argument(
+        "--txt-mode",
+        default="file",
+        choices=["file", "paragraph"],
+        help="a .txt file is one document (file) or one per blank-line-separated block (paragraph)",
+    )
     p.set_defaults(func=_preprocess)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory (Llama, Mixtral, or the "
-                                      "aoe_ep architecture with its modeling code)")
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a checkpoint directory, or a run directory (its newest checkpoint); any training layout")
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face model directory (Llama, Mixtral, or the "
+        "aoe_ep architecture with its modeling code)",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a checkpoint directory, or a run directory (its newest checkpoint); any training layout",
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) directory")
-    p.add_argument("--format", default="auto", choices=["auto", "llama", "mixtral", "aoe_ep"],
-                   help="auto: llama for dense models, mixtral where exact, else aoe_ep (trust_remote_code)")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                   help="safetensors shard size above which weights are split, with an index (default 5GB)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "llama", "mixtral", "aoe_ep"],
+        help="auto: llama for dense models, mixtral where exact, else aoe_ep (trust_remote_code)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="safetensors shard size above which weights are split, with an index (default 5GB)",
+    )
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("import", help="a Mixtral- or Llama-format Hugging Face directory becomes a run directory; "
-                                      "--to aoe upcycles a Mixtral into AoE")
+    p = sub.add_parser(
+        "import",
+        help="a Mixtral- or Llama-format Hugging Face directory becomes a run directory; "
+        "--to aoe upcycles a Mixtral into AoE",
+    )
     p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers model directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) run directory")
-    p.add_argument("--to", default="same", choices=["same", "aoe"],
-                   help="same: the model as it is; aoe: each expert's W_g factorised by truncated SVD into "
-                        "W_down·W_up of rank --d-low, the router dropped")
+    p.add_argument(
+        "--to",
+        default="same",
+        choices=["same", "aoe"],
+        help="same: the model as it is; aoe: each expert's W_g factorised by truncated SVD into "
+        "W_down·W_up of rank --d-low, the router dropped",
+    )
     p.add_argument("--d-low", type=_positive_int, metavar="R", help="rank of the AoE factorisation (with --to aoe)")
-    p.add_argument("--tokenizer", help="aoe-ep tokenizer spec ('byte', a .json or .model file); default: the "
-                                       "directory's tokenizer.json / tokenizer.model")
+    p.add_argument(
+        "--tokenizer",
+        help="aoe-ep tokenizer spec ('byte', a .json or .model file); default: the "
+        "directory's tokenizer.json / tokenizer.model",
+    )
     p.set_defaults(func=_import)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     b = bench.add_parser("layer", help="AoE vs MoE vs dense FFN throughput and memory, forward+backward")
-    b.add_argument("--cases",
-                   help="YAML file or preset with the cases (default: the preset bench/layer; bench/gpu for CUDA)")
+    b.add_argument(
+        "--cases", help="YAML file or preset with the cases (default: the preset bench/layer; bench/gpu for CUDA)"
+    )
     b.add_argument("--tokens", type=int, help="tokens per step (default: from the cases file)")
     b.add_argument("--iters", type=int, default=1, help="steps per timed round")
-    b.add_argument("--rounds", type=int, default=6,
-                   help="interleaved rounds: tokens/s are medians, ratios the median of the per-round ratios")
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="interleaved rounds: tokens/s are medians, ratios the median of the per-round ratios",
+    )
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     b.add_argument("--out", help="also write the results as JSON here")
     b.set_defaults(func=_bench_layer)
 
-    b = bench.add_parser("train", help="activation checkpointing (none, selective, full) and torch.compile side by "
-                                       "side: tokens/s and kept activation memory of whole decoders, forward+backward")
-    b.add_argument("--models", nargs="+", metavar="NAME",
-                   help="'tiny (AoE)', '732M slice, AoE', '732M slice, MoE' (default: all three)")
+    b = bench.add_parser(
+        "train",
+        help="activation checkpointing (none, selective, full) and torch.compile side by "
+        "side: tokens/s and kept activation memory of whole decoders, forward+backward",
+    )
+    b.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="'tiny (AoE)', '732M slice, AoE', '732M slice, MoE' (default: all three)",
+    )
     b.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default: 5)")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--out", help="also write the results as JSON here")
     b.set_defaults(func=_bench_train)
 
     b = bench.add_parser("dispatch", help="allgather vs alltoall dispatcher: bytes per token and step time, EP=1,2,4")
-    b.add_argument("--spec",
-                   help="YAML file or preset with the layer and EP sizes (default: the preset bench/dispatch)")
+    b.add_argument(
+        "--spec", help="YAML file or preset with the layer and EP sizes (default: the preset bench/dispatch)"
+    )
     b.add_argument("--tokens", type=int, help="tokens per rank (default: from the spec)")
     b.add_argument("--iters", type=int, default=3, help="timed steps per configuration")
     b.add_argument("--ep", type=int, nargs="+", help="EP sizes (default: from the spec)")
@@ -541,8 +706,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ["lm-eval"]:
         rest = words[1:]
-        return argparse.Namespace(command="lm-eval", func=_lm_eval,
-                                  harness_args=rest[1:] if rest[:1] == ["--"] else rest)
+        return argparse.Namespace(
+            command="lm-eval", func=_lm_eval, harness_args=rest[1:] if rest[:1] == ["--"] else rest
+        )
     return build_parser().parse_args(argv)
 
 
@@ -554,16 +720,21 @@ def main(argv: list[str] | None = None) -> int:
         cpu_allocator.ensure_allocator(sys.argv[1:])  # re-executes this command once, if it changes anything
         if int(os.environ.get("RANK", "0")) == 0:
             print(cpu_allocator.announce(), file=sys.stderr, flush=True)
-    from aoe_ep.train.run_log import ReportError
     from aoe_ep.config import ConfigError
     from aoe_ep.data.errors import DataError
     from aoe_ep.train.checkpoint import CheckpointError
     from aoe_ep.train.guards import TrainingError
+    from aoe_ep.train.run_log import ReportError
 
     # one line and exit code 2 for every error a user can fix
-    prefixes = ((CommandError, f"aoe-ep {args.command}: error"), (CheckpointError, "aoe-ep: checkpoint error"),
-                (TrainingError, "aoe-ep: training error"), (ConfigError, "aoe-ep: config error"),
-                (DataError, "aoe-ep: data error"), (ReportError, "aoe-ep: report error"))
+    prefixes = (
+        (CommandError, f"aoe-ep {args.command}: error"),
+        (CheckpointError, "aoe-ep: checkpoint error"),
+        (TrainingError, "aoe-ep: training error"),
+        (ConfigError, "aoe-ep: config error"),
+        (DataError, "aoe-ep: data error"),
+        (ReportError, "aoe-ep: report error"),
+    )
     try:
         return args.func(args)
     except tuple(kind for kind, _ in prefixes) as err:

@@ -106,9 +106,16 @@ class MoEConfig:
 
     def validate(self, prefix: str = "moe") -> None:
         p = prefix + "."
-        _require(_is_int(self.d_model) and self.d_model > 0, p + "d_model", f"must be a positive integer, got {self.d_model!r}")
-        _require(_is_int(self.num_experts) and self.num_experts > 0, p + "num_experts",
-                 f"must be a positive integer, got {self.num_experts!r}")
+        _require(
+            _is_int(self.d_model) and self.d_model > 0,
+            p + "d_model",
+            f"must be a positive integer, got {self.d_model!r}",
+        )
+        _require(
+            _is_int(self.num_experts) and self.num_experts > 0,
+            p + "num_experts",
+            f"must be a positive integer, got {self.num_experts!r}",
+        )
         _one_of(self.scorer, SCORERS, p + "scorer")
         _one_of(self.norm, NORMS, p + "norm")
         _one_of(self.selection, SELECTIONS, p + "selection")
@@ -117,67 +124,138 @@ class MoEConfig:
         _one_of(self.expert_kind, EXPERT_KINDS, p + "expert_kind")
         _one_of(self.expert_kernel, EXPERT_KERNELS, p + "expert_kernel")
         _one_of(self.aoe_cache, AOE_CACHES, p + "aoe_cache")
-        _require(not (self.scorer == "aoe" and self.expert_kind == "swiglu"), p + "expert_kind",
-                 "AoE experts are factorised (they reuse the scorer's cache); 'swiglu' needs a router or self_routing")
-        _require(_is_int(self.router_hidden) and self.router_hidden >= 0, p + "router_hidden",
-                 f"must be a non-negative integer, got {self.router_hidden!r}")
-        _require(self.router_hidden == 0 or self.scorer == "router", p + "router_hidden",
-                 f"only a learned router has a hidden layer, scorer is {self.scorer!r}")
+        _require(
+            not (self.scorer == "aoe" and self.expert_kind == "swiglu"),
+            p + "expert_kind",
+            "AoE experts are factorised (they reuse the scorer's cache); 'swiglu' needs a router or self_routing",
+        )
+        _require(
+            _is_int(self.router_hidden) and self.router_hidden >= 0,
+            p + "router_hidden",
+            f"must be a non-negative integer, got {self.router_hidden!r}",
+        )
+        _require(
+            self.router_hidden == 0 or self.scorer == "router",
+            p + "router_hidden",
+            f"only a learned router has a hidden layer, scorer is {self.scorer!r}",
+        )
         _require(_is_int(self.top_k) and self.top_k > 0, p + "top_k", f"must be a positive integer, got {self.top_k!r}")
-        _require(self.top_k <= self.num_experts, p + "top_k",
-                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        _require(
+            self.top_k <= self.num_experts, p + "top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}"
+        )
         _require(_is_int(self.d_ffn) and self.d_ffn > 0, p + "d_ffn", f"must be a positive integer, got {self.d_ffn!r}")
         if self.factorized:
-            _require(_is_int(self.d_low) and self.d_low > 0, p + "d_low", f"must be a positive integer, got {self.d_low!r}")
-            _require(_is_int(self.d_wide) and self.d_wide > 0, p + "d_wide",
-                     f"must be a positive integer, got {self.d_wide!r}")
-        _require(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0, p + "top_p",
-                 f"must lie in (0, 1], got {self.top_p!r}")
-        _require(_is_number(self.capacity_factor) and self.capacity_factor > 0, p + "capacity_factor",
-                 f"must be a positive finite number, got {self.capacity_factor!r}")
-        _require(_is_number(self.aux_loss_coeff) and self.aux_loss_coeff >= 0, p + "aux_loss_coeff",
-                 f"must be a finite number >= 0, got {self.aux_loss_coeff!r}")
-        _require(_is_number(self.top_p_entropy_coeff) and self.top_p_entropy_coeff >= 0,
-                 p + "top_p_entropy_coeff", f"must be a finite number >= 0, got {self.top_p_entropy_coeff!r}")
+            _require(
+                _is_int(self.d_low) and self.d_low > 0, p + "d_low", f"must be a positive integer, got {self.d_low!r}"
+            )
+            _require(
+                _is_int(self.d_wide) and self.d_wide > 0,
+                p + "d_wide",
+                f"must be a positive integer, got {self.d_wide!r}",
+            )
+        _require(
+            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+            p + "top_p",
+            f"must lie in (0, 1], got {self.top_p!r}",
+        )
+        _require(
+            _is_number(self.capacity_factor) and self.capacity_factor > 0,
+            p + "capacity_factor",
+            f"must be a positive finite number, got {self.capacity_factor!r}",
+        )
+        _require(
+            _is_number(self.aux_loss_coeff) and self.aux_loss_coeff >= 0,
+            p + "aux_loss_coeff",
+            f"must be a finite number >= 0, got {self.aux_loss_coeff!r}",
+        )
+        _require(
+            _is_number(self.top_p_entropy_coeff) and self.top_p_entropy_coeff >= 0,
+            p + "top_p_entropy_coeff",
+            f"must be a finite number >= 0, got {self.top_p_entropy_coeff!r}",
+        )
         # `aux`: the load-balancing loss with aux_loss_coeff; `bias`: DeepSeek-V3's aux-loss-free per-expert bias
         # (aoe_ep/moe/balance.py), aux_loss_coeff unused; `none`: neither. Top-P's entropy term applies in all three.
         _one_of(self.balance, BALANCES, p + "balance")
-        _require(isinstance(self.balance_rate, (int, float)) and not isinstance(self.balance_rate, bool)
-                 and 0 < self.balance_rate < math.inf, p + "balance_rate",
-                 f"must be a positive finite number, got {self.balance_rate!r}")
-        _require(not (self.balance == "bias" and self.selection == "expert_choice"), p + "balance",
-                 "'bias' needs token choice (top_k or top_p): under expert_choice every expert takes exactly its "
-                 "capacity, so there is no load to balance")
-        _require(_is_number(self.erc_loss_coeff) and self.erc_loss_coeff >= 0, p + "erc_loss_coeff",
-                 f"must be >= 0, got {self.erc_loss_coeff!r}")
-        _require(_is_number(self.erc_alpha) and self.erc_alpha > 0, p + "erc_alpha",
-                 f"must be positive, got {self.erc_alpha!r}")
-        _require(self.erc_loss_coeff == 0 or self.scorer == "router", p + "erc_loss_coeff",
-                 f"the ERC loss couples a learned router to its experts; scorer is {self.scorer!r}")
-        _require(self.erc_loss_coeff == 0 or self.num_experts > 1, p + "erc_loss_coeff",
-                 "the ERC loss needs at least two experts")
+        _require(
+            isinstance(self.balance_rate, (int, float))
+            and not isinstance(self.balance_rate, bool)
+            and 0 < self.balance_rate < math.inf,
+            p + "balance_rate",
+            f"must be a positive finite number, got {self.balance_rate!r}",
+        )
+        _require(
+            not (self.balance == "bias" and self.selection == "expert_choice"),
+            p + "balance",
+            "'bias' needs token choice (top_k or top_p): under expert_choice every expert takes exactly its "
+            "capacity, so there is no load to balance",
+        )
+        _require(
+            _is_number(self.erc_loss_coeff) and self.erc_loss_coeff >= 0,
+            p + "erc_loss_coeff",
+            f"must be >= 0, got {self.erc_loss_coeff!r}",
+        )
+        _require(
+            _is_number(self.erc_alpha) and self.erc_alpha > 0,
+            p + "erc_alpha",
+            f"must be positive, got {self.erc_alpha!r}",
+        )
+        _require(
+            self.erc_loss_coeff == 0 or self.scorer == "router",
+            p + "erc_loss_coeff",
+            f"the ERC loss couples a learned router to its experts; scorer is {self.scorer!r}",
+        )
+        _require(
+            self.erc_loss_coeff == 0 or self.num_experts > 1,
+            p + "erc_loss_coeff",
+            "the ERC loss needs at least two experts",
+        )
         # The router rows are fed through the experts' gate projections, so they must live in the model dimension.
-        _require(self.erc_loss_coeff == 0 or not self.router_hidden, p + "erc_loss_coeff",
-                 f"the ERC loss feeds router rows to the experts, so it needs router_hidden = 0 (rows of width "
-                 f"d_model), got router_hidden={self.router_hidden!r}")
-        _require(_is_number(self.threshold) and self.threshold >= 0, p + "threshold",
-                 f"must be >= 0, got {self.threshold!r}")
-        _require(_is_number(self.threshold_density) and 0 < self.threshold_density <= 1, p + "threshold_density",
-                 f"must lie in (0, 1], got {self.threshold_density!r}")
-        _require(_is_number(self.threshold_mu) and 0 <= self.threshold_mu <= 1, p + "threshold_mu",
-                 f"must lie in [0, 1], got {self.threshold_mu!r}")
-        _require(_is_number(self.threshold_eta) and self.threshold_eta > 0, p + "threshold_eta",
-                 f"must be positive, got {self.threshold_eta!r}")
-        _require(_is_number(self.threshold_lambda_init) and 0 < self.threshold_lambda_init <= 1,
-                 p + "threshold_lambda_init", f"must lie in (0, 1], got {self.threshold_lambda_init!r}")
-        _require(not (self.selection == "threshold" and self.balance == "bias"), p + "balance",
-                 "threshold selection balances with its own adaptive loss (balance: aux) or not at all (none)")
+        _require(
+            self.erc_loss_coeff == 0 or not self.router_hidden,
+            p + "erc_loss_coeff",
+            f"the ERC loss feeds router rows to the experts, so it needs router_hidden = 0 (rows of width "
+            f"d_model), got router_hidden={self.router_hidden!r}",
+        )
+        _require(
+            _is_number(self.threshold) and self.threshold >= 0, p + "threshold", f"must be >= 0, got {self.threshold!r}"
+        )
+        _require(
+            _is_number(self.threshold_density) and 0 < self.threshold_density <= 1,
+            p + "threshold_density",
+            f"must lie in (0, 1], got {self.threshold_density!r}",
+        )
+        _require(
+            _is_number(self.threshold_mu) and 0 <= self.threshold_mu <= 1,
+            p + "threshold_mu",
+            f"must lie in [0, 1], got {self.threshold_mu!r}",
+        )
+        _require(
+            _is_number(self.threshold_eta) and self.threshold_eta > 0,
+            p + "threshold_eta",
+            f"must be positive, got {self.threshold_eta!r}",
+        )
+        _require(
+            _is_number(self.threshold_lambda_init) and 0 < self.threshold_lambda_init <= 1,
+            p + "threshold_lambda_init",
+            f"must lie in (0, 1], got {self.threshold_lambda_init!r}",
+        )
+        _require(
+            not (self.selection == "threshold" and self.balance == "bias"),
+            p + "balance",
+            "threshold selection balances with its own adaptive loss (balance: aux) or not at all (none)",
+        )
         if self.scorer == "self_routing":
-            _require(_is_int(self.self_routing_offset) and self.self_routing_offset >= 0, p + "self_routing_offset",
-                     f"must be a non-negative integer, got {self.self_routing_offset!r}")
-            _require(self.self_routing_offset + self.num_experts <= self.d_model, p + "num_experts",
-                     f"self_routing reads channels [{self.self_routing_offset}, "
-                     f"{self.self_routing_offset + self.num_experts}) but d_model={self.d_model}")
+            _require(
+                _is_int(self.self_routing_offset) and self.self_routing_offset >= 0,
+                p + "self_routing_offset",
+                f"must be a non-negative integer, got {self.self_routing_offset!r}",
+            )
+            _require(
+                self.self_routing_offset + self.num_experts <= self.d_model,
+                p + "num_experts",
+                f"self_routing reads channels [{self.self_routing_offset}, "
+                f"{self.self_routing_offset + self.num_experts}) but d_model={self.d_model}",
+            )
 
     @property
     def factorized(self) -> bool:
@@ -244,8 +322,11 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             _require(_is_number(value) and value > 0, p + name, f"must be a positive finite number, got {value!r}")
-        _require(self.d_model % self.n_heads == 0, p + "n_heads",
-                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        _require(
+            self.d_model % self.n_heads == 0,
+            p + "n_heads",
+            f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+        )
 
 
 @dataclass
@@ -260,12 +341,19 @@ class ParallelConfig:
     placement_half_life: float = 10.0
 
     def validate(self, prefix: str = "parallel") -> None:
-        _require(_is_int(self.expert_parallel_size) and self.expert_parallel_size > 0,
-                 prefix + ".expert_parallel_size", f"must be a positive integer, got {self.expert_parallel_size!r}")
+        _require(
+            _is_int(self.expert_parallel_size) and self.expert_parallel_size > 0,
+            prefix + ".expert_parallel_size",
+            f"must be a positive integer, got {self.expert_parallel_size!r}",
+        )
         _one_of(self.expert_placement, EXPERT_PLACEMENTS, prefix + ".expert_placement")
-        _require(isinstance(self.placement_half_life, (int, float)) and not isinstance(self.placement_half_life, bool)
-                 and 0 <= self.placement_half_life < float("inf"), prefix + ".placement_half_life",
-                 f"must be a non-negative number of steps, got {self.placement_half_life!r}")
+        _require(
+            isinstance(self.placement_half_life, (int, float))
+            and not isinstance(self.placement_half_life, bool)
+            and 0 <= self.placement_half_life < float("inf"),
+            prefix + ".placement_half_life",
+            f"must be a non-negative number of steps, got {self.placement_half_life!r}",
+        )
 
 
 @dataclass
@@ -284,22 +372,45 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         p = prefix + "."
-        _require(_is_int(self.seq_len) and self.seq_len > 0, p + "seq_len", f"must be a positive integer, got {self.seq_len!r}")
-        _require(isinstance(self.tokenizer, str) and self.tokenizer.strip() != "", p + "tokenizer",
-                 f"must be 'byte' or a tokenizer file path, got {self.tokenizer!r}")
-        _require(isinstance(self.cache_dir, str) and self.cache_dir.strip() != "", p + "cache_dir",
-                 f"must be a directory path, got {self.cache_dir!r}")
-        _require(_is_int(self.default_corpus_max_bytes) and self.default_corpus_max_bytes > 0,
-                 p + "default_corpus_max_bytes", f"must be a positive integer, got {self.default_corpus_max_bytes!r}")
-        _require(isinstance(self.paths, list) and all(isinstance(x, str) for x in self.paths), p + "paths",
-                 "must be a list of dataset prefixes")
-        _require(not self.weights or len(self.weights) == len(self.paths), p + "weights",
-                 f"{len(self.weights)} weights for {len(self.paths)} paths")
-        _require(all(_is_number(w) and w >= 0 for w in self.weights), p + "weights",
-                 "must be non-negative finite numbers")
+        _require(
+            _is_int(self.seq_len) and self.seq_len > 0,
+            p + "seq_len",
+            f"must be a positive integer, got {self.seq_len!r}",
+        )
+        _require(
+            isinstance(self.tokenizer, str) and self.tokenizer.strip() != "",
+            p + "tokenizer",
+            f"must be 'byte' or a tokenizer file path, got {self.tokenizer!r}",
+        )
+        _require(
+            isinstance(self.cache_dir, str) and self.cache_dir.strip() != "",
+            p + "cache_dir",
+            f"must be a directory path, got {self.cache_dir!r}",
+        )
+        _require(
+            _is_int(self.default_corpus_max_bytes) and self.default_corpus_max_bytes > 0,
+            p + "default_corpus_max_bytes",
+            f"must be a positive integer, got {self.default_corpus_max_bytes!r}",
+        )
+        _require(
+            isinstance(self.paths, list) and all(isinstance(x, str) for x in self.paths),
+            p + "paths",
+            "must be a list of dataset prefixes",
+        )
+        _require(
+            not self.weights or len(self.weights) == len(self.paths),
+            p + "weights",
+            f"{len(self.weights)} weights for {len(self.paths)} paths",
+        )
+        _require(
+            all(_is_number(w) and w >= 0 for w in self.weights), p + "weights", "must be non-negative finite numbers"
+        )
         parts = str(self.split).split(",")
-        _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts), p + "split",
-                 f"must read 'train,valid,test' weights such as '98,2,0', got {self.split!r}")
+        _require(
+            len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts),
+            p + "split",
+            f"must read 'train,valid,test' weights such as '98,2,0', got {self.split!r}",
+        )
         _require(float(parts[0]) > 0, p + "split", f"gives the train part no weight: {self.split!r}")
 
 
@@ -350,50 +461,89 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix + "."
-        for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "eval_interval", "eval_steps",
-                     "save_interval", "log_interval", "max_bad_steps"):
+        for name in (
+            "max_steps",
+            "global_batch_tokens",
+            "micro_batch_size",
+            "eval_interval",
+            "eval_steps",
+            "save_interval",
+            "log_interval",
+            "max_bad_steps",
+        ):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, p + name, f"must be a positive integer, got {value!r}")
-        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, p + "warmup_steps",
-                 f"must be a non-negative integer, got {self.warmup_steps!r}")
-        _require(_is_int(self.seed) and self.seed >= 0, p + "seed",
-                 f"must be a non-negative integer, got {self.seed!r}")
-        _require(isinstance(self.out_dir, str) and self.out_dir.strip() != "", p + "out_dir",
-                 f"must be a directory path, got {self.out_dir!r}")
+        _require(
+            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            p + "warmup_steps",
+            f"must be a non-negative integer, got {self.warmup_steps!r}",
+        )
+        _require(
+            _is_int(self.seed) and self.seed >= 0, p + "seed", f"must be a non-negative integer, got {self.seed!r}"
+        )
+        _require(
+            isinstance(self.out_dir, str) and self.out_dir.strip() != "",
+            p + "out_dir",
+            f"must be a directory path, got {self.out_dir!r}",
+        )
         # every float below needs a finite value: an infinite lr or clipping bound trains to NaN weights
         _require(_is_number(self.lr) and self.lr > 0, p + "lr", f"must be a positive finite number, got {self.lr!r}")
-        _require(_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr, p + "min_lr",
-                 f"must lie in [0, lr={self.lr}], got {self.min_lr!r}")
-        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, p + "weight_decay",
-                 f"must be a finite number >= 0, got {self.weight_decay!r}")
+        _require(
+            _is_number(self.min_lr) and 0 <= self.min_lr <= self.lr,
+            p + "min_lr",
+            f"must lie in [0, lr={self.lr}], got {self.min_lr!r}",
+        )
+        _require(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            p + "weight_decay",
+            f"must be a finite number >= 0, got {self.weight_decay!r}",
+        )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _require(_is_number(value) and 0 <= value < 1, p + name, f"must lie in [0, 1), got {value!r}")
-        _require(_is_number(self.grad_clip) and self.grad_clip > 0, p + "grad_clip",
-                 f"must be a positive finite number, got {self.grad_clip!r}")
+        _require(
+            _is_number(self.grad_clip) and self.grad_clip > 0,
+            p + "grad_clip",
+            f"must be a positive finite number, got {self.grad_clip!r}",
+        )
         # lr_decay_steps (None: max_steps) and the step to stop at early (0: max_steps); the schedule is unchanged.
         _one_of(self.lr_decay_style, LR_DECAY_STYLES, p + "lr_decay_style")
         if self.lr_decay_steps is None:
-            _require(self.max_steps > self.warmup_steps, p + "warmup_steps",
-                     f"{self.warmup_steps} warm-up steps leave no decay before max_steps={self.max_steps}")
+            _require(
+                self.max_steps > self.warmup_steps,
+                p + "warmup_steps",
+                f"{self.warmup_steps} warm-up steps leave no decay before max_steps={self.max_steps}",
+            )
         else:
-            _require(_is_int(self.lr_decay_steps) and self.lr_decay_steps > self.warmup_steps, p + "lr_decay_steps",
-                     f"must be an integer above warmup_steps={self.warmup_steps}, got {self.lr_decay_steps!r}")
+            _require(
+                _is_int(self.lr_decay_steps) and self.lr_decay_steps > self.warmup_steps,
+                p + "lr_decay_steps",
+                f"must be an integer above warmup_steps={self.warmup_steps}, got {self.lr_decay_steps!r}",
+            )
         for name in ("exit_at_step", "keep_checkpoints"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, p + name, f"must be a non-negative integer, got {value!r}")
         _one_of(self.precision, PRECISIONS, p + "precision")
         _one_of(self.dense_parallel, DENSE_PARALLEL, p + "dense_parallel")
         _one_of(self.device, ("auto", "cpu", "cuda"), p + "device")
-        _require(_is_number(self.peak_tflops) and self.peak_tflops >= 0, p + "peak_tflops",
-                 f"must be a finite number >= 0 (0: look the GPU up), got {self.peak_tflops!r}")
+        _require(
+            _is_number(self.peak_tflops) and self.peak_tflops >= 0,
+            p + "peak_tflops",
+            f"must be a finite number >= 0 (0: look the GPU up), got {self.peak_tflops!r}",
+        )
         _one_of(self.activation_checkpointing, AC_MODES, p + "activation_checkpointing")
-        _require(_is_int(self.ac_every) and self.ac_every > 0, p + "ac_every",
-                 f"must be a positive integer (checkpoint every N-th block), got {self.ac_every!r}")
+        _require(
+            _is_int(self.ac_every) and self.ac_every > 0,
+            p + "ac_every",
+            f"must be a positive integer (checkpoint every N-th block), got {self.ac_every!r}",
+        )
         _require(isinstance(self.compile, bool), p + "compile", f"must be true or false, got {self.compile!r}")
         # the selective policy picks the tensors to keep op by op, which compiled kernels do not expose
-        _require(not (self.compile and self.activation_checkpointing == "selective"), p + "compile",
-                 "does not combine with train.activation_checkpointing=selective; use 'full' or 'none'")
+        _require(
+            not (self.compile and self.activation_checkpointing == "selective"),
+            p + "compile",
+            "does not combine with train.activation_checkpointing=selective; use 'full' or 'none'",
+        )
 
 
 @dataclass
@@ -406,7 +556,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.model.validate("model")
         self.parallel.validate("parallel")
         self.data.validate("data")
@@ -414,12 +564,17 @@ class Config:
         if self.model.ffn == "moe":
             _require(self.moe is not None, "moe", "model.ffn is 'moe' but no moe section is given")
         if self.moe is not None:
-            _require(self.moe.d_model == self.model.d_model, "moe.d_model",
-                     f"{self.moe.d_model} differs from model.d_model={self.model.d_model}")
+            _require(
+                self.moe.d_model == self.model.d_model,
+                "moe.d_model",
+                f"{self.moe.d_model} differs from model.d_model={self.model.d_model}",
+            )
             ep = self.parallel.expert_parallel_size
-            _require(self.moe.num_experts % ep == 0, "moe.num_experts",
-                     f"num_experts={self.moe.num_experts} is not divisible by "
-                     f"parallel.expert_parallel_size={ep}")
+            _require(
+                self.moe.num_experts % ep == 0,
+                "moe.num_experts",
+                f"num_experts={self.moe.num_experts} is not divisible by parallel.expert_parallel_size={ep}",
+            )
         return self
 
 
@@ -511,8 +666,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{key.strip()}: the value {text!r} is not valid YAML "
-                              f"({str(err).splitlines()[0]})") from None
+            raise ConfigError(
+                f"{key.strip()}: the value {text!r} is not valid YAML ({str(err).splitlines()[0]})"
+            ) from None
         out.setdefault(section, {})
         if not isinstance(out[section], dict):
             out[section] = {}
@@ -529,8 +685,7 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                    key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -551,8 +706,10 @@ def resolve_config_path(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     if not CONFIGS_DIR.is_dir():
-        raise ConfigError(f"config: no file named {name_or_path!r}, and the presets folder {CONFIGS_DIR} is missing "
-                          f"from this aoe-ep install")
+        raise ConfigError(
+            f"config: no file named {name_or_path!r}, and the presets folder {CONFIGS_DIR} is missing "
+            f"from this aoe-ep install"
+        )
     presets = sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
     raise ConfigError(f"config: no file or preset named {name_or_path!r} (presets: {', '.join(presets)})")
 
@@ -571,8 +728,10 @@ def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Con
     if raw is None:
         raise ConfigError(f"config: {path} is empty (it needs at least a model section)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"config: {path} must hold a mapping of sections (model, moe, ...) at the top level, "
-                          f"not a {type(raw).__name__}")
+        raise ConfigError(
+            f"config: {path} must hold a mapping of sections (model, moe, ...) at the top level, "
+            f"not a {type(raw).__name__}"
+        )
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 
@@ -606,8 +765,9 @@ def ffn_param_count(model: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, 
     per_expert = d * moe.d_low + (d + moe.d_low + d) * moe.d_wide if moe.factorized else 3 * d * moe.d_ffn
     selector_per_expert = d * moe.d_low if moe.scorer == "aoe" else 0
     if moe.scorer == "router":
-        shared = (d * moe.router_hidden + moe.router_hidden * moe.num_experts) if moe.router_hidden \
-            else moe.num_experts * d
+        shared = (
+            (d * moe.router_hidden + moe.router_hidden * moe.num_experts) if moe.router_hidden else moe.num_experts * d
+        )
     else:
         shared = 0
     if moe.selection == "threshold":
@@ -625,7 +785,9 @@ def count_parameters(cfg: Config) -> ParamCount:
     per_layer = 4 * m.d_model * m.d_model + 2 * m.d_model  # attention projections and the two RMSNorms
     ffn_all, ffn_active, ffn_compute = ffn_param_count(m, cfg.moe)
     vocab = m.vocab_size * m.d_model
-    return ParamCount(total=m.n_layers * (per_layer + ffn_all) + vocab,
-                      active=m.n_layers * (per_layer + ffn_active) + 2 * vocab,
-                      active_compute=m.n_layers * (per_layer + ffn_compute) + 2 * vocab,
-                      total_untied=m.n_layers * (per_layer + ffn_all) + 2 * vocab + m.d_model)
+    return ParamCount(
+        total=m.n_layers * (per_layer + ffn_all) + vocab,
+        active=m.n_layers * (per_layer + ffn_active) + 2 * vocab,
+        active_compute=m.n_layers * (per_layer + ffn_compute) + 2 * vocab,
+        total_untied=m.n_layers * (per_layer + ffn_all) + 2 * vocab + m.d_model,
+    )

@@ -23,8 +23,15 @@ LIBRARIES = {
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so.1"),
 }
-SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib",
-               "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu")
+SEARCH_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+)
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 _APPLIED = "AOE_EP_ALLOCATOR_APPLIED"
 
@@ -85,8 +92,11 @@ def ensure_allocator(argv: list[str]) -> None:
 
 def announce() -> str:
     """The line a CPU run prints: the allocator, and whether this process was re-executed to load it."""
-    how = ("this command re-executed itself to load it; AOE_EP_ALLOCATOR=system runs it as started"
-           if os.environ.get(_APPLIED) else "as the process started")
+    how = (
+        "this command re-executed itself to load it; AOE_EP_ALLOCATOR=system runs it as started"
+        if os.environ.get(_APPLIED)
+        else "as the process started"
+    )
     return f"aoe-ep: CPU run, memory allocator {active_allocator()} ({how})"
 
 

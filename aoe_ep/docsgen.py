@@ -21,11 +21,22 @@ DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 
 # The allowed values of the fields that take one of a fixed set, from the tuples the validation uses.
 CHOICES = {
-    "moe.scorer": C.SCORERS, "moe.norm": C.NORMS, "moe.selection": C.SELECTIONS, "moe.gate": C.GATES,
-    "moe.dispatcher": C.DISPATCHERS, "moe.expert_kind": C.EXPERT_KINDS, "moe.expert_kernel": C.EXPERT_KERNELS,
-    "moe.aoe_cache": C.AOE_CACHES, "moe.balance": C.BALANCES, "model.ffn": C.FFNS,
-    "parallel.expert_placement": C.EXPERT_PLACEMENTS, "train.lr_decay_style": C.LR_DECAY_STYLES,
-    "train.precision": C.PRECISIONS, "train.activation_checkpointing": C.AC_MODES, "train.dense_parallel": C.DENSE_PARALLEL, "train.device": ("auto", "cpu", "cuda"),
+    "moe.scorer": C.SCORERS,
+    "moe.norm": C.NORMS,
+    "moe.selection": C.SELECTIONS,
+    "moe.gate": C.GATES,
+    "moe.dispatcher": C.DISPATCHERS,
+    "moe.expert_kind": C.EXPERT_KINDS,
+    "moe.expert_kernel": C.EXPERT_KERNELS,
+    "moe.aoe_cache": C.AOE_CACHES,
+    "moe.balance": C.BALANCES,
+    "model.ffn": C.FFNS,
+    "parallel.expert_placement": C.EXPERT_PLACEMENTS,
+    "train.lr_decay_style": C.LR_DECAY_STYLES,
+    "train.precision": C.PRECISIONS,
+    "train.activation_checkpointing": C.AC_MODES,
+    "train.dense_parallel": C.DENSE_PARALLEL,
+    "train.device": ("auto", "cpu", "cuda"),
 }
 
 SECTIONS = {
@@ -50,7 +61,7 @@ CONFIG_HELP = {
     "moe.num_experts": "experts n (divisible by `parallel.expert_parallel_size`)",
     "moe.top_k": "experts per token K under `top_k` selection (also the cost models' K)",
     "moe.scorer": "what ranks the experts: AoE norms of the low-rank cache, a learned router, or Self-Routing's "
-                  "hidden-state slice",
+    "hidden-state slice",
     "moe.d_ffn": "hidden width of a SwiGLU expert; AoE's `d_wide` is derived from it by Eq. 5",
     "moe.d_low": "AoE rank: width of the cache C = x·Wdown (factorised experts)",
     "moe.d_wide": "hidden width of a factorised (AoE) expert; derived by Eq. 5 when left out",
@@ -66,10 +77,10 @@ CONFIG_HELP = {
     "moe.expert_kind": "`swiglu` or `factorized` experts; `auto`: factorised for AoE, SwiGLU otherwise",
     "moe.router_hidden": "router scorer only: a hidden layer of this width (the AoE paper's large router); 0: none",
     "moe.expert_kernel": "expert matmuls: one grouped product per projection, or one product per expert; `auto` "
-                         "chooses by device, dtype and rows per expert",
+    "chooses by device, dtype and rows per expert",
     "moe.aoe_cache": "AoE: keep the [T, n, d_low] cache for backward, or recompute it there (less memory)",
     "moe.balance": "`aux`: the load-balancing loss; `bias`: a per-expert selection bias moved after each step; "
-                   "`none`: neither",
+    "`none`: neither",
     "moe.balance_rate": "`balance: bias`: how far a bias moves per step",
     "moe.erc_loss_coeff": "weight of the expert-router coupling loss (router scorer; 0: off)",
     "moe.erc_alpha": "α of the ERC loss",
@@ -80,9 +91,9 @@ CONFIG_HELP = {
     "moe.threshold_lambda_init": "threshold selection: initial weight λ of its balancing loss (at most 1)",
     "parallel.expert_parallel_size": "EP: ranks the experts of a layer are sharded over (the world divides by it)",
     "parallel.expert_placement": "which experts each EP rank holds: the contiguous split, or one balanced from "
-                                 "the load recorded at the last checkpoint",
+    "the load recorded at the last checkpoint",
     "parallel.placement_half_life": "steps over which a step's counts lose half their weight in the recorded load "
-                                    "(0: all steps alike)",
+    "(0: all steps alike)",
     "data.paths": "dataset prefixes (.bin/.idx); empty: the built-in corpus",
     "data.weights": "blend weights of `paths` (empty: in proportion to their token counts)",
     "data.split": "train,valid,test weights over each dataset's documents",
@@ -117,7 +128,7 @@ CONFIG_HELP = {
     "train.peak_tflops": "peak bf16 TFLOP/s per GPU for MFU (0: from the GPU's name)",
     "train.max_bad_steps": "consecutive non-finite steps (each skipped on every rank) that stop the run",
     "train.activation_checkpointing": "recompute in backward: `full` keeps only each block's input, `selective` "
-                                      "recomputes element-wise work only (docs/performance.md)",
+    "recomputes element-wise work only (docs/performance.md)",
     "train.ac_every": "checkpoint every N-th block (blocks 0, N, 2N, ...)",
     "train.compile": "torch.compile each block's norms, attention and dense FFN (the MoE layers stay eager)",
 }
@@ -150,25 +161,36 @@ METRICS = [
     ("moe/layerNN/device_load", "per device", "share", "EP > 1: load of each device's experts"),
     ("moe/layerNN/device_max_minus_min", "scalar", "share", "EP > 1: max − min device load"),
     ("moe/layerNN/score_margin", "scalar", "-", "mean weakest selected minus strongest unselected score"),
-    ("moe/layerNN/churn", "scalar", "share", "tokens of a fixed probe batch whose expert set changed since the "
-                                             "last log"),
+    (
+        "moe/layerNN/churn",
+        "scalar",
+        "share",
+        "tokens of a fixed probe batch whose expert set changed since the last log",
+    ),
     ("moe/layerNN/dead_experts", "scalar", "experts", "experts with no token over the window"),
-    ("moe/layerNN/wasted_precompute", "scalar", "share", "AoE: share of the computed caches that unselected experts "
-                                                         "throw away"),
+    (
+        "moe/layerNN/wasted_precompute",
+        "scalar",
+        "share",
+        "AoE: share of the computed caches that unselected experts throw away",
+    ),
     ("moe/layerNN/erc_loss", "scalar", "-", "ERC loss before its weight"),
     ("moe/layerNN/erc_eps", "scalar", "-", "mean ERC ε over experts (smaller: more specialised experts)"),
     ("moe/layerNN/bias", "per expert", "-", "`balance: bias`: the selection bias of each expert"),
     ("moe/layerNN/bias_max_abs", "scalar", "-", "`balance: bias`: the largest |b_i|"),
     ("moe/layerNN/density", "scalar", "share", "threshold selection: fired share of (token, expert) pairs"),
     ("moe/layerNN/threshold_lambda", "scalar", "-", "threshold selection: weight λ of its balancing loss"),
-    ("moe/seconds/expert_max", "scalar", "s", "the slowest rank's seconds in its experts (logging step, all "
-                                             "layers)"),
+    ("moe/seconds/expert_max", "scalar", "s", "the slowest rank's seconds in its experts (logging step, all layers)"),
     ("moe/seconds/expert_min", "scalar", "s", "the fastest rank's seconds in its experts"),
     ("moe/seconds/expert_max_minus_min", "scalar", "s", "wall-clock idle time: expert_max − expert_min"),
     ("moe/seconds/combine_max", "scalar", "s", "the longest wait in the combine collective across ranks"),
     ("moe/seconds/combine_min", "scalar", "s", "the shortest wait in the combine collective"),
-    ("moe/bytes_per_step/COLL/fwd", "scalar", "bytes", "bytes this rank sent in the collective COLL in forward, "
-                                                      "per step (EP > 1; docs/design.md section 2.3)"),
+    (
+        "moe/bytes_per_step/COLL/fwd",
+        "scalar",
+        "bytes",
+        "bytes this rank sent in the collective COLL in forward, per step (EP > 1; docs/design.md section 2.3)",
+    ),
     ("moe/bytes_per_step/COLL/bwd", "scalar", "bytes", "the same in backward"),
 ]
 
@@ -177,26 +199,54 @@ METRICS = [
 # keys). A figure without an entry here, or an entry for a figure that no longer exists, is an error.
 REPORT_FIGURES = {
     "loss": ("loss.png", "training and validation loss over steps", "`train/loss`, `valid/loss`"),
-    "load heatmaps": ("load_heatmaps.png", "load × n per layer (rows) and expert (columns) at the `--steps` "
-                      "(default: first, middle, last logged step); 1 is balanced", "`moe/layerNN/load`"),
-    "load over training": ("load_over_training.png", "load × n per expert over steps, one panel per layer (the AoE "
-                           "paper's Fig. 3)", "`moe/layerNN/load`"),
-    "device load": ("device_load.png", "load of each device's experts over steps, one panel per layer",
-                    "`moe/layerNN/device_load`"),
-    "idle time": ("idle_time.png", "the idle-time metric per expert and per device over steps",
-                  "`moe/idle_time`, `moe/idle_time_device`"),
-    "entropy": ("entropy.png", "Ent_load and Ent_conf per layer over steps, against their maximum log n",
-                "`moe/layerNN/ent_load`, `moe/layerNN/ent_conf`"),
-    "scores": ("scores.png", "mean score per expert over steps (the AoE paper's Fig. 4: AoE's activation norm, a "
-               "router's logits)", "`moe/layerNN/score_mean`"),
-    "wait": ("wait.png", "measured expert and combine seconds, max and min across ranks, beside what the device load "
-             "predicts (the fastest rank's expert seconds × max/min device load)", "`moe/seconds/...`, "
-             "`moe/layerNN/device_load`"),
-    "bytes per collective": ("comm.png", "measured bytes per collective beside the communication model for the run's "
-                             "config (uniform routing; for `alltoall` the logged device load)",
-                             "`moe/bytes_per_step/COLL/fwd`, `moe/bytes_per_step/COLL/bwd`"),
-    "diagnostics": ("diagnostics.png", "the AoE diagnostics per layer over steps", "`moe/layerNN/score_margin`, "
-                    "`churn`, `dead_experts`, `wasted_precompute`"),
+    "load heatmaps": (
+        "load_heatmaps.png",
+        "load × n per layer (rows) and expert (columns) at the `--steps` "
+        "(default: first, middle, last logged step); 1 is balanced",
+        "`moe/layerNN/load`",
+    ),
+    "load over training": (
+        "load_over_training.png",
+        "load × n per expert over steps, one panel per layer (the AoE paper's Fig. 3)",
+        "`moe/layerNN/load`",
+    ),
+    "device load": (
+        "device_load.png",
+        "load of each device's experts over steps, one panel per layer",
+        "`moe/layerNN/device_load`",
+    ),
+    "idle time": (
+        "idle_time.png",
+        "the idle-time metric per expert and per device over steps",
+        "`moe/idle_time`, `moe/idle_time_device`",
+    ),
+    "entropy": (
+        "entropy.png",
+        "Ent_load and Ent_conf per layer over steps, against their maximum log n",
+        "`moe/layerNN/ent_load`, `moe/layerNN/ent_conf`",
+    ),
+    "scores": (
+        "scores.png",
+        "mean score per expert over steps (the AoE paper's Fig. 4: AoE's activation norm, a router's logits)",
+        "`moe/layerNN/score_mean`",
+    ),
+    "wait": (
+        "wait.png",
+        "measured expert and combine seconds, max and min across ranks, beside what the device load "
+        "predicts (the fastest rank's expert seconds × max/min device load)",
+        "`moe/seconds/...`, `moe/layerNN/device_load`",
+    ),
+    "bytes per collective": (
+        "comm.png",
+        "measured bytes per collective beside the communication model for the run's "
+        "config (uniform routing; for `alltoall` the logged device load)",
+        "`moe/bytes_per_step/COLL/fwd`, `moe/bytes_per_step/COLL/bwd`",
+    ),
+    "diagnostics": (
+        "diagnostics.png",
+        "the AoE diagnostics per layer over steps",
+        "`moe/layerNN/score_margin`, `churn`, `dead_experts`, `wasted_precompute`",
+    ),
     "bias": ("bias.png", "the balancing bias per expert over steps (`balance: bias`)", "`moe/layerNN/bias`"),
 }
 
@@ -249,13 +299,25 @@ def render_config() -> str:
     extra = sorted(set(CONFIG_HELP) - set(keys))
     if missing or extra:
         raise KeyError(f"aoe_ep/docsgen.py CONFIG_HELP is out of date: missing {missing}, unknown {extra}")
-    lines = ["# Configuration keys", "",
-             "Generated from the code by `python -m aoe_ep.docsgen`; do not edit by hand.", "",
-             "A run's configuration is a YAML file (a preset name such as `tiny` or `paper/aoe_4b`, or a path) with "
-             "one section per concern; `--set section.key=value` overrides one key. Every value is checked when the "
-             "file is loaded, and a bad one is a single `aoe-ep: config error: section.key: ...` line.", ""]
+    lines = [
+        "# Configuration keys",
+        "",
+        "Generated from the code by `python -m aoe_ep.docsgen`; do not edit by hand.",
+        "",
+        "A run's configuration is a YAML file (a preset name such as `tiny` or `paper/aoe_4b`, or a path) with "
+        "one section per concern; `--set section.key=value` overrides one key. Every value is checked when the "
+        "file is loaded, and a bad one is a single `aoe-ep: config error: section.key: ...` line.",
+        "",
+    ]
     for section, doc in SECTIONS.items():
-        lines += [f"## `{section}`", "", doc, "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        lines += [
+            f"## `{section}`",
+            "",
+            doc,
+            "",
+            "| key | type | default | allowed | meaning |",
+            "|---|---|---|---|---|",
+        ]
         for key, (kind, default) in keys.items():
             if key.split(".")[0] != section:
                 continue
@@ -266,14 +328,20 @@ def render_config() -> str:
 
 
 def render_metrics() -> str:
-    lines = ["# Logged metrics", "",
-             "Generated from the code by `python -m aoe_ep.docsgen`; do not edit by hand.", "",
-             "The trainer writes every key to `log.jsonl` (one JSON object per logging step) and to tensorboard "
-             "(`tb/`). `NN` is the layer index (`layer00`, `layer01`, ...), `COLL` a collective of the dispatcher "
-             "(`tokens`, `norms`, `sizes`, `counts`, `stats`, `probs`, `dispatch`, `combine`, `erc`). Statistics are "
-             "those of the global batch over the logging window. Per-expert and per-device values are lists in "
-             "`log.jsonl` and histograms in tensorboard.", "",
-             "| key | kind | unit | meaning |", "|---|---|---|---|"]
+    lines = [
+        "# Logged metrics",
+        "",
+        "Generated from the code by `python -m aoe_ep.docsgen`; do not edit by hand.",
+        "",
+        "The trainer writes every key to `log.jsonl` (one JSON object per logging step) and to tensorboard "
+        "(`tb/`). `NN` is the layer index (`layer00`, `layer01`, ...), `COLL` a collective of the dispatcher "
+        "(`tokens`, `norms`, `sizes`, `counts`, `stats`, `probs`, `dispatch`, `combine`, `erc`). Statistics are "
+        "those of the global batch over the logging window. Per-expert and per-device values are lists in "
+        "`log.jsonl` and histograms in tensorboard.",
+        "",
+        "| key | kind | unit | meaning |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| `{key}` | {kind} | {unit} | {meaning} |" for key, kind, unit, meaning in METRICS]
     return "\n".join(lines + [""] + _render_report()) + "\n"
 
@@ -286,19 +354,30 @@ def _render_report() -> list[str]:
     missing, extra = sorted(set(names) - set(REPORT_FIGURES)), sorted(set(REPORT_FIGURES) - set(names))
     if missing or extra:
         raise KeyError(f"aoe_ep/docsgen.py REPORT_FIGURES is out of date: missing {missing}, unknown {extra}")
-    lines = ["## The report's figures", "",
-             "`aoe-ep report RUN_DIR` reads these keys from `log.jsonl` (or, without it, the scalars of the "
-             "tensorboard events) and writes one PNG per figure beside `report.html`; a figure the run logged no key "
-             "for is left out and named so on the page. With `--compare` every figure draws each run. "
-             "See [reports.md](reports.md).", "",
-             "| figure | file | what | keys |", "|---|---|---|---|"]
+    lines = [
+        "## The report's figures",
+        "",
+        "`aoe-ep report RUN_DIR` reads these keys from `log.jsonl` (or, without it, the scalars of the "
+        "tensorboard events) and writes one PNG per figure beside `report.html`; a figure the run logged no key "
+        "for is left out and named so on the page. With `--compare` every figure draws each run. "
+        "See [reports.md](reports.md).",
+        "",
+        "| figure | file | what | keys |",
+        "|---|---|---|---|",
+    ]
     for name in names:
         file, meaning, keys = REPORT_FIGURES[name]
         lines.append(f"| {name} | `{file}` | {meaning} | {keys} |")
-    lines += ["", "## The report's summary", "",
-              "The table at the top of `report.html`, and `aoe-ep report --json` (which also holds "
-              "`mean_max_minus_min` per layer, `run` and `source`):", "",
-              "| field | meaning |", "|---|---|"]
+    lines += [
+        "",
+        "## The report's summary",
+        "",
+        "The table at the top of `report.html`, and `aoe-ep report --json` (which also holds "
+        "`mean_max_minus_min` per layer, `run` and `source`):",
+        "",
+        "| field | meaning |",
+        "|---|---|",
+    ]
     lines += [f"| `{key}` | {label} |" for key, label, _ in SUMMARY_ROWS]
     return lines
 
@@ -308,8 +387,11 @@ PAGES = {"config.md": render_config, "metrics.md": render_metrics}
 
 def stale_pages(docs_dir: Path = DOCS_DIR) -> list[str]:
     """The generated pages whose file differs from what the code writes now."""
-    return [name for name, render in PAGES.items()
-            if not (docs_dir / name).is_file() or (docs_dir / name).read_text(encoding="utf-8") != render()]
+    return [
+        name
+        for name, render in PAGES.items()
+        if not (docs_dir / name).is_file() or (docs_dir / name).read_text(encoding="utf-8") != render()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,11 +30,13 @@ class PackedLayout:
     def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fields of a packed tensor (views into it), by name."""
         if packed.dim() != self.batch_dims + 1 or packed.shape[-1] != self.size:
-            raise ValueError(f"a packed tensor of {self.batch_dims} batch dimension(s) and {self.size} slots was "
-                             f"expected, got shape {tuple(packed.shape)}")
+            raise ValueError(
+                f"a packed tensor of {self.batch_dims} batch dimension(s) and {self.size} slots was "
+                f"expected, got shape {tuple(packed.shape)}"
+            )
         out, start = {}, 0
         for name, width in zip(self.names, self.widths):
-            piece = packed[..., start:start + (1 if width is None else width)]
+            piece = packed[..., start : start + (1 if width is None else width)]
             out[name] = piece[..., 0] if width is None else piece
             start += piece.shape[-1]
         return out
@@ -50,8 +52,10 @@ def pack(fields: dict[str, torch.Tensor], batch_dims: int = 0) -> tuple[torch.Te
     for name, t in fields.items():
         t = torch.as_tensor(t)
         if t.dim() not in (batch_dims, batch_dims + 1) or t.shape[:batch_dims] != batch:
-            raise ValueError(f"field {name!r}: shape {tuple(t.shape)} is not the batch shape {tuple(batch)} "
-                             f"with at most one more dimension")
+            raise ValueError(
+                f"field {name!r}: shape {tuple(t.shape)} is not the batch shape {tuple(batch)} "
+                f"with at most one more dimension"
+            )
         scalar = t.dim() == batch_dims
         pieces.append(t.double().unsqueeze(-1) if scalar else t.double())
         widths.append(None if scalar else t.shape[-1])

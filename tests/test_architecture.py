@@ -21,8 +21,13 @@ needs_lint = pytest.mark.skipif(LINT is None, reason="import-linter is not insta
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(root))
-    return subprocess.run([LINT, "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root, env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [LINT, "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 @needs_lint
@@ -59,8 +64,13 @@ IMPORTERS = {"import_module", "__import__", "find_spec", "spec_from_file_locatio
 
 def _string_imports(tree: ast.Module) -> list[str]:
     """Package module names given as strings to an import function, directly or through a module-level constant."""
-    constants = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
-                 for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)}
+    constants = {
+        t.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)
+    }
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or not node.args:
@@ -76,8 +86,11 @@ def _string_imports(tree: ast.Module) -> list[str]:
 
 
 def test_no_module_imports_the_package_by_a_string():
-    offenders = {str(p.relative_to(ROOT)): names for p in sorted(PACKAGE.rglob("*.py"))
-                 if (names := _string_imports(ast.parse(p.read_text())))}
+    offenders = {
+        str(p.relative_to(ROOT)): names
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (names := _string_imports(ast.parse(p.read_text())))
+    }
     assert not offenders
 
 

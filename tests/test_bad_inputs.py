@@ -76,8 +76,7 @@ def test_params(case, configs, capsys):
 TRAIN_CASES = {
     "out_dir_unwritable": (["train.out_dir=/proc/foo"], "train.out_dir: cannot create /proc/foo"),
     "out_dir_is_a_file": (["train.out_dir={d}/file"], "exists and is not a directory"),
-    "model_larger_than_memory": (["model.d_model=1000000000", "model.n_heads=1"],
-                                 "GiB of cpu memory here"),
+    "model_larger_than_memory": (["model.d_model=1000000000", "model.n_heads=1"], "GiB of cpu memory here"),
     "lr_inf": (["train.lr=inf"], "train.lr: must be a positive finite number"),
     "empty_out_dir": (["train.out_dir="], "train.out_dir: needs a value"),
 }
@@ -87,8 +86,12 @@ TRAIN_CASES = {
 def test_train(case, tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory\n")
     overrides, cause = TRAIN_CASES[case]
-    argv = ["train", "--config", "tiny", *_sets("train.device=cpu", f"train.out_dir={tmp_path}/run",
-                                                *(o.format(d=tmp_path) for o in overrides))]
+    argv = [
+        "train",
+        "--config",
+        "tiny",
+        *_sets("train.device=cpu", f"train.out_dir={tmp_path}/run", *(o.format(d=tmp_path) for o in overrides)),
+    ]
     assert_one_line(capsys, argv, cause, "aoe-ep: config error: ")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -115,8 +118,10 @@ def test_train_interrupted_prints_one_line_and_exits_130(tmp_path, capsys, monke
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("aoe-ep train:")]
     assert "Traceback" not in captured.err and len(lines) == 1, captured.err
-    assert lines[0] == (f"aoe-ep train: interrupted at step 1; the last checkpoint is {tmp_path}/run/checkpoints/"
-                        f"step_00000001 (step 1); continue from it with the same command and --resume")
+    assert lines[0] == (
+        f"aoe-ep train: interrupted at step 1; the last checkpoint is {tmp_path}/run/checkpoints/"
+        f"step_00000001 (step 1); continue from it with the same command and --resume"
+    )
     assert not (tmp_path / "run" / ".lock.pid").exists()  # the lock went with the run
 
 
@@ -127,11 +132,23 @@ def checkpoints(tmp_path_factory):
     from tests.train.synthetic import BUILDERS, small_config
 
     d = tmp_path_factory.mktemp("checkpoints")
-    with Trainer(small_config(d / "good", "train.max_steps=2", "train.save_interval=2",
-                              "train.eval_at_start=false", "train.warmup_steps=0"), data=BUILDERS) as trainer:
+    with Trainer(
+        small_config(
+            d / "good",
+            "train.max_steps=2",
+            "train.save_interval=2",
+            "train.eval_at_start=false",
+            "train.warmup_steps=0",
+        ),
+        data=BUILDERS,
+    ) as trainer:
         trainer.fit()
-    with Trainer(small_config(d / "nan", "train.max_steps=2", "train.save_interval=2",
-                              "train.eval_at_start=false", "train.warmup_steps=0"), data=BUILDERS) as trainer:
+    with Trainer(
+        small_config(
+            d / "nan", "train.max_steps=2", "train.save_interval=2", "train.eval_at_start=false", "train.warmup_steps=0"
+        ),
+        data=BUILDERS,
+    ) as trainer:
         with torch.no_grad():
             next(trainer.dp.model.parameters()).fill_(float("nan"))
         trainer._refuse_nonfinite_parameters = lambda: None
@@ -167,8 +184,12 @@ def test_eval(case, checkpoints, tmp_path, capsys):
         if spec == "meta":
             (root / "step_00000002" / "meta.json").write_text("{not json")
         elif spec == "device":
-            assert_one_line(capsys, ["eval", "--checkpoint", target, "--device", "cpu", "--data", "/dev/zero"],
-                            cause, "aoe-ep: data error: ")
+            assert_one_line(
+                capsys,
+                ["eval", "--checkpoint", target, "--device", "cpu", "--data", "/dev/zero"],
+                cause,
+                "aoe-ep: data error: ",
+            )
             return
         else:
             (root / "latest").write_text(spec + "\n")
@@ -206,9 +227,11 @@ def test_generate(case, checkpoints, capsys):
 def malformed_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"step": 10, "train/loss": 2.0, "moe/layer00/load": [1.0, 1.0, 1.0, 1.0], "moe/idle_time": 0.5},
-               {"step": 20, "train/loss": 1.5, "moe/layer00/load": [1.0, 1.0], "moe/idle_time": 0.4},
-               {"step": 30, "train/loss": 1.0, "moe/layer00/load": [1.0, 1.0, 1.0, 1.0], "moe/idle_time": 0.3}]
+    records = [
+        {"step": 10, "train/loss": 2.0, "moe/layer00/load": [1.0, 1.0, 1.0, 1.0], "moe/idle_time": 0.5},
+        {"step": 20, "train/loss": 1.5, "moe/layer00/load": [1.0, 1.0], "moe/idle_time": 0.4},
+        {"step": 30, "train/loss": 1.0, "moe/layer00/load": [1.0, 1.0, 1.0, 1.0], "moe/idle_time": 0.3},
+    ]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run
 
@@ -228,8 +251,9 @@ def test_report(case, tmp_path, capsys):
 def test_report_leaves_out_a_malformed_record_and_prints_json(malformed_run, capsys):
     assert main(["report", str(malformed_run), "--json"]) == 0
     captured = capsys.readouterr()
-    assert "the record of step 20 is malformed (moe/layer00/load: 2 values where the other records have 4)" \
-        in captured.err
+    assert (
+        "the record of step 20 is malformed (moe/layer00/load: 2 values where the other records have 4)" in captured.err
+    )
     summary = json.loads(captured.out)  # strict JSON: no bare NaN
     assert summary["last_step"] == 30 and summary["final_loss"] == 1.0
     assert summary["final_valid_loss"] is None and summary["perplexity"] is None
@@ -258,8 +282,7 @@ def test_report_failure_leaves_no_partial_folder(malformed_run, capsys, monkeypa
 PREPROCESS_CASES = {
     "device_as_input": (["--input", "/dev/zero", "--output-prefix", "{d}/out"], "/dev/zero: not a regular file"),
     "missing_input": (["--input", "{d}/nowhere.txt", "--output-prefix", "{d}/out"], "no such file or directory"),
-    "unwritable_output": (["--input", "{d}/docs.txt", "--output-prefix", "/proc/foo/out"],
-                          "/proc/foo/out"),
+    "unwritable_output": (["--input", "{d}/docs.txt", "--output-prefix", "/proc/foo/out"], "/proc/foo/out"),
 }
 
 
@@ -274,8 +297,12 @@ def test_preprocess(case, tmp_path, capsys):
 def test_toy(case, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     out = "/proc/foo" if case == "unwritable_out" else f"{tmp_path}/file"
-    assert_one_line(capsys, ["toy", "--out", out, "--stage1-steps", "1", "--stage2-steps", "1"], f"--out {out}",
-                    "aoe-ep toy: error: ")
+    assert_one_line(
+        capsys,
+        ["toy", "--out", out, "--stage1-steps", "1", "--stage2-steps", "1"],
+        f"--out {out}",
+        "aoe-ep toy: error: ",
+    )
 
 
 def test_plan_skips_the_layouts_the_batch_does_not_divide(capsys):
@@ -286,8 +313,14 @@ def test_plan_skips_the_layouts_the_batch_does_not_divide(capsys):
     assert ["1", "1"] in rows and ["2", "1"] in rows and all(r[1] == "1" for r in rows)
 
 
-@pytest.mark.parametrize("argv", [["--model", "aoe-ep", "--model_args", "checkpoint=runs/tiny", "--tasks", "arc_easy"],
-                                  ["--help"], ["--", "--model", "aoe-ep"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model", "aoe-ep", "--model_args", "checkpoint=runs/tiny", "--tasks", "arc_easy"],
+        ["--help"],
+        ["--", "--model", "aoe-ep"],
+    ],
+)
 def test_lm_eval_passes_every_argument_on(argv, monkeypatch):
     seen = []
     monkeypatch.setitem(sys.modules, "aoe_ep.eval.harness", types.SimpleNamespace(main=seen.append))

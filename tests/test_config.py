@@ -3,15 +3,25 @@ import math
 import pytest
 import yaml
 
-from aoe_ep.config import (ConfigError, MoEConfig, apply_overrides, config_from_dict, count_parameters,
-                           derive_d_wide, load_config)
+from aoe_ep.config import (
+    ConfigError,
+    MoEConfig,
+    apply_overrides,
+    config_from_dict,
+    count_parameters,
+    derive_d_wide,
+    load_config,
+)
 
 
-@pytest.mark.parametrize("d, d_ffn, d_low, expected", [
-    (768, 3072, 256, 3840),   # exact
-    (1280, 5120, 400, 6470),  # 6469.2, which the paper rounds to 6470
-    (768, 3072, 512, 3264),
-])
+@pytest.mark.parametrize(
+    "d, d_ffn, d_low, expected",
+    [
+        (768, 3072, 256, 3840),  # exact
+        (1280, 5120, 400, 6470),  # 6469.2, which the paper rounds to 6470
+        (768, 3072, 512, 3264),
+    ],
+)
 def test_d_wide_eq5(d, d_ffn, d_low, expected):
     assert derive_d_wide(d, d_ffn, d_low) == expected
     exact = (3 * d * d_ffn - d_low * d) / (d_low + 2 * d)
@@ -24,12 +34,15 @@ def test_aoe_expert_has_moe_expert_parameter_count():
     assert aoe_expert == 3 * 768 * 3072
 
 
-@pytest.mark.parametrize("preset, total, active", [
-    ("paper/moe_732m", 732e6, 247e6),
-    ("paper/aoe_732m", 732e6, 247e6),
-    ("paper/moe_4b", 4e9, 1.18e9),
-    ("paper/aoe_4b", 4e9, 1.18e9),
-])
+@pytest.mark.parametrize(
+    "preset, total, active",
+    [
+        ("paper/moe_732m", 732e6, 247e6),
+        ("paper/aoe_732m", 732e6, 247e6),
+        ("paper/moe_4b", 4e9, 1.18e9),
+        ("paper/aoe_4b", 4e9, 1.18e9),
+    ],
+)
 def test_parameter_counts_match_the_paper(preset, total, active):
     count = count_parameters(load_config(preset))
     assert count.total == pytest.approx(total, rel=0.01)
@@ -51,23 +64,26 @@ def test_aoe_counts_unselected_selectors_in_active_compute():
     assert count.active_compute - count.active == 12 * (8 - 2) * 768 * 256
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(top_k=9), "top_k"),
-    (dict(top_k=0), "top_k"),
-    (dict(d_low=0), "d_low"),
-    (dict(d_low=-3), "d_low"),
-    (dict(norm="l3"), "norm"),
-    (dict(selection="random"), "selection"),
-    (dict(scorer="hash"), "scorer"),
-    (dict(gate="sigmoid"), "gate"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(capacity_factor=0.0), "capacity_factor"),
-    (dict(dispatcher="nccl"), "dispatcher"),
-    (dict(num_experts=0), "num_experts"),
-    (dict(scorer="self_routing", num_experts=8, d_model=4), "num_experts"),
-    (dict(aux_loss_coeff=-1.0), "aux_loss_coeff"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(top_k=9), "top_k"),
+        (dict(top_k=0), "top_k"),
+        (dict(d_low=0), "d_low"),
+        (dict(d_low=-3), "d_low"),
+        (dict(norm="l3"), "norm"),
+        (dict(selection="random"), "selection"),
+        (dict(scorer="hash"), "scorer"),
+        (dict(gate="sigmoid"), "gate"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(dispatcher="nccl"), "dispatcher"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(scorer="self_routing", num_experts=8, d_model=4), "num_experts"),
+        (dict(aux_loss_coeff=-1.0), "aux_loss_coeff"),
+    ],
+)
 def test_invalid_moe_config_names_the_field(kwargs, field):
     base = dict(d_model=32, num_experts=8, top_k=2, d_ffn=16, d_low=8)
     base.update(kwargs)
@@ -77,24 +93,36 @@ def test_invalid_moe_config_names_the_field(kwargs, field):
 
 def test_yaml_overrides_and_derived_fields(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"model": {"d_model": 64, "n_heads": 4}, "moe": {"num_experts": 4, "d_ffn": 32,
-                                                                                    "d_low": 8, "top_p": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"model": {"d_model": 64, "n_heads": 4}, "moe": {"num_experts": 4, "d_ffn": 32, "d_low": 8, "top_p": 1}}
+        )
+    )
     cfg = load_config(str(path), ["moe.top_k=1", "moe.selection=top_p", "model.n_layers=3"])
     assert cfg.moe.d_model == 64 and cfg.moe.top_k == 1 and cfg.moe.selection == "top_p"
     assert cfg.model.n_layers == 3 and cfg.moe.top_p == 1.0 and isinstance(cfg.moe.top_p, float)
     assert cfg.moe.d_wide == math.ceil((3 * 64 * 32 - 8 * 64) / (8 + 128))
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"modle": {}}, r"^modle: unknown section"),
-    ({"model": {"d_modle": 3}}, r"^model\.d_modle: unknown key"),
-    ({"model": {"d_model": "big"}}, r"^model\.d_model: expected int"),
-    ({"model": {"d_model": 64, "n_heads": 5}}, r"^model\.n_heads:"),
-    ({"model": {"d_model": 64}, "moe": {"d_model": 32, "num_experts": 4}}, r"^moe\.d_model:"),
-    ({"model": {"d_model": 64}, "moe": {"num_experts": 6, "top_k": 2, "d_ffn": 8, "d_low": 4},
-      "parallel": {"expert_parallel_size": 4}}, r"^moe\.num_experts: num_experts=6 is not divisible"),
-    ({"model": {"ffn": "moe"}}, r"^moe: model\.ffn is 'moe'"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"modle": {}}, r"^modle: unknown section"),
+        ({"model": {"d_modle": 3}}, r"^model\.d_modle: unknown key"),
+        ({"model": {"d_model": "big"}}, r"^model\.d_model: expected int"),
+        ({"model": {"d_model": 64, "n_heads": 5}}, r"^model\.n_heads:"),
+        ({"model": {"d_model": 64}, "moe": {"d_model": 32, "num_experts": 4}}, r"^moe\.d_model:"),
+        (
+            {
+                "model": {"d_model": 64},
+                "moe": {"num_experts": 6, "top_k": 2, "d_ffn": 8, "d_low": 4},
+                "parallel": {"expert_parallel_size": 4},
+            },
+            r"^moe\.num_experts: num_experts=6 is not divisible",
+        ),
+        ({"model": {"ffn": "moe"}}, r"^moe: model\.ffn is 'moe'"),
+    ],
+)
 def test_invalid_config_files_name_the_field(raw, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)

@@ -8,13 +8,16 @@ from aoe_ep import cpu_allocator
 from aoe_ep.cli import _runs_on_cpu, build_parser
 
 
-@pytest.mark.parametrize("argv, cpu", [
-    (["train", "--config", "tiny", "--set", "train.device=cpu"], True),
-    (["train", "--config", "tiny", "--set", "train.device=cuda"], False),
-    (["bench", "layer", "--device", "cpu"], True),
-    (["bench", "layer", "--device", "cuda"], False),
-    (["bench", "dispatch"], True),
-])
+@pytest.mark.parametrize(
+    "argv, cpu",
+    [
+        (["train", "--config", "tiny", "--set", "train.device=cpu"], True),
+        (["train", "--config", "tiny", "--set", "train.device=cuda"], False),
+        (["bench", "layer", "--device", "cpu"], True),
+        (["bench", "layer", "--device", "cuda"], False),
+        (["bench", "dispatch"], True),
+    ],
+)
 def test_only_cpu_runs_take_the_allocator(argv, cpu):
     assert _runs_on_cpu(build_parser().parse_args(argv)) is cpu
 

@@ -148,13 +148,19 @@ def test_config_keys_exist(page):
 def test_checkers_catch_broken_input(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "there.md").write_text("# A heading\n")
-    text = ("[ok](there.md) [ok](there.md#a-heading) [gone](missing.md) [bad anchor](there.md#nope)\n"
-            "```bash\naoe-ep train --config tiny\naoe-ep train --no-such-flag\naoe-ep frobnicate\n```\n"
-            "Mentions: `aoe-ep eval --json`, `aoe-ep eval --jsn`, `aoe-ep bench layer`, `aoe-ep bench lay`.\n"
-            "Set `moe.top_k` or `moe.top_kk`; `train.lr=0.1` is fine, `train.learning_rate=0.1` is not.\n")
+    text = (
+        "[ok](there.md) [ok](there.md#a-heading) [gone](missing.md) [bad anchor](there.md#nope)\n"
+        "```bash\naoe-ep train --config tiny\naoe-ep train --no-such-flag\naoe-ep frobnicate\n```\n"
+        "Mentions: `aoe-ep eval --json`, `aoe-ep eval --jsn`, `aoe-ep bench layer`, `aoe-ep bench lay`.\n"
+        "Set `moe.top_k` or `moe.top_kk`; `train.lr=0.1` is fine, `train.learning_rate=0.1` is not.\n"
+    )
     assert broken_links(page, text) == ["missing.md", "there.md#nope"]
-    assert unparsable_commands(text) == ["aoe-ep train --no-such-flag", "aoe-ep frobnicate", "aoe-ep eval --jsn",
-                                         "aoe-ep bench lay"]
+    assert unparsable_commands(text) == [
+        "aoe-ep train --no-such-flag",
+        "aoe-ep frobnicate",
+        "aoe-ep eval --jsn",
+        "aoe-ep bench lay",
+    ]
     assert unknown_config_keys(text) == ["moe.top_kk", "train.learning_rate"]
 
 
@@ -165,10 +171,22 @@ def test_every_logged_key_is_documented(tmp_path):
     from aoe_ep.config import load_config
     from aoe_ep.train.trainer import train
 
-    cfg = load_config("tiny", ["train.max_steps=4", "train.warmup_steps=1", "train.log_interval=2",
-                               "train.eval_interval=4", "train.save_interval=100", "train.device=cpu",
-                               "train.global_batch_tokens=512", "train.micro_batch_size=4", "data.seq_len=64",
-                               "moe.balance=bias", f"train.out_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "train.log_interval=2",
+            "train.eval_interval=4",
+            "train.save_interval=100",
+            "train.device=cpu",
+            "train.global_batch_tokens=512",
+            "train.micro_batch_size=4",
+            "data.seq_len=64",
+            "moe.balance=bias",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     train(cfg)
     keys = set()
     for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines():

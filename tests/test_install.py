@@ -51,8 +51,9 @@ def _env(**extra: str) -> dict:
 
 
 def _run(cmd: list, cwd: Path, env: dict) -> str:
-    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, check=False,
-                          timeout=HANG_GUARD_S)
+    done = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=HANG_GUARD_S
+    )
     assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -82,8 +83,23 @@ def _source_configs() -> set[str]:
 def test_wheel_installed_in_a_fresh_venv_runs_from_an_empty_folder(source, tmp_path, capsys):
     dist, empty = tmp_path / "dist", tmp_path / "empty"
     empty.mkdir()
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-          "-w", dist, source], tmp_path, _env())
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            dist,
+            source,
+        ],
+        tmp_path,
+        _env(),
+    )
     (wheel,) = dist.glob("aoe_ep-*.whl")
     assert wheel.name.startswith(f"aoe_ep-{aoe_ep.__version__}-")
     with zipfile.ZipFile(wheel) as zf:
@@ -92,8 +108,9 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_an_empty_folder(source, tmp_p
     assert {"aoe_ep/cli.py", "aoe_ep/moe/layer.py", "aoe_ep/bench/layer.py"} <= set(names)
 
     python = _venv(tmp_path / "venv")
-    _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel],
-         tmp_path, _env())
+    _run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], tmp_path, _env()
+    )
     installed = Path(_run([python, "-c", "import aoe_ep; print(aoe_ep.__file__)"], empty, _env()).strip())
     assert installed.resolve().is_relative_to((tmp_path / "venv").resolve()), installed
     exe = tmp_path / "venv" / "bin" / "aoe-ep"
@@ -103,11 +120,24 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_an_empty_folder(source, tmp_p
     assert cli.main(["params", "tiny"]) == 0
     assert _run([exe, "params", "tiny"], empty, _env()) == capsys.readouterr().out
 
-    settings = ["train.device=cpu", "train.max_steps=2", "train.global_batch_tokens=512", "train.micro_batch_size=4",
-                "train.warmup_steps=1", "train.log_interval=1", "train.eval_interval=1000", "train.eval_steps=1",
-                "train.save_interval=1000", "data.default_corpus_max_bytes=400000", "data.split=80,20,0"]
-    _run([exe, "train", "--config", "tiny", *[a for s in settings for a in ("--set", s)]], empty,
-         _env(OMP_NUM_THREADS="1"))
+    settings = [
+        "train.device=cpu",
+        "train.max_steps=2",
+        "train.global_batch_tokens=512",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=1",
+        "train.log_interval=1",
+        "train.eval_interval=1000",
+        "train.eval_steps=1",
+        "train.save_interval=1000",
+        "data.default_corpus_max_bytes=400000",
+        "data.split=80,20,0",
+    ]
+    _run(
+        [exe, "train", "--config", "tiny", *[a for s in settings for a in ("--set", s)]],
+        empty,
+        _env(OMP_NUM_THREADS="1"),
+    )
     run_dir = empty / "runs" / "tiny"
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     trained = [r for r in records if "train/loss" in r]
@@ -116,8 +146,10 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_an_empty_folder(source, tmp_p
     assert (run_dir / "checkpoints" / "step_00000002").is_dir()
 
 
-LOOKUP = ("import aoe_ep; from aoe_ep.config import resolve_config_path as find; print(aoe_ep.__file__); "
-          "print(find('tiny').resolve()); print(find('bench/layer').resolve())")
+LOOKUP = (
+    "import aoe_ep; from aoe_ep.config import resolve_config_path as find; print(aoe_ep.__file__); "
+    "print(find('tiny').resolve()); print(find('bench/layer').resolve())"
+)
 
 
 def _check_lookup(out: str, src: Path) -> None:
@@ -131,7 +163,10 @@ def test_editable_install_and_plain_checkout_find_the_presets_in_their_source(so
     empty = tmp_path / "empty"
     empty.mkdir()
     python = _venv(tmp_path / "venv")
-    _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-e", source],
-         tmp_path, _env())
+    _run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-e", source],
+        tmp_path,
+        _env(),
+    )
     _check_lookup(_run([python, "-c", LOOKUP], empty, _env()), source)
     _check_lookup(_run([sys.executable, "-c", LOOKUP], empty, _env(PYTHONPATH=str(source))), source)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from aoe_ep.train.run_log import RunLog
 from aoe_ep.config import ConfigError, config_from_dict
 from aoe_ep.parallel.comm_model import bytes_from_pairs
 from aoe_ep.plan.activations import routed_rows
 from aoe_ep.plan.layout import ep_layer_bytes
 from aoe_ep.plan.routing import routing_model
 from aoe_ep.train.batches import plan_batches
+from aoe_ep.train.run_log import RunLog
 
 
 def _element_bytes(run: RunLog, cfg) -> int:
@@ -54,13 +54,22 @@ def expected_bytes_per_step(run: RunLog) -> dict[str, dict[str, float]]:
     device_loads = run.layer_series("device_load")
     if moe.dispatcher == "alltoall" and device_loads:
         total: dict[str, float] = {}
-        for steps, values in device_loads.values():
+        for _steps, values in device_loads.values():
             load_q = np.mean(np.asarray(values, dtype=float), axis=0)
             pairs = [[tokens * rows_per_token * float(x) for x in load_q] for _ in range(ep)]
-            layer = bytes_from_pairs("alltoall", pairs, [tokens] * ep, 0, moe.num_experts, moe.d_model, moe.d_low,
-                                     elem, aoe_cache=moe.scorer == "aoe",
-                                     expert_choice=moe.selection == "expert_choice",
-                                     rank_pairs=uniform_routing.rank_pairs(tokens, ep))  # rows: not logged
+            layer = bytes_from_pairs(
+                "alltoall",
+                pairs,
+                [tokens] * ep,
+                0,
+                moe.num_experts,
+                moe.d_model,
+                moe.d_low,
+                elem,
+                aoe_cache=moe.scorer == "aoe",
+                expert_choice=moe.selection == "expert_choice",
+                rank_pairs=uniform_routing.rank_pairs(tokens, ep),
+            )  # rows: not logged
             for k, v in layer.items():
                 total[k] = total.get(k, 0.0) + v * micro_batches
         out["model, logged device load"] = total

@@ -22,8 +22,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -86,18 +87,24 @@ def _experts_per_token(run: RunLog) -> Optional[float]:
     return float(k) if k and run.section("moe").get("selection", "top_k") == "top_k" else None
 
 
-SUMMARY_ROWS = (("final_loss", "final training loss", "{:.4f}"), ("final_valid_loss", "final validation loss",
-                "{:.4f}"), ("perplexity", "validation perplexity", "{:.3f}"),
-                ("idle_time_expert", "mean idle time per expert", "{:.4f}"),
-                ("idle_time_device", "mean idle time per device", "{:.4f}"), ("worst_layer", "worst layer", "{}"),
-                ("worst_layer_max_minus_min", "its mean max − min load", "{:.4f}"),
-                ("ent_load", "mean Ent_load (Eq. 7; layers, windows)", "{:.4f}"),
-                ("ent_conf", "mean Ent_conf (Eq. 8)", "{:.4f}"),
-                ("experts_per_token", "experts per token", "{:.2f}"),
-                ("erc_eps", "mean ERC ε", "{:.4f}"), ("threshold_density", "mean threshold density ρ", "{:.4f}"),
-                ("last_step", "last step", "{}"),
-                ("logged_steps", "logged windows", "{}"), ("scorer", "scorer", "{}"),
-                ("expert_parallel_size", "expert-parallel size", "{}"))
+SUMMARY_ROWS = (
+    ("final_loss", "final training loss", "{:.4f}"),
+    ("final_valid_loss", "final validation loss", "{:.4f}"),
+    ("perplexity", "validation perplexity", "{:.3f}"),
+    ("idle_time_expert", "mean idle time per expert", "{:.4f}"),
+    ("idle_time_device", "mean idle time per device", "{:.4f}"),
+    ("worst_layer", "worst layer", "{}"),
+    ("worst_layer_max_minus_min", "its mean max − min load", "{:.4f}"),
+    ("ent_load", "mean Ent_load (Eq. 7; layers, windows)", "{:.4f}"),
+    ("ent_conf", "mean Ent_conf (Eq. 8)", "{:.4f}"),
+    ("experts_per_token", "experts per token", "{:.2f}"),
+    ("erc_eps", "mean ERC ε", "{:.4f}"),
+    ("threshold_density", "mean threshold density ρ", "{:.4f}"),
+    ("last_step", "last step", "{}"),
+    ("logged_steps", "logged windows", "{}"),
+    ("scorer", "scorer", "{}"),
+    ("expert_parallel_size", "expert-parallel size", "{}"),
+)
 
 
 def _cell(value, fmt: str) -> str:
@@ -106,44 +113,66 @@ def _cell(value, fmt: str) -> str:
 
 def summary_table(summaries: Sequence[dict], names: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    rows = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_cell(s.get(key), fmt)}</td>" for s in summaries)
-                   + "</tr>" for key, label, fmt in SUMMARY_ROWS)
+    rows = "".join(
+        f"<tr><td>{label}</td>" + "".join(f"<td>{_cell(s.get(key), fmt)}</td>" for s in summaries) + "</tr>"
+        for key, label, fmt in SUMMARY_ROWS
+    )
     return f"<table><tr><th></th>{head}</tr>{rows}</table>"
 
 
-STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:1em auto;color:#222}"
-         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 10px;text-align:right}"
-         "td:first-child{text-align:left}figure{margin:2em 0}img{max-width:100%}figcaption{color:#444;"
-         "max-width:60em}.note{color:#a40}")
+STYLE = (
+    "body{font-family:sans-serif;max-width:1400px;margin:1em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 10px;text-align:right}"
+    "td:first-child{text-align:left}figure{margin:2em 0}img{max-width:100%}figcaption{color:#444;"
+    "max-width:60em}.note{color:#a40}"
+)
 
 
-def render_html(runs: Sequence[RunLog], summaries: Sequence[dict], figures: Sequence[figs.Figure],
-                skipped: Sequence[str]) -> str:
+def render_html(
+    runs: Sequence[RunLog], summaries: Sequence[dict], figures: Sequence[figs.Figure], skipped: Sequence[str]
+) -> str:
     names = [r.name for r in runs]
     notes = [f"{r.name}: {n}" for r in runs for n in r.notes] + list(skipped)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>aoe-ep report: {html.escape(names[0])}"
-             f"</title><style>{STYLE}</style></head><body>",
-             f"<h1>aoe-ep report: {html.escape(', '.join(names))}</h1>",
-             f"<p>{html.escape(', '.join(str(r.path) for r in runs))}; generated "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')} from the records logged so far.</p>",
-             summary_table(summaries, names)]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>aoe-ep report: {html.escape(names[0])}"
+        f"</title><style>{STYLE}</style></head><body>",
+        f"<h1>aoe-ep report: {html.escape(', '.join(names))}</h1>",
+        f"<p>{html.escape(', '.join(str(r.path) for r in runs))}; generated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} from the records logged so far.</p>",
+        summary_table(summaries, names),
+    ]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
     for f in figures:
-        parts.append(f"<figure><h2>{html.escape(f.title)}</h2><img src='{f.file}' alt='{html.escape(f.title)}'>"
-                     f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
+        parts.append(
+            f"<figure><h2>{html.escape(f.title)}</h2><img src='{f.file}' alt='{html.escape(f.title)}'>"
+            f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-FIGURES = (("loss", figs.loss_figure), ("load heatmaps", None), ("load over training", figs.load_over_training_figure),
-           ("device load", figs.device_load_figure), ("idle time", figs.idle_time_figure),
-           ("entropy", figs.entropy_figure), ("scores", figs.scores_figure), ("wait", figs.wait_figure),
-           ("bytes per collective", figs.comm_figure), ("diagnostics", figs.diagnostics_figure),
-           ("bias", figs.bias_figure))
+FIGURES = (
+    ("loss", figs.loss_figure),
+    ("load heatmaps", None),
+    ("load over training", figs.load_over_training_figure),
+    ("device load", figs.device_load_figure),
+    ("idle time", figs.idle_time_figure),
+    ("entropy", figs.entropy_figure),
+    ("scores", figs.scores_figure),
+    ("wait", figs.wait_figure),
+    ("bytes per collective", figs.comm_figure),
+    ("diagnostics", figs.diagnostics_figure),
+    ("bias", figs.bias_figure),
+)
 
 
-def write_report(run_dir: str | Path, out: Optional[str | Path] = None, compare: Sequence[str | Path] = (),
-                 steps: Optional[Sequence[int]] = None, progress: bool = True) -> dict:
+def write_report(
+    run_dir: str | Path,
+    out: Optional[str | Path] = None,
+    compare: Sequence[str | Path] = (),
+    steps: Optional[Sequence[int]] = None,
+    progress: bool = True,
+) -> dict:
     """Write report.html and its PNGs; returns the main run's summary (with "compare" when given) and "out"."""
     runs = [read_run(run_dir)] + [read_run(c) for c in compare]
     out_dir = Path(out) if out is not None else Path(run_dir) / "report"
@@ -171,8 +200,9 @@ def json_safe(value):
     return value
 
 
-def _write(runs: list[RunLog], out_dir: Path, compare: Sequence[str | Path], steps: Optional[Sequence[int]],
-           progress: bool) -> dict:
+def _write(
+    runs: list[RunLog], out_dir: Path, compare: Sequence[str | Path], steps: Optional[Sequence[int]], progress: bool
+) -> dict:
     summaries = [summarize(r) for r in runs]
     figures, skipped = [], []
     with tqdm(FIGURES, desc="report", unit="figure", disable=not progress, dynamic_ncols=True) as bar:

@@ -6,9 +6,10 @@ optional keys (AoE diagnostics, the balancing bias) work either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import matplotlib
 
@@ -25,8 +26,12 @@ LOAD_CMAP = "coolwarm"  # load × E from 0 (blue, idle) through 1 (white-grey, b
 PANEL_W, PANEL_H = 5.2, 2.4
 
 # Optional per-layer scalars other parts of the trainer may log, with their axis labels.
-DIAGNOSTICS = (("score_margin", "score margin K-th − (K+1)-th"), ("churn", "top-K churn (share of probe tokens)"),
-               ("dead_experts", "dead experts"), ("wasted_precompute", "wasted low-rank precompute (share)"))
+DIAGNOSTICS = (
+    ("score_margin", "score margin K-th − (K+1)-th"),
+    ("churn", "top-K churn (share of probe tokens)"),
+    ("dead_experts", "dead experts"),
+    ("wasted_precompute", "wasted low-rank precompute (share)"),
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,11 @@ class Figure:
 
 
 def score_label(scorer: Optional[str]) -> str:
-    return {"aoe": "mean activation norm ‖x·W_down‖", "router": "mean router logit",
-            "self_routing": "mean self-routing logit"}.get(scorer or "", "mean score")
+    return {
+        "aoe": "mean activation norm ‖x·W_down‖",
+        "router": "mean router logit",
+        "self_routing": "mean self-routing logit",
+    }.get(scorer or "", "mean score")
 
 
 def _save(fig, out_dir: Path, file: str) -> None:
@@ -47,8 +55,9 @@ def _save(fig, out_dir: Path, file: str) -> None:
 
 
 def _grid(rows: int, cols: int, sharey: bool | str = False):
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_W * cols, PANEL_H * rows), squeeze=False, sharey=sharey,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(PANEL_W * cols, PANEL_H * rows), squeeze=False, sharey=sharey, layout="constrained"
+    )
     return fig, axes
 
 
@@ -82,8 +91,11 @@ def loss_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, out_dir, "loss.png")
-    return Figure("loss.png", "Training and validation loss",
-                  "Training loss (mean over each logging window, solid) and validation loss (dashed), log scale.")
+    return Figure(
+        "loss.png",
+        "Training and validation loss",
+        "Training loss (mean over each logging window, solid) and validation loss (dashed), log scale.",
+    )
 
 
 def chosen_steps(run: RunLog, wanted: Optional[Sequence[int]]) -> list[int]:
@@ -133,14 +145,18 @@ def load_heatmaps_figure(runs: list[RunLog], out_dir: Path, steps: Optional[Sequ
             ax.set_yticks(range(matrix.shape[0]) if matrix.shape[0] <= 16 else ax.get_yticks()[1:-1])
     fig.colorbar(image, ax=axes, label="load × E (1 = uniform)", shrink=0.8)
     _save(fig, out_dir, "load_heatmaps.png")
-    return Figure("load_heatmaps.png", "Load per layer and expert at chosen steps",
-                  "Share of the routed (token, expert) rows each expert took in the logging window ending at that "
-                  "step, times the number of experts: 1 (grey) is a perfectly balanced expert, 0 (blue) an idle "
-                  "one, 2 or more (red) twice its share.")
+    return Figure(
+        "load_heatmaps.png",
+        "Load per layer and expert at chosen steps",
+        "Share of the routed (token, expert) rows each expert took in the logging window ending at that "
+        "step, times the number of experts: 1 (grey) is a perfectly balanced expert, 0 (blue) an idle "
+        "one, 2 or more (red) twice its share.",
+    )
 
 
-def _layer_grid(runs: list[RunLog], metric: str, draw: Callable, out_dir: Path, file: str,
-                sharey: bool | str = "row") -> bool:
+def _layer_grid(
+    runs: list[RunLog], metric: str, draw: Callable, out_dir: Path, file: str, sharey: bool | str = "row"
+) -> bool:
     """One row per layer, one column per run that logged `metric`; `draw(ax, run, steps, values)` fills a panel."""
     logged = [(r, series) for r in runs if (series := r.layer_series(metric))]
     if not logged:
@@ -162,8 +178,9 @@ def _layer_grid(runs: list[RunLog], metric: str, draw: Callable, out_dir: Path, 
     return True
 
 
-def _heatmap_over_steps(ax, matrix_SE: np.ndarray, steps: Sequence[int], cmap: str, vmin: float, vmax: float,
-                        label: str, fig=None):
+def _heatmap_over_steps(
+    ax, matrix_SE: np.ndarray, steps: Sequence[int], cmap: str, vmin: float, vmax: float, label: str, fig=None
+):
     edges_x = _step_edges(steps)
     edges_y = np.arange(matrix_SE.shape[1] + 1) - 0.5
     mesh = ax.pcolormesh(edges_x, edges_y, matrix_SE.T, cmap=cmap, vmin=vmin, vmax=vmax, shading="flat")
@@ -179,9 +196,12 @@ def load_over_training_figure(runs: list[RunLog], out_dir: Path) -> Optional[Fig
 
     if not _layer_grid(runs, "load", draw, out_dir, "load_over_training.png", sharey=False):
         return None
-    return Figure("load_over_training.png", "Load per expert over training (AoE paper, Fig. 3)",
-                  "Per layer (rows) and run (columns): each expert's load × E in every logging window; a "
-                  "band that stays red is an expert that keeps more than its share, a blue one an expert left idle.")
+    return Figure(
+        "load_over_training.png",
+        "Load per expert over training (AoE paper, Fig. 3)",
+        "Per layer (rows) and run (columns): each expert's load × E in every logging window; a "
+        "band that stays red is an expert that keeps more than its share, a blue one an expert left idle.",
+    )
 
 
 def device_load_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
@@ -196,9 +216,12 @@ def device_load_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
 
     if not _layer_grid(runs, "device_load", draw, out_dir, "device_load.png"):
         return None
-    return Figure("device_load.png", "Load per device over training",
-                  "Share of each layer's routed rows that each expert-parallel rank computed (dotted: the even "
-                  "share 1/EP). Only runs with EP > 1 log it.")
+    return Figure(
+        "device_load.png",
+        "Load per device over training",
+        "Share of each layer's routed rows that each expert-parallel rank computed (dotted: the even "
+        "share 1/EP). Only runs with EP > 1 log it.",
+    )
 
 
 def idle_time_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
@@ -217,13 +240,21 @@ def idle_time_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, out_dir, "idle_time.png")
-    return Figure("idle_time.png", "Idle-time metric per expert and per device",
-                  "The paper's idle time: per layer max − min of the load, summed over layers; per device it sums "
-                  "the experts each rank holds first (0 at EP = 1).")
+    return Figure(
+        "idle_time.png",
+        "Idle-time metric per expert and per device",
+        "The paper's idle time: per layer max − min of the load, summed over layers; per device it sums "
+        "the experts each rank holds first (0 at EP = 1).",
+    )
 
 
-def _lines_per_layer(runs: list[RunLog], metrics: Sequence[tuple[str, str]], out_dir: Path, file: str,
-                     reference: Optional[Callable[[RunLog, str], Optional[float]]] = None) -> bool:
+def _lines_per_layer(
+    runs: list[RunLog],
+    metrics: Sequence[tuple[str, str]],
+    out_dir: Path,
+    file: str,
+    reference: Optional[Callable[[RunLog, str], Optional[float]]] = None,
+) -> bool:
     present = [(m, label) for m, label in metrics if any(r.layer_series(m) for r in runs)]
     if not present:
         return False
@@ -236,8 +267,12 @@ def _lines_per_layer(runs: list[RunLog], metrics: Sequence[tuple[str, str]], out
             if not series:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="0.5")
             for layer, (steps, values) in series.items():
-                ax.plot(steps, values, color=plt.cm.viridis(0.85 * layer / max(1, len(run.layers()) - 1)),
-                        label=f"layer {layer}")
+                ax.plot(
+                    steps,
+                    values,
+                    color=plt.cm.viridis(0.85 * layer / max(1, len(run.layers()) - 1)),
+                    label=f"layer {layer}",
+                )
             ref = reference(run, metric) if reference else None
             if ref is not None:
                 ax.axhline(ref, color="k", ls=":", lw=0.8)
@@ -257,12 +292,16 @@ def entropy_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
         n = run.section("moe").get("num_experts")
         return math.log(n) if n else None
 
-    if not _lines_per_layer(runs, (("ent_load", "Ent_load (Eq. 7)"), ("ent_conf", "Ent_conf (Eq. 8)")), out_dir,
-                            "entropy.png", maximum):
+    if not _lines_per_layer(
+        runs, (("ent_load", "Ent_load (Eq. 7)"), ("ent_conf", "Ent_conf (Eq. 8)")), out_dir, "entropy.png", maximum
+    ):
         return None
-    return Figure("entropy.png", "Ent_load and Ent_conf per layer",
-                  "Ent_load: entropy of the load over experts (dotted: ln E, a perfectly even load). Ent_conf: mean "
-                  "per-token entropy of the softmaxed scores; lower is a more confident selection.")
+    return Figure(
+        "entropy.png",
+        "Ent_load and Ent_conf per layer",
+        "Ent_load: entropy of the load over experts (dotted: ln E, a perfectly even load). Ent_conf: mean "
+        "per-token entropy of the softmaxed scores; lower is a more confident selection.",
+    )
 
 
 def scores_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
@@ -279,9 +318,12 @@ def scores_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
     if not _layer_grid(runs, "score_mean", draw, out_dir, "scores.png", sharey=False):
         return None
     labels = sorted({score_label(r.scorer) for r in runs})
-    return Figure("scores.png", "Score dynamics per expert (AoE paper, Fig. 4)",
-                  f"Per layer, each expert's {' / '.join(labels)} over all tokens of each logging window. For AoE it "
-                  "is the norm that ranks the experts; for a router MoE the router's logits.")
+    return Figure(
+        "scores.png",
+        "Score dynamics per expert (AoE paper, Fig. 4)",
+        f"Per layer, each expert's {' / '.join(labels)} over all tokens of each logging window. For AoE it "
+        "is the norm that ranks the experts; for a router MoE the router's logits.",
+    )
 
 
 def _predicted_expert_max(run: RunLog, step: int, expert_min: float) -> Optional[float]:
@@ -311,8 +353,9 @@ def wait_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
         ax.plot(steps, cmax, "C1-", label="combine s, max")
         ax.plot(steps, cmin, "C1:", label="combine s, min")
         if any(p is not None for p in predicted):
-            ax.plot(steps, [np.nan if p is None else p for p in predicted], "C3--",
-                    label="expert s, max predicted by load")
+            ax.plot(
+                steps, [np.nan if p is None else p for p in predicted], "C3--", label="expert s, max predicted by load"
+            )
         ax.set_title(f"{run.name}: seconds per logged step, Σ layers", fontsize=9)
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3)
@@ -321,19 +364,26 @@ def wait_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
         ax.plot(steps, np.subtract(emax, emin), "C0-", label="measured expert max − min")
         ax.plot(steps, np.subtract(cmax, cmin), "C1-", label="measured combine max − min")
         if any(p is not None for p in predicted):
-            ax.plot(steps, [np.nan if p is None else p - lo for p, lo in zip(predicted, emin)], "C3--",
-                    label="predicted by load: min × (max/min device load − 1)")
+            ax.plot(
+                steps,
+                [np.nan if p is None else p - lo for p, lo in zip(predicted, emin)],
+                "C3--",
+                label="predicted by load: min × (max/min device load − 1)",
+            )
         ax.set_title(f"{run.name}: the wait", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save(fig, out_dir, "wait.png")
-    return Figure("wait.png", "Measured wait against what the load predicts",
-                  "Wall-clock seconds of the logged step in the experts and in the combine collective (where the "
-                  "faster ranks wait for the slowest), the max and min across ranks, summed over layers. The load's "
-                  "prediction scales the fastest rank's expert seconds by the ratio of the most to the least loaded "
-                  "device (EP > 1 only).")
+    return Figure(
+        "wait.png",
+        "Measured wait against what the load predicts",
+        "Wall-clock seconds of the logged step in the experts and in the combine collective (where the "
+        "faster ranks wait for the slowest), the max and min across ranks, summed over layers. The load's "
+        "prediction scales the fastest rank's expert seconds by the ratio of the most to the least loaded "
+        "device (EP > 1 only).",
+    )
 
 
 def comm_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
@@ -342,15 +392,21 @@ def comm_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
     if not runs_with:
         return None
     most = max(len({k for rec in r.records.values() for k in rec if k.startswith(prefix)}) for r in runs_with)
-    fig, axes = plt.subplots(1, len(runs_with), figsize=(max(PANEL_W, 0.9 * most + 1.5) * len(runs_with), 4.2),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(runs_with),
+        figsize=(max(PANEL_W, 0.9 * most + 1.5) * len(runs_with), 4.2),
+        squeeze=False,
+        layout="constrained",
+    )
     for col, run in enumerate(runs_with):
         ax = axes[0, col]
-        names = sorted({k[len(prefix):] for rec in run.records.values() for k in rec if k.startswith(prefix)})
+        names = sorted({k[len(prefix) :] for rec in run.records.values() for k in rec if k.startswith(prefix)})
         measured = [float(np.mean(run.series(prefix + n)[1])) for n in names]
         models = expected_bytes_per_step(run)
         bars = [("measured (mean over logs)", measured)] + [
-            (label, [values.get(n, 0.0) for n in names]) for label, values in models.items()]
+            (label, [values.get(n, 0.0) for n in names]) for label, values in models.items()
+        ]
         width = 0.8 / len(bars)
         x = np.arange(len(names))
         for j, (label, values) in enumerate(bars):
@@ -367,19 +423,25 @@ def comm_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, loc="best")
     _save(fig, out_dir, "comm.png")
-    return Figure("comm.png", "Bytes per collective against the communication model",
-                  "Bytes rank 0 sent per step in each MoE collective (dispatchers' counters, fwd and bwd) next to "
-                  "aoe_ep/parallel/comm_model.py evaluated for the run's config under uniform routing and, for "
-                  "alltoall, under the logged per-device load.")
+    return Figure(
+        "comm.png",
+        "Bytes per collective against the communication model",
+        "Bytes rank 0 sent per step in each MoE collective (dispatchers' counters, fwd and bwd) next to "
+        "aoe_ep/parallel/comm_model.py evaluated for the run's config under uniform routing and, for "
+        "alltoall, under the logged per-device load.",
+    )
 
 
 def diagnostics_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
     if not _lines_per_layer(runs, DIAGNOSTICS, out_dir, "diagnostics.png"):
         return None
-    return Figure("diagnostics.png", "AoE diagnostics per layer",
-                  "Margin between the K-th and (K+1)-th score (how decisive the selection is), top-K churn of a "
-                  "fixed probe batch since the previous log, experts without tokens, and the share of the low-rank "
-                  "precompute that unselected experts discard, where the run logged them.")
+    return Figure(
+        "diagnostics.png",
+        "AoE diagnostics per layer",
+        "Margin between the K-th and (K+1)-th score (how decisive the selection is), top-K churn of a "
+        "fixed probe batch since the previous log, experts without tokens, and the share of the low-rank "
+        "precompute that unselected experts discard, where the run logged them.",
+    )
 
 
 def bias_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
@@ -390,6 +452,9 @@ def bias_figure(runs: list[RunLog], out_dir: Path) -> Optional[Figure]:
 
     if not _layer_grid(runs, "bias", draw, out_dir, "bias.png", sharey=False):
         return None
-    return Figure("bias.png", "Balancing bias per expert over training",
-                  "The per-expert bias added to the scores for selection only (aux-loss-free balancing): red "
-                  "raises an under-loaded expert's chance, blue lowers an over-loaded one's.")
+    return Figure(
+        "bias.png",
+        "Balancing bias per expert over training",
+        "The per-expert bias added to the scores for selection only (aux-loss-free balancing): red "
+        "raises an under-loaded expert's chance, blue lowers an over-loaded one's.",
+    )

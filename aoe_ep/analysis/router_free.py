@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ class RouterFreeMoE(nn.Module):
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         experts = self.block.experts
         x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
-        w_gate_EFD, w_p_EFD = experts.gate_up_proj.chunk(2, dim=1)   # transformers stores [gate; up] rows
+        w_gate_EFD, w_p_EFD = experts.gate_up_proj.chunk(2, dim=1)  # transformers stores [gate; up] rows
         w_o_EDF = experts.down_proj
         act = experts.act_fn
         # every expert, up to the pause node (the later parts only for the chosen experts, below)
@@ -81,8 +82,11 @@ class RouterFreeMoE(nn.Module):
                 paused_TEX = torch.bmm(h_TEF.transpose(0, 1), w_o_EDF.transpose(1, 2)).transpose(0, 1)
         s_TE = activation_norm(paused_TEX, self.norm)
         chosen_TK = top_k_order(s_TE, self.top_k)
-        gates_TK = (torch.softmax(s_TE.gather(1, chosen_TK), dim=-1) if self.gate == "softmax"
-                    else torch.full(chosen_TK.shape, 1.0 / self.top_k, device=x_TD.device))
+        gates_TK = (
+            torch.softmax(s_TE.gather(1, chosen_TK), dim=-1)
+            if self.gate == "softmax"
+            else torch.full(chosen_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+        )
         with torch.no_grad():
             _, _, router_TK = self.block.gate(x_TD)
         self.tally.add(chosen_TK, router_TK, s_TE.shape[1])
@@ -114,8 +118,10 @@ def moe_blocks(model: nn.Module) -> list[tuple[nn.Module, str]]:
     for layer in model.model.layers:
         block = getattr(layer, "mlp", None)
         if block is None or not hasattr(block, "gate") or not hasattr(getattr(block, "experts", None), "gate_up_proj"):
-            raise ValueError("not a Mixtral-format MoE model (transformers >= 5 layout: layer.mlp.gate and "
-                             "layer.mlp.experts.gate_up_proj / down_proj)")
+            raise ValueError(
+                "not a Mixtral-format MoE model (transformers >= 5 layout: layer.mlp.gate and "
+                "layer.mlp.experts.gate_up_proj / down_proj)"
+            )
         found.append((layer, "mlp"))
     return found
 
@@ -141,9 +147,9 @@ class NodeResult:
     loss: float
     perplexity: float
     tokens: int
-    router_overlap: float                 # mean over layers and tokens of |chosen ∩ router top-K| / K
+    router_overlap: float  # mean over layers and tokens of |chosen ∩ router top-K| / K
     seconds: float
-    load: list[list[float]] = field(default_factory=list)   # per layer: share of selections per expert
+    load: list[list[float]] = field(default_factory=list)  # per layer: share of selections per expert
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -151,12 +157,19 @@ class NodeResult:
 
 def windows(ids: Sequence[int], seq_len: int) -> list[list[int]]:
     """Consecutive windows of seq_len + 1 tokens overlapping by one: every token after the first predicted once."""
-    return [list(ids[i:i + seq_len + 1]) for i in range(0, len(ids) - 1, seq_len)]
+    return [list(ids[i : i + seq_len + 1]) for i in range(0, len(ids) - 1, seq_len)]
 
 
 @torch.no_grad()
-def evaluate_node(model: nn.Module, ids: Sequence[int], node: str, norm: str = "l2", gate: str = "softmax",
-                  seq_len: int = 512, progress=None) -> NodeResult:
+def evaluate_node(
+    model: nn.Module,
+    ids: Sequence[int],
+    node: str,
+    norm: str = "l2",
+    gate: str = "softmax",
+    seq_len: int = 512,
+    progress=None,
+) -> NodeResult:
     """Perplexity of `model` on the token ids with experts chosen at `node` (routers restored afterwards)."""
     if node not in ALL_NODES:
         raise ValueError(f"node: {node!r} is not one of {', '.join(ALL_NODES)}")
@@ -185,8 +198,16 @@ def evaluate_node(model: nn.Module, ids: Sequence[int], node: str, norm: str = "
     overlap = sum(t.agreement for t in tallies) / max(1, sum(t.tokens for t in tallies))
     load = [(t.chosen_per_expert.double() / t.chosen_per_expert.sum()).tolist() for t in tallies]
     loss = total / max(1, count)
-    return NodeResult(node=node, norm=norm, loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count,
-                      router_overlap=overlap, seconds=seconds, load=load)
+    return NodeResult(
+        node=node,
+        norm=norm,
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        tokens=count,
+        router_overlap=overlap,
+        seconds=seconds,
+        load=load,
+    )
 
 
 def load_mixtral(hf_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -194,8 +215,9 @@ def load_mixtral(hf_dir: str | Path, device: str = "cpu", dtype: torch.dtype = t
     try:
         from transformers import MixtralForCausalLM
     except ImportError:
-        raise ValueError("router-free selection reads Mixtral checkpoints with transformers: "
-                         "pip install -e '.[eval]'") from None
+        raise ValueError(
+            "router-free selection reads Mixtral checkpoints with transformers: pip install -e '.[eval]'"
+        ) from None
     path = Path(hf_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
@@ -210,8 +232,11 @@ def read_text_ids(text_path: Optional[str], tokenizer, max_bytes: int) -> list[i
     if text_path is not None:
         path = Path(text_path)
         if not path.is_file():
-            raise ValueError(f"--text {text_path}: not a regular file (a device or pipe cannot be read as text)"
-                             if path.exists() else f"--text {text_path}: no such file")
+            raise ValueError(
+                f"--text {text_path}: not a regular file (a device or pipe cannot be read as text)"
+                if path.exists()
+                else f"--text {text_path}: no such file"
+            )
         text = path.read_bytes()[:max_bytes].decode("utf-8", errors="ignore")
     else:
         import sysconfig
@@ -220,7 +245,7 @@ def read_text_ids(text_path: Optional[str], tokenizer, max_bytes: int) -> list[i
 
         root = Path(sysconfig.get_paths()["stdlib"])
         parts, size = [], 0
-        for rel, _ in reversed(stdlib_sources(10 ** 12)):
+        for rel, _ in reversed(stdlib_sources(10**12)):
             parts.append((root / rel).read_bytes())
             size += len(parts[-1])
             if size >= max_bytes:

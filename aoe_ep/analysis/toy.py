@@ -40,7 +40,7 @@ class ToyConfig:
     d_ffn: int = 32
     d_low: int = 8
     stage1_steps: int = 300
-    stage2_steps: int = 600   # class 3 moves over to the idle AoE expert gradually (88-92% of it by 600 steps)
+    stage2_steps: int = 600  # class 3 moves over to the idle AoE expert gradually (88-92% of it by 600 steps)
     batch_per_class: int = 32
     eval_per_class: int = 256
     lr: float = 1e-2
@@ -76,8 +76,18 @@ def class_batch(cfg: ToyConfig, label: int, n: int, gen: torch.Generator) -> tor
 class ToyClassifier(nn.Module):
     def __init__(self, cfg: ToyConfig, scorer: str):
         super().__init__()
-        self.moe = MoELayer(MoEConfig(d_model=cfg.dim, num_experts=2, top_k=1, scorer=scorer, d_ffn=cfg.d_ffn,
-                                      d_low=cfg.d_low, gate="softmax_all", aux_loss_coeff=0.0))
+        self.moe = MoELayer(
+            MoEConfig(
+                d_model=cfg.dim,
+                num_experts=2,
+                top_k=1,
+                scorer=scorer,
+                d_ffn=cfg.d_ffn,
+                d_low=cfg.d_low,
+                gate="softmax_all",
+                aux_loss_coeff=0.0,
+            )
+        )
         self.head = nn.Linear(cfg.dim, 3)
 
     def forward(self, x_TD: torch.Tensor):
@@ -157,10 +167,14 @@ def describe(summary: dict) -> list[str]:
         name = "AoE" if scorer == "aoe" else "MoE"
         for stage, s in stages.items():
             n = 2 if stage == "stage1" else 3
-            assign = ", ".join(f"class {c + 1} -> expert {s['expert_of_class'][c]} "
-                               f"({max(s['load_per_class'][c]):.0%})" for c in range(n))
-            lines.append(f"{name} {stage}: {assign}; overall load {s['overall_load'][0]:.0%} / "
-                         f"{s['overall_load'][1]:.0%}; accuracy {s['accuracy']:.1%}")
+            assign = ", ".join(
+                f"class {c + 1} -> expert {s['expert_of_class'][c]} ({max(s['load_per_class'][c]):.0%})"
+                for c in range(n)
+            )
+            lines.append(
+                f"{name} {stage}: {assign}; overall load {s['overall_load'][0]:.0%} / "
+                f"{s['overall_load'][1]:.0%}; accuracy {s['accuracy']:.1%}"
+            )
     return lines
 
 
@@ -181,10 +195,15 @@ def plot(traces: dict[str, ToyTrace], out_dir: Path, stage_boundary: int) -> lis
                     ax.plot(trace.steps, [obs[c][0] for obs in trace.load], color=colors[c], label=f"class {c + 1}")
                 else:
                     for e, style in ((0, "-"), (1, "--")):
-                        ax.plot(trace.steps, [obs[c][e] for obs in trace.score], style, color=colors[c],
-                                label=f"class {c + 1}, expert {e}")
+                        ax.plot(
+                            trace.steps,
+                            [obs[c][e] for obs in trace.score],
+                            style,
+                            color=colors[c],
+                            label=f"class {c + 1}, expert {e}",
+                        )
             ax.axvline(stage_boundary, color="gray", linestyle=":", linewidth=1)
-            ax.set_title(("AoE (score: L2 norm of x·Wdown)" if scorer == "aoe" else "MoE (score: router logit)"))
+            ax.set_title("AoE (score: L2 norm of x·Wdown)" if scorer == "aoe" else "MoE (score: router logit)")
             ax.set_xlabel("step (stage two after the dotted line)")
             ax.set_ylabel(ylabel)
             if kind == "load":
@@ -201,12 +220,14 @@ def plot(traces: dict[str, ToyTrace], out_dir: Path, stage_boundary: int) -> lis
 def run_toy(out_dir: str | Path, cfg: Optional[ToyConfig] = None, progress: bool = True) -> dict:
     """Train both models, write toy_load.png, toy_score.png and toy.json to out_dir; returns the summary."""
     cfg = cfg or ToyConfig()
-    torch.set_num_threads(1)   # tensors of a few hundred elements: intra-op threads only cost here
+    torch.set_num_threads(1)  # tensors of a few hundred elements: intra-op threads only cost here
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     traces = {scorer: train_toy(cfg, scorer, progress=progress) for scorer in SCORERS}
     summary = summarize(traces)
     figures = plot(traces, out, cfg.stage1_steps)
-    (out / "toy.json").write_text(json.dumps({"config": cfg.__dict__, "summary": summary,
-                                              "traces": {k: v.__dict__ for k, v in traces.items()}}) + "\n")
+    (out / "toy.json").write_text(
+        json.dumps({"config": cfg.__dict__, "summary": summary, "traces": {k: v.__dict__ for k, v in traces.items()}})
+        + "\n"
+    )
     return {"summary": summary, "figures": [str(p) for p in figures], "json": str(out / "toy.json")}

@@ -60,7 +60,7 @@ def _measure(rank: int, world: int, layer_kwargs: dict, tokens: int, iters: int,
         expert = [0.0] * len(contenders)
         combine = [0.0] * len(contenders)
         for _ in range(rounds):
-            for i, (layer, step) in enumerate(steps):
+            for i, (_layer, step) in enumerate(steps):
                 dist.barrier()
                 start = time.perf_counter()
                 for _ in range(iters):
@@ -71,11 +71,20 @@ def _measure(rank: int, world: int, layer_kwargs: dict, tokens: int, iters: int,
                 seconds[i].append((time.perf_counter() - start) / iters)
         for i, ((dispatcher, route), (layer, _)) in enumerate(zip(contenders, steps)):
             counter, n = layer.dispatcher.counter, iters * rounds
-            rows.append({"scorer": scorer, "dispatcher": dispatcher, "route": route, "ep": world,
-                         "round_seconds": seconds[i], "seconds": statistics.median(seconds[i]),
-                         "expert_seconds": expert[i] / n, "combine_seconds": combine[i] / n,
-                         "fwd_bytes_per_token": counter.total("fwd") / n / tokens,
-                         "bwd_bytes_per_token": counter.total("bwd") / n / tokens})
+            rows.append(
+                {
+                    "scorer": scorer,
+                    "dispatcher": dispatcher,
+                    "route": route,
+                    "ep": world,
+                    "round_seconds": seconds[i],
+                    "seconds": statistics.median(seconds[i]),
+                    "expert_seconds": expert[i] / n,
+                    "combine_seconds": combine[i] / n,
+                    "fwd_bytes_per_token": counter.total("fwd") / n / tokens,
+                    "bwd_bytes_per_token": counter.total("bwd") / n / tokens,
+                }
+            )
         if world == 1:
             rows += [dict(rows[-1], dispatcher=d, route=r) for d, r in CONTENDERS[1:]]
     return rows
@@ -94,8 +103,9 @@ def _cases(spec: dict) -> dict[str, dict]:
     return out
 
 
-def main(spec_path: Optional[str], tokens: Optional[int], iters: int, ep_sizes: Optional[list[int]],
-         out: Optional[str]) -> list[dict]:
+def main(
+    spec_path: Optional[str], tokens: Optional[int], iters: int, ep_sizes: Optional[list[int]], out: Optional[str]
+) -> list[dict]:
     """Run every case of the spec (`tokens` and `ep_sizes`, when given, replace each case's own); `rounds` comes
     from the spec (default 1)."""
     from aoe_ep.parallel.comm_model import expected_bytes_per_token
@@ -113,15 +123,26 @@ def main(spec_path: Optional[str], tokens: Optional[int], iters: int, ep_sizes: 
             for i, row in enumerate(per_rank[0]):
                 same = [r[i] for r in per_rank]
                 round_seconds = [max(r["round_seconds"][k] for r in same) for k in range(rounds)]
-                row = dict(row, case=name, round_seconds=round_seconds, seconds=statistics.median(round_seconds),
-                           expert_spread=max(r["expert_seconds"] for r in same) - min(r["expert_seconds"] for r in same),
-                           combine_spread=max(r["combine_seconds"] for r in same)
-                           - min(r["combine_seconds"] for r in same),
-                           fwd_bytes_per_token=sum(r["fwd_bytes_per_token"] for r in same) / ep,
-                           bwd_bytes_per_token=sum(r["bwd_bytes_per_token"] for r in same) / ep)
+                row = dict(
+                    row,
+                    case=name,
+                    round_seconds=round_seconds,
+                    seconds=statistics.median(round_seconds),
+                    expert_spread=max(r["expert_seconds"] for r in same) - min(r["expert_seconds"] for r in same),
+                    combine_spread=max(r["combine_seconds"] for r in same) - min(r["combine_seconds"] for r in same),
+                    fwd_bytes_per_token=sum(r["fwd_bytes_per_token"] for r in same) / ep,
+                    bwd_bytes_per_token=sum(r["bwd_bytes_per_token"] for r in same) / ep,
+                )
                 row["model_bytes_per_token"] = expected_bytes_per_token(
-                    row["dispatcher"], layer_kwargs["d_model"], layer_kwargs["d_low"], layer_kwargs["num_experts"],
-                    layer_kwargs["top_k"], ep, aoe_cache=row["scorer"] == "aoe", combine=row["route"] or "rank")["fwd"]
+                    row["dispatcher"],
+                    layer_kwargs["d_model"],
+                    layer_kwargs["d_low"],
+                    layer_kwargs["num_experts"],
+                    layer_kwargs["top_k"],
+                    ep,
+                    aoe_cache=row["scorer"] == "aoe",
+                    combine=row["route"] or "rank",
+                )["fwd"]
                 case_results.append(row)
         text.append(format_results(case_results, layer_kwargs, case_tokens, name))
         results += case_results
@@ -142,24 +163,30 @@ def _paired(a: dict, b: dict) -> float:
 
 def format_results(results: list[dict], layer: dict, tokens: int, name: str = "main") -> str:
     rounds = len(results[0]["round_seconds"]) if results else 0
-    lines = [f"dispatch benchmark, case {name}: d={layer['d_model']} d_ffn={layer['d_ffn']} d_low={layer['d_low']} "
-             f"n={layer['num_experts']} K={layer['top_k']}, {tokens} tokens per rank, forward+backward, gloo, "
-             f"{rounds} round(s)",
-             f"{'scorer':<8}{'EP':>3} {'dispatcher':<15}{'fwd B/tok':>11}{'model':>9}{'bwd B/tok':>11}"
-             f"{'ms/step':>9}{'expert ms':>10}{'combine ms':>11}{'spread ms':>10}"]
+    lines = [
+        f"dispatch benchmark, case {name}: d={layer['d_model']} d_ffn={layer['d_ffn']} d_low={layer['d_low']} "
+        f"n={layer['num_experts']} K={layer['top_k']}, {tokens} tokens per rank, forward+backward, gloo, "
+        f"{rounds} round(s)",
+        f"{'scorer':<8}{'EP':>3} {'dispatcher':<15}{'fwd B/tok':>11}{'model':>9}{'bwd B/tok':>11}"
+        f"{'ms/step':>9}{'expert ms':>10}{'combine ms':>11}{'spread ms':>10}",
+    ]
     for r in results:
-        lines.append(f"{r['scorer']:<8}{r['ep']:>3} {_label(r):<15}{r['fwd_bytes_per_token']:>11.1f}"
-                     f"{r['model_bytes_per_token']:>9.1f}{r['bwd_bytes_per_token']:>11.1f}{r['seconds'] * 1e3:>9.1f}"
-                     f"{r['expert_seconds'] * 1e3:>10.1f}{r['combine_seconds'] * 1e3:>11.1f}"
-                     f"{r['combine_spread'] * 1e3:>10.1f}")
+        lines.append(
+            f"{r['scorer']:<8}{r['ep']:>3} {_label(r):<15}{r['fwd_bytes_per_token']:>11.1f}"
+            f"{r['model_bytes_per_token']:>9.1f}{r['bwd_bytes_per_token']:>11.1f}{r['seconds'] * 1e3:>9.1f}"
+            f"{r['expert_seconds'] * 1e3:>10.1f}{r['combine_seconds'] * 1e3:>11.1f}"
+            f"{r['combine_spread'] * 1e3:>10.1f}"
+        )
     lines.append("ratios (bytes fwd; time: median of the per-round ratios):")
     for scorer in SCORERS:
         for ep in sorted({r["ep"] for r in results if r["ep"] > 1}):
             by = {(r["dispatcher"], r["route"]): r for r in results if r["scorer"] == scorer and r["ep"] == ep}
             gather, rank, pair = by[("allgather", None)], by[("alltoall", "rank")], by[("alltoall", "pair")]
-            lines.append(f"  {scorer:<7} EP={ep}: allgather / alltoall bytes "
-                         f"{gather['fwd_bytes_per_token'] / rank['fwd_bytes_per_token']:.2f}, time "
-                         f"{_paired(gather, rank):.2f}; alltoall rank / pair bytes "
-                         f"{rank['fwd_bytes_per_token'] / pair['fwd_bytes_per_token']:.2f}, time "
-                         f"{_paired(rank, pair):.2f}")
+            lines.append(
+                f"  {scorer:<7} EP={ep}: allgather / alltoall bytes "
+                f"{gather['fwd_bytes_per_token'] / rank['fwd_bytes_per_token']:.2f}, time "
+                f"{_paired(gather, rank):.2f}; alltoall rank / pair bytes "
+                f"{rank['fwd_bytes_per_token'] / pair['fwd_bytes_per_token']:.2f}, time "
+                f"{_paired(rank, pair):.2f}"
+            )
     return "\n".join(lines)

@@ -38,8 +38,12 @@ def _pytest(out: Path, timeout: float) -> dict:
     if not (ROOT / "tests" / "gpu").is_dir():
         return {"skipped": "no tests/gpu next to this aoe_ep (an installed wheel): run from a source checkout"}
     xml = out / "gpu_tests.xml"
-    rc, seconds = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu",
-                        f"--junitxml={xml}"], timeout, out / "gpu_tests.log", cwd=ROOT)
+    rc, seconds = _run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu", f"--junitxml={xml}"],
+        timeout,
+        out / "gpu_tests.log",
+        cwd=ROOT,
+    )
     result = {"rc": rc, "seconds": seconds}
     if xml.exists():
         import xml.etree.ElementTree as ET
@@ -52,25 +56,55 @@ def _pytest(out: Path, timeout: float) -> dict:
 
 def _bench(out: Path, device: str, dtype: str, timeout: float, cases: str) -> dict:
     path = out / "bench_layer.json"
-    cmd = [sys.executable, "-m", "aoe_ep.cli", "bench", "layer", "--device", device, "--dtype", dtype,
-           "--cases", cases, "--out", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aoe_ep.cli",
+        "bench",
+        "layer",
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--cases",
+        cases,
+        "--out",
+        str(path),
+    ]
     if device == "cpu":
         cmd += ["--tokens", "64", "--iters", "1", "--rounds", "1"]
     rc, seconds = _run(cmd, timeout, out / "bench_layer.log")
     result = {"rc": rc, "seconds": seconds}
     if path.exists():
-        result["cases"] = [{"case": r["case"]["name"], "tokens_per_s": r["tokens_per_s"],
-                            "ratios": {q["pair"]: [q["measured"], q["bound"]] for q in r["ratios"]},
-                            "peak_bytes": {k: v.get("peak_bytes") for k, v in r["memory"].items()}}
-                           for r in json.loads(path.read_text())]
+        result["cases"] = [
+            {
+                "case": r["case"]["name"],
+                "tokens_per_s": r["tokens_per_s"],
+                "ratios": {q["pair"]: [q["measured"], q["bound"]] for q in r["ratios"]},
+                "peak_bytes": {k: v.get("peak_bytes") for k, v in r["memory"].items()},
+            }
+            for r in json.loads(path.read_text())
+        ]
     return result
 
 
 def _train(out: Path, name: str, config: str, overrides: list[str], timeout: float) -> dict:
     run_dir = out / f"run_{name}"
-    cmd = [sys.executable, "-m", "aoe_ep.cli", "train", "--config", config,
-           "--set", f"train.out_dir={run_dir}", "--set", "train.eval_interval=100000", "--set", "train.save_interval=100000",
-           *[a for o in overrides for a in ("--set", o)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aoe_ep.cli",
+        "train",
+        "--config",
+        config,
+        "--set",
+        f"train.out_dir={run_dir}",
+        "--set",
+        "train.eval_interval=100000",
+        "--set",
+        "train.save_interval=100000",
+        *[a for o in overrides for a in ("--set", o)],
+    ]
     rc, seconds = _run(cmd, timeout, out / f"train_{name}.log")
     result = {"rc": rc, "seconds": seconds}
     log = run_dir / "log.jsonl"
@@ -79,8 +113,13 @@ def _train(out: Path, name: str, config: str, overrides: list[str], timeout: flo
         timed = [r for r in records if "perf/tokens_per_s" in r][1:] or records  # the first window compiles/warms
         if timed:
             last = timed[-1]
-            result.update({k.split("/")[-1]: last[k] for k in ("perf/tokens_per_s", "perf/mfu", "perf/peak_memory_gib",
-                                                                "train/loss") if k in last})
+            result.update(
+                {
+                    k.split("/")[-1]: last[k]
+                    for k in ("perf/tokens_per_s", "perf/mfu", "perf/peak_memory_gib", "train/loss")
+                    if k in last
+                }
+            )
     return result
 
 
@@ -102,20 +141,35 @@ def main(argv: list[str] | None = None) -> int:
 
     results["tests"] = _pytest(out, 150) if cuda else {"skipped": "cpu"}
     save()
-    results["bench_layer"] = _bench(out, args.device, dtype, 120 if cuda else 300,
-                                    str(CONFIGS_DIR / "bench" / ("gpu.yaml" if cuda else "layer.yaml")))
+    results["bench_layer"] = _bench(
+        out,
+        args.device,
+        dtype,
+        120 if cuda else 300,
+        str(CONFIGS_DIR / "bench" / ("gpu.yaml" if cuda else "layer.yaml")),
+    )
     save()
     common = [f"train.device={args.device}", f"train.precision={'bf16' if cuda else 'fp32'}", "train.log_interval=5"]
     tiny_steps = 60 if cuda else 30
     results["train_tiny"] = _train(out, "tiny", "tiny", common + [f"train.max_steps={tiny_steps}"], 90)
     save()
-    slice_ = ["model.n_layers=4", "train.max_steps=15" if cuda else "train.max_steps=4",
-              "train.global_batch_tokens=16384" if cuda else "train.global_batch_tokens=512",
-              "train.micro_batch_size=8" if cuda else "train.micro_batch_size=2",
-              "data.seq_len=2048" if cuda else "data.seq_len=64", "train.warmup_steps=2"]
+    slice_ = [
+        "model.n_layers=4",
+        "train.max_steps=15" if cuda else "train.max_steps=4",
+        "train.global_batch_tokens=16384" if cuda else "train.global_batch_tokens=512",
+        "train.micro_batch_size=8" if cuda else "train.micro_batch_size=2",
+        "data.seq_len=2048" if cuda else "data.seq_len=64",
+        "train.warmup_steps=2",
+    ]
     if not cuda:
-        slice_ += ["model.d_model=64", "model.n_heads=4", "moe.d_ffn=64", "moe.d_low=16", "model.max_seq_len=64",
-                   "model.vocab_size=300"]
+        slice_ += [
+            "model.d_model=64",
+            "model.n_heads=4",
+            "moe.d_ffn=64",
+            "moe.d_low=16",
+            "model.max_seq_len=64",
+            "model.vocab_size=300",
+        ]
     for name, preset in (("aoe_732m_4layers", "paper/aoe_732m"), ("moe_732m_4layers", "paper/moe_732m")):
         results[f"train_{name}"] = _train(out, name, preset, common + slice_, 100)
         save()
@@ -135,8 +189,13 @@ def print_table(results: dict) -> None:
     rows = []
     t = results.get("tests", {})
     if "tests" in t:
-        rows.append(("gpu tests", f"{t['tests'] - t['failures'] - t['errors'] - t['skipped']} passed, "
-                                  f"{t['failures'] + t['errors']} failed, {t['skipped']} skipped ({t['seconds']:.0f} s)"))
+        rows.append(
+            (
+                "gpu tests",
+                f"{t['tests'] - t['failures'] - t['errors'] - t['skipped']} passed, "
+                f"{t['failures'] + t['errors']} failed, {t['skipped']} skipped ({t['seconds']:.0f} s)",
+            )
+        )
     for case in results.get("bench_layer", {}).get("cases", []):
         ratios = case["ratios"]
         picks = [p for p in ("aoe/moe", "moe/dense", "moe/experts", "aoe/loop_reference") if p in ratios]
@@ -150,8 +209,9 @@ def print_table(results: dict) -> None:
             rows.append((key[6:], f"rc {r.get('rc')} (see its log)"))
     m = results.get("megatron_moe", {})
     if "aoe_ep/megatron" in m:
-        rows.append(("vs megatron MoELayer", f"aoe-ep/megatron speed {m['aoe_ep/megatron']:.2f} "
-                                             f"({m.get('megatron_experts')})"))
+        rows.append(
+            ("vs megatron MoELayer", f"aoe-ep/megatron speed {m['aoe_ep/megatron']:.2f} ({m.get('megatron_experts')})")
+        )
     elif m:
         rows.append(("vs megatron MoELayer", m.get("megatron_error") or m.get("error", "?")))
     width = max((len(a) for a, _ in rows), default=10)

@@ -27,9 +27,10 @@ import dataclasses
 import json
 import platform
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -80,8 +81,14 @@ class ExpertsOnly(torch.nn.Module):
 
 
 def _layer_cfgs(case: dict) -> tuple[MoEConfig, MoEConfig]:
-    common = dict(d_model=case["d_model"], num_experts=case["num_experts"], top_k=case["top_k"], d_ffn=case["d_ffn"],
-                  d_low=case["d_low"], aux_loss_coeff=case.get("aux_loss_coeff", 0.01))
+    common = dict(
+        d_model=case["d_model"],
+        num_experts=case["num_experts"],
+        top_k=case["top_k"],
+        d_ffn=case["d_ffn"],
+        d_low=case["d_low"],
+        aux_loss_coeff=case.get("aux_loss_coeff", 0.01),
+    )
     return MoEConfig(scorer="router", **common), MoEConfig(scorer="aoe", **common)
 
 
@@ -110,19 +117,24 @@ def contenders(case: dict, tokens: int, device: torch.device, dtype: torch.dtype
     auto = choose_kernel("auto", device, dtype, widths=(case["d_model"],), rows_per_group=tokens * k / n)
     other = "loop" if auto == "grouped" else "grouped"
     repeat = lambda x: x.repeat(k, 1)  # noqa: E731
-    out = [Contender("moe", moe, moe_flops(moe_cfg)),
-           Contender("aoe", MoELayer(aoe_cfg), moe_flops(aoe_cfg)),
-           Contender("aoe_recompute", MoELayer(dataclasses.replace(aoe_cfg, aoe_cache="recompute")),
-                     recompute_flops(aoe_cfg)),
-           Contender("dense", DenseSwiGLU(case["d_model"], dense_width), dense_flops(case["d_model"], dense_width)),
-           Contender("experts", ExpertsOnly(MoELayer(moe_cfg).experts, n), expert_flops, repeat),
-           Contender(f"experts_{other}", ExpertsOnly(MoELayer(moe_cfg).experts, n, other), expert_flops, repeat),
-           Contender("loop_reference", LoopAoE(aoe_cfg), moe_flops(aoe_cfg)),
-           Contender("moe_erc", MoELayer(erc_cfg), moe_flops(erc_cfg) + erc_flops(erc_cfg) / tokens),
-           Contender("threshold", MoELayer(threshold_cfg), moe_flops(threshold_cfg), prepare=calibrate_threshold)]
+    out = [
+        Contender("moe", moe, moe_flops(moe_cfg)),
+        Contender("aoe", MoELayer(aoe_cfg), moe_flops(aoe_cfg)),
+        Contender(
+            "aoe_recompute", MoELayer(dataclasses.replace(aoe_cfg, aoe_cache="recompute")), recompute_flops(aoe_cfg)
+        ),
+        Contender("dense", DenseSwiGLU(case["d_model"], dense_width), dense_flops(case["d_model"], dense_width)),
+        Contender("experts", ExpertsOnly(MoELayer(moe_cfg).experts, n), expert_flops, repeat),
+        Contender(f"experts_{other}", ExpertsOnly(MoELayer(moe_cfg).experts, n, other), expert_flops, repeat),
+        Contender("loop_reference", LoopAoE(aoe_cfg), moe_flops(aoe_cfg)),
+        Contender("moe_erc", MoELayer(erc_cfg), moe_flops(erc_cfg) + erc_flops(erc_cfg) / tokens),
+        Contender("threshold", MoELayer(threshold_cfg), moe_flops(threshold_cfg), prepare=calibrate_threshold),
+    ]
     if case.get("skew") == "hot_expert":
-        out += [Contender("moe_skewed", out[0].module, moe_flops(moe_cfg)),
-                Contender("aoe_skewed", out[1].module, moe_flops(aoe_cfg))]
+        out += [
+            Contender("moe_skewed", out[0].module, moe_flops(moe_cfg)),
+            Contender("aoe_skewed", out[1].module, moe_flops(aoe_cfg)),
+        ]
     return out
 
 
@@ -182,8 +194,12 @@ def _ratio(tps: dict, flops: dict, a: str, b: str, samples: Optional[dict] = Non
 
 
 def environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": active_allocator(),
-           "machine": platform.machine()}
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "allocator": active_allocator(),
+        "machine": platform.machine(),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -195,7 +211,7 @@ def run_case(case: dict, tokens: int, iters: int, rounds: int, device: torch.dev
     torch.manual_seed(0)
     models = contenders(case, tokens, device, dtype)
     x = torch.randn(tokens, case["d_model"], device=device, dtype=dtype)
-    inputs, steps, memory, params, skew = {}, {}, {}, {}, {}
+    _inputs, steps, memory, params, skew = {}, {}, {}, {}, {}
     for c in models:
         c.module.to(device=device, dtype=dtype)
     for c in models:
@@ -215,12 +231,28 @@ def run_case(case: dict, tokens: int, iters: int, rounds: int, device: torch.dev
         samples = interleaved_samples(steps, iters, rounds, device, progress=bar)
     flops = {c.name: c.flops_per_token for c in models}
     tps = {name: tokens / statistics.median(s) for name, s in samples.items()}
-    pairs = [("aoe", "moe"), ("aoe", "dense"), ("moe", "dense"), ("moe", "experts"), ("aoe_recompute", "aoe"),
-             ("aoe", "loop_reference"), ("moe_erc", "moe"), ("threshold", "aoe"), (next(c.name for c in models if c.name.startswith("experts_")), "experts")]
+    pairs = [
+        ("aoe", "moe"),
+        ("aoe", "dense"),
+        ("moe", "dense"),
+        ("moe", "experts"),
+        ("aoe_recompute", "aoe"),
+        ("aoe", "loop_reference"),
+        ("moe_erc", "moe"),
+        ("threshold", "aoe"),
+        (next(c.name for c in models if c.name.startswith("experts_")), "experts"),
+    ]
     pairs += [(f"{name}_skewed", name) for name in ("moe", "aoe") if f"{name}_skewed" in tps]
-    result = {"case": case, "tokens": tokens, "params": params, "flops_per_token": flops, "tokens_per_s": tps,
-              "memory": memory, "ratios": [_ratio(tps, flops, a, b, samples) for a, b in pairs],
-              "environment": environment(device)}
+    result = {
+        "case": case,
+        "tokens": tokens,
+        "params": params,
+        "flops_per_token": flops,
+        "tokens_per_s": tps,
+        "memory": memory,
+        "ratios": [_ratio(tps, flops, a, b, samples) for a, b in pairs],
+        "environment": environment(device),
+    }
     if skew:
         result["skew"] = {"hot_expert_share": skew}
     return result
@@ -228,9 +260,15 @@ def run_case(case: dict, tokens: int, iters: int, rounds: int, device: torch.dev
 
 def _decoder(case: dict, ffn_cfg: Optional[MoEConfig]) -> Decoder:
     m = case["model"]
-    model = ModelConfig(n_layers=m["n_layers"], d_model=case["d_model"], n_heads=m["n_heads"],
-                        vocab_size=m["vocab_size"], max_seq_len=m["seq_len"], ffn="moe" if ffn_cfg else "dense",
-                        d_ffn=case["top_k"] * case["d_ffn"])
+    model = ModelConfig(
+        n_layers=m["n_layers"],
+        d_model=case["d_model"],
+        n_heads=m["n_heads"],
+        vocab_size=m["vocab_size"],
+        max_seq_len=m["seq_len"],
+        ffn="moe" if ffn_cfg else "dense",
+        d_ffn=case["top_k"] * case["d_ffn"],
+    )
     return Decoder(model, ffn_cfg)
 
 
@@ -268,17 +306,29 @@ def run_model_case(case: dict, tokens: int, device: torch.device, dtype: torch.d
     seconds = interleaved_times(steps, 1, 1, device)
     tps = {name: batch * seq / s for name, s in seconds.items()}
     ratios = [_ratio(tps, flops, a, b) for a, b in (("aoe", "moe"), ("aoe_recompute", "moe"))]
-    return {"case": case, "tokens": batch * seq, "params": params, "flops_per_token": flops, "tokens_per_s": tps,
-            "memory": memory, "ratios": ratios, "environment": environment(device)}
+    return {
+        "case": case,
+        "tokens": batch * seq,
+        "params": params,
+        "flops_per_token": flops,
+        "tokens_per_s": tps,
+        "memory": memory,
+        "ratios": ratios,
+        "environment": environment(device),
+    }
 
 
 def format_result(r: dict) -> str:
     c = r["case"]
-    lines = [f"== {c['name']}: d={c['d_model']} d_ffn={c['d_ffn']} d_low={c['d_low']} n={c['num_experts']} "
-             f"K={c['top_k']}, {r['tokens']} tokens, forward+backward ({r['environment']['allocator']}, "
-             f"{r['environment']['threads']} threads)"]
+    lines = [
+        f"== {c['name']}: d={c['d_model']} d_ffn={c['d_ffn']} d_low={c['d_low']} n={c['num_experts']} "
+        f"K={c['top_k']}, {r['tokens']} tokens, forward+backward ({r['environment']['allocator']}, "
+        f"{r['environment']['threads']} threads)"
+    ]
     has_peak = any("peak_bytes" in m for m in r["memory"].values())
-    lines.append(f"{'contender':<16}{'params':>13}{'tokens/s':>12}{'saved MiB':>11}" + (f"{'peak MiB':>10}" if has_peak else ""))
+    lines.append(
+        f"{'contender':<16}{'params':>13}{'tokens/s':>12}{'saved MiB':>11}" + (f"{'peak MiB':>10}" if has_peak else "")
+    )
     for name in r["tokens_per_s"]:
         mem = r["memory"][name]
         line = f"{name:<16}{r['params'][name]:>13,}{r['tokens_per_s'][name]:>12.0f}{mem['saved_bytes'] / 2**20:>11.1f}"
@@ -290,16 +340,29 @@ def format_result(r: dict) -> str:
         spread = "{:.3f}-{:.3f}".format(*q["round_range"]) if "round_range" in q else ""
         lines.append(f"{q['pair']:<24}{q['measured']:>10.3f}{q['bound']:>12.3f}{q['efficiency']:>12.3f}{spread:>16}")
     moe_bytes = max(r["memory"]["moe"]["saved_bytes"], 1)
-    lines.append("activation memory vs moe: " + ", ".join(
-        f"{name} {r['memory'][name]['saved_bytes'] / moe_bytes:.3f}" for name in ("aoe", "aoe_recompute", "dense")))
+    lines.append(
+        "activation memory vs moe: "
+        + ", ".join(
+            f"{name} {r['memory'][name]['saved_bytes'] / moe_bytes:.3f}" for name in ("aoe", "aoe_recompute", "dense")
+        )
+    )
     if "skew" in r:
-        lines.append("hot expert's share of rows: " + ", ".join(
-            f"{name} {share:.2f}" for name, share in r["skew"]["hot_expert_share"].items()))
+        lines.append(
+            "hot expert's share of rows: "
+            + ", ".join(f"{name} {share:.2f}" for name, share in r["skew"]["hot_expert_share"].items())
+        )
     return "\n".join(lines)
 
 
-def main(cases_path: Optional[str], tokens: Optional[int], iters: int, rounds: int, device: str, dtype: str,
-         out: Optional[str]) -> list[dict]:
+def main(
+    cases_path: Optional[str],
+    tokens: Optional[int],
+    iters: int,
+    rounds: int,
+    device: str,
+    dtype: str,
+    out: Optional[str],
+) -> list[dict]:
     spec = yaml.safe_load((resolve_config_path(cases_path) if cases_path else DEFAULT_CASES).read_text())
     dev = torch.device(device)
     results = []

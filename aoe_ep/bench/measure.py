@@ -5,8 +5,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -101,8 +101,9 @@ def step_memory(step: Callable[[], torch.Tensor], device: torch.device, params: 
     return out
 
 
-def interleaved_samples(steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device,
-                        progress=None) -> dict[str, list[float]]:
+def interleaved_samples(
+    steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device, progress=None
+) -> dict[str, list[float]]:
     """Seconds per call of each step in each round; the rounds alternate the steps so that drift hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
@@ -118,8 +119,9 @@ def interleaved_samples(steps: dict[str, Callable[[], None]], iters: int, rounds
     return samples
 
 
-def interleaved_times(steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device,
-                      progress=None) -> dict[str, float]:
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device, progress=None
+) -> dict[str, float]:
     """Median seconds per call of each step, measured in alternating rounds so that drift hits all alike."""
     samples = interleaved_samples(steps, iters, rounds, device, progress)
     return {name: statistics.median(times) for name, times in samples.items()}

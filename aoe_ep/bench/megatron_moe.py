@@ -18,6 +18,7 @@ from aoe_ep.moe import MoELayer
 
 def _megatron_layer(d_model: int, d_ffn: int, num_experts: int, top_k: int, dtype: torch.dtype):
     import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE / apex start-up warnings)
+
     # isort: split
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -46,23 +47,46 @@ def _megatron_layer(d_model: int, d_ffn: int, num_experts: int, top_k: int, dtyp
         use_te, grouped = True, True
     except ImportError:
         use_te = False
-    cfg = TransformerConfig(num_layers=1, hidden_size=d_model, num_attention_heads=max(1, d_model // 64),
-                            ffn_hidden_size=d_ffn, moe_ffn_hidden_size=d_ffn, num_moe_experts=num_experts,
-                            moe_router_topk=top_k, moe_token_dispatcher_type="alltoall", gated_linear_unit=True,
-                            activation_func=F.silu, add_bias_linear=False, moe_grouped_gemm=grouped,
-                            moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="aux_loss",
-                            bf16=dtype == torch.bfloat16, params_dtype=dtype)
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=d_model,
+        num_attention_heads=max(1, d_model // 64),
+        ffn_hidden_size=d_ffn,
+        moe_ffn_hidden_size=d_ffn,
+        num_moe_experts=num_experts,
+        moe_router_topk=top_k,
+        moe_token_dispatcher_type="alltoall",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        moe_grouped_gemm=grouped,
+        moe_aux_loss_coeff=0.01,
+        moe_router_load_balancing_type="aux_loss",
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+    )
     spec = get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=grouped)
     layer = build_module(spec, config=cfg, layer_number=1).cuda()
     return layer, f"{type(layer.experts).__name__}" + ("" if grouped else " (no grouped GEMM available)")
 
 
-def compare(tokens: int = 16384, d_model: int = 768, d_ffn: int = 3072, num_experts: int = 8, top_k: int = 2,
-            dtype: torch.dtype = torch.bfloat16, iters: int = 5, rounds: int = 3) -> dict:
+def compare(
+    tokens: int = 16384,
+    d_model: int = 768,
+    d_ffn: int = 3072,
+    num_experts: int = 8,
+    top_k: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    iters: int = 5,
+    rounds: int = 3,
+) -> dict:
     """tokens/s of both layers and their ratio; on failure, the reason instead."""
     device = torch.device("cuda")
-    ours = MoELayer(MoEConfig(scorer="router", d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=top_k,
-                              aux_loss_coeff=0.01)).to(device, dtype)
+    ours = MoELayer(
+        MoEConfig(
+            scorer="router", d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=top_k, aux_loss_coeff=0.01
+        )
+    ).to(device, dtype)
     x = torch.randn(tokens, d_model, device=device, dtype=dtype)
     g = torch.randn_like(x)
     result: dict = {"tokens": tokens, "shape": dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=top_k)}

@@ -33,7 +33,7 @@ class LoopAoE(nn.Module):
         cfg = self.cfg
         caches = [down(x) for down in self.down]
         scores = torch.stack([c.norm(dim=-1) for c in caches], dim=1)
-        top_idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :cfg.top_k]
+        top_idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : cfg.top_k]
         top_scores = scores.gather(1, top_idx)
         gates = torch.softmax(top_scores, dim=1)
         probs = torch.softmax(scores, dim=1)

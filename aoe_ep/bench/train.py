@@ -13,8 +13,9 @@ import copy
 import json
 import platform
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -48,8 +49,10 @@ class Row:
 
 def _config(name: str, batch: int, seq: int) -> Config:
     preset, overrides = MODELS[name]
-    return load_config(preset, overrides + [f"data.seq_len={seq}", f"model.max_seq_len={max(seq, 16)}",
-                                            f"train.micro_batch_size={batch}"])
+    return load_config(
+        preset,
+        overrides + [f"data.seq_len={seq}", f"model.max_seq_len={max(seq, 16)}", f"train.micro_batch_size={batch}"],
+    )
 
 
 def _contender(base: Decoder, kind: str, device: torch.device) -> Decoder:
@@ -63,8 +66,9 @@ def _contender(base: Decoder, kind: str, device: torch.device) -> Decoder:
 
 def _loss(model: Decoder, tokens_BS: torch.Tensor) -> torch.Tensor:
     out = model(tokens_BS)
-    ce_sum, count = token_cross_entropy(out.logits, tokens_BS.roll(-1, 1), torch.ones_like(tokens_BS,
-                                                                                         dtype=torch.float32))
+    ce_sum, count = token_cross_entropy(
+        out.logits, tokens_BS.roll(-1, 1), torch.ones_like(tokens_BS, dtype=torch.float32)
+    )
     return ce_sum / count + out.aux_loss
 
 
@@ -104,20 +108,39 @@ def bench_model(name: str, rounds: int, device: torch.device, contenders=CONTEND
     rows = []
     for kind in contenders:
         ratio, low, high = paired_speedup(samples, kind, "none")
-        rows.append(Row(model=name, contender=kind, tokens_per_s=batch * seq / statistics.median(samples[kind]),
-                        kept_bytes=kept[kind], speed_vs_none=ratio, speed_range=(low, high),
-                        memory_vs_none=kept[kind] / kept["none"]))
+        rows.append(
+            Row(
+                model=name,
+                contender=kind,
+                tokens_per_s=batch * seq / statistics.median(samples[kind]),
+                kept_bytes=kept[kind],
+                speed_vs_none=ratio,
+                speed_range=(low, high),
+                memory_vs_none=kept[kind] / kept["none"],
+            )
+        )
     return rows
 
 
 def table(rows: list[Row]) -> str:
     head = ("model", "contender", "tokens/s", "kept MiB", "memory / none", "speed / none", "round range")
-    lines = [(r.model, r.contender, f"{r.tokens_per_s:,.0f}", f"{r.kept_bytes / 2 ** 20:,.1f}",
-              f"{r.memory_vs_none:.2f}", f"{r.speed_vs_none:.2f}",
-              f"{r.speed_range[0]:.2f}-{r.speed_range[1]:.2f}") for r in rows]
+    lines = [
+        (
+            r.model,
+            r.contender,
+            f"{r.tokens_per_s:,.0f}",
+            f"{r.kept_bytes / 2**20:,.1f}",
+            f"{r.memory_vs_none:.2f}",
+            f"{r.speed_vs_none:.2f}",
+            f"{r.speed_range[0]:.2f}-{r.speed_range[1]:.2f}",
+        )
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in lines + [head]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))
-                     for x in [head] + lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))
+        for x in [head] + lines
+    )
 
 
 def main(models: Optional[list[str]], rounds: int, device: str, out: Optional[str]) -> list[Row]:
@@ -132,8 +155,10 @@ def main(models: Optional[list[str]], rounds: int, device: str, out: Optional[st
     for name in names:
         rows += bench_model(name, rounds, dev)
         print(table([r for r in rows if r.model == name]), flush=True)
-    print(f"\naoe-ep bench train on {dev.type} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), fp32, {rounds} interleaved rounds")
+    print(
+        f"\naoe-ep bench train on {dev.type} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), fp32, {rounds} interleaved rounds"
+    )
     print(table(rows))
     if out:
         with open(out, "w") as f:

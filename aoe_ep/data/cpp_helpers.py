@@ -41,16 +41,19 @@ def _load(cache_dir: str, may_build: bool) -> None:
     out = compiled_path(cache_dir)
     if not out.is_file():
         if not may_build:
-            raise DataError(f"{out}: megatron-core's dataset helpers were not built by rank 0 (is data.cache_dir "
-                            f"on a filesystem all ranks share?)")
+            raise DataError(
+                f"{out}: megatron-core's dataset helpers were not built by rank 0 (is data.cache_dir "
+                f"on a filesystem all ranks share?)"
+            )
         _compile(out, reason)
     spec = importlib.util.spec_from_file_location(MODULE, out)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except ImportError as err:
-        raise DataError(f"{out}: cannot load the compiled megatron-core dataset helpers ({err}); delete the file "
-                        f"to rebuild it") from None
+        raise DataError(
+            f"{out}: cannot load the compiled megatron-core dataset helpers ({err}); delete the file to rebuild it"
+        ) from None
     sys.modules[MODULE] = module
     importlib.import_module("megatron.core.datasets.helpers")
 
@@ -61,25 +64,42 @@ def _compile(out: Path, reason: str) -> None:
     source = Path(mcd.__file__).parent / "helpers.cpp"
     fix = "install a megatron-core wheel that ships helpers_cpp, or a C++ compiler and pybind11"
     if not source.is_file():
-        raise DataError(f"{source}: missing, so megatron-core's dataset helpers cannot be built "
-                        f"(import failed: {reason}); {fix}")
+        raise DataError(
+            f"{source}: missing, so megatron-core's dataset helpers cannot be built (import failed: {reason}); {fix}"
+        )
     try:
         import pybind11
     except ImportError:
-        raise DataError(f"{source}: building megatron-core's dataset helpers (import failed: {reason}) needs "
-                        f"pybind11: pip install pybind11") from None
+        raise DataError(
+            f"{source}: building megatron-core's dataset helpers (import failed: {reason}) needs "
+            f"pybind11: pip install pybind11"
+        ) from None
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
-        raise DataError(f"{source}: building megatron-core's dataset helpers (import failed: {reason}) needs a C++ "
-                        f"compiler, and {compiler!r} is not on PATH (set $CXX); or {fix}")
+        raise DataError(
+            f"{source}: building megatron-core's dataset helpers (import failed: {reason}) needs a C++ "
+            f"compiler, and {compiler!r} is not on PATH (set $CXX); or {fix}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    command = [compiler, "-O3", "-Wall", "-shared", "-std=c++17", "-fPIC", f"-I{pybind11.get_include()}",
-               f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(tmp)]
+    command = [
+        compiler,
+        "-O3",
+        "-Wall",
+        "-shared",
+        "-std=c++17",
+        "-fPIC",
+        f"-I{pybind11.get_include()}",
+        f"-I{sysconfig.get_paths()['include']}",
+        str(source),
+        "-o",
+        str(tmp),
+    ]
     print(f"aoe-ep: compiling megatron-core's dataset helpers into {out}", file=sys.stderr)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{source}: compiling megatron-core's dataset helpers failed:\n{' '.join(command)}\n"
-                        f"{done.stderr[-2000:]}")
+        raise DataError(
+            f"{source}: compiling megatron-core's dataset helpers failed:\n{' '.join(command)}\n{done.stderr[-2000:]}"
+        )
     os.replace(tmp, out)

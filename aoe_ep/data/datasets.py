@@ -40,8 +40,9 @@ from aoe_ep.data.tokenizer import Tokenizer
 SPLITS = ("train", "valid", "test")
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, train_samples: int, valid_samples: int,
-                   seed: int) -> tuple[Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset]]:
+def build_datasets(
+    cfg: DataConfig, tokenizer: Tokenizer, train_samples: int, valid_samples: int, seed: int
+) -> tuple[Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset]]:
     """(train, valid) datasets of at least `train_samples` / `valid_samples` items of `cfg.seq_len` tokens.
 
     A dataset is None when zero samples are asked of it, or `cfg.split` gives its part weight 0. Every rank calls
@@ -61,13 +62,22 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, train_samples: int, va
     ensure_megatron_helpers(cfg.cache_dir)
 
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=cfg.seq_len, blend=(prefixes, weights), split=cfg.split,
-        path_to_cache=os.path.join(os.path.abspath(cfg.cache_dir), "megatron_indices"), tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+        random_seed=seed,
+        sequence_length=cfg.seq_len,
+        blend=(prefixes, weights),
+        split=cfg.split,
+        path_to_cache=os.path.join(os.path.abspath(cfg.cache_dir), "megatron_indices"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
     # Build only what is asked for: megatron would loop forever on a split part that holds no tokens.
     sizes = [train_samples, valid_samples, 0]
-    config.split_matrix = [part if part is not None and sizes[i] > 0 else None
-                           for i, part in enumerate(config.split_matrix)]
+    config.split_matrix = [
+        part if part is not None and sizes[i] > 0 else None for i, part in enumerate(config.split_matrix)
+    ]
     _check_split(config.split_matrix, infos, cfg.split)
 
     builder = _Builder(GPTDataset, sizes, lambda: True, config)
@@ -110,7 +120,8 @@ def _check_split(split_matrix: list, infos: list[IndexInfo], split: str) -> None
                 raise DataError(
                     f"{info.prefix}: data.split {split!r} leaves the {SPLITS[i]} part no documents (it has {n} "
                     f"documents); give it more documents (e.g. `aoe-ep preprocess --txt-mode paragraph` for one "
-                    f"big text file) or change data.split")
+                    f"big text file) or change data.split"
+                )
 
 
 class _Builder(BlendedMegatronDatasetBuilder):

@@ -16,8 +16,9 @@ import json
 import os
 import re
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from aoe_ep.data.errors import DataError
 from aoe_ep.data.indexed import meta_path
@@ -50,13 +51,15 @@ def stdlib_sources(max_bytes: int, root: Optional[Path] = None) -> list[tuple[st
     return chosen
 
 
-def default_corpus_prefix(cache_dir: str, tokenizer: Tokenizer, max_bytes: int,
-                          root: Optional[Path] = None) -> str:
+def default_corpus_prefix(cache_dir: str, tokenizer: Tokenizer, max_bytes: int, root: Optional[Path] = None) -> str:
     """The dataset prefix of the default corpus for `tokenizer`, tokenizing it first (on rank 0) if needed."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     files = stdlib_sources(max_bytes, root)
-    key = hashlib.sha256(json.dumps({"tokenizer": tokenizer.unique_identifiers, "root": str(root), "files": files},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            {"tokenizer": tokenizer.unique_identifiers, "root": str(root), "files": files}, sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", tokenizer.name)
     prefix = str(Path(cache_dir).resolve() / "default_corpus" / f"stdlib-{name}-{key}")
 
@@ -66,14 +69,22 @@ def default_corpus_prefix(cache_dir: str, tokenizer: Tokenizer, max_bytes: int,
     def build() -> str:
         if not is_built():
             total = sum(size for _, size in files)
-            write_dataset(_documents(root, files), prefix, tokenizer, sources=[str(root / rel) for rel, _ in files],
-                          total_bytes=total, desc=f"default corpus ({len(files)} stdlib files)")
+            write_dataset(
+                _documents(root, files),
+                prefix,
+                tokenizer,
+                sources=[str(root / rel) for rel, _ in files],
+                total_bytes=total,
+                desc=f"default corpus ({len(files)} stdlib files)",
+            )
         return prefix
 
     def use() -> str:
         if not is_built():
-            raise DataError(f"{prefix}: the default corpus was not built by rank 0 (is data.cache_dir on a "
-                            f"filesystem all ranks share?)")
+            raise DataError(
+                f"{prefix}: the default corpus was not built by rank 0 (is data.cache_dir on a "
+                f"filesystem all ranks share?)"
+            )
         return prefix
 
     return on_rank0_first(build, use)

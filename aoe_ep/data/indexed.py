@@ -26,8 +26,7 @@ from aoe_ep.data.tokenizer import Tokenizer
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34
 # megatron-core DType codes
-DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-          8: np.uint16}
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 META_FORMAT = "aoe-ep indexed dataset"
 _CHUNK = 1 << 24  # index entries checked at a time
 
@@ -65,8 +64,9 @@ def inspect_dataset(prefix: str) -> IndexInfo:
     if len(header) < HEADER_BYTES:
         raise DataError(f"{idx} is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     if header[:9] != INDEX_MAGIC:
-        raise DataError(f"{idx} is not a megatron-core index file (its first bytes are {header[:9]!r}, "
-                        f"expected {INDEX_MAGIC!r})")
+        raise DataError(
+            f"{idx} is not a megatron-core index file (its first bytes are {header[:9]!r}, expected {INDEX_MAGIC!r})"
+        )
     version, code, n_seq, n_doc = struct.unpack("<QBQQ", header[9:])
     if version != 1:
         raise DataError(f"{idx}: index version {version}, only version 1 is readable")
@@ -74,8 +74,10 @@ def inspect_dataset(prefix: str) -> IndexInfo:
         raise DataError(f"{idx} is corrupt: unknown token dtype code {code}")
     expected = HEADER_BYTES + 12 * n_seq + 8 * n_doc
     if size != expected:
-        raise DataError(f"{idx} is truncated or corrupt: its header promises {n_seq} sequences and {n_doc} "
-                        f"document boundaries ({expected} bytes) but the file has {size} bytes")
+        raise DataError(
+            f"{idx} is truncated or corrupt: its header promises {n_seq} sequences and {n_doc} "
+            f"document boundaries ({expected} bytes) but the file has {size} bytes"
+        )
     if n_seq == 0:
         raise DataError(f"{idx}: the dataset holds no documents")
 
@@ -86,34 +88,51 @@ def inspect_dataset(prefix: str) -> IndexInfo:
     itemsize = np.dtype(dtype).itemsize
     end = 0  # bytes of .bin before the current chunk; chunks keep the memory bounded for billions of documents
     for i in range(0, n_seq, _CHUNK):
-        chunk = np.asarray(lengths[i:i + _CHUNK], dtype=np.int64)
+        chunk = np.asarray(lengths[i : i + _CHUNK], dtype=np.int64)
         if chunk.min() < 0:
             raise DataError(f"{idx} is corrupt: negative sequence length")
         starts = end + np.concatenate(([0], np.cumsum(chunk[:-1]))) * itemsize
-        if not np.array_equal(pointers[i:i + _CHUNK], starts):
+        if not np.array_equal(pointers[i : i + _CHUNK], starts):
             raise DataError(f"{idx} is corrupt: its byte offsets do not follow from its sequence lengths")
         end = int(starts[-1] + chunk[-1] * itemsize)
-    if n_doc < 2 or bounds[0] != 0 or bounds[-1] != n_seq or any(
-            np.any(np.diff(bounds[i:i + _CHUNK + 1]) < 0) for i in range(0, n_doc, _CHUNK)):
+    if (
+        n_doc < 2
+        or bounds[0] != 0
+        or bounds[-1] != n_seq
+        or any(np.any(np.diff(bounds[i : i + _CHUNK + 1]) < 0) for i in range(0, n_doc, _CHUNK))
+    ):
         raise DataError(f"{idx} is corrupt: its document boundaries do not run from 0 to {n_seq}")
 
     bin_size, bin_expected = os.path.getsize(bin_), end
     if bin_expected == 0:
         raise DataError(f"{idx}: the dataset holds no tokens")
     if bin_size != bin_expected:
-        raise DataError(f"{bin_} is truncated or corrupt: {idx} describes {bin_expected // itemsize} tokens of "
-                        f"{np.dtype(dtype).name} ({bin_expected} bytes) but the file has {bin_size} bytes")
+        raise DataError(
+            f"{bin_} is truncated or corrupt: {idx} describes {bin_expected // itemsize} tokens of "
+            f"{np.dtype(dtype).name} ({bin_expected} bytes) but the file has {bin_size} bytes"
+        )
     return IndexInfo(prefix=prefix, dtype=dtype, sequence_lengths=lengths, num_tokens=bin_expected // itemsize)
 
 
-def write_meta(path: str, tokenizer: Tokenizer, documents: int, tokens: int, max_token_id: int,
-               sources: list[str], skipped_empty: int) -> None:
+def write_meta(
+    path: str,
+    tokenizer: Tokenizer,
+    documents: int,
+    tokens: int,
+    max_token_id: int,
+    sources: list[str],
+    skipped_empty: int,
+) -> None:
     """The sidecar: which tokenizer made the dataset, and its counts."""
     meta = {
         "format": META_FORMAT,
         "version": 1,
-        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
-                      "unique_identifiers": tokenizer.unique_identifiers},
+        "tokenizer": {
+            "name": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+            "unique_identifiers": tokenizer.unique_identifiers,
+        },
         "documents": documents,
         "tokens": tokens,
         "max_token_id": max_token_id,
@@ -153,22 +172,27 @@ def check_tokenizer(info: IndexInfo, tokenizer: Tokenizer) -> None:
             raise DataError(
                 f"{bin_} was tokenized with {made_with.get('name')!r} (vocab_size {made_with.get('vocab_size')}, "
                 f"per {path}) but data.tokenizer is {tokenizer.name!r} (vocab_size {tokenizer.vocab_size}): "
-                f"set data.tokenizer to the tokenizer of the data, or re-run `aoe-ep preprocess` with this one")
+                f"set data.tokenizer to the tokenizer of the data, or re-run `aoe-ep preprocess` with this one"
+            )
         if meta.get("tokens") != info.num_tokens:
-            raise DataError(f"{path} records {meta.get('tokens')} tokens but {bin_} holds {info.num_tokens}: the "
-                            f"sidecar belongs to another dataset; re-run `aoe-ep preprocess`")
+            raise DataError(
+                f"{path} records {meta.get('tokens')} tokens but {bin_} holds {info.num_tokens}: the "
+                f"sidecar belongs to another dataset; re-run `aoe-ep preprocess`"
+            )
         max_id = int(meta.get("max_token_id", -1))
     else:
         max_id = _max_token_id(bin_, info.dtype)
     if max_id >= tokenizer.vocab_size:
-        raise DataError(f"{bin_} holds token id {max_id}, outside the vocabulary of data.tokenizer "
-                        f"{tokenizer.name!r} (vocab_size {tokenizer.vocab_size}): the data was made with another "
-                        f"tokenizer")
+        raise DataError(
+            f"{bin_} holds token id {max_id}, outside the vocabulary of data.tokenizer "
+            f"{tokenizer.name!r} (vocab_size {tokenizer.vocab_size}): the data was made with another "
+            f"tokenizer"
+        )
 
 
 def _max_token_id(bin_path: str, dtype: type, chunk: int = 1 << 26) -> int:
     tokens = np.memmap(bin_path, dtype=dtype, mode="r")
     try:
-        return max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
+        return max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
     finally:
         del tokens

@@ -19,9 +19,10 @@ import aoe_ep.megatron_core  # noqa: F401  (first: megatron-core without its TE 
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -60,12 +61,16 @@ def find_inputs(inputs: Sequence[Union[str, Path]]) -> list[Path]:
             found.extend(files)
         elif item.is_file():
             if item.suffix not in SUFFIXES:
-                raise DataError(f"{item}: unsupported input type {item.suffix or '(no suffix)'!r}; "
-                                f"expected .txt or .jsonl")
+                raise DataError(
+                    f"{item}: unsupported input type {item.suffix or '(no suffix)'!r}; expected .txt or .jsonl"
+                )
             found.append(item)
         else:
-            raise DataError(f"{item}: not a regular file or directory (a device or pipe cannot be read as "
-                            f"documents)" if item.exists() else f"{item}: no such file or directory")
+            raise DataError(
+                f"{item}: not a regular file or directory (a device or pipe cannot be read as documents)"
+                if item.exists()
+                else f"{item}: no such file or directory"
+            )
     return list(dict.fromkeys(found))
 
 
@@ -97,8 +102,9 @@ def _read_jsonl(path: Path, key: str) -> Iterator[tuple[str, int]]:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(obj, dict) or key not in obj:
                 fields = ", ".join(map(repr, obj)) if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
-                raise DataError(f"{where}: no {key!r} field (found {fields or 'no fields'}); "
-                                f"choose the field with --jsonl-key")
+                raise DataError(
+                    f"{where}: no {key!r} field (found {fields or 'no fields'}); choose the field with --jsonl-key"
+                )
             if not isinstance(obj[key], str):
                 raise DataError(f"{where}: field {key!r} holds {type(obj[key]).__name__}, not a string")
             yield obj[key], len(line)
@@ -111,9 +117,15 @@ def _decode(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def write_dataset(documents: Iterable[tuple[str, int]], output_prefix: Union[str, Path], tokenizer: Tokenizer,
-                  sources: list[str], total_bytes: int, progress: bool = True,
-                  desc: str = "preprocess") -> PreprocessResult:
+def write_dataset(
+    documents: Iterable[tuple[str, int]],
+    output_prefix: Union[str, Path],
+    tokenizer: Tokenizer,
+    sources: list[str],
+    total_bytes: int,
+    progress: bool = True,
+    desc: str = "preprocess",
+) -> PreprocessResult:
     """Tokenize `documents` ((text, input bytes) pairs) into PREFIX.bin/.idx/.meta.json, atomically."""
     prefix = str(output_prefix)
     if prefix.endswith((".bin", ".idx")):
@@ -139,8 +151,9 @@ def write_dataset(documents: Iterable[tuple[str, int]], output_prefix: Union[str
             n_docs += 1
             n_tokens += len(doc)
         if max_id >= tokenizer.vocab_size:
-            raise DataError(f"tokenizer {tokenizer.name!r} produced id {max_id} >= its vocab_size "
-                            f"{tokenizer.vocab_size}")
+            raise DataError(
+                f"tokenizer {tokenizer.name!r} produced id {max_id} >= its vocab_size {tokenizer.vocab_size}"
+            )
         batch.clear()
 
     try:
@@ -161,8 +174,15 @@ def write_dataset(documents: Iterable[tuple[str, int]], output_prefix: Union[str
         if n_docs == 0:
             shown = ", ".join(sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
             raise DataError(f"{shown}: no documents to write (every input is empty or whitespace)")
-        write_meta(temporary[2], tokenizer, documents=n_docs, tokens=n_tokens, max_token_id=max_id,
-                   sources=sources, skipped_empty=skipped)
+        write_meta(
+            temporary[2],
+            tokenizer,
+            documents=n_docs,
+            tokens=n_tokens,
+            max_token_id=max_id,
+            sources=sources,
+            skipped_empty=skipped,
+        )
         for src, dst in zip(temporary, final):
             os.replace(src, dst)
     except BaseException:
@@ -176,14 +196,25 @@ def write_dataset(documents: Iterable[tuple[str, int]], output_prefix: Union[str
     return PreprocessResult(prefix=prefix, documents=n_docs, tokens=n_tokens, skipped_empty=skipped)
 
 
-def preprocess(inputs: Sequence[Union[str, Path]], output_prefix: Union[str, Path],
-               tokenizer: Union[str, Tokenizer], jsonl_key: str = "text", txt_mode: str = "file",
-               progress: bool = True) -> PreprocessResult:
+def preprocess(
+    inputs: Sequence[Union[str, Path]],
+    output_prefix: Union[str, Path],
+    tokenizer: Union[str, Tokenizer],
+    jsonl_key: str = "text",
+    txt_mode: str = "file",
+    progress: bool = True,
+) -> PreprocessResult:
     """Tokenize .txt/.jsonl files (or directories of them) into the indexed dataset `output_prefix`."""
     if txt_mode not in TXT_MODES:
         raise DataError(f"preprocess: txt_mode {txt_mode!r} is not one of {', '.join(map(repr, TXT_MODES))}")
     tok = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     files = find_inputs(inputs)
     documents = (doc for path in files for doc in read_documents(path, jsonl_key, txt_mode))
-    return write_dataset(documents, output_prefix, tok, sources=[str(p.resolve()) for p in files],
-                         total_bytes=sum(p.stat().st_size for p in files), progress=progress)
+    return write_dataset(
+        documents,
+        output_prefix,
+        tok,
+        sources=[str(p.resolve()) for p in files],
+        total_bytes=sum(p.stat().st_size for p in files),
+        progress=progress,
+    )

@@ -5,7 +5,8 @@ Like megatron-core's dataset builder, this assumes `data.cache_dir` lies on a fi
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch.distributed as dist
 

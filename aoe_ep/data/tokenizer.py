@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from aoe_ep.data.errors import DataError
 from aoe_ep.hashing import file_sha256
@@ -56,7 +56,8 @@ class ByteTokenizer(Tokenizer):
         self.vocab_size = 257
         self.eod = 256
         self.unique_identifiers = OrderedDict(
-            [("class", "ByteTokenizer"), ("vocab_size", self.vocab_size), ("eod", self.eod)])
+            [("class", "ByteTokenizer"), ("vocab_size", self.vocab_size), ("eod", self.eod)]
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -86,8 +87,8 @@ class HuggingFaceTokenizer(Tokenizer):
         digest = file_sha256(path).hex()
         self.name = f"hf:{path.name}@{digest[:12]}"
         self.unique_identifiers = OrderedDict(
-            [("class", "HuggingFaceTokenizer"), ("sha256", digest), ("vocab_size", self.vocab_size),
-             ("eod", self.eod)])
+            [("class", "HuggingFaceTokenizer"), ("sha256", digest), ("vocab_size", self.vocab_size), ("eod", self.eod)]
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -116,8 +117,13 @@ class SentencePieceTokenizer(Tokenizer):
         digest = file_sha256(path).hex()
         self.name = f"sentencepiece:{path.name}@{digest[:12]}"
         self.unique_identifiers = OrderedDict(
-            [("class", "SentencePieceTokenizer"), ("sha256", digest), ("vocab_size", self.vocab_size),
-             ("eod", self.eod)])
+            [
+                ("class", "SentencePieceTokenizer"),
+                ("sha256", digest),
+                ("vocab_size", self.vocab_size),
+                ("eod", self.eod),
+            ]
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -137,11 +143,16 @@ def build_tokenizer(spec: str) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.suffix not in (".json", ".model"):
-        raise DataError(f"data.tokenizer: {spec!r} is neither 'byte' nor a path to a tokenizers .json file or a "
-                        f"sentencepiece .model file")
+        raise DataError(
+            f"data.tokenizer: {spec!r} is neither 'byte' nor a path to a tokenizers .json file or a "
+            f"sentencepiece .model file"
+        )
     if not path.is_file():
-        raise DataError(f"{path}: not a regular file (data.tokenizer)" if path.exists()
-                        else f"{path}: tokenizer file not found (data.tokenizer)")
+        raise DataError(
+            f"{path}: not a regular file (data.tokenizer)"
+            if path.exists()
+            else f"{path}: tokenizer file not found (data.tokenizer)"
+        )
     return HuggingFaceTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
 
 
@@ -150,5 +161,3 @@ def _import_optional(module: str, path: Path):
         return importlib.import_module(module)
     except ImportError:
         raise DataError(f"{path}: reading this tokenizer needs the `{module}` package: pip install {module}") from None
-
-

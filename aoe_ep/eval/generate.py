@@ -8,8 +8,9 @@ models generate differently with and without the cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -56,8 +57,14 @@ def next_token(logits_V: torch.Tensor, sampling: SamplingConfig, generator: torc
 
 
 @torch.no_grad()
-def generate(model: Decoder, prompt: Sequence[int], sampling: SamplingConfig, stop_id: Optional[int] = None,
-             use_cache: bool = True, should_stop: Optional[Callable[[list[int]], bool]] = None) -> list[int]:
+def generate(
+    model: Decoder,
+    prompt: Sequence[int],
+    sampling: SamplingConfig,
+    stop_id: Optional[int] = None,
+    use_cache: bool = True,
+    should_stop: Optional[Callable[[list[int]], bool]] = None,
+) -> list[int]:
     """The new token ids after `prompt` (stop_id, when reached, ends them and is not included; `should_stop` of
     the new ids so far ends them after a token, e.g. at a stop string). `use_cache=False` re-runs the whole
     sequence for every token (the reference the cache is tested against)."""
@@ -66,8 +73,10 @@ def generate(model: Decoder, prompt: Sequence[int], sampling: SamplingConfig, st
         raise ValueError("the prompt is empty: give at least one token")
     room = model.cfg.max_seq_len - len(prompt)
     if room < 1:
-        raise ValueError(f"the prompt has {len(prompt)} tokens; model.max_seq_len={model.cfg.max_seq_len} leaves "
-                         f"no room for new ones")
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens; model.max_seq_len={model.cfg.max_seq_len} leaves "
+            f"no room for new ones"
+        )
     model.eval()
     device = model.head.weight.device
     generator = torch.Generator().manual_seed(sampling.seed)

@@ -32,9 +32,16 @@ from aoe_ep.model import Decoder
 class AoeEpLM(TemplateLM):
     """`checkpoint`: a checkpoint or run directory; or, from Python, `model` and `tokenizer` objects."""
 
-    def __init__(self, checkpoint: Optional[str] = None, batch_size: int | str = 8, device: Optional[str] = None,
-                 max_length: Optional[int] = None, model: Optional[Decoder] = None,
-                 tokenizer: Optional[Tokenizer] = None, **unused) -> None:
+    def __init__(
+        self,
+        checkpoint: Optional[str] = None,
+        batch_size: int | str = 8,
+        device: Optional[str] = None,
+        max_length: Optional[int] = None,
+        model: Optional[Decoder] = None,
+        tokenizer: Optional[Tokenizer] = None,
+        **unused,
+    ) -> None:
         super().__init__()
         self._stack = contextlib.ExitStack()
         if checkpoint is not None:
@@ -76,29 +83,30 @@ class AoeEpLM(TemplateLM):
         (context ids, continuation ids) pair, in batches."""
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         results: list[Optional[tuple[float, bool]]] = [None] * len(pairs)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for batch in tqdm(batches, disable=not progress, desc="aoe-ep loglikelihood"):
             inputs, spans = [], []
             for i in batch:
                 context, continuation = pairs[i]
-                whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+                whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
                 inputs.append(whole[:-1])
-                spans.append((len(whole) - 1 - len(continuation), whole[len(whole) - len(continuation):]))
+                spans.append((len(whole) - 1 - len(continuation), whole[len(whole) - len(continuation) :]))
             width = max(map(len, inputs))
             tokens_BS = torch.full((len(inputs), width), self.eot_token_id, dtype=torch.long)
             for row, ids in enumerate(inputs):
-                tokens_BS[row, :len(ids)] = torch.tensor(ids)
+                tokens_BS[row, : len(ids)] = torch.tensor(ids)
             logp_BSV = F.log_softmax(self.model(tokens_BS.to(self._device)).logits.float(), dim=-1).cpu()
             for row, (i, (start, target)) in enumerate(zip(batch, spans)):
-                logp_CV = logp_BSV[row, start:start + len(target)]
+                logp_CV = logp_BSV[row, start : start + len(target)]
                 target_C = torch.tensor(target)
                 total = float(logp_CV.gather(1, target_C[:, None]).sum())
                 results[i] = (total, bool((logp_CV.argmax(-1) == target_C).all()))
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        results = self.score([(context, continuation) for _, context, continuation in requests],
-                             progress=not disable_tqdm)
+        results = self.score(
+            [(context, continuation) for _, context, continuation in requests], progress=not disable_tqdm
+        )
         for (key, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, result)
         return results
@@ -108,8 +116,9 @@ class AoeEpLM(TemplateLM):
         end-of-document id), all windows of all strings scored in batches."""
         owners, pairs = [], []
         for index, (string,) in enumerate(req.args for req in requests):
-            windows = get_rolling_token_windows(self.tok_encode(string), prefix_token=self.eot_token_id,
-                                                max_seq_len=self.max_length, context_len=1)
+            windows = get_rolling_token_windows(
+                self.tok_encode(string), prefix_token=self.eot_token_id, max_seq_len=self.max_length, context_len=1
+            )
             for window in map(make_disjoint_window, windows):
                 owners.append(index)
                 pairs.append(window)
@@ -130,17 +139,24 @@ class AoeEpLM(TemplateLM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
-            sampling = SamplingConfig(max_new_tokens=max_new, greedy=not kwargs.get("do_sample", False),
-                                      temperature=float(kwargs.get("temperature") or 1.0),
-                                      top_p=float(kwargs.get("top_p") or 1.0), seed=int(kwargs.get("seed", 0)))
-            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.eot_token_id]
+            sampling = SamplingConfig(
+                max_new_tokens=max_new,
+                greedy=not kwargs.get("do_sample", False),
+                temperature=float(kwargs.get("temperature") or 1.0),
+                top_p=float(kwargs.get("top_p") or 1.0),
+                seed=int(kwargs.get("seed", 0)),
+            )
+            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.eot_token_id]
 
             def reached(new_ids: list[int]) -> bool:
                 text = self.tokenizer.decode(new_ids)
-                return any(stop in text for stop in until)
+                return any(stop in text for stop in until)  # noqa: B023 (used within this iteration)
 
-            text = self.tokenizer.decode(generate(self.model, prompt, sampling, stop_id=self.eot_token_id,
-                                                  should_stop=reached if until else None))
+            text = self.tokenizer.decode(
+                generate(
+                    self.model, prompt, sampling, stop_id=self.eot_token_id, should_stop=reached if until else None
+                )
+            )
             for stop in until:
                 text = text.split(stop)[0]
             self.cache_hook.add_partial("generate_until", req.args, text)

@@ -10,9 +10,10 @@ checkpoint's expert-parallel size every rank holds the experts it held in traini
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -20,8 +21,8 @@ import yaml
 from aoe_ep.config import Config, config_from_dict
 from aoe_ep.model import Decoder
 from aoe_ep.moe import MoELayer
-from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.parallel.runtime import Runtime, setup_runtime, teardown
+from aoe_ep.train import checkpoint as ckpt
 
 
 @dataclass
@@ -49,8 +50,10 @@ def find_checkpoint(spec: str | Path) -> Path:
     for root in (ckpt.checkpoint_root(path), path):
         if (root / ckpt.LATEST).is_file():
             return ckpt.latest_checkpoint(root)
-    raise ckpt.CheckpointError(f"--checkpoint {spec}: neither a complete checkpoint directory (with .metadata and "
-                               f"meta.json) nor a run directory with checkpoints/latest")
+    raise ckpt.CheckpointError(
+        f"--checkpoint {spec}: neither a complete checkpoint directory (with .metadata and "
+        f"meta.json) nor a run directory with checkpoints/latest"
+    )
 
 
 def read_config(path: Path) -> Config:
@@ -65,8 +68,9 @@ def choose_expert_parallel_size(saved: int, world_size: int, asked: Optional[int
 
 
 @contextlib.contextmanager
-def open_checkpoint(spec: str | Path, expert_parallel_size: Optional[int] = None,
-                    device: Optional[str] = None) -> Iterator[LoadedCheckpoint]:
+def open_checkpoint(
+    spec: str | Path, expert_parallel_size: Optional[int] = None, device: Optional[str] = None
+) -> Iterator[LoadedCheckpoint]:
     """Build the checkpoint's model on this process (or every rank under torchrun) and restore its weights.
     `expert_parallel_size` None: the checkpoint's when the world size allows it; `device` None: the config's."""
     import torch.distributed as dist
@@ -96,8 +100,11 @@ def _refuse_nonfinite(path: Path, model: torch.nn.Module, runtime) -> None:
     """Collective: a checkpoint with NaN or inf weights is refused in one line (every rank together)."""
     from aoe_ep.parallel.runtime import all_reduce_
 
-    bad = [name for name, p in model.named_parameters()
-           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+    ]
     if all_reduce_(torch.tensor([len(bad)], device=runtime.device)).item():
         where = f" (first on this rank: {bad[0]})" if bad else ""
         raise ckpt.CheckpointError(f"{path}: the weights hold NaN or inf{where}; use an earlier checkpoint")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from aoe_ep.data.indexed import check_tokenizer, inspect_dataset
 from aoe_ep.data.preprocessing import SUFFIXES, read_documents
 from aoe_ep.data.tokenizer import Tokenizer
 from aoe_ep.eval.loading import LoadedCheckpoint, open_checkpoint
-from aoe_ep.train.batches import BatchPlan, plan_batches
 from aoe_ep.parallel.runtime import all_reduce_
+from aoe_ep.train.batches import BatchPlan, plan_batches
 from aoe_ep.train.validation import autocast_dtype, num_validation_batches, validation_sums
 
 
@@ -41,8 +42,14 @@ class EvalResult:
     data: list[str]
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "step": self.step,
-                "checkpoint": self.checkpoint, "data": self.data}
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "tokens": self.tokens,
+            "step": self.step,
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+        }
 
 
 def read_token_stream(spec: str, tokenizer: Tokenizer) -> np.ndarray:
@@ -83,8 +90,8 @@ class StreamWindows:
         tokens, labels, mask = torch.zeros(s, dtype=torch.long), torch.zeros(s, dtype=torch.long), torch.zeros(s)
         begin = index * s
         n = max(0, min(s, len(self.stream) - 1 - begin))
-        tokens[:n] = self.stream[begin:begin + n]
-        labels[:n] = self.stream[begin + 1:begin + 1 + n]
+        tokens[:n] = self.stream[begin : begin + n]
+        labels[:n] = self.stream[begin + 1 : begin + 1 + n]
         mask[:n] = 1.0
         return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
@@ -107,8 +114,13 @@ def _validation_split(loaded: LoadedCheckpoint, tokenizer: Tokenizer, batch_size
 
     cfg, rt = loaded.cfg, loaded.runtime
     plan = validation_plan(cfg, rt.world_size, rt.rank, batch_size)
-    _, valid = build_datasets(cfg.data, tokenizer, train_samples=0,
-                              valid_samples=cfg.train.eval_steps * plan.global_samples, seed=cfg.train.seed)
+    _, valid = build_datasets(
+        cfg.data,
+        tokenizer,
+        train_samples=0,
+        valid_samples=cfg.train.eval_steps * plan.global_samples,
+        seed=cfg.train.seed,
+    )
     return valid, plan, num_validation_batches(valid, plan, cfg.train.eval_steps)
 
 
@@ -118,30 +130,56 @@ def _data_windows(loaded: LoadedCheckpoint, tokenizer: Tokenizer, data: Sequence
     if len(stream) < 2:
         raise DataError(f"{', '.join(data)}: fewer than 2 tokens, nothing to predict")
     windows = StreamWindows(stream, cfg.data.seq_len)
-    plan = BatchPlan(seq_len=cfg.data.seq_len, global_samples=batch_size * rt.world_size,
-                     micro_batch_size=batch_size, world_size=rt.world_size, rank=rt.rank)
+    plan = BatchPlan(
+        seq_len=cfg.data.seq_len,
+        global_samples=batch_size * rt.world_size,
+        micro_batch_size=batch_size,
+        world_size=rt.world_size,
+        rank=rt.rank,
+    )
     return windows, plan, math.ceil(len(windows) / plan.global_samples)
 
 
-def evaluate_checkpoint(checkpoint: str, data: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
-                        expert_parallel_size: Optional[int] = None, device: Optional[str] = None) -> EvalResult:
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: Optional[Sequence[str]] = None,
+    batch_size: Optional[int] = None,
+    expert_parallel_size: Optional[int] = None,
+    device: Optional[str] = None,
+) -> EvalResult:
     """Loss, perplexity and predicted-token count of `checkpoint` (collective under torchrun)."""
     with open_checkpoint(checkpoint, expert_parallel_size, device) as loaded:
         cfg, rt = loaded.cfg, loaded.runtime
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         if data:
-            dataset, plan, num_batches = _data_windows(loaded, tokenizer, data,
-                                                       batch_size or cfg.train.micro_batch_size)
+            dataset, plan, num_batches = _data_windows(
+                loaded, tokenizer, data, batch_size or cfg.train.micro_batch_size
+            )
         else:
             dataset, plan, num_batches = _validation_split(loaded, tokenizer, batch_size)
             if num_batches == 0:
-                raise DataError(f"{loaded.path}: the run's validation split is empty (data.split "
-                                f"{cfg.data.split!r}); pass --data")
+                raise DataError(
+                    f"{loaded.path}: the run's validation split is empty (data.split {cfg.data.split!r}); pass --data"
+                )
         bar = tqdm(total=num_batches, disable=not rt.is_main, unit="batch", desc="eval", dynamic_ncols=True)
-        sums = validation_sums(loaded.model, loaded.moe_layers, dataset, plan, num_batches, rt.device,
-                               autocast_dtype(cfg.train.precision, rt.device), progress=bar)
+        sums = validation_sums(
+            loaded.model,
+            loaded.moe_layers,
+            dataset,
+            plan,
+            num_batches,
+            rt.device,
+            autocast_dtype(cfg.train.precision, rt.device),
+            progress=bar,
+        )
         bar.close()
         all_reduce_(sums)
         loss = float(sums[0] / sums[1].clamp_min(1.0))
-        return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(sums[1]), step=loaded.step,
-                          checkpoint=str(loaded.path), data=list(data or []))
+        return EvalResult(
+            loss=loss,
+            perplexity=math.exp(min(loss, 50.0)),
+            tokens=int(sums[1]),
+            step=loaded.step,
+            checkpoint=str(loaded.path),
+            data=list(data or []),
+        )

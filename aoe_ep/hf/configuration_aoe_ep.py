@@ -8,9 +8,22 @@ loaded with `AutoConfig.from_pretrained(directory, trust_remote_code=True)`. Imp
 from transformers import PretrainedConfig
 
 MOE_DEFAULTS = {
-    "num_experts": 8, "top_k": 2, "scorer": "aoe", "d_ffn": 3072, "d_low": 256, "d_wide": None, "norm": "l2",
-    "selection": "top_k", "gate": "softmax_topk", "top_p": 0.6, "capacity_factor": 2.0, "self_routing_offset": 0,
-    "factorized": True, "router_hidden": 0, "balance_bias": False, "threshold": 0.0,
+    "num_experts": 8,
+    "top_k": 2,
+    "scorer": "aoe",
+    "d_ffn": 3072,
+    "d_low": 256,
+    "d_wide": None,
+    "norm": "l2",
+    "selection": "top_k",
+    "gate": "softmax_topk",
+    "top_p": 0.6,
+    "capacity_factor": 2.0,
+    "self_routing_offset": 0,
+    "factorized": True,
+    "router_hidden": 0,
+    "balance_bias": False,
+    "threshold": 0.0,
 }
 
 
@@ -21,9 +34,20 @@ class AoeEpConfig(PretrainedConfig):
     model_type = "aoe_ep"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    def __init__(self, vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5, moe=None, use_cache=True,
-                 tie_word_embeddings=False, **kwargs):
+    def __init__(
+        self,
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        moe=None,
+        use_cache=True,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

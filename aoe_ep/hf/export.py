@@ -70,9 +70,11 @@ def choose_format(cfg: Config, asked: str = "auto") -> str:
         raise ConversionError(f"--format {asked}: model.ffn='dense' has no MoE layer; it exports as llama")
     blockers = mixtral_blockers(cfg)
     if asked == "mixtral" and blockers:
-        raise ConversionError(f"--format mixtral: {blockers[0]} cannot be expressed by MixtralForCausalLM "
-                              f"(it routes by a linear router, top-K, softmax over the chosen, SwiGLU experts); "
-                              f"export it with --format aoe_ep")
+        raise ConversionError(
+            f"--format mixtral: {blockers[0]} cannot be expressed by MixtralForCausalLM "
+            f"(it routes by a linear router, top-K, softmax over the chosen, SwiGLU experts); "
+            f"export it with --format aoe_ep"
+        )
     if asked != "auto":
         return asked
     return "llama" if dense else "mixtral" if not blockers else "aoe_ep"
@@ -84,9 +86,18 @@ def choose_format(cfg: Config, asked: str = "auto") -> str:
 
 def _common(cfg: Config, eod: int) -> dict:
     m = cfg.model
-    return dict(vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
-                num_attention_heads=m.n_heads, max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
-                tie_word_embeddings=False, bos_token_id=None, eos_token_id=eod, pad_token_id=None)
+    return dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        max_position_embeddings=m.max_seq_len,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eod,
+        pad_token_id=None,
+    )
 
 
 def hf_config(cfg: Config, fmt: str, eod: int):
@@ -96,26 +107,58 @@ def hf_config(cfg: Config, fmt: str, eod: int):
     if fmt == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(**_common(cfg, eod), intermediate_size=m.d_ffn, num_key_value_heads=m.n_heads,
-                           head_dim=m.d_model // m.n_heads, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                           rope_parameters=rope)
+        return LlamaConfig(
+            **_common(cfg, eod),
+            intermediate_size=m.d_ffn,
+            num_key_value_heads=m.n_heads,
+            head_dim=m.d_model // m.n_heads,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            rope_parameters=rope,
+        )
     if fmt == "mixtral":
         from transformers import MixtralConfig
 
-        return MixtralConfig(**_common(cfg, eod), intermediate_size=cfg.moe.d_ffn, num_key_value_heads=m.n_heads,
-                             head_dim=m.d_model // m.n_heads, hidden_act="silu", num_local_experts=cfg.moe.num_experts,
-                             num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_coeff,
-                             router_jitter_noise=0.0, sliding_window=None, rope_parameters=rope)
+        return MixtralConfig(
+            **_common(cfg, eod),
+            intermediate_size=cfg.moe.d_ffn,
+            num_key_value_heads=m.n_heads,
+            head_dim=m.d_model // m.n_heads,
+            hidden_act="silu",
+            num_local_experts=cfg.moe.num_experts,
+            num_experts_per_tok=cfg.moe.top_k,
+            router_aux_loss_coef=cfg.moe.aux_loss_coeff,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            rope_parameters=rope,
+        )
     from aoe_ep.hf.configuration_aoe_ep import AoeEpConfig
 
     e = cfg.moe
-    moe = dict(num_experts=e.num_experts, top_k=e.top_k, scorer=e.scorer, d_ffn=e.d_ffn, d_low=e.d_low,
-               d_wide=e.d_wide, norm=e.norm, selection=e.selection, gate=e.gate, top_p=e.top_p,
-               capacity_factor=e.capacity_factor, self_routing_offset=e.self_routing_offset, factorized=e.factorized,
-               router_hidden=e.router_hidden, balance_bias=e.balance == "bias", threshold=e.threshold)
+    moe = dict(
+        num_experts=e.num_experts,
+        top_k=e.top_k,
+        scorer=e.scorer,
+        d_ffn=e.d_ffn,
+        d_low=e.d_low,
+        d_wide=e.d_wide,
+        norm=e.norm,
+        selection=e.selection,
+        gate=e.gate,
+        top_p=e.top_p,
+        capacity_factor=e.capacity_factor,
+        self_routing_offset=e.self_routing_offset,
+        factorized=e.factorized,
+        router_hidden=e.router_hidden,
+        balance_bias=e.balance == "bias",
+        threshold=e.threshold,
+    )
     config = AoeEpConfig(**_common(cfg, eod), rope_theta=float(m.rope_theta), moe=moe)
-    config.auto_map = {"AutoConfig": "configuration_aoe_ep.AoeEpConfig",
-                       "AutoModelForCausalLM": "modeling_aoe_ep.AoeEpForCausalLM"}
+    config.auto_map = {
+        "AutoConfig": "configuration_aoe_ep.AoeEpConfig",
+        "AutoModelForCausalLM": "modeling_aoe_ep.AoeEpForCausalLM",
+    }
     config.architectures = ["AoeEpForCausalLM"]
     return config
 
@@ -146,7 +189,7 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], fmt: str) -> dict
         out[dst + "post_attention_layernorm.weight"] = take(src + "ffn_norm.weight")
         wqkv = take(src + "attn.wqkv.weight")
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[dst + f"self_attn.{name}.weight"] = wqkv[j * d:(j + 1) * d]
+            out[dst + f"self_attn.{name}.weight"] = wqkv[j * d : (j + 1) * d]
         out[dst + "self_attn.o_proj.weight"] = take(src + "attn.wo.weight")
         ffn = src + "ffn."
         if fmt == "llama":
@@ -156,15 +199,18 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], fmt: str) -> dict
         elif fmt == "mixtral":
             out[dst + "mlp.gate.weight"] = take(ffn + "scorer.weight")
             out[dst + "mlp.experts.gate_up_proj"] = torch.cat(
-                [take(ffn + "experts.w_gate").transpose(1, 2), take(ffn + "experts.w_p").transpose(1, 2)], dim=1)
+                [take(ffn + "experts.w_gate").transpose(1, 2), take(ffn + "experts.w_p").transpose(1, 2)], dim=1
+            )
             out[dst + "mlp.experts.down_proj"] = take(ffn + "experts.w_o").transpose(1, 2)
         else:
             for name in sorted(k for k in state if k.startswith(ffn)):
-                out[dst + "mlp." + name[len(ffn):]] = take(name)
+                out[dst + "mlp." + name[len(ffn) :]] = take(name)
     left = sorted(set(state) - used)
     if left:
-        raise ConversionError(f"the checkpoint holds {left[0]!r}, which the {fmt} format has no place for"
-                              + (f" ({len(left)} tensors in all)" if len(left) > 1 else ""))
+        raise ConversionError(
+            f"the checkpoint holds {left[0]!r}, which the {fmt} format has no place for"
+            + (f" ({len(left)} tensors in all)" if len(left) > 1 else "")
+        )
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
@@ -194,10 +240,10 @@ def build_hf_model(cfg: Config, state: dict[str, torch.Tensor], fmt: str, eod: i
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         name = (missing or unexpected)[0]
-        raise ConversionError(f"{fmt}: the converted weights do not fit the model ({name!r} is "
-                              f"{'missing' if missing else 'unexpected'})")
-    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=eod, pad_token_id=eod,
-                                               do_sample=False)
+        raise ConversionError(
+            f"{fmt}: the converted weights do not fit the model ({name!r} is {'missing' if missing else 'unexpected'})"
+        )
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=eod, pad_token_id=eod, do_sample=False)
     return model.eval()
 
 
@@ -221,14 +267,24 @@ def _write_tokenizer(spec: str, out: Path, max_len: int) -> str | None:
             config["eos_token"] = eos
     else:
         shutil.copyfile(path, out / "tokenizer.model")
-        config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": max_len, "add_bos_token": False,
-                  "add_eos_token": False, "legacy": True}
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "model_max_length": max_len,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "legacy": True,
+        }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path.name
 
 
-def export_state(cfg: Config, state: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "auto",
-                 max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> ExportResult:
+def export_state(
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    fmt: str = "auto",
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+) -> ExportResult:
     """Write the model of `cfg` with weights `state` (aoe-ep's single-device names) to `out_dir` (new or empty)."""
     fmt = choose_format(cfg, fmt)
     eod = build_tokenizer(cfg.data.tokenizer).eod
@@ -249,8 +305,9 @@ def export_state(cfg: Config, state: dict[str, torch.Tensor], out_dir: str | Pat
     return ExportResult(out_dir=out, format=fmt, files=sorted(p.name for p in out.iterdir()))
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "auto",
-                      max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, fmt: str = "auto", max_shard_size: str | int = DEFAULT_SHARD_SIZE
+) -> ExportResult:
     """`aoe-ep export CHECKPOINT OUT_DIR`: read the checkpoint on CPU (any layout) and write the directory."""
     from aoe_ep.hf.state import read_model_state
 

@@ -53,8 +53,10 @@ def read_hf_config(hf_dir: Path) -> dict:
     kind = raw.get("model_type")
     if kind not in ARCHITECTURES:
         names = ", ".join(raw.get("architectures") or []) or "no architectures"
-        raise ConversionError(f"{path}: model_type {kind!r} ({names}) cannot be imported; aoe-ep imports "
-                              f"{' and '.join(ARCHITECTURES)} directories")
+        raise ConversionError(
+            f"{path}: model_type {kind!r} ({names}) cannot be imported; aoe-ep imports "
+            f"{' and '.join(ARCHITECTURES)} directories"
+        )
     return raw
 
 
@@ -69,11 +71,13 @@ def _rope_theta(raw: dict, path: Path) -> float:
 def check_settings(raw: dict, path: Path) -> None:
     """Refuse what aoe-ep's decoder would compute differently, naming the setting."""
     heads, d = raw["num_attention_heads"], raw["hidden_size"]
-    checks = [("hidden_act", raw.get("hidden_act", "silu") == "silu"),
-              ("attention_bias", not raw.get("attention_bias", False)),
-              ("mlp_bias", not raw.get("mlp_bias", False)),
-              ("sliding_window", raw.get("sliding_window") is None),
-              ("head_dim", raw.get("head_dim") in (None, d // heads) and d % heads == 0)]
+    checks = [
+        ("hidden_act", raw.get("hidden_act", "silu") == "silu"),
+        ("attention_bias", not raw.get("attention_bias", False)),
+        ("mlp_bias", not raw.get("mlp_bias", False)),
+        ("sliding_window", raw.get("sliding_window") is None),
+        ("head_dim", raw.get("head_dim") in (None, d // heads) and d % heads == 0),
+    ]
     for name, ok in checks:
         if not ok:
             raise ConversionError(f"{path}: {name}={raw.get(name)!r} has no counterpart in aoe-ep's decoder")
@@ -87,18 +91,31 @@ def aoe_config(raw: dict, path: Path, tokenizer: str, out_dir: Path) -> Config:
     check_settings(raw, path)
     moe_kind = raw["model_type"] == "mixtral"
     try:
-        model = ModelConfig(n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
-                            n_heads=raw["num_attention_heads"], vocab_size=raw["vocab_size"],
-                            max_seq_len=raw["max_position_embeddings"], ffn="moe" if moe_kind else "dense",
-                            d_ffn=raw["intermediate_size"], rope_theta=_rope_theta(raw, path),
-                            norm_eps=float(raw.get("rms_norm_eps", 1e-6)))
+        model = ModelConfig(
+            n_layers=raw["num_hidden_layers"],
+            d_model=raw["hidden_size"],
+            n_heads=raw["num_attention_heads"],
+            vocab_size=raw["vocab_size"],
+            max_seq_len=raw["max_position_embeddings"],
+            ffn="moe" if moe_kind else "dense",
+            d_ffn=raw["intermediate_size"],
+            rope_theta=_rope_theta(raw, path),
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        )
         moe = None
         if moe_kind:
-            moe = MoEConfig(d_model=raw["hidden_size"], num_experts=raw["num_local_experts"],
-                            top_k=raw["num_experts_per_tok"], scorer="router", d_ffn=raw["intermediate_size"],
-                            expert_kind="swiglu", aux_loss_coeff=float(raw.get("router_aux_loss_coef", 0.01)))
-        cfg = Config(model=model, moe=moe, data=DataConfig(tokenizer=tokenizer),
-                     train=TrainConfig(out_dir=str(out_dir)))
+            moe = MoEConfig(
+                d_model=raw["hidden_size"],
+                num_experts=raw["num_local_experts"],
+                top_k=raw["num_experts_per_tok"],
+                scorer="router",
+                d_ffn=raw["intermediate_size"],
+                expert_kind="swiglu",
+                aux_loss_coeff=float(raw.get("router_aux_loss_coef", 0.01)),
+            )
+        cfg = Config(
+            model=model, moe=moe, data=DataConfig(tokenizer=tokenizer), train=TrainConfig(out_dir=str(out_dir))
+        )
         return cfg.validate()
     except KeyError as err:
         raise ConversionError(f"{path}: has no {err.args[0]!r}") from None
@@ -134,9 +151,10 @@ def check_weight_files(hf_dir: Path) -> set[str]:
         except ConversionError:
             raise
         except Exception as err:
-            raise ConversionError(f"{file}: not a readable safetensors file ({type(err).__name__}: "
-                                  f"{str(err).strip().splitlines()[0] if str(err).strip() else 'truncated'})") \
-                from None
+            raise ConversionError(
+                f"{file}: not a readable safetensors file ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else 'truncated'})"
+            ) from None
     return names
 
 
@@ -149,18 +167,27 @@ def load_hf_state(hf_dir: Path, raw: dict) -> dict[str, torch.Tensor]:
         with quiet_transformers():
             model, info = cls.from_pretrained(str(hf_dir), dtype=torch.float32, output_loading_info=True)
     except Exception as err:
-        raise ConversionError(f"{hf_dir}: transformers cannot load it as {cls.__name__} "
-                              f"({type(err).__name__}: {str(err).strip().splitlines()[0]})") from None
+        raise ConversionError(
+            f"{hf_dir}: transformers cannot load it as {cls.__name__} "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0]})"
+        ) from None
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("rotary_emb.inv_freq")]
     if raw.get("tie_word_embeddings") and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
-    problems = [("missing", missing), ("unexpected", list(info.get("unexpected_keys", []))),
-                ("of the wrong shape", [str(m[0]) if isinstance(m, tuple) else str(m)
-                                        for m in info.get("mismatched_keys", [])])]
+    problems = [
+        ("missing", missing),
+        ("unexpected", list(info.get("unexpected_keys", []))),
+        (
+            "of the wrong shape",
+            [str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", [])],
+        ),
+    ]
     for what, keys in problems:
         if keys:
-            raise ConversionError(f"{hf_dir}: the safetensors weights do not fit {cls.__name__}: {keys[0]!r} is "
-                                  f"{what}" + (f" ({len(keys)} tensors in all)" if len(keys) > 1 else ""))
+            raise ConversionError(
+                f"{hf_dir}: the safetensors weights do not fit {cls.__name__}: {keys[0]!r} is "
+                f"{what}" + (f" ({len(keys)} tensors in all)" if len(keys) > 1 else "")
+            )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if raw.get("tie_word_embeddings"):
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
@@ -174,18 +201,26 @@ def aoe_state_dict(cfg: Config, hf: dict[str, torch.Tensor], kv_heads: int) -> d
     group = m.n_heads // kv_heads
 
     def heads(w: torch.Tensor) -> torch.Tensor:  # [kv·d_head, d] -> [n_heads·d_head, d]
-        return w.view(kv_heads, 1, d_head, -1).expand(kv_heads, group, d_head, w.shape[-1]).reshape(
-            m.n_heads * d_head, -1)
+        return (
+            w.view(kv_heads, 1, d_head, -1).expand(kv_heads, group, d_head, w.shape[-1]).reshape(m.n_heads * d_head, -1)
+        )
 
-    out = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-           "head.weight": hf["lm_head.weight"]}
+    out = {
+        "embed.weight": hf["model.embed_tokens.weight"],
+        "norm.weight": hf["model.norm.weight"],
+        "head.weight": hf["lm_head.weight"],
+    }
     for i in range(m.n_layers):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
         out[dst + "attn_norm.weight"] = hf[src + "input_layernorm.weight"]
         out[dst + "ffn_norm.weight"] = hf[src + "post_attention_layernorm.weight"]
-        out[dst + "attn.wqkv.weight"] = torch.cat([hf[src + "self_attn.q_proj.weight"],
-                                                   heads(hf[src + "self_attn.k_proj.weight"]),
-                                                   heads(hf[src + "self_attn.v_proj.weight"])])
+        out[dst + "attn.wqkv.weight"] = torch.cat(
+            [
+                hf[src + "self_attn.q_proj.weight"],
+                heads(hf[src + "self_attn.k_proj.weight"]),
+                heads(hf[src + "self_attn.v_proj.weight"]),
+            ]
+        )
         out[dst + "attn.wo.weight"] = hf[src + "self_attn.o_proj.weight"]
         if cfg.moe is None:
             out[dst + "ffn.w_gate"] = hf[src + "mlp.gate_proj.weight"].t()
@@ -211,16 +246,17 @@ def find_tokenizer(hf_dir: Path, raw: dict, asked: str | None) -> tuple[str, Pat
             return name, hf_dir / name
     if raw.get(TOKENIZER_KEY) == "byte":
         return "byte", None
-    raise ConversionError(f"{hf_dir}: no tokenizer.json or tokenizer.model; pass --tokenizer (a .json / .model "
-                          f"file, or 'byte')")
+    raise ConversionError(
+        f"{hf_dir}: no tokenizer.json or tokenizer.model; pass --tokenizer (a .json / .model file, or 'byte')"
+    )
 
 
 def write_run(cfg: Config, state: dict[str, torch.Tensor], stage: Path, final: Path) -> Path:
     """A complete step-0 checkpoint of `state` under `stage` (its config naming `final`), written by the
     trainer's own save (an in-process world of one)."""
     from aoe_ep.model import Decoder
-    from aoe_ep.train import checkpoint as ckpt
     from aoe_ep.parallel.runtime import setup_runtime, teardown
+    from aoe_ep.train import checkpoint as ckpt
     from aoe_ep.train.optim import build_optimizer, build_scheduler
 
     train = dataclasses.replace(cfg.train, device="cpu")
@@ -230,8 +266,9 @@ def write_run(cfg: Config, state: dict[str, torch.Tensor], stage: Path, final: P
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ConversionError(f"converted weights do not fit aoe-ep's model: {' '.join(str(err).split())[:300]}") \
-                from None
+            raise ConversionError(
+                f"converted weights do not fit aoe-ep's model: {' '.join(str(err).split())[:300]}"
+            ) from None
         optimizer = build_optimizer(model, train, runtime.device)
         scheduler = build_scheduler(optimizer, train)
         progress = {"step": 0, "consumed_samples": 0}
@@ -245,8 +282,7 @@ def write_run(cfg: Config, state: dict[str, torch.Tensor], stage: Path, final: P
     return ckpt.checkpoint_root(final) / path.name
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str | None = None,
-              transform=None) -> ImportResult:
+def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str | None = None, transform=None) -> ImportResult:
     """Import `hf_dir` into the new run directory `out_dir`. `transform(cfg, state) -> (cfg, state)` rewrites the
     model before it is written (AoE upcycling)."""
     hf_dir, out = Path(hf_dir), check_destination(out_dir)

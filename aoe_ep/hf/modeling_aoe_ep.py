@@ -44,15 +44,16 @@ class AoeEpRotary(nn.Module):
             angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
             angles = torch.cat([angles, angles], dim=-1)
             table_dtype = torch.get_default_dtype()
-            self._tables[key] = (angles.cos().to(table_dtype).to(device).to(dtype),
-                                 angles.sin().to(table_dtype).to(device).to(dtype))
+            self._tables[key] = (
+                angles.cos().to(table_dtype).to(device).to(dtype),
+                angles.sin().to(table_dtype).to(device).to(dtype),
+            )
         return self._tables[key]
 
     def forward(self, position_ids, device, dtype):
         """cos, sin [B, 1, S, head_dim] at `position_ids` [B, S]."""
         if int(position_ids.max()) >= self.max_positions:
-            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings="
-                             f"{self.max_positions}")
+            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings={self.max_positions}")
         cos, sin = self.tables(device, dtype)
         return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
 
@@ -71,8 +72,10 @@ class AoeEpAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, cache):
         batch, seq, d = x.shape
-        q, k, v = (proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -105,7 +108,7 @@ class AoeEpScorer(nn.Module):
             n, d, low = self.w_down.shape
             cache = (x_TD @ self.w_down.permute(1, 0, 2).reshape(d, n * low)).view(x_TD.shape[0], n, low)
             return torch.linalg.vector_norm(_fp32(cache), ord=self.ord, dim=-1), cache
-        return _fp32(x_TD[:, self.offset:self.offset + self.num_experts]), None
+        return _fp32(x_TD[:, self.offset : self.offset + self.num_experts]), None
 
 
 def _fp32(t):
@@ -150,7 +153,7 @@ class AoeEpMoE(nn.Module):
             return mask, g * mask
         ranked = s + self.expert_bias.to(s.dtype) if hasattr(self, "expert_bias") else s
         if m["selection"] == "top_k":
-            mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, _ranked(ranked, 1)[:, :m["top_k"]], True)
+            mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, _ranked(ranked, 1)[:, : m["top_k"]], True)
         elif m["selection"] == "top_p":
             probs = torch.softmax(ranked, dim=1)
             order = _ranked(probs, 1)
@@ -218,7 +221,7 @@ class AoeEpPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, AoeEpMoE):
-            for name, p in module.named_parameters(recurse=False):
+            for _name, p in module.named_parameters(recurse=False):
                 nn.init.zeros_(p)
             for p in list(module.experts.parameters()) + list(module.scorer.parameters()):
                 nn.init.normal_(p, std=std)
@@ -230,8 +233,9 @@ class AoeEpModel(AoeEpPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(AoeEpDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary = AoeEpRotary(config.hidden_size // config.num_attention_heads, config.max_position_embeddings,
-                                  config.rope_theta)
+        self.rotary = AoeEpRotary(
+            config.hidden_size // config.num_attention_heads, config.max_position_embeddings, config.rope_theta
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -240,8 +244,16 @@ class AoeEpModel(AoeEpPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -269,10 +281,12 @@ def _attention_mask(attention_mask, batch, seq, past, device):
     causal = keys[None, :] <= past + torch.arange(seq, device=device)[:, None]
     mask = causal[None, None].expand(batch, 1, seq, past + seq)
     if padded:
-        mask = mask & attention_mask.bool()[:, None, None, :past + seq]
+        mask = mask & attention_mask.bool()[:, None, None, : past + seq]
         # a query that sees no key at all (a pad position) attends to itself, so that its row is not NaN
-        mask = mask | (~mask.any(dim=-1, keepdim=True) & (keys[None, None, None, :] == (past + torch.arange(
-            seq, device=device))[None, None, :, None]))
+        mask = mask | (
+            ~mask.any(dim=-1, keepdim=True)
+            & (keys[None, None, None, :] == (past + torch.arange(seq, device=device))[None, None, :, None])
+        )
     return mask, False
 
 
@@ -295,12 +309,28 @@ class AoeEpForCausalLM(AoeEpPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        past_key_values=None,
+        **kwargs,
+    ):
         # `cache` is the name transformers >= 5.2 passes, `past_key_values` the earlier one
-        hidden, cache = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=cache if cache is not None else past_key_values,
-                                   inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden, cache = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None

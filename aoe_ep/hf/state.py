@@ -20,8 +20,13 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from aoe_ep.config import Config
 from aoe_ep.eval.loading import find_checkpoint, read_config
 from aoe_ep.train import checkpoint as ckpt
-from aoe_ep.train.checkpoint_integrity import (MANIFEST_KEY, CheckpointError, SafeFileSystemReader,
-                                               TensorsOnlyLoadPlanner, file_sha256)
+from aoe_ep.train.checkpoint_integrity import (
+    MANIFEST_KEY,
+    CheckpointError,
+    SafeFileSystemReader,
+    TensorsOnlyLoadPlanner,
+    file_sha256,
+)
 
 MODEL_PREFIX = "model."
 
@@ -36,8 +41,10 @@ def verify_files(path: Path, meta: dict) -> None:
         if pathlib.PurePath(name).name != name or not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing; the checkpoint was modified or corrupted")
         if file_sha256(file).hex() != digest:
-            raise CheckpointError(f"{path}: {name} does not match the SHA-256 recorded when it was saved; the "
-                                  f"checkpoint was modified or corrupted")
+            raise CheckpointError(
+                f"{path}: {name} does not match the SHA-256 recorded when it was saved; the "
+                f"checkpoint was modified or corrupted"
+            )
 
 
 def read_model_state(spec: str | Path) -> tuple[Path, Config, dict, dict[str, torch.Tensor]]:
@@ -52,14 +59,18 @@ def read_model_state(spec: str | Path) -> tuple[Path, Config, dict, dict[str, to
     model: dict[str, torch.Tensor] = {}
     for key, item in metadata.state_dict_metadata.items():
         if key.startswith(MODEL_PREFIX) and isinstance(item, TensorStorageMetadata):
-            model[key[len(MODEL_PREFIX):]] = torch.empty(item.size, dtype=item.properties.dtype)
+            model[key[len(MODEL_PREFIX) :]] = torch.empty(item.size, dtype=item.properties.dtype)
     if not model:
         raise CheckpointError(f"{path}: holds no model tensors")
     try:
         with warnings.catch_warnings():  # reading in one process is the intent here, not a fallback
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": model}, storage_reader=SafeFileSystemReader(str(path)),
-                     planner=TensorsOnlyLoadPlanner(), no_dist=True)
+            dcp.load(
+                {"model": model},
+                storage_reader=SafeFileSystemReader(str(path)),
+                planner=TensorsOnlyLoadPlanner(),
+                no_dist=True,
+            )
     except CheckpointError:
         raise
     except Exception as err:

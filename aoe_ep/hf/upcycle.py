@@ -44,7 +44,7 @@ def factorise(w_gate_DF: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     up_RF = root_R[:, None] * vt_KF[:rank]
     norm = torch.linalg.matrix_norm(w)
     error = float(torch.linalg.matrix_norm(w - down_DR @ up_RF) / norm) if norm > 0 else 0.0
-    energy = float((s_K[:rank] ** 2).sum() / (s_K ** 2).sum()) if norm > 0 else 1.0
+    energy = float((s_K[:rank] ** 2).sum() / (s_K**2).sum()) if norm > 0 else 1.0
     return down_DR.to(w_gate_DF.dtype), up_RF.to(w_gate_DF.dtype), error, energy
 
 
@@ -54,8 +54,7 @@ def upcycle(cfg: Config, state: dict[str, torch.Tensor], d_low: int) -> tuple[Co
     if m is None or m.scorer != "router" or m.factorized:
         raise ConversionError("--to aoe needs a routed MoE with SwiGLU experts (a Mixtral directory)")
     if not 0 < d_low <= min(cfg.model.d_model, m.d_ffn):
-        raise ConversionError(f"--d-low {d_low}: must lie in [1, min(d_model={cfg.model.d_model}, "
-                              f"d_ffn={m.d_ffn})]")
+        raise ConversionError(f"--d-low {d_low}: must lie in [1, min(d_model={cfg.model.d_model}, d_ffn={m.d_ffn})]")
     try:
         moe = dataclasses.replace(m, scorer="aoe", d_low=d_low, d_wide=m.d_ffn, expert_kind="auto")
     except ConfigError as err:
@@ -76,11 +75,17 @@ def upcycle(cfg: Config, state: dict[str, torch.Tensor], d_low: int) -> tuple[Co
 
 
 def describe(report: UpcycleReport) -> str:
-    lines = [(f"AoE upcycling at d_low = {report.d_low}: relative Frobenius error of W_g ≈ W_down·W_up per layer "
-              f"(mean over experts, max), share of ‖W_g‖² kept")]
+    lines = [
+        (
+            f"AoE upcycling at d_low = {report.d_low}: relative Frobenius error of W_g ≈ W_down·W_up per layer "
+            f"(mean over experts, max), share of ‖W_g‖² kept"
+        )
+    ]
     for i, (errors, energy) in enumerate(zip(report.errors_LE, report.energy_LE)):
-        lines.append(f"  layer {i:2d}: error {sum(errors) / len(errors):.4f} (max {max(errors):.4f}), "
-                     f"energy kept {sum(energy) / len(energy):.4f}")
+        lines.append(
+            f"  layer {i:2d}: error {sum(errors) / len(errors):.4f} (max {max(errors):.4f}), "
+            f"energy kept {sum(energy) / len(energy):.4f}"
+        )
     return "\n".join(lines)
 
 

@@ -29,8 +29,8 @@ class Rotary(nn.Module):
     def forward(self, x_BNSK: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x at positions [offset, offset + S)."""
         seq = x_BNSK.shape[-2]
-        cos = self.cos_SK[offset:offset + seq].to(x_BNSK.dtype)
-        sin = self.sin_SK[offset:offset + seq].to(x_BNSK.dtype)
+        cos = self.cos_SK[offset : offset + seq].to(x_BNSK.dtype)
+        sin = self.sin_SK[offset : offset + seq].to(x_BNSK.dtype)
         first, second = x_BNSK.chunk(2, dim=-1)
         return x_BNSK * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         self.wo = nn.Linear(d_model, d_model, bias=False)
         self.rotary = Rotary(self.d_head, max_seq_len, rope_theta)
         for linear in (self.wqkv, self.wo):
-            nn.init.normal_(linear.weight, std=d_model ** -0.5)
+            nn.init.normal_(linear.weight, std=d_model**-0.5)
 
     def forward(self, x_BSD: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
         """x [B, S, d]; with a cache, x holds the S positions after the cached ones, which it appends."""
@@ -62,7 +62,13 @@ class CausalSelfAttention(nn.Module):
         else:
             k_BNTK, v_BNTK = cache.append(k_BNSK, v_BNSK)
             # query i sits at position past + i and sees keys [0, past + i]; is_causal would align it to key i
-            mask_ST = None if seq == 1 else (torch.arange(past + seq, device=x_BSD.device)[None, :]
-                                             <= past + torch.arange(seq, device=x_BSD.device)[:, None])
+            mask_ST = (
+                None
+                if seq == 1
+                else (
+                    torch.arange(past + seq, device=x_BSD.device)[None, :]
+                    <= past + torch.arange(seq, device=x_BSD.device)[:, None]
+                )
+            )
             o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNTK, v_BNTK, attn_mask=mask_ST)
         return self.wo(o_BNSK.transpose(1, 2).reshape(batch, seq, d_model))

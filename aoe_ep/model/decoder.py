@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aoe_ep.config import MoEConfig, ModelConfig
+from aoe_ep.config import ModelConfig, MoEConfig
 from aoe_ep.model.attention import CausalSelfAttention
 from aoe_ep.model.ffn import DenseSwiGLU
 from aoe_ep.model.kv_cache import KVCache, LayerKVCache
@@ -40,10 +40,13 @@ class DecoderBlock(nn.Module):
         self.attn = CausalSelfAttention(model.d_model, model.n_heads, model.max_seq_len, model.rope_theta)
         self.ffn_norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
         self.is_moe = model.ffn == "moe"
-        self.ffn = MoELayer(moe, ep_group=ep_group, index=index) if self.is_moe else DenseSwiGLU(model.d_model, model.d_ffn)
+        self.ffn = (
+            MoELayer(moe, ep_group=ep_group, index=index) if self.is_moe else DenseSwiGLU(model.d_model, model.d_ffn)
+        )
 
-    def forward(self, x_BSD: torch.Tensor, cache: Optional[LayerKVCache] = None,
-                ctx: StepContext = DEFAULT_CONTEXT) -> tuple[torch.Tensor, Optional[MoEInfo]]:
+    def forward(
+        self, x_BSD: torch.Tensor, cache: Optional[LayerKVCache] = None, ctx: StepContext = DEFAULT_CONTEXT
+    ) -> tuple[torch.Tensor, Optional[MoEInfo]]:
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cache)
         if self.is_moe:
             f_BSD, info = self.ffn(self.ffn_norm(h_BSD), ctx=ctx)
@@ -67,14 +70,16 @@ class Decoder(nn.Module):
         self.norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
         self.head = nn.Linear(model.d_model, model.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.head.weight, std=model.d_model ** -0.5)
+        nn.init.normal_(self.head.weight, std=model.d_model**-0.5)
 
-    def forward(self, tokens_BS: torch.Tensor, cache: Optional[KVCache] = None,
-                ctx: StepContext = DEFAULT_CONTEXT) -> DecoderOutput:
+    def forward(
+        self, tokens_BS: torch.Tensor, cache: Optional[KVCache] = None, ctx: StepContext = DEFAULT_CONTEXT
+    ) -> DecoderOutput:
         past = cache.length if cache is not None else 0
         if past + tokens_BS.shape[-1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {past + tokens_BS.shape[-1]} exceeds "
-                             f"model.max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(
+                f"sequence length {past + tokens_BS.shape[-1]} exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
         x_BSD = self.embed(tokens_BS)
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         infos = []
@@ -91,12 +96,20 @@ class Decoder(nn.Module):
         """An empty KV cache for `batch` sequences of up to max_seq_len positions, on the model's device."""
         weight = self.head.weight
         attn = self.blocks[0].attn
-        return KVCache(len(self.blocks), batch, attn.n_heads, attn.d_head, self.cfg.max_seq_len,
-                       device=weight.device, dtype=weight.dtype)
+        return KVCache(
+            len(self.blocks),
+            batch,
+            attn.n_heads,
+            attn.d_head,
+            self.cfg.max_seq_len,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
 
 
-def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,
-                        loss_mask_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_cross_entropy(
+    logits_BSV: torch.Tensor, labels_BS: torch.Tensor, loss_mask_BS: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ masked next-token cross-entropy, Σ mask), in fp32 whatever the logits' dtype; the caller divides."""
     ce_N = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
     mask_N = loss_mask_BS.flatten().to(ce_N.dtype)

@@ -15,7 +15,8 @@ type, and a parameter of a module type it does not know is an error rather than 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,8 +24,8 @@ from torch import nn
 from aoe_ep.hashing import digest63
 from aoe_ep.model.ffn import DenseSwiGLU
 from aoe_ep.moe import MoELayer
-from aoe_ep.moe.layer import THRESHOLD_BIAS_INIT
 from aoe_ep.moe.experts import AoEExperts, SwiGLUExperts
+from aoe_ep.moe.layer import THRESHOLD_BIAS_INIT
 from aoe_ep.moe.scorers import AoEScorer, RouterScorer
 
 # How a parameter starts: a std from its shape (a normal draw), or None for ones.
@@ -79,15 +80,16 @@ def init_parameters(model: nn.Module, seed: int) -> None:
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             fqn = f"{module_name}.{pname}" if module_name else pname
-            constant = next((c for (kind, n), c in CONSTANTS.items() if isinstance(module, kind) and n == pname),
-                            None)
+            constant = next((c for (kind, n), c in CONSTANTS.items() if isinstance(module, kind) and n == pname), None)
             if constant is not None:
                 p.fill_(constant)
                 continue
             rule = next((r for (kind, n), r in RULES.items() if isinstance(module, kind) and n == pname), None)
             if rule is None:
-                raise TypeError(f"init_parameters: no initialisation rule for {fqn} ({type(module).__name__}."
-                                f"{pname}); add one to aoe_ep.model.init.RULES")
+                raise TypeError(
+                    f"init_parameters: no initialisation rule for {fqn} ({type(module).__name__}."
+                    f"{pname}); add one to aoe_ep.model.init.RULES"
+                )
             std_of, per_expert = rule
             if std_of is None:
                 p.fill_(1.0)
@@ -96,8 +98,7 @@ def init_parameters(model: nn.Module, seed: int) -> None:
             if not per_expert:
                 p.copy_(_draw(p.shape, std, seed, fqn))
                 continue
-            layer = next((m for name, m in layers.items() if module_name.startswith(f"{name}." if name else "")),
-                         None)
+            layer = next((m for name, m in layers.items() if module_name.startswith(f"{name}." if name else "")), None)
             if layer is None:
                 raise TypeError(f"init_parameters: {fqn} is a stacked-expert tensor outside an MoELayer")
             # An expert-parallel stack holds this rank's experts, in the order of the layer's placement.

@@ -9,7 +9,7 @@ import torch
 class LayerKVCache:
     """One attention layer's keys and values [B, N, max_len, K]; positions [0, length) are filled."""
 
-    def __init__(self, owner: "KVCache", k_BNMK: torch.Tensor, v_BNMK: torch.Tensor):
+    def __init__(self, owner: KVCache, k_BNMK: torch.Tensor, v_BNMK: torch.Tensor):
         self.owner, self.k_BNMK, self.v_BNMK = owner, k_BNMK, v_BNMK
 
     @property
@@ -28,12 +28,24 @@ class KVCache:
     """Per-layer caches for `batch` sequences of up to `max_len` positions; `Decoder.forward(tokens, cache)` fills
     the next positions and advances `length` once every layer has appended."""
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, d_head: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        d_head: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.max_len, self.length = max_len, 0
         shape = (batch, n_heads, max_len, d_head)
-        self.layers = [LayerKVCache(self, torch.zeros(shape, device=device, dtype=dtype),
-                                    torch.zeros(shape, device=device, dtype=dtype)) for _ in range(n_layers)]
+        self.layers = [
+            LayerKVCache(
+                self, torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+            )
+            for _ in range(n_layers)
+        ]
 
     def advance(self, steps: int) -> None:
         self.length += steps

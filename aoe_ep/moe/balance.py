@@ -19,7 +19,8 @@ global `parallel_state` group; here the counts are already global, so only the r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,13 +36,12 @@ def bias_update(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: f
     return bias_E + rate * torch.sign(error_E).to(bias_E.dtype)
 
 
-def step_token_counts(infos: Sequence[Sequence[MoEInfo]], layers: Sequence[MoELayer],
-                      device: torch.device) -> torch.Tensor:
+def step_token_counts(
+    infos: Sequence[Sequence[MoEInfo]], layers: Sequence[MoELayer], device: torch.device
+) -> torch.Tensor:
     """[L, n] float64: Σ over the step's micro-batches of each layer's `tokens_per_expert` (each already global over
     its expert-parallel group); `infos` holds, per micro-batch, every MoE layer's `MoEInfo` in layer order."""
-    counts_LE = torch.zeros(len(layers), layers[0].cfg.num_experts if layers else 0, dtype=torch.float64,
-                            device=device)
+    counts_LE = torch.zeros(len(layers), layers[0].cfg.num_experts if layers else 0, dtype=torch.float64, device=device)
     for micro in infos:
         counts_LE += torch.stack([info.stats.tokens_per_expert.to(counts_LE) for info in micro])
     return counts_LE
-

@@ -21,7 +21,8 @@ Per-step updates read the step's global counts (`update_balancing`); the layer n
 from __future__ import annotations
 
 import abc
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -65,8 +66,16 @@ class Balancing(abc.ABC):
         return s_dec_SE
 
     @abc.abstractmethod
-    def loss(self, layer: nn.Module, own: slice, mask_SE: torch.Tensor, probs_SE: torch.Tensor,
-             entropy_S: torch.Tensor, g_SE: Optional[torch.Tensor], sums: BatchSums) -> torch.Tensor:
+    def loss(
+        self,
+        layer: nn.Module,
+        own: slice,
+        mask_SE: torch.Tensor,
+        probs_SE: torch.Tensor,
+        entropy_S: torch.Tensor,
+        g_SE: Optional[torch.Tensor],
+        sums: BatchSums,
+    ) -> torch.Tensor:
         """The balancing loss over the EP group's batch, differentiable through this rank's rows `own`."""
 
     def update(self, layer: nn.Module, counts_E: torch.Tensor, num_tokens: torch.Tensor | float) -> None:
@@ -141,14 +150,16 @@ class ThresholdBalancing(Balancing):
         if not self.updates_per_step:
             return
         density = step_density(counts_E.unsqueeze(0), num_tokens)[0]
-        layer.threshold_lambda.copy_(lambda_update(layer.threshold_lambda, density, self.cfg.threshold_density,
-                                                   self.cfg.threshold_eta))
+        layer.threshold_lambda.copy_(
+            lambda_update(layer.threshold_lambda, density, self.cfg.threshold_density, self.cfg.threshold_eta)
+        )
 
     def log_values(self, layer, stats):
         out = {}
         if stats is not None:
             out["density"] = float(stats.tokens_per_expert.sum()) / max(
-                stats.tokens_per_expert.numel() * stats.num_tokens, 1)
+                stats.tokens_per_expert.numel() * stats.num_tokens, 1
+            )
         out["threshold_lambda"] = float(layer.threshold_lambda)
         return out
 
@@ -198,4 +209,3 @@ def update_balancing(layers: Sequence[nn.Module], counts_LE: torch.Tensor, num_t
     every layer in `layers` and the step's global token count (every layer sees the same tokens)."""
     for layer, counts_E in zip(layers, counts_LE):
         layer.balancing.update(layer, counts_E, num_tokens)
-

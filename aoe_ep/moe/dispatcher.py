@@ -12,9 +12,10 @@ of this package imports the parallel one.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -110,16 +111,24 @@ class Dispatcher(Protocol):
 
     def expert_choice(self, probs_SE: torch.Tensor, capacity_factor: float, layout: TokenLayout) -> Decision: ...
 
-    def dispatch(self, x_TD: torch.Tensor, xs_SD: torch.Tensor, scores: Scores, decision: Decision,
-                 layout: TokenLayout) -> tuple[ExpertRows, DispatchState, torch.Tensor]: ...
+    def dispatch(
+        self, x_TD: torch.Tensor, xs_SD: torch.Tensor, scores: Scores, decision: Decision, layout: TokenLayout
+    ) -> tuple[ExpertRows, DispatchState, torch.Tensor]: ...
 
     def attach_scores(self, s_SX: torch.Tensor, s_SE: torch.Tensor, layout: TokenLayout) -> torch.Tensor: ...
 
     def own_rows(self, layout: TokenLayout) -> slice: ...
 
-    def global_sums(self, mask_SE: torch.Tensor, probs_SE: torch.Tensor, entropy_S: torch.Tensor,
-                    s_SE: torch.Tensor, layout: TokenLayout, margin_S: Optional[torch.Tensor] = None,
-                    g_SE: Optional[torch.Tensor] = None) -> BatchSums: ...
+    def global_sums(
+        self,
+        mask_SE: torch.Tensor,
+        probs_SE: torch.Tensor,
+        entropy_S: torch.Tensor,
+        s_SE: torch.Tensor,
+        layout: TokenLayout,
+        margin_S: Optional[torch.Tensor] = None,
+        g_SE: Optional[torch.Tensor] = None,
+    ) -> BatchSums: ...
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor: ...
 
@@ -162,8 +171,9 @@ class LocalDispatcher:
         n = probs_SE.shape[1]
         return expert_choice_decision(probs_SE, expert_capacity(probs_SE.shape[0], n, capacity_factor))
 
-    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None,
-                    g_SE=None) -> BatchSums:
+    def global_sums(
+        self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None, g_SE=None
+    ) -> BatchSums:
         """Detached sums over the EP group's batch (`g_SE`: threshold selection's gates, for its loss's sums)."""
         return BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S, g_SE)
 
@@ -200,6 +210,8 @@ def build_dispatcher(cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup]) -> D
     if cfg.num_experts % ep_size:
         raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel size {ep_size}")
     if cfg.dispatcher not in _FACTORIES:
-        raise ValueError(f"moe.dispatcher={cfg.dispatcher!r} is not a registered expert-parallel dispatcher "
-                         f"(registered: {', '.join(sorted(_FACTORIES)) or 'none'})")
+        raise ValueError(
+            f"moe.dispatcher={cfg.dispatcher!r} is not a registered expert-parallel dispatcher "
+            f"(registered: {', '.join(sorted(_FACTORIES)) or 'none'})"
+        )
     return _FACTORIES[cfg.dispatcher](ep_group, cfg.num_experts)

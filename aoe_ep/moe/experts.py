@@ -23,7 +23,7 @@ from aoe_ep.moe.losses import erc_gate_norms
 
 
 def _init(tensor: torch.Tensor, fan_in: int) -> None:
-    nn.init.normal_(tensor, std=fan_in ** -0.5)
+    nn.init.normal_(tensor, std=fan_in**-0.5)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -129,14 +129,26 @@ def _pad_middle(w: torch.Tensor, width: int) -> torch.Tensor:
     return w if w.shape[1] == width else F.pad(w, (0, 0, 0, width - w.shape[1]))
 
 
-def grouped_glu(x_MD: torch.Tensor, g_MK: torch.Tensor, w_gate_EKF: torch.Tensor, w_p_EDF: torch.Tensor,
-                w_o_EFD: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
+def grouped_glu(
+    x_MD: torch.Tensor,
+    g_MK: torch.Tensor,
+    w_gate_EKF: torch.Tensor,
+    w_p_EDF: torch.Tensor,
+    w_o_EFD: torch.Tensor,
+    groups: Groups,
+    kernel: str = "auto",
+) -> torch.Tensor:
     """(SiLU(g Wg_e) ⊙ x Wp_e) Wo_e for every row, in the compute dtype. The `grouped` kernel wants 16-byte-aligned
     strides: a hidden width that is not (the 4B preset's d_wide = 6470 in bf16) is zero-padded, which changes no
     result; input widths that are not (only odd test shapes) run the `loop` kernel."""
     dtype = compute_dtype(x_MD)
-    kernel = choose_kernel(kernel, x_MD.device, dtype, widths=(x_MD.shape[1], g_MK.shape[1]),
-                           rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1))
+    kernel = choose_kernel(
+        kernel,
+        x_MD.device,
+        dtype,
+        widths=(x_MD.shape[1], g_MK.shape[1]),
+        rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1),
+    )
     width = w_gate_EKF.shape[2]
     if kernel == "grouped":
         width = pad_to(width, dtype)
@@ -149,8 +161,13 @@ def grouped_glu(x_MD: torch.Tensor, g_MK: torch.Tensor, w_gate_EKF: torch.Tensor
 
 def grouped_linear(x_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
     dtype = compute_dtype(x_MK)
-    kernel = choose_kernel(kernel, x_MK.device, dtype, widths=tuple(w_EKN.shape[1:]),
-                           rows_per_group=x_MK.shape[0] / max(groups.num_groups, 1))
+    kernel = choose_kernel(
+        kernel,
+        x_MK.device,
+        dtype,
+        widths=tuple(w_EKN.shape[1:]),
+        rows_per_group=x_MK.shape[0] / max(groups.num_groups, 1),
+    )
     return _GroupedLinear.apply(x_MK.to(dtype), w_EKN.to(dtype), groups, kernel)
 
 
@@ -166,8 +183,13 @@ class SwiGLUExperts(nn.Module):
         self.w_o = nn.Parameter(torch.empty(num_experts, f, d))
         _init(self.w_gate, d), _init(self.w_p, d), _init(self.w_o, f)
 
-    def forward(self, x_MD: torch.Tensor, groups: Groups,
-                cache_ML: Optional[torch.Tensor] = None, gate_norms_of: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x_MD: torch.Tensor,
+        groups: Groups,
+        cache_ML: Optional[torch.Tensor] = None,
+        gate_norms_of: Optional[torch.Tensor] = None,
+    ):
         """The experts' outputs for the grouped rows; with `gate_norms_of` (rows [N, d]) also ‖row · Wg_j‖ for every
         held expert j, [N, E] (the ERC loss), from the same call: FSDP2 gathers the weights once and reduces their
         gradient once (a second differentiable call of a sharded module would be reduced apart)."""
@@ -195,8 +217,13 @@ class AoEExperts(nn.Module):
         self.w_o = nn.Parameter(torch.empty(num_experts, wide, d))
         _init(self.w_up, low), _init(self.w_p, d), _init(self.w_o, wide)
 
-    def forward(self, x_MD: torch.Tensor, groups: Groups,
-                cache_ML: Optional[torch.Tensor] = None, gate_norms_of: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x_MD: torch.Tensor,
+        groups: Groups,
+        cache_ML: Optional[torch.Tensor] = None,
+        gate_norms_of: Optional[torch.Tensor] = None,
+    ):
         """As `SwiGLUExperts.forward`; the gate projection is Wdown_j·Wup_j, applied as two products."""
         if gate_norms_of is not None and self.w_down is None:
             raise ValueError("the gate projection of AoE experts starts from the scorer's Wdown, not their own")

@@ -15,8 +15,9 @@ Two kernels, chosen per device, dtype and shape by `choose_kernel`:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -79,7 +80,7 @@ def row_stride(width: int, dtype: torch.dtype) -> int:
 def strided_empty(shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
     """A tensor of `shape` (uninitialised, or zeros) whose rows are `row_stride` apart: a view into a wider buffer."""
     make = like.new_zeros if zero else like.new_empty
-    return make(*shape[:-1], row_stride(shape[-1], like.dtype))[..., :shape[-1]]
+    return make(*shape[:-1], row_stride(shape[-1], like.dtype))[..., : shape[-1]]
 
 
 def grouped_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -89,8 +90,13 @@ def grouped_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
 
-def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = (),
-                  rows_per_group: float = float("inf")) -> str:
+def choose_kernel(
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    widths: tuple[int, ...] = (),
+    rows_per_group: float = float("inf"),
+) -> str:
     """The kernel to run. `auto`: on an accelerator `grouped`, the only one that needs no host synchronisation. On
     CPU, by the rows per expert: `loop` from `LOOP_ROWS_ON_CPU` on, where its expert-by-expert chain keeps each
     expert's intermediates in cache for the elementwise steps (measured 10-12% faster than `grouped` at 8 experts ×
@@ -131,8 +137,11 @@ def gmm_wgrad(a_MK: torch.Tensor, b_MN: torch.Tensor, groups: Groups, kernel: st
         return _empty_wgrad(a_MK, b_MN, groups)
     if kernel == "grouped":
         return torch._grouped_mm(a_MK.t(), b_MN, offs=groups.offsets_E)
-    out_EKN = a_MK.new_zeros(groups.num_groups, a_MK.shape[1], b_MN.shape[1]) if 0 in groups.host else \
-        a_MK.new_empty(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+    out_EKN = (
+        a_MK.new_zeros(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+        if 0 in groups.host
+        else a_MK.new_empty(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+    )
     for e, rows in groups.spans():
         torch.mm(a_MK[rows].t(), b_MN[rows], out=out_EKN[e])
     return out_EKN

@@ -101,8 +101,13 @@ class MoELayer(nn.Module):
     config, plus `coupling`, the ERC loss when `moe.erc_loss_coeff` is set.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group: Optional[dist.ProcessGroup] = None,
-                 dispatcher: Optional[Dispatcher] = None, index: int = 0):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        ep_group: Optional[dist.ProcessGroup] = None,
+        dispatcher: Optional[Dispatcher] = None,
+        index: int = 0,
+    ):
         super().__init__()
         cfg.validate("moe")
         self.cfg = cfg
@@ -150,8 +155,9 @@ class MoELayer(nn.Module):
         scores = self.scorer(xs_SD)
         s_dec_SE = d.all_expert_scores(scores.s_TE, layout)
         # decide (the balancing scheme may shift the ranked scores, or select by its own gates)
-        decision = scheme.decide(self, s_dec_SE, partial(d.expert_choice, capacity_factor=cfg.capacity_factor,
-                                                         layout=layout))
+        decision = scheme.decide(
+            self, s_dec_SE, partial(d.expert_choice, capacity_factor=cfg.capacity_factor, layout=layout)
+        )
         # dispatch: the selected rows reach their experts' ranks; the differentiable scores come back attached
         rows, state, s_SX = d.dispatch(x_TD, xs_SD, scores, decision, layout)
         s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
@@ -159,8 +165,11 @@ class MoELayer(nn.Module):
         probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate, g_SE)
         entropy_S = token_entropy(s_SE, probs_SE)
         # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded.
-        margin_S = (None if cfg.selection == "expert_choice"
-                    else selection_margin(scheme.ranked(self, s_dec_SE, g_SE), decision.mask_SE))
+        margin_S = (
+            None
+            if cfg.selection == "expert_choice"
+            else selection_margin(scheme.ranked(self, s_dec_SE, g_SE), decision.mask_SE)
+        )
         sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S, g_SE)
         own = d.own_rows(layout)
         loss = scheme.loss(self, own, decision.mask_SE, probs_SE, entropy_S, g_SE, sums)
@@ -184,11 +193,15 @@ class MoELayer(nn.Module):
         if ctx.rank_mean_gradients and d.ep_size > 1:
             loss = scale_gradient(loss, d.ep_size)
 
-        info = MoEInfo(aux_loss=loss, stats=sums.stats(), timing=LayerTiming(expert_seconds, combine_seconds),
-                       nonfinite_inputs=layout.nonfinite,
-                       mask_TE=decision.mask_SE[own] if ctx.record_selection else None,
-                       erc_loss=None if erc is None else erc.detach(),
-                       erc_eps=None if erc is None else eps_n.mean())
+        info = MoEInfo(
+            aux_loss=loss,
+            stats=sums.stats(),
+            timing=LayerTiming(expert_seconds, combine_seconds),
+            nonfinite_inputs=layout.nonfinite,
+            mask_TE=decision.mask_SE[own] if ctx.record_selection else None,
+            erc_loss=None if erc is None else erc.detach(),
+            erc_eps=None if erc is None else eps_n.mean(),
+        )
         return y_TD.to(x_TD.dtype).view(x.shape[:-1] + (cfg.d_model,)), info
 
     @property

@@ -30,7 +30,6 @@ def _global_value(own: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return own + (total - own).detach()
 
 
-
 class _ScaleGradient(torch.autograd.Function):
     """The identity forward; the gradient times `factor` backward."""
 
@@ -51,6 +50,7 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     one single-device gradient, which the world-wide mean would otherwise divide by the EP size."""
     return _ScaleGradient.apply(x, factor)
 
+
 def load_balancing_loss(probs_own_TE: torch.Tensor, sums: BatchSums, coeff: float) -> torch.Tensor:
     """α·n·Σ f_i·P_i with f_i = tokens_per_expert/T (sums to K for top-K) and P_i = mean softmax probability.
 
@@ -61,8 +61,13 @@ def load_balancing_loss(probs_own_TE: torch.Tensor, sums: BatchSums, coeff: floa
         return probs_own_TE.sum() * 0.0
     probs_sum_1E = _global_value(probs_own_TE.sum(dim=0), sums.probs_sum.to(probs_own_TE.dtype)).unsqueeze(0)
     return switch_load_balancing_loss_func(
-        probs=probs_sum_1E, tokens_per_expert=sums.tokens_per_expert.to(probs_own_TE.dtype),
-        total_num_tokens=sums.num_tokens, topk=1, num_experts=probs_own_TE.shape[1], moe_aux_loss_coeff=coeff)
+        probs=probs_sum_1E,
+        tokens_per_expert=sums.tokens_per_expert.to(probs_own_TE.dtype),
+        total_num_tokens=sums.num_tokens,
+        topk=1,
+        num_experts=probs_own_TE.shape[1],
+        moe_aux_loss_coeff=coeff,
+    )
 
 
 def aux_loss(cfg: MoEConfig, probs_own_TE: torch.Tensor, entropy_own_T: torch.Tensor, sums: BatchSums) -> torch.Tensor:
@@ -83,10 +88,11 @@ def aux_loss(cfg: MoEConfig, probs_own_TE: torch.Tensor, entropy_own_T: torch.Te
 # what the layer runs under expert parallelism too: each rank computes the columns of its own experts
 # (`erc_gate_norms`) and the dispatcher gathers them (`expert_columns`) before `erc_from_norms`.
 
+
 def erc_noise(num_experts: int, d_model: int, seed: int, layer: int, step: int) -> torch.Tensor:
     """u ~ U(−1, 1)^[n, d] for one layer and training step, from a CPU generator seeded by (run seed, layer, step)
     only: the same on every rank, device and EP layout, and after a resume (the step is in the checkpoint)."""
-    mixed = ((int(seed) * 1_000_003 + int(layer)) * 1_000_000_007 + int(step)) % (2 ** 63)
+    mixed = ((int(seed) * 1_000_003 + int(layer)) * 1_000_000_007 + int(step)) % (2**63)
     g = torch.Generator(device="cpu").manual_seed(mixed)
     return torch.rand(num_experts, d_model, generator=g, dtype=torch.float32) * 2.0 - 1.0
 
@@ -130,8 +136,9 @@ def erc_from_norms(m_nn: torch.Tensor, alpha: float) -> torch.Tensor:
     return (terms_nn * off_nn).sum() / (n * n)
 
 
-def erc_loss(router_nd: torch.Tensor, w_gate_ndD, alpha: float,
-             u_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def erc_loss(
+    router_nd: torch.Tensor, w_gate_ndD, alpha: float, u_nd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_ERC, ε [n]) on one device: router rows R [n, d], every expert's gate projection W_g [n, d, D] (the input of
     SiLU), α, and the noise u [n, d] in [−1, 1]. Factorised experts pass the pair (W_down [n, d, r], W_up [n, r, D])
     as `w_gate_ndD` (see `erc_gate_norms`). Gradients reach R and every W_g^j; none flows through ε or u."""
@@ -140,8 +147,9 @@ def erc_loss(router_nd: torch.Tensor, w_gate_ndD, alpha: float,
     return erc_from_norms(m_nn, alpha), eps_n
 
 
-def threshold_balance_loss(cfg: MoEConfig, g_own_TE: torch.Tensor, fired_own_TE: torch.Tensor,
-                           sums: BatchSums) -> torch.Tensor:
+def threshold_balance_loss(
+    cfg: MoEConfig, g_own_TE: torch.Tensor, fired_own_TE: torch.Tensor, sums: BatchSums
+) -> torch.Tensor:
     """Routing-Free MoE's L_LB = μ·L_EB + (1 − μ)·L_TB before its adaptive weight λ (the layer's `threshold_lambda`):
     L_EB = (1/n) Σ_i mean_x(f_i)·mean_x(G_i) per expert, L_TB = mean_x[mean_i(f_i)·mean_j(G_j)] per token, f the 0/1
     firing (no gradient), G = relu(s − b) differentiable, means over the EP group's batch (`sums.gate_sum`,

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -35,21 +35,25 @@ class Placement:
         flat = [e for held in self.experts for e in held]
         sizes = {len(held) for held in self.experts}
         if not self.experts or len(sizes) != 1 or sorted(flat) != list(range(len(flat))):
-            raise ValueError(f"an expert placement gives every rank the same number of distinct experts 0..n-1, "
-                             f"got {[list(h) for h in self.experts]}")
+            raise ValueError(
+                f"an expert placement gives every rank the same number of distinct experts 0..n-1, "
+                f"got {[list(h) for h in self.experts]}"
+            )
         if any(list(held) != sorted(held) for held in self.experts):
-            raise ValueError(f"an expert placement lists each rank's experts in ascending order, "
-                             f"got {[list(h) for h in self.experts]}")
+            raise ValueError(
+                f"an expert placement lists each rank's experts in ascending order, "
+                f"got {[list(h) for h in self.experts]}"
+            )
 
     @classmethod
-    def contiguous(cls, num_experts: int, num_devices: int) -> "Placement":
+    def contiguous(cls, num_experts: int, num_devices: int) -> Placement:
         if num_devices < 1 or num_experts % num_devices:
             raise ValueError(f"{num_experts} experts cannot be split over {num_devices} devices")
         k = num_experts // num_devices
         return cls(tuple(tuple(range(r * k, (r + 1) * k)) for r in range(num_devices)))
 
     @classmethod
-    def of(cls, experts: Sequence[Sequence[int]]) -> "Placement":
+    def of(cls, experts: Sequence[Sequence[int]]) -> Placement:
         """From lists (a checkpoint's metadata); each rank's experts are sorted."""
         return cls(tuple(tuple(sorted(int(e) for e in held)) for held in experts))
 
@@ -151,8 +155,9 @@ def _greedy(load: list[float], num_devices: int) -> list[list[int]]:
         groups[a][i], groups[b][j] = groups[b][j], groups[a][i]
 
 
-def balanced_placement(load_E: torch.Tensor | Sequence[float], num_devices: int,
-                       exact_limit: int = EXACT_LIMIT) -> Placement:
+def balanced_placement(
+    load_E: torch.Tensor | Sequence[float], num_devices: int, exact_limit: int = EXACT_LIMIT
+) -> Placement:
     """The placement of n experts over `num_devices` ranks (n/EP each) with the smallest per-device max − min of
     `load_E` (token counts or fractions): exhaustive below `exact_limit` partitions, else LPT + pairwise swaps.
     Devices are ordered by their lowest expert, so an already balanced contiguous split stays contiguous."""

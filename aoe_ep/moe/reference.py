@@ -89,7 +89,7 @@ def select(cfg: MoEConfig, ranked: list) -> list:
     if cfg.selection == "threshold":  # expert i fires when G_i exceeds the threshold: 0 to n experts, no ranking
         return [{i for i in range(n) if ranked[t][i] > cfg.threshold} for t in range(T)]
     if cfg.selection == "top_k":
-        return [set(ranking(ranked[t])[:cfg.top_k]) for t in range(T)]
+        return [set(ranking(ranked[t])[: cfg.top_k]) for t in range(T)]
     probs = [[math.exp(v - max(row)) / sum(math.exp(u - max(row)) for u in row) for v in row] for row in ranked]
     masks = [set() for _ in range(T)]
     if cfg.selection == "top_p":  # experts ranked by probability, each kept while the mass before it is below P
@@ -115,19 +115,33 @@ def erc_loss(cfg: MoEConfig, p: dict, u_nd: torch.Tensor) -> torch.Tensor:
     (1/n²) Σ_i Σ_{j≠i} relu(M[i][j] − α M[i][i]) + relu(M[j][i] − α M[i][i])."""
     n, R = cfg.num_experts, p["scorer.weight"]
     R0 = R.detach()
-    eps = [min(float(torch.sqrt(((R0[i] - R0[j]) ** 2).sum())) for j in range(n) if j != i)
-           / (2.0 * float(torch.sqrt((R0[i] ** 2).sum()))) for i in range(n)]
+    eps = [
+        min(float(torch.sqrt(((R0[i] - R0[j]) ** 2).sum())) for j in range(n) if j != i)
+        / (2.0 * float(torch.sqrt((R0[i] ** 2).sum())))
+        for i in range(n)
+    ]
     proxies = [R[i] * (1.0 + eps[i] * u_nd[i].to(R.dtype)) for i in range(n)]
     factorized = cfg.expert_kind == "factorized"  # Wg_j = Wdown_j Wup_j
     w_g = [p["experts.w_down"][j] @ p["experts.w_up"][j] if factorized else p["experts.w_gate"][j] for j in range(n)]
     M = [[torch.sqrt(((proxies[i] @ w_g[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
-    terms = [torch.clamp(M[a][b] - cfg.erc_alpha * M[i][i], min=0.0)
-             for i in range(n) for j in range(n) if j != i for a, b in ((i, j), (j, i))]
+    terms = [
+        torch.clamp(M[a][b] - cfg.erc_alpha * M[i][i], min=0.0)
+        for i in range(n)
+        for j in range(n)
+        if j != i
+        for a, b in ((i, j), (j, i))
+    ]
     return torch.stack(terms).sum() / (n * n)
 
 
-def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: list | None = None,
-            threshold_lambda: float = 1.0, erc_noise: torch.Tensor | None = None) -> Reference:
+def forward(
+    cfg: MoEConfig,
+    p: dict,
+    x: torch.Tensor,
+    expert_bias: list | None = None,
+    threshold_lambda: float = 1.0,
+    erc_noise: torch.Tensor | None = None,
+) -> Reference:
     """The layer on x [..., d]. `expert_bias` (n floats, `moe.balance: bias`) shifts the scores for the selection
     only; `threshold_lambda` is λ, the weight of threshold selection's balancing loss; `erc_noise` is the ERC's
     u [n, d] in [−1, 1] (given: the ERC loss is added, as by a training layer with `moe.erc_loss_coeff` set)."""
@@ -187,11 +201,20 @@ def forward(cfg: MoEConfig, p: dict, x: torch.Tensor, expert_bias: list | None =
     total = sum(counts)
     load = [c / total for c in counts] if total else [0.0] * n
     pv = [pr.detach().tolist() for pr in p_rows]
-    margins = [min(ranked[t][i] for i in masks[t]) - max(ranked[t][i] for i in range(n) if i not in masks[t])
-               for t in range(T) if cfg.selection != "expert_choice" and 0 < len(masks[t]) < n]
-    stats = {"tokens_per_expert": counts, "load": load, "ent_load": -sum(f * math.log(f) for f in load if f > 0),
-             "ent_conf": sum(-sum(q * math.log(q) for q in row if q > 0) for row in pv) / T if T else 0.0,
-             "max_minus_min": max(load) - min(load), "num_tokens": T,
-             "score_mean": [sum(row[i] for row in scores) / T if T else 0.0 for i in range(n)],
-             "score_margin": sum(margins) / len(margins) if margins else 0.0, "margin_tokens": len(margins)}
+    margins = [
+        min(ranked[t][i] for i in masks[t]) - max(ranked[t][i] for i in range(n) if i not in masks[t])
+        for t in range(T)
+        if cfg.selection != "expert_choice" and 0 < len(masks[t]) < n
+    ]
+    stats = {
+        "tokens_per_expert": counts,
+        "load": load,
+        "ent_load": -sum(f * math.log(f) for f in load if f > 0),
+        "ent_conf": sum(-sum(q * math.log(q) for q in row if q > 0) for row in pv) / T if T else 0.0,
+        "max_minus_min": max(load) - min(load),
+        "num_tokens": T,
+        "score_mean": [sum(row[i] for row in scores) / T if T else 0.0 for i in range(n)],
+        "score_margin": sum(margins) / len(margins) if margins else 0.0,
+        "margin_tokens": len(margins),
+    }
     return Reference(y=y, aux_loss=aux, stats=stats, masks=masks, scores=scores, ranked=ranked, erc_loss=erc)

@@ -43,8 +43,11 @@ def _from_topk(topk_SK: torch.Tensor, num_experts: int) -> GroupedRows:
     order_M = torch.sort(expert_M, stable=True).indices  # expert-major, tokens ascending (token-major input)
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=topk_SK.device)
     counts_E.scatter_add_(0, expert_M, torch.ones_like(expert_M))
-    return GroupedRows(token_index_M=torch.div(order_M, k, rounding_mode="floor"), expert_index_M=expert_M[order_M],
-                       groups=Groups(counts_E))
+    return GroupedRows(
+        token_index_M=torch.div(order_M, k, rounding_mode="floor"),
+        expert_index_M=expert_M[order_M],
+        groups=Groups(counts_E),
+    )
 
 
 def _from_chosen(chosen_CE: torch.Tensor) -> GroupedRows:
@@ -52,8 +55,9 @@ def _from_chosen(chosen_CE: torch.Tensor) -> GroupedRows:
     token_EC = torch.sort(chosen_CE.t(), dim=1).values  # tokens ascending inside each expert
     expert_EC = torch.arange(num_experts, device=chosen_CE.device).view(-1, 1).expand(-1, capacity)
     counts_E = torch.full((num_experts,), capacity, dtype=torch.int64, device=chosen_CE.device)
-    return GroupedRows(token_index_M=token_EC.reshape(-1), expert_index_M=expert_EC.reshape(-1),
-                       groups=Groups(counts_E))
+    return GroupedRows(
+        token_index_M=token_EC.reshape(-1), expert_index_M=expert_EC.reshape(-1), groups=Groups(counts_E)
+    )
 
 
 def _from_mask(mask_SE: torch.Tensor) -> GroupedRows:
@@ -79,8 +83,9 @@ def row_gates(gates_SE: torch.Tensor, rows: GroupedRows, expert_offset: int = 0)
     return gates_SE[rows.token_index_M, rows.expert_index_M + expert_offset]
 
 
-def weighted_sum(out_MD: torch.Tensor, gate_M: torch.Tensor, token_index_M: torch.Tensor,
-                 num_tokens: int) -> torch.Tensor:
+def weighted_sum(
+    out_MD: torch.Tensor, gate_M: torch.Tensor, token_index_M: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """y_t = Σ over the rows m of token t of gate_m · out_m; tokens without rows get zeros. Computed in the gates'
     precision (fp32) and returned in the rows' dtype."""
     weighted_MD = out_MD.to(gate_M.dtype) * gate_M.unsqueeze(1)

@@ -14,8 +14,9 @@ over them alone; otherwise the unselected scores get ∂L/∂s_j along ∂‖C_j
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,9 @@ class RouterScorer(nn.Module):
         self.w_hidden = None
         if cfg.router_hidden:
             self.w_hidden = nn.Parameter(torch.empty(cfg.d_model, cfg.router_hidden))
-            nn.init.normal_(self.w_hidden, std=cfg.d_model ** -0.5)
+            nn.init.normal_(self.w_hidden, std=cfg.d_model**-0.5)
         self.weight = nn.Parameter(torch.empty(num_experts, width))
-        nn.init.normal_(self.weight, std=width ** -0.5)
+        nn.init.normal_(self.weight, std=width**-0.5)
 
     def forward(self, x_TD: torch.Tensor) -> Scores:
         h_TH = x_TD if self.w_hidden is None else F.silu(x_TD @ self.w_hidden)
@@ -106,8 +107,13 @@ class _LowRankScores(torch.autograd.Function):
         saved_cache = cache_TEL if mode == "keep" else cache_TEL.new_empty(0)
         ctx.save_for_backward(saved_x, w_down_EDL, saved_cache, cache_ML, token_index_M, expert_index_M, s_TE)
         ctx.groups, ctx.mode, ctx.ord = groups, mode, ord
-        ctx.kernel = choose_kernel("auto", x_TD.device, x_TD.dtype, widths=tuple(w_down_EDL.shape[1:]),
-                                   rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1))
+        ctx.kernel = choose_kernel(
+            "auto",
+            x_TD.device,
+            x_TD.dtype,
+            widths=tuple(w_down_EDL.shape[1:]),
+            rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1),
+        )
         return s_TE.clone(), cache_ML
 
     @staticmethod
@@ -121,7 +127,8 @@ class _LowRankScores(torch.autograd.Function):
         if ctx.mode == "sparse":  # unselected scores have no gradient: Wdown's backward over the selected rows only
             if ds_TE.dim():
                 dcache_ML = dcache_ML + _norm_grad(cache_ML, ctx.ord, ds_TE[token_index_M, expert_index_M]).to(
-                    cache_ML.dtype)
+                    cache_ML.dtype
+                )
             dx_MD = None
             if ctx.needs_input_grad[1]:
                 dx_MD = gmm(dcache_ML, w_down_EDL.transpose(1, 2), ctx.groups, ctx.kernel)
@@ -149,7 +156,7 @@ class AoEScorer(nn.Module):
         self.ord = NORM_ORDERS[cfg.norm]
         self.mode = cfg.aoe_cache if cfg.unselected_get_gradient else "sparse"
         self.w_down = nn.Parameter(torch.empty(num_experts, cfg.d_model, cfg.d_low))
-        nn.init.normal_(self.w_down, std=cfg.d_model ** -0.5)
+        nn.init.normal_(self.w_down, std=cfg.d_model**-0.5)
 
     def cache(self, x_TD: torch.Tensor) -> torch.Tensor:
         num_experts, d_model, d_low = self.w_down.shape
@@ -161,8 +168,7 @@ class AoEScorer(nn.Module):
         through the module's `__call__`, so that wrappers which gather sharded parameters around a forward (FSDP2)
         see the second use of Wdown too."""
         if attach_to is not None:
-            return _LowRankScores.apply(*attach_to[:2], self.w_down.to(x_TD.dtype), *attach_to[2:], self.mode,
-                                        self.ord)
+            return _LowRankScores.apply(*attach_to[:2], self.w_down.to(x_TD.dtype), *attach_to[2:], self.mode, self.ord)
         x_TD = x_TD.to(compute_dtype(x_TD))
         with torch.no_grad():
             cache_TEL = self.cache(x_TD)
@@ -170,8 +176,9 @@ class AoEScorer(nn.Module):
 
         def attach(rows: GroupedRows, x_MD: Optional[torch.Tensor] = None):
             x_MD = x_TD[rows.token_index_M] if x_MD is None else x_MD.to(x_TD.dtype)
-            return self(x_TD, attach_to=(x_TD, x_MD, s_TE, cache_TEL, rows.token_index_M, rows.expert_index_M,
-                                         rows.groups))
+            return self(
+                x_TD, attach_to=(x_TD, x_MD, s_TE, cache_TEL, rows.token_index_M, rows.expert_index_M, rows.groups)
+            )
 
         return Scores(s_TE=s_TE, attach=attach)
 
@@ -185,7 +192,7 @@ class SelfRoutingScorer(nn.Module):
         self.num_experts = num_experts
 
     def forward(self, x_TD: torch.Tensor) -> Scores:
-        return _no_cache(at_least_fp32(x_TD[:, self.offset:self.offset + self.num_experts]))
+        return _no_cache(at_least_fp32(x_TD[:, self.offset : self.offset + self.num_experts]))
 
 
 SCORERS = {"router": RouterScorer, "aoe": AoEScorer, "self_routing": SelfRoutingScorer}

@@ -7,8 +7,9 @@ which is what a stable descending sort gives. `torch.topk` makes no such promise
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -101,9 +102,13 @@ def threshold_gates(s_TE: torch.Tensor, threshold_bias_E: torch.Tensor) -> torch
     return torch.relu(s_TE - threshold_bias_E.to(s_TE.dtype))
 
 
-def decide(s_TE: torch.Tensor, cfg: MoEConfig,
-           expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None,
-           bias_E: Optional[torch.Tensor] = None, threshold_bias_E: Optional[torch.Tensor] = None) -> Decision:
+def decide(
+    s_TE: torch.Tensor,
+    cfg: MoEConfig,
+    expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None,
+    bias_E: Optional[torch.Tensor] = None,
+    threshold_bias_E: Optional[torch.Tensor] = None,
+) -> Decision:
     """Which experts process which token under `cfg.selection`, from the scores s_TE [tokens, all n experts]
     (no gradient: the decision is discrete; scores are ranked in at least fp32).
 
@@ -134,9 +139,11 @@ def decide(s_TE: torch.Tensor, cfg: MoEConfig,
         return expert_choice_decision(probs_TE, expert_capacity(s_TE.shape[0], s_TE.shape[1], cfg.capacity_factor))
 
 
-def weigh(s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str,
-          threshold_g_TE: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs_TE, gates_TE) in at least fp32 from the differentiable scores: the softmax over all experts, and the gates of
+def weigh(
+    s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str, threshold_g_TE: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs_TE, gates_TE) in at least fp32 from the differentiable scores: the softmax over all experts, and the
+    gates of
     `gate` over the selected ones; under threshold selection (`threshold_g_TE`, the `threshold_gates` of s) the gates
     are G on the fired pairs, unnormalised, and the softmax serves the statistics only."""
     s_TE = at_least_fp32(s_TE)
@@ -146,8 +153,9 @@ def weigh(s_TE: torch.Tensor, mask_TE: torch.Tensor, gate: str,
     return probs_TE, gate_weights(s_TE, probs_TE, mask_TE, gate)
 
 
-def select(s_TE: torch.Tensor, cfg: MoEConfig,
-           expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None) -> Selection:
+def select(
+    s_TE: torch.Tensor, cfg: MoEConfig, expert_choice: Optional[Callable[[torch.Tensor], Decision]] = None
+) -> Selection:
     """Apply `cfg.selection` and `cfg.gate` to the score matrix s_TE [tokens, all n experts]: `decide`, then `weigh`."""
     mask_TE = decide(s_TE, cfg, expert_choice).mask_SE
     probs_TE, gates_TE = weigh(s_TE, mask_TE, cfg.gate)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -41,8 +42,15 @@ class BatchSums:
     token_balance_sum: Optional[torch.Tensor] = None
 
     @classmethod
-    def of(cls, mask_TE: torch.Tensor, probs_TE: torch.Tensor, entropy_T: torch.Tensor, s_TE: torch.Tensor,
-           margin_T: Optional[torch.Tensor] = None, g_TE: Optional[torch.Tensor] = None) -> "BatchSums":
+    def of(
+        cls,
+        mask_TE: torch.Tensor,
+        probs_TE: torch.Tensor,
+        entropy_T: torch.Tensor,
+        s_TE: torch.Tensor,
+        margin_T: Optional[torch.Tensor] = None,
+        g_TE: Optional[torch.Tensor] = None,
+    ) -> BatchSums:
         if margin_T is None:
             margin_T = s_TE.new_empty(0, dtype=torch.float64)
         gate_sum = token_balance_sum = None
@@ -50,15 +58,27 @@ class BatchSums:
             g_TE = g_TE.detach()
             gate_sum = g_TE.sum(dim=0)
             token_balance_sum = (mask_TE.to(g_TE.dtype).mean(dim=1) * g_TE.mean(dim=1)).sum()
-        return cls(tokens_per_expert=mask_TE.sum(dim=0), probs_sum=probs_TE.detach().sum(dim=0),
-                   entropy_sum=entropy_T.detach().sum(), score_sum=s_TE.detach().sum(dim=0),
-                   num_tokens=mask_TE.shape[0], margin_sum=margin_T.double().nansum(),
-                   margin_tokens=(~torch.isnan(margin_T)).sum(), gate_sum=gate_sum,
-                   token_balance_sum=token_balance_sum)
+        return cls(
+            tokens_per_expert=mask_TE.sum(dim=0),
+            probs_sum=probs_TE.detach().sum(dim=0),
+            entropy_sum=entropy_T.detach().sum(),
+            score_sum=s_TE.detach().sum(dim=0),
+            num_tokens=mask_TE.shape[0],
+            margin_sum=margin_T.double().nansum(),
+            margin_tokens=(~torch.isnan(margin_T)).sum(),
+            gate_sum=gate_sum,
+            token_balance_sum=token_balance_sum,
+        )
 
-    def stats(self) -> "LoadStats":
-        return LoadStats.from_counts(self.tokens_per_expert, self.entropy_sum, self.score_sum, self.num_tokens,
-                                     self.margin_sum, self.margin_tokens)
+    def stats(self) -> LoadStats:
+        return LoadStats.from_counts(
+            self.tokens_per_expert,
+            self.entropy_sum,
+            self.score_sum,
+            self.num_tokens,
+            self.margin_sum,
+            self.margin_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,9 +104,15 @@ class LoadStats:
     margin_tokens: torch.Tensor
 
     @classmethod
-    def from_counts(cls, tokens_per_expert: torch.Tensor, entropy_sum: torch.Tensor, score_sum: torch.Tensor,
-                    num_tokens: int, margin_sum: Optional[torch.Tensor] = None,
-                    margin_tokens: Optional[torch.Tensor] = None) -> "LoadStats":
+    def from_counts(
+        cls,
+        tokens_per_expert: torch.Tensor,
+        entropy_sum: torch.Tensor,
+        score_sum: torch.Tensor,
+        num_tokens: int,
+        margin_sum: Optional[torch.Tensor] = None,
+        margin_tokens: Optional[torch.Tensor] = None,
+    ) -> LoadStats:
         """Build from global sums, so that a parallel caller reduces a few tensors and gets the same record (no
         margin sums: no margin recorded)."""
         counts = tokens_per_expert.detach().to(torch.int64)
@@ -96,11 +122,17 @@ class LoadStats:
         load = counts.double() / total.clamp_min(1)
         ent_load = -torch.special.xlogy(load, load).sum()
         denom = max(num_tokens, 1)
-        return cls(tokens_per_expert=counts, load=load, ent_load=ent_load,
-                   ent_conf=entropy_sum.detach().double() / denom,
-                   max_minus_min=load.max() - load.min() if load.numel() else load.sum(),
-                   score_mean=score_sum.detach().double() / denom, num_tokens=num_tokens,
-                   score_margin=margin_sum.detach() / margin_tokens.clamp_min(1), margin_tokens=margin_tokens)
+        return cls(
+            tokens_per_expert=counts,
+            load=load,
+            ent_load=ent_load,
+            ent_conf=entropy_sum.detach().double() / denom,
+            max_minus_min=load.max() - load.min() if load.numel() else load.sum(),
+            score_mean=score_sum.detach().double() / denom,
+            num_tokens=num_tokens,
+            score_margin=margin_sum.detach() / margin_tokens.clamp_min(1),
+            margin_tokens=margin_tokens,
+        )
 
     def device_load(self, num_devices: int, placement: Optional[Placement] = None) -> torch.Tensor:
         """Load per device when experts are placed over `num_devices` ranks by `placement` (contiguously when
@@ -118,8 +150,11 @@ class LoadStats:
         return device_load.max() - device_load.min()
 
 
-def idle_time(stats: Sequence[LoadStats], num_devices: int | None = None,
-              placements: Optional[Sequence[Optional[Placement]]] = None) -> float:
+def idle_time(
+    stats: Sequence[LoadStats],
+    num_devices: int | None = None,
+    placements: Optional[Sequence[Optional[Placement]]] = None,
+) -> float:
     """The paper's idle-time metric: Σ over layers of (max − min) load, per expert or, given `num_devices`, per device
     (each layer's experts placed by `placements[i]`, contiguously when absent)."""
     if num_devices is None:

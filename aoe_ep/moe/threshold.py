@@ -15,7 +15,8 @@ world-wide reduction, so λ is the same number on every rank; the layer's scheme
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,19 +29,20 @@ LAMBDA_MAX = 1.0  # the Routing-Free repository caps λ at 1
 def lambda_update(lam: torch.Tensor, density: torch.Tensor | float, target: float, eta: float) -> torch.Tensor:
     """min(1, λ·(1 + η)^sign(ρ − ρ*)); ρ = ρ* leaves λ where it is."""
     direction = torch.sign(torch.as_tensor(density, dtype=torch.float64) - target)
-    return torch.clamp(lam * torch.pow(torch.as_tensor(1.0 + eta, dtype=torch.float64), direction).to(lam.dtype),
-                       max=LAMBDA_MAX)
+    return torch.clamp(
+        lam * torch.pow(torch.as_tensor(1.0 + eta, dtype=torch.float64), direction).to(lam.dtype), max=LAMBDA_MAX
+    )
 
 
 def step_tokens(infos: Sequence[Sequence[MoEInfo]], device: torch.device) -> torch.Tensor:
     """[1] float64: Σ over the step's micro-batches of the tokens one MoE layer saw (global over its EP group; every
     layer sees the same tokens); `infos` as for `aoe_ep.moe.balance.step_token_counts`."""
-    return torch.tensor([float(sum(micro[0].stats.num_tokens for micro in infos if micro))], dtype=torch.float64,
-                        device=device)
+    return torch.tensor(
+        [float(sum(micro[0].stats.num_tokens for micro in infos if micro))], dtype=torch.float64, device=device
+    )
 
 
 def step_density(counts_LE: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
     """[L] float64: ρ per layer, the fired (token, expert) pairs of the step over all of its n·T pairs."""
     pairs = counts_LE.shape[1] * torch.as_tensor(num_tokens, dtype=torch.float64, device=counts_LE.device)
     return counts_LE.double().sum(dim=1) / pairs.clamp_min(1)
-

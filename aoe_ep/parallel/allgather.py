@@ -33,15 +33,24 @@ class AllGatherDispatcher(GroupDispatcher):
         if not self._sharded(s_SX):
             return s_SX.detach()
         with torch.no_grad():
-            s_PS = all_gather_rows(s_SX.detach().t().contiguous(), [self.num_local] * self.ep_size, self.group,
-                                   self.counter, "norms")
+            s_PS = all_gather_rows(
+                s_SX.detach().t().contiguous(), [self.num_local] * self.ep_size, self.group, self.counter, "norms"
+            )
         return self.unplaced(s_PS.t())
 
     def attach_scores(self, s_SX: torch.Tensor, s_SE: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         if not self._sharded(s_SX):
             return s_SX
-        return self.unplaced(attach_gathered(s_SX.t().contiguous(), self.placed(s_SE).t(),
-                                             [self.num_local] * self.ep_size, self.group, self.counter, "norms").t())
+        return self.unplaced(
+            attach_gathered(
+                s_SX.t().contiguous(),
+                self.placed(s_SE).t(),
+                [self.num_local] * self.ep_size,
+                self.group,
+                self.counter,
+                "norms",
+            ).t()
+        )
 
     def own_rows(self, layout: TokenLayout) -> slice:
         return slice(layout.offset, layout.offset + layout.sizes[layout.rank])
@@ -57,8 +66,12 @@ class AllGatherDispatcher(GroupDispatcher):
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
         layout, mask_SP = state.route
         rows = state.rows
-        partial_SD = weighted_sum(out_MD, row_gates(self.placed(gates_SE), rows, self.local_experts.start),
-                                  rows.token_index_M, state.num_tokens)
+        partial_SD = weighted_sum(
+            out_MD,
+            row_gates(self.placed(gates_SE), rows, self.local_experts.start),
+            rows.token_index_M,
+            state.num_tokens,
+        )
         # Send each owner the rows of its tokens that this rank's experts worked on (token order within an owner).
         worked_S = mask_SP[:, self.local_experts].any(dim=1)
         send_index = torch.nonzero(worked_S).flatten()
@@ -70,9 +83,12 @@ class AllGatherDispatcher(GroupDispatcher):
         from_rank_TQ = mask_SP[own].view(-1, self.ep_size, self.num_local).any(dim=2)
         recv_index = torch.nonzero(from_rank_TQ.t())[:, 1]
         if recv_index.numel() != sum(recv):
-            raise RuntimeError(f"allgather dispatcher: rank {self.ep_rank} expects {recv_index.numel()} combined rows "
-                               f"but the other ranks send {sum(recv)}: the ranks disagree on the routing decision")
-        received = all_to_all_rows(partial_SD.index_select(0, send_index), send, recv, self.group, self.counter,
-                                   "combine")
+            raise RuntimeError(
+                f"allgather dispatcher: rank {self.ep_rank} expects {recv_index.numel()} combined rows "
+                f"but the other ranks send {sum(recv)}: the ranks disagree on the routing decision"
+            )
+        received = all_to_all_rows(
+            partial_SD.index_select(0, send_index), send, recv, self.group, self.counter, "combine"
+        )
         y_TD = partial_SD.new_zeros(layout.sizes[layout.rank], partial_SD.shape[1])
         return y_TD.index_add(0, recv_index, received)

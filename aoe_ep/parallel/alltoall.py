@@ -28,11 +28,17 @@ from aoe_ep.parallel.group import GroupDispatcher
 from aoe_ep.parallel.rank_dispatch import combine_on_rank, dispatch_by_rank, placed_rows, regroup
 
 # The `BatchSums` fields summed over the EP group (the last two under threshold selection only) and those that count.
-SUMMED = ("tokens_per_expert", "probs_sum", "entropy_sum", "score_sum", "margin_sum", "margin_tokens", "gate_sum",
-          "token_balance_sum")
+SUMMED = (
+    "tokens_per_expert",
+    "probs_sum",
+    "entropy_sum",
+    "score_sum",
+    "margin_sum",
+    "margin_tokens",
+    "gate_sum",
+    "token_balance_sum",
+)
 COUNTS = ("tokens_per_expert", "margin_tokens")
-
-
 
 
 class AllToAllDispatcher(GroupDispatcher):
@@ -46,16 +52,19 @@ class AllToAllDispatcher(GroupDispatcher):
         """Experts rank tokens over the whole EP batch, so the probabilities (n per token) are all-gathered."""
         probs_all = all_gather_rows(probs_SE.detach(), layout.sizes, self.group, self.counter, "probs")
         mask_all = expert_choice_mask(probs_all, expert_capacity(layout.total, self.num_experts, capacity_factor))
-        return Decision(mask_SE=mask_all[layout.offset: layout.offset + layout.sizes[layout.rank]])
+        return Decision(mask_SE=mask_all[layout.offset : layout.offset + layout.sizes[layout.rank]])
 
-    def global_sums(self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None,
-                    g_SE=None) -> BatchSums:
+    def global_sums(
+        self, mask_SE, probs_SE, entropy_S, s_SE, layout: TokenLayout, margin_S=None, g_SE=None
+    ) -> BatchSums:
         local = BatchSums.of(mask_SE, probs_SE, entropy_S, s_SE, margin_S, g_SE)
         fields = {name: getattr(local, name) for name in SUMMED if getattr(local, name) is not None}
         packed, packing = pack(fields)
         total = packing.unpack(all_reduce_sum(packed, self.group, self.counter, "stats"))
-        return BatchSums(num_tokens=layout.total, **{
-            name: total[name].round().long() if name in COUNTS else total.get(name) for name in SUMMED})
+        return BatchSums(
+            num_tokens=layout.total,
+            **{name: total[name].round().long() if name in COUNTS else total.get(name) for name in SUMMED},
+        )
 
     def dispatch(self, x_TD, xs_SD, scores, decision, layout: TokenLayout):
         if self.combine_on == "rank":
@@ -70,7 +79,7 @@ class AllToAllDispatcher(GroupDispatcher):
             counts_P, perm_M = counts_P.index_select(0, order), placed_rows(rows.groups.counts_E, order)
             payload_MX = payload_MX.index_select(0, perm_M)
         send_RL = counts_P.view(self.ep_size, self.num_local)  # rows for rank r's local expert e
-        recv_QL = all_to_all_counts(send_RL, self.group, self.counter)      # rows from rank q for my expert e
+        recv_QL = all_to_all_counts(send_RL, self.group, self.counter)  # rows from rank q for my expert e
         send, recv_sizes_QL = send_RL.sum(dim=1).tolist(), recv_QL.tolist()
         recv = [sum(row) for row in recv_sizes_QL]
         received_NX = all_to_all_rows(payload_MX, send, recv, self.group, self.counter, "dispatch")
@@ -79,8 +88,9 @@ class AllToAllDispatcher(GroupDispatcher):
         per_expert = [sum(row[e] for row in recv_sizes_QL) for e in range(self.num_local)]
         groups = Groups(torch.tensor(per_expert, dtype=torch.int64, device=x_TD.device), _host=per_expert)
         d = x_TD.shape[1]
-        expert_rows = ExpertRows(x_MD=grouped_NX[:, :d], groups=groups,
-                                 cache_ML=None if cache_ML is None else grouped_NX[:, d:])
+        expert_rows = ExpertRows(
+            x_MD=grouped_NX[:, :d], groups=groups, cache_ML=None if cache_ML is None else grouped_NX[:, d:]
+        )
         state = DispatchState(rows, x_TD.shape[0], route=(recv_sizes_QL, send, recv, perm_M))
         return expert_rows, state, s_SX
 

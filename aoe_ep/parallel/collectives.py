@@ -7,15 +7,23 @@ separately, per collective name; `parallel/comm_model.py` predicts the same numb
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from aoe_ep.moe.dispatcher import CommCounter
 
-__all__ = ["CommCounter", "all_gather_rows", "all_gather_sizes", "all_reduce_sum", "all_to_all_counts",
-           "all_to_all_rows", "attach_gathered", "all_gather_shared"]
+__all__ = [
+    "CommCounter",
+    "all_gather_rows",
+    "all_gather_sizes",
+    "all_reduce_sum",
+    "all_to_all_counts",
+    "all_to_all_rows",
+    "attach_gathered",
+    "all_gather_shared",
+]
 
 
 def _nbytes(rows: int, t: torch.Tensor) -> int:
@@ -25,8 +33,9 @@ def _nbytes(rows: int, t: torch.Tensor) -> int:
     return rows * row_elems * t.element_size()
 
 
-def all_gather_sizes(n: int, nonfinite: torch.Tensor, group: dist.ProcessGroup,
-                     counter: CommCounter) -> tuple[list[int], list[int]]:
+def all_gather_sizes(
+    n: int, nonfinite: torch.Tensor, group: dist.ProcessGroup, counter: CommCounter
+) -> tuple[list[int], list[int]]:
     """Every rank's row count (needed before an uneven all-gather) and its count of non-finite input values, in one
     all-gather: the check's verdict reaches every rank at the same point, before any other collective."""
     world = dist.get_world_size(group)
@@ -50,8 +59,9 @@ def _gather_rows(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup
 
 def _all_to_all(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
     out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv), input_split_sizes=list(send),
-                           group=group)
+    dist.all_to_all_single(
+        out, x.contiguous(), output_split_sizes=list(recv), input_split_sizes=list(send), group=group
+    )
     return out
 
 
@@ -125,28 +135,37 @@ class _AllToAllRows(torch.autograd.Function):
         return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None, None, None, None, None
 
 
-def all_gather_rows(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, counter: CommCounter,
-                    name: str) -> torch.Tensor:
+def all_gather_rows(
+    x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, counter: CommCounter, name: str
+) -> torch.Tensor:
     """[sizes[rank], ...] on each rank -> [sum(sizes), ...] on every rank, in rank order; backward reduce-scatters."""
     return _AllGatherRows.apply(x, list(sizes), group, counter, name)
 
 
-def attach_gathered(x: torch.Tensor, gathered: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup,
-                    counter: CommCounter, name: str) -> torch.Tensor:
+def attach_gathered(
+    x: torch.Tensor,
+    gathered: torch.Tensor,
+    sizes: Sequence[int],
+    group: dist.ProcessGroup,
+    counter: CommCounter,
+    name: str,
+) -> torch.Tensor:
     """`gathered` (= all_gather_rows(x) computed earlier without gradient) as a function of x: backward
     reduce-scatters, counted under `name` like the all-gather's own backward."""
     return _AttachGathered.apply(x, gathered.detach(), list(sizes), group, counter, name)
 
 
-def all_gather_shared(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, counter: CommCounter,
-                      name: str) -> torch.Tensor:
+def all_gather_shared(
+    x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, counter: CommCounter, name: str
+) -> torch.Tensor:
     """`all_gather_rows` for a result every rank then differentiates identically: backward keeps this rank's rows
     of its own gradient (no communication), so that the rank's inputs get the single-device gradient."""
     return _AllGatherShared.apply(x, list(sizes), group, counter, name)
 
 
-def all_to_all_rows(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: dist.ProcessGroup,
-                    counter: CommCounter, name: str) -> torch.Tensor:
+def all_to_all_rows(
+    x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: dist.ProcessGroup, counter: CommCounter, name: str
+) -> torch.Tensor:
     """Rows [sum(send), ...]: send[r] consecutive rows to rank r, receive recv[r] from rank r; backward reverses."""
     return _AllToAllRows.apply(x, list(send), list(recv), group, counter, name)
 

@@ -44,8 +44,9 @@ reaches EP·p distinct ranks), which `expected_bytes_per_token` uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import comb
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -72,9 +73,21 @@ def _any_pairs(mask_TE: torch.Tensor, sizes: Sequence[int], ep: int) -> torch.Te
     return torch.stack([any_TR[owner_T == q].sum(dim=0) for q in range(len(sizes))]).t()
 
 
-def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], rank: int, d_model: int, d_low: int,
-                elem_bytes: int, aoe_cache: bool, expert_choice: bool, threshold: bool = False,
-                erc: bool = False, combine: str = "rank", order: Optional[Sequence[int]] = None) -> dict[str, int]:
+def layer_bytes(
+    dispatcher: str,
+    mask_TE: torch.Tensor,
+    sizes: Sequence[int],
+    rank: int,
+    d_model: int,
+    d_low: int,
+    elem_bytes: int,
+    aoe_cache: bool,
+    expert_choice: bool,
+    threshold: bool = False,
+    erc: bool = False,
+    combine: str = "rank",
+    order: Optional[Sequence[int]] = None,
+) -> dict[str, int]:
     """Bytes rank `rank` sends in one forward and backward, keyed like `CommCounter.as_dict()` (zeros left out).
 
     mask_TE is the EP group's global routing mask over the concatenated batch, `sizes` its tokens per rank;
@@ -86,15 +99,41 @@ def layer_bytes(dispatcher: str, mask_TE: torch.Tensor, sizes: Sequence[int], ra
         mask_TE = mask_TE[:, list(order)]
     pairs = _pairs(mask_TE, sizes, ep) if dispatcher == "alltoall" else _any_pairs(mask_TE, sizes, ep)
     rank_pairs = _any_pairs(mask_TE, sizes, ep).t().tolist() if dispatcher == "alltoall" else None
-    out = bytes_from_pairs(dispatcher, pairs.tolist(), sizes, rank, mask_TE.shape[1], d_model, d_low, elem_bytes,
-                           aoe_cache, expert_choice, threshold, erc, combine, rank_pairs)
+    out = bytes_from_pairs(
+        dispatcher,
+        pairs.tolist(),
+        sizes,
+        rank,
+        mask_TE.shape[1],
+        d_model,
+        d_low,
+        elem_bytes,
+        aoe_cache,
+        expert_choice,
+        threshold,
+        erc,
+        combine,
+        rank_pairs,
+    )
     return {k: int(v) for k, v in out.items()}
 
 
-def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: Sequence[float], rank: int,
-                     num_experts: int, d_model: int, d_low: int, elem_bytes: int, aoe_cache: bool,
-                     expert_choice: bool, threshold: bool = False, erc: bool = False, combine: str = "rank",
-                     rank_pairs: Optional[Sequence[Sequence[float]]] = None) -> dict[str, float]:
+def bytes_from_pairs(
+    dispatcher: str,
+    pairs: Sequence[Sequence[float]],
+    sizes: Sequence[float],
+    rank: int,
+    num_experts: int,
+    d_model: int,
+    d_low: int,
+    elem_bytes: int,
+    aoe_cache: bool,
+    expert_choice: bool,
+    threshold: bool = False,
+    erc: bool = False,
+    combine: str = "rank",
+    rank_pairs: Optional[Sequence[Sequence[float]]] = None,
+) -> dict[str, float]:
     """The model above from the routing's pair counts: `pairs` is A (allgather) or W (alltoall) as [EP][EP]
     nested lists, counts or their expectations (`aoe_ep.plan` passes expected values under a routing model);
     `rank_pairs` is U, which the `alltoall` dispatcher's "rank" combine needs."""
@@ -147,13 +186,23 @@ def bytes_from_pairs(dispatcher: str, pairs: Sequence[Sequence[float]], sizes: S
 
 
 def distinct_ranks_per_token(num_experts: int, top_k: int, ep: int) -> float:
-    """Expected ranks holding at least one of a token's K experts under uniform routing: EP·(1 − C(n−n_l, K)/C(n, K))."""
+    """Expected ranks holding at least one of a token's K experts under uniform routing: EP·(1 − C(n−n_l, K)/C(n,
+    K))."""
     n_local = num_experts // ep
     return ep * (1.0 - comb(num_experts - n_local, top_k) / comb(num_experts, top_k))
 
 
-def expected_bytes_per_token(dispatcher: str, d_model: int, d_low: int, num_experts: int, top_k: int, ep: int,
-                             elem_bytes: int = 4, aoe_cache: bool = True, combine: str = "rank") -> dict[str, float]:
+def expected_bytes_per_token(
+    dispatcher: str,
+    d_model: int,
+    d_low: int,
+    num_experts: int,
+    top_k: int,
+    ep: int,
+    elem_bytes: int = 4,
+    aoe_cache: bool = True,
+    combine: str = "rank",
+) -> dict[str, float]:
     """Forward and backward bytes sent per token, per rank, under uniform top-K routing and equal token counts
     (the per-step constants, sizes/counts/stats, are left out: they do not grow with T)."""
     if combine not in COMBINES:
@@ -169,7 +218,9 @@ def expected_bytes_per_token(dispatcher: str, d_model: int, d_low: int, num_expe
     if combine == "rank":
         rows = (ep - 1) * p_any  # remote ranks a token reaches
         per_pair = (d_low * elem_bytes if aoe_cache else 0) + max(4, elem_bytes)
-        return {"fwd": rows * (2 * d_model + expert_columns(n_local)) * elem_bytes + remote * per_pair,
-                "bwd": rows * 2 * d_model * elem_bytes + remote * per_pair}
+        return {
+            "fwd": rows * (2 * d_model + expert_columns(n_local)) * elem_bytes + remote * per_pair,
+            "bwd": rows * 2 * d_model * elem_bytes + remote * per_pair,
+        }
     row = d_model + (d_low if aoe_cache else 0)
     return {"fwd": remote * (row + d_model) * elem_bytes, "bwd": remote * (row + d_model) * elem_bytes}

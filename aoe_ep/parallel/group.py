@@ -33,8 +33,10 @@ class GroupDispatcher(LocalDispatcher):
     def set_placement(self, placement: Placement) -> None:
         """Route to the ranks `placement` names (the caller moves the expert parameters with it)."""
         if placement.num_experts != self.num_experts or placement.num_devices != self.ep_size:
-            raise ValueError(f"a placement of {placement.num_experts} experts over {placement.num_devices} ranks "
-                             f"does not fit {self.num_experts} experts over EP {self.ep_size}")
+            raise ValueError(
+                f"a placement of {placement.num_experts} experts over {placement.num_devices} ranks "
+                f"does not fit {self.num_experts} experts over EP {self.ep_size}"
+            )
         self.placement = placement
         self._order: Optional[list[int]] = None if placement.is_contiguous else placement.order
         self._cached: dict = {}
@@ -62,6 +64,7 @@ class GroupDispatcher(LocalDispatcher):
     def expert_columns(self, m_NX: torch.Tensor) -> torch.Tensor:
         """One all-gather of every rank's expert columns (counted as "erc"); every rank then computes the same
         function of the result, so backward hands each rank the gradient of its own columns (`all_gather_shared`)."""
-        m_PN = all_gather_shared(m_NX.t().contiguous(), [self.num_local] * self.ep_size, self.group, self.counter,
-                                 "erc")
+        m_PN = all_gather_shared(
+            m_NX.t().contiguous(), [self.num_local] * self.ep_size, self.group, self.counter, "erc"
+        )
         return self.unplaced(m_PN.t())

@@ -46,15 +46,21 @@ def initialize_groups(expert_parallel_size: int, device_type: Optional[str] = No
     if expert_parallel_size < 1 or world % expert_parallel_size:
         raise ValueError(f"world size {world} is not divisible by expert_parallel_size={expert_parallel_size}")
     device_type = device_type or _device_type()
-    mesh = init_device_mesh(device_type, (world // expert_parallel_size, expert_parallel_size),
-                            mesh_dim_names=("dp", "ep"))
+    mesh = init_device_mesh(
+        device_type, (world // expert_parallel_size, expert_parallel_size), mesh_dim_names=("dp", "ep")
+    )
     ep_group, expert_dp_group = mesh.get_group("ep"), mesh.get_group("dp")
-    expert_mesh = DeviceMesh.from_group([ep_group, expert_dp_group], device_type, mesh=mesh.mesh.t().contiguous(),
-                                        mesh_dim_names=("ep", "dp"))
+    expert_mesh = DeviceMesh.from_group(
+        [ep_group, expert_dp_group], device_type, mesh=mesh.mesh.t().contiguous(), mesh_dim_names=("ep", "dp")
+    )
     return ParallelGroups(
-        world_size=world, rank=dist.get_rank(), ep_size=expert_parallel_size,
+        world_size=world,
+        rank=dist.get_rank(),
+        ep_size=expert_parallel_size,
         ep_rank=mesh.get_local_rank("ep"),
         ep_group=ep_group if expert_parallel_size > 1 else None,
         expert_dp_group=expert_dp_group,
-        dp_group=dist.group.WORLD, mesh=mesh, expert_mesh=expert_mesh)
-
+        dp_group=dist.group.WORLD,
+        mesh=mesh,
+        expert_mesh=expert_mesh,
+    )

@@ -2,7 +2,8 @@
 
 A token row travels once to every rank that holds at least one of its chosen experts, followed by flags saying which
 of that rank's experts it goes to, 8 to a column as an integer below 256 (exact in the rows' dtype from bf16 up, so
-that one all-to-all carries both; the backward returns the gradient of the token row alone). What belongs to a (token, expert) pair travels in the order the
+that one all-to-all carries both; the backward returns the gradient of the token row alone). What belongs to a (token,
+expert) pair travels in the order the
 experts group their rows, (local expert, token ascending): AoE's cache row of the pair at dispatch, its gate at
 combine. The rank runs its experts on the pairs, weighs each output by its gate and sums a token's weighted outputs
 there, so one row per (token, rank) goes back; the owner adds a token's returned rows. The backward mirrors each step:
@@ -15,8 +16,9 @@ reads its pairs expert-major, then source rank, then token: the (expert, source)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -65,8 +67,9 @@ def regroup(x_MX: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
 
 def _exchange(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
     out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv), input_split_sizes=list(send),
-                           group=group)
+    dist.all_to_all_single(
+        out, x.contiguous(), output_split_sizes=list(recv), input_split_sizes=list(send), group=group
+    )
     return out
 
 
@@ -89,7 +92,7 @@ class _RowsWithExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_NX):
-        grad_ND = grad_NX[:, :ctx.d].contiguous()
+        grad_ND = grad_NX[:, : ctx.d].contiguous()
         rank = dist.get_rank(ctx.group)
         ctx.counter.add(ctx.name, "bwd", _remote(ctx.recv, rank) * ctx.d * grad_ND.element_size())
         return _exchange(grad_ND, ctx.recv, ctx.send, ctx.group), None, None, None, None, None, None
@@ -111,8 +114,9 @@ class RankRoute:
     row_index_P: torch.Tensor
 
 
-def dispatch_by_rank(dispatcher, x_TD: torch.Tensor, scores, decision) -> tuple[ExpertRows, DispatchState,
-                                                                               torch.Tensor]:
+def dispatch_by_rank(
+    dispatcher, x_TD: torch.Tensor, scores, decision
+) -> tuple[ExpertRows, DispatchState, torch.Tensor]:
     """`Dispatcher.dispatch` of the per-(token, rank) route; `dispatcher` is an `AllToAllDispatcher`."""
     group, counter = dispatcher.group, dispatcher.counter
     ep, n_local = dispatcher.ep_size, dispatcher.num_local
@@ -124,8 +128,15 @@ def dispatch_by_rank(dispatcher, x_TD: torch.Tensor, scores, decision) -> tuple[
     send_rows_Q = hit_QS.sum(dim=1)
     recv_rows_Q = all_to_all_counts(send_rows_Q.view(ep, 1), group, counter).view(ep)
     send_rows, recv_rows = send_rows_Q.tolist(), recv_rows_Q.tolist()
-    received_NX = _RowsWithExperts.apply(x_TD.index_select(0, token_U), pack_experts(mask_SQL[token_U, dest_U]),
-                                         send_rows, recv_rows, group, counter, "dispatch")
+    received_NX = _RowsWithExperts.apply(
+        x_TD.index_select(0, token_U),
+        pack_experts(mask_SQL[token_U, dest_U]),
+        send_rows,
+        recv_rows,
+        group,
+        counter,
+        "dispatch",
+    )
     d = x_TD.shape[1]
     experts_NL = unpack_experts(received_NX[:, d:].detach(), n_local)
     _, row_P = torch.nonzero(experts_NL.t(), as_tuple=True)  # expert-major, received rows ascending
@@ -138,8 +149,10 @@ def dispatch_by_rank(dispatcher, x_TD: torch.Tensor, scores, decision) -> tuple[
     if cache_ML is not None:
         cache_ML = cache_ML.to(x_TD.dtype)
         sent_ML = cache_ML if perm_M is None else cache_ML.index_select(0, perm_M)
-        cache_PL = regroup(all_to_all_rows(sent_ML, send_pairs, [sum(r) for r in recv_pairs_QL], group, counter,
-                                           "cache"), recv_pairs_QL)
+        cache_PL = regroup(
+            all_to_all_rows(sent_ML, send_pairs, [sum(r) for r in recv_pairs_QL], group, counter, "cache"),
+            recv_pairs_QL,
+        )
     per_expert = experts_NL.sum(dim=0)
     groups = Groups(per_expert, _host=per_expert.tolist())
     x_PD = received_NX[:, :d].index_select(0, row_P)
@@ -155,8 +168,9 @@ def combine_on_rank(dispatcher, out_PD: torch.Tensor, gates_SE: torch.Tensor, st
     if route.perm_M is not None:
         gate_M = gate_M.index_select(0, route.perm_M)
     recv_pairs = [sum(r) for r in route.recv_pairs_QL]
-    gate_P = regroup(all_to_all_rows(gate_M.view(-1, 1), route.send_pairs, recv_pairs, group, counter, "gates"),
-                     route.recv_pairs_QL).view(-1)
+    gate_P = regroup(
+        all_to_all_rows(gate_M.view(-1, 1), route.send_pairs, recv_pairs, group, counter, "gates"), route.recv_pairs_QL
+    ).view(-1)
     combined_ND = weighted_sum(out_PD, gate_P, route.row_index_P, sum(route.recv_rows))
     back_UD = all_to_all_rows(combined_ND, route.recv_rows, route.send_rows, group, counter, "combine")
     y_TD = back_UD.new_zeros(state.num_tokens, back_UD.shape[1], dtype=gate_P.dtype)

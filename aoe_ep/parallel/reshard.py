@@ -26,11 +26,12 @@ def move_experts(local_X: torch.Tensor, src: Placement, dst: Placement, group: d
         return distribute_tensor(moved, local_X.device_mesh, local_X.placements, src_data_rank=None).to_local()
     rank = dist.get_rank(group)
     if src.num_devices != dist.get_world_size(group) or dst.num_devices != src.num_devices:
-        raise ValueError(f"placements over {src.num_devices} and {dst.num_devices} ranks on an EP group of "
-                         f"{dist.get_world_size(group)}")
+        raise ValueError(
+            f"placements over {src.num_devices} and {dst.num_devices} ranks on an EP group of "
+            f"{dist.get_world_size(group)}"
+        )
     if local_X.shape[0] != len(src.experts[rank]):
-        raise ValueError(f"rank {rank} holds {local_X.shape[0]} experts, its placement names "
-                         f"{len(src.experts[rank])}")
+        raise ValueError(f"rank {rank} holds {local_X.shape[0]} experts, its placement names {len(src.experts[rank])}")
     mine = {e: i for i, e in enumerate(src.experts[rank])}
     # To each rank q: the experts it will hold that this rank holds now, in q's new order.
     send_index = [mine[e] for q in range(src.num_devices) for e in dst.experts[q] if e in mine]
@@ -40,8 +41,7 @@ def move_experts(local_X: torch.Tensor, src: Placement, dst: Placement, group: d
     recv = [len(chunk) for chunk in incoming]
     payload = local_X.index_select(0, torch.tensor(send_index, dtype=torch.int64, device=local_X.device))
     received = local_X.new_empty((sum(recv),) + tuple(local_X.shape[1:]))
-    dist.all_to_all_single(received, payload.contiguous(), output_split_sizes=recv, input_split_sizes=send,
-                           group=group)
+    dist.all_to_all_single(received, payload.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
     arrived = [e for chunk in incoming for e in chunk]
     order = [arrived.index(e) for e in dst.experts[rank]]
     return received.index_select(0, torch.tensor(order, dtype=torch.int64, device=local_X.device))

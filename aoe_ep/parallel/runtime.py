@@ -83,14 +83,16 @@ def setup_runtime(cfg: TrainConfig, expert_parallel_size: int) -> Runtime:
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+            )
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world = dist.get_world_size()
     if world % expert_parallel_size:
-        raise ConfigError(f"parallel.expert_parallel_size: {expert_parallel_size} does not divide the world size "
-                          f"{world}")
+        raise ConfigError(
+            f"parallel.expert_parallel_size: {expert_parallel_size} does not divide the world size {world}"
+        )
     groups = initialize_groups(expert_parallel_size, device.type)
     return Runtime(device=device, groups=groups, owns_process_group=owns)
 

@@ -96,19 +96,29 @@ def expert_width(cfg: MoEConfig, c: int, device: str = "cuda", rows_per_expert: 
     6472 in bf16); the loop kernel (CPU's choice for large groups) writes its rows 64 bytes apart (`row_stride`)."""
     dtype = torch.bfloat16 if c == 2 else torch.float32
     gate_in = cfg.d_low if cfg.factorized else cfg.d_model
-    kernel = choose_kernel(cfg.expert_kernel, torch.device(device), dtype, widths=(cfg.d_model, gate_in),
-                           rows_per_group=rows_per_expert)
+    kernel = choose_kernel(
+        cfg.expert_kernel, torch.device(device), dtype, widths=(cfg.d_model, gate_in), rows_per_group=rows_per_expert
+    )
     return pad_to(cfg.expert_width, dtype) if kernel == "grouped" else row_stride(cfg.expert_width, dtype)
 
 
 def _scored_sizes(cfg: MoEConfig, num_local: int) -> int:
     """Experts the scorer computes a cache for: AoE under `allgather` with EP > 1 scores only its own."""
-    return num_local if (cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and num_local < cfg.num_experts) \
+    return (
+        num_local
+        if (cfg.scorer == "aoe" and cfg.dispatcher == "allgather" and num_local < cfg.num_experts)
         else cfg.num_experts
+    )
 
 
-def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_tokens: int, rows: float,
-                    returned: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
+def moe_layer_bytes(
+    cfg: MoEConfig,
+    mb: MicroBatch,
+    num_local: int,
+    scored_tokens: int,
+    rows: float,
+    returned: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, float]:
     """One MoE layer, by part. `scored_tokens`: the tokens this rank scores (its own, or the EP group's under
     `allgather`); `rows`: the routed rows M reaching this rank's experts; `num_local`: the experts it holds (the
     scorer's Wdown is sharded like them under `allgather`); `returned`: under `allgather` with EP > 1, the summed
@@ -132,8 +142,9 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
     gathered = t > mb.tokens  # `allgather`: the scorer reads a new [EP·T, d] tensor
     keeps_input = cfg.scorer == "router" or kept in ("full", "none")
     out = {"input": mb.tokens * d * FP32 + (t * d * c if keeps_input and (autocast or gathered) else 0)}
-    out["scorer"] = (aoe_cache_bytes(kept, t, _scored_sizes(cfg, num_local), cfg.d_low, c) + rows * cfg.d_low * c
-                     if aoe else 0)
+    out["scorer"] = (
+        aoe_cache_bytes(kept, t, _scored_sizes(cfg, num_local), cfg.d_low, c) + rows * cfg.d_low * c if aoe else 0
+    )
     balance = n * FP32 if cfg.selection != "expert_choice" else 0
     out["selection"] = 3 * t * n * FP32 + t * n + 2 * t * FP32 + balance
     own_cache = rows * cfg.d_low * c if cfg.factorized and not aoe else 0
@@ -144,8 +155,9 @@ def moe_layer_bytes(cfg: MoEConfig, mb: MicroBatch, num_local: int, scored_token
     return out
 
 
-def moe_weight_copy_bytes(cfg: MoEConfig, num_local: int, c: int, autocast: bool, device: str = "cuda",
-                          rows: float = 0.0) -> int:
+def moe_weight_copy_bytes(
+    cfg: MoEConfig, num_local: int, c: int, autocast: bool, device: str = "cuda", rows: float = 0.0
+) -> int:
     """Parameter-derived tensors one MoE layer saves: under autocast the compute-dtype casts of the router, of
     AoE's Wdown and of every local expert's matrices (padded to the grouped kernel's width); in fp32 only padded
     expert matrices are copies."""
@@ -171,16 +183,19 @@ def logits_bytes(cfg: Config, mb: MicroBatch) -> int:
     return t * cfg.model.d_model * mb.compute_bytes + t * cfg.model.vocab_size * FP32 + t * INDEX + t * FP32 + 2 * FP32
 
 
-def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float,
-                     returned: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
+def activation_bytes(
+    cfg: Config, mb: MicroBatch, ep: int, expert_rows: float, returned: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, float]:
     """Saved bytes of one micro-batch, by layer kind (the MoE layer by part, `moe.<part>`), summed over the layers.
     `expert_rows` and `returned`: the
     routed rows that reach this rank's experts in one MoE layer and the `allgather` combine's rows (see
     `moe_layer_bytes`)."""
     m = cfg.model
-    out = {"embedding": float(mb.tokens * INDEX),
-           "norms": float((2 * m.n_layers + 1) * rms_norm_bytes(mb, m.d_model)),
-           "attention": float(m.n_layers * attention_bytes(cfg, mb))}
+    out = {
+        "embedding": float(mb.tokens * INDEX),
+        "norms": float((2 * m.n_layers + 1) * rms_norm_bytes(mb, m.d_model)),
+        "attention": float(m.n_layers * attention_bytes(cfg, mb)),
+    }
     copies = 0.0
     if mb.autocast:
         # the attention projections (4d²) of every layer and the output head, cast once per forward
@@ -191,8 +206,9 @@ def activation_bytes(cfg: Config, mb: MicroBatch, ep: int, expert_rows: float,
         scored = mb.tokens * ep if (moe.dispatcher == "allgather" and ep > 1) else mb.tokens
         parts = moe_layer_bytes(moe, mb, num_local, scored, expert_rows, returned)
         out.update({f"moe.{part}": float(m.n_layers * v) for part, v in parts.items()})
-        copies += m.n_layers * moe_weight_copy_bytes(moe, num_local, mb.compute_bytes, mb.autocast, mb.device,
-                                                      expert_rows)
+        copies += m.n_layers * moe_weight_copy_bytes(
+            moe, num_local, mb.compute_bytes, mb.autocast, mb.device, expert_rows
+        )
     else:
         out["dense_ffn"] = float(m.n_layers * dense_ffn_bytes(mb, m.d_model, m.d_ffn))
         if mb.autocast:

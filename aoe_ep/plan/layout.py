@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from aoe_ep.config import Config, ConfigError, MoEConfig
+from aoe_ep.hardware import GPU, GPUS, GPUS_PER_NODE
 from aoe_ep.parallel.comm_model import bytes_from_pairs
 from aoe_ep.plan.activations import MicroBatch, activation_bytes, routed_rows
 from aoe_ep.plan.flops import step_flops
-from aoe_ep.hardware import GPU, GPUS, GPUS_PER_NODE
-from aoe_ep.plan.recompute import (checkpointed_bytes, rebuilt_block_bytes, recompute_flops,
-                                   recompute_traffic_bytes)
+from aoe_ep.plan.recompute import checkpointed_bytes, rebuilt_block_bytes, recompute_flops, recompute_traffic_bytes
 from aoe_ep.plan.routing import RoutingModel, routing_model
 from aoe_ep.plan.state import FP32, ParamShape, RankState, gradient_sync_bytes, rank_state
 from aoe_ep.train.batches import plan_batches
@@ -94,8 +93,10 @@ def _micro_batch(cfg: Config, mb: int, ep: int, routing: Optional[RoutingModel])
     rows = ep * micro.tokens * routing.rank_rows_per_token(0, ep) if routing is not None else 0.0
     returned = (0.0, 0.0)
     if routing is not None and ep > 1 and cfg.moe.dispatcher == "allgather":
-        returned = (ep * micro.tokens * (1.0 - routing.p_none(0, ep)),
-                    micro.tokens * sum(1.0 - routing.p_none(q, ep) for q in range(ep)))
+        returned = (
+            ep * micro.tokens * (1.0 - routing.p_none(0, ep)),
+            micro.tokens * sum(1.0 - routing.p_none(q, ep) for q in range(ep)),
+        )
     return micro, rows, activation_bytes(cfg, micro, ep, rows, returned)
 
 
@@ -105,27 +106,45 @@ def _transient_bytes(cfg: Config, micro: MicroBatch) -> float:
     return micro.tokens * cfg.model.vocab_size * (micro.compute_bytes + FP32)
 
 
-def ep_layer_bytes(moe: MoEConfig, ep: int, tokens_per_rank: int, elem_bytes: int, routing: RoutingModel,
-                   rank: int = 0) -> dict[str, float]:
+def ep_layer_bytes(
+    moe: MoEConfig, ep: int, tokens_per_rank: int, elem_bytes: int, routing: RoutingModel, rank: int = 0
+) -> dict[str, float]:
     """Bytes rank `rank` of the EP group sends in one MoE layer's forward and backward: the communication model of
     `aoe_ep.parallel.comm_model` with the routing model's expected pair counts, every rank holding
     `tokens_per_rank` tokens. Keys as the dispatchers' `CommCounter.as_dict()`."""
     if ep == 1:
         return {}
     pairs = routing.pairs(moe.dispatcher, tokens_per_rank, ep)
-    return bytes_from_pairs(moe.dispatcher, pairs, [tokens_per_rank] * ep, rank, moe.num_experts, moe.d_model,
-                            moe.d_low, elem_bytes, aoe_cache=moe.scorer == "aoe",
-                            expert_choice=moe.selection == "expert_choice", erc=moe.erc_loss_coeff > 0,
-                            rank_pairs=routing.rank_pairs(tokens_per_rank, ep))
+    return bytes_from_pairs(
+        moe.dispatcher,
+        pairs,
+        [tokens_per_rank] * ep,
+        rank,
+        moe.num_experts,
+        moe.d_model,
+        moe.d_low,
+        elem_bytes,
+        aoe_cache=moe.scorer == "aoe",
+        expert_choice=moe.selection == "expert_choice",
+        erc=moe.erc_loss_coeff > 0,
+        rank_pairs=routing.rank_pairs(tokens_per_rank, ep),
+    )
 
 
-def _step_seconds(gpu: GPU, precision_bytes: int, flops: float, memory_bytes: float, ep_bytes: float,
-                  dp_bytes: float, ep: int, world: int) -> dict[str, float]:
+def _step_seconds(
+    gpu: GPU,
+    precision_bytes: int,
+    flops: float,
+    memory_bytes: float,
+    ep_bytes: float,
+    dp_bytes: float,
+    ep: int,
+    world: int,
+) -> dict[str, float]:
     """Seconds per part, added without overlap. EP groups are consecutive ranks, so one of up to 8 stays in a node;
     a data-parallel group (the world, or the expert-DP group with stride EP) crosses nodes when the world does."""
     peak = gpu.bf16_flops if precision_bytes == 2 else gpu.fp32_flops
-    out = {"compute": flops / peak, "memory": memory_bytes / gpu.hbm_bytes_per_s, "intra_node": 0.0,
-           "inter_node": 0.0}
+    out = {"compute": flops / peak, "memory": memory_bytes / gpu.hbm_bytes_per_s, "intra_node": 0.0, "inter_node": 0.0}
     for nbytes, group in ((ep_bytes, ep), (dp_bytes, world)):
         if group <= GPUS_PER_NODE:
             out["intra_node"] += nbytes / gpu.nvlink_bytes_per_s
@@ -135,8 +154,9 @@ def _step_seconds(gpu: GPU, precision_bytes: int, flops: float, memory_bytes: fl
     return out
 
 
-def _max_micro_batch(cfg: Config, ep: int, world: int, routing: Optional[RoutingModel], state: RankState,
-                     usable: float) -> int:
+def _max_micro_batch(
+    cfg: Config, ep: int, world: int, routing: Optional[RoutingModel], state: RankState, usable: float
+) -> int:
     """The largest micro-batch whose memory fits and that splits the global batch evenly over the ranks (0: none).
     Activations are affine in the micro-batch size."""
     mode, every = cfg.train.activation_checkpointing, cfg.train.ac_every
@@ -157,8 +177,15 @@ def _max_micro_batch(cfg: Config, ep: int, world: int, routing: Optional[Routing
     return max((b for b in range(1, min(largest, per_rank) + 1) if per_rank % b == 0), default=0)
 
 
-def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None, gpu: str = "h100",
-                hot_share: Optional[float] = None, params: Optional[list[ParamShape]] = None) -> Plan:
+def plan_layout(
+    cfg: Config,
+    ep: int,
+    dp: int,
+    micro_batch: Optional[int] = None,
+    gpu: str = "h100",
+    hot_share: Optional[float] = None,
+    params: Optional[list[ParamShape]] = None,
+) -> Plan:
     """The plan of rank 0 under world = dp × ep (EP inner), `micro_batch` sequences per rank (default:
     train.micro_batch_size) on `gpu` (a key of `aoe_ep.hardware.GPUS`); `params`: `model_parameters(cfg)`,
     to build the meta model once for many layouts."""
@@ -175,8 +202,9 @@ def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None
     if not isinstance(mb, int) or mb < 1:
         raise ConfigError(f"--micro-batch: must be a positive integer, got {mb!r}")
     world = ep * dp
-    batches = plan_batches(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=mb)),
-                           world, 0)
+    batches = plan_batches(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=mb)), world, 0
+    )
     hardware = GPUS[gpu]
     routing = _routing(cfg, ep, mb * cfg.data.seq_len, hot_share)
     steps = batches.num_micro_batches
@@ -189,30 +217,61 @@ def plan_layout(cfg: Config, ep: int, dp: int, micro_batch: Optional[int] = None
     comm = {f"ep.{name}": steps * cfg.model.n_layers * v for name, v in layer.items()}
     if mode == "full":  # a recomputed MoE layer runs its forward collectives again
         again = -(-cfg.model.n_layers // every)
-        comm.update({f"ep.{name}": comm[f"ep.{name}"] + steps * again * v for name, v in layer.items()
-                     if name.endswith("/fwd")})
-    dp_comm = gradient_sync_bytes(cfg.train.dense_parallel, world, ep, state.params_dense, state.params_expert,
-                                  steps)
+        comm.update(
+            {f"ep.{name}": comm[f"ep.{name}"] + steps * again * v for name, v in layer.items() if name.endswith("/fwd")}
+        )
+    dp_comm = gradient_sync_bytes(cfg.train.dense_parallel, world, ep, state.params_dense, state.params_expert, steps)
     comm.update({f"dp.{name}": v for name, v in dp_comm.items()})
 
     flops = step_flops(cfg, steps * micro.tokens, steps * rows)
     if mode != "none":
         flops["recompute"] = recompute_flops(cfg, flops, mode, every)
     bytes_activations = sum(acts.values())
-    memory = (steps * 2 * bytes_activations + (steps - 1) * 2 * FP32 * state.numel_local
-              + ADAMW_BYTES_PER_ELEMENT * state.numel_local + steps * recompute_traffic_bytes(plain, acts, mode))
-    seconds = _step_seconds(hardware, micro.compute_bytes, sum(flops.values()), memory,
-                            sum(v for k, v in comm.items() if k.startswith("ep.")), sum(dp_comm.values()), ep, world)
+    memory = (
+        steps * 2 * bytes_activations
+        + (steps - 1) * 2 * FP32 * state.numel_local
+        + ADAMW_BYTES_PER_ELEMENT * state.numel_local
+        + steps * recompute_traffic_bytes(plain, acts, mode)
+    )
+    seconds = _step_seconds(
+        hardware,
+        micro.compute_bytes,
+        sum(flops.values()),
+        memory,
+        sum(v for k, v in comm.items() if k.startswith("ep.")),
+        sum(dp_comm.values()),
+        ep,
+        world,
+    )
     transient = _transient_bytes(cfg, micro) + rebuilt_block_bytes(cfg, plain, mode)
     total = state.bytes_weights + state.bytes_grads + state.bytes_optimizer + bytes_activations + transient
     usable = hardware.usable_memory_bytes
     return Plan(
-        ep=ep, dp=dp, world=world, gpu=gpu, precision="fp32" if micro.compute_bytes == FP32 else "bf16",
-        dispatcher=cfg.moe.dispatcher if cfg.model.ffn == "moe" and ep > 1 else None, hot_expert_share=hot_share,
-        micro_batch=mb, num_micro_batches=steps, params_dense=state.params_dense, params_expert=state.params_expert,
-        bytes_weights=state.bytes_weights, bytes_grads=state.bytes_grads, bytes_optimizer=state.bytes_optimizer,
-        bytes_activations=bytes_activations, activations=acts, bytes_transient=transient, bytes_total=total,
-        bytes_usable=usable, flops_per_step=sum(flops.values()), flops=flops, comm_bytes_per_step=comm,
-        step_seconds=seconds, fits=total <= usable,
+        ep=ep,
+        dp=dp,
+        world=world,
+        gpu=gpu,
+        precision="fp32" if micro.compute_bytes == FP32 else "bf16",
+        dispatcher=cfg.moe.dispatcher if cfg.model.ffn == "moe" and ep > 1 else None,
+        hot_expert_share=hot_share,
+        micro_batch=mb,
+        num_micro_batches=steps,
+        params_dense=state.params_dense,
+        params_expert=state.params_expert,
+        bytes_weights=state.bytes_weights,
+        bytes_grads=state.bytes_grads,
+        bytes_optimizer=state.bytes_optimizer,
+        bytes_activations=bytes_activations,
+        activations=acts,
+        bytes_transient=transient,
+        bytes_total=total,
+        bytes_usable=usable,
+        flops_per_step=sum(flops.values()),
+        flops=flops,
+        comm_bytes_per_step=comm,
+        step_seconds=seconds,
+        fits=total <= usable,
         max_micro_batch=_max_micro_batch(cfg, ep, world, routing, state, usable),
-        activation_checkpointing=mode, ac_every=every)
+        activation_checkpointing=mode,
+        ac_every=every,
+    )

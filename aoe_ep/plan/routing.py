@@ -70,6 +70,8 @@ def routing_model(num_experts: int, top_k: float, hot_share: float | None) -> Ro
     if num_experts < 2:
         raise ValueError(f"--hot-expert-share needs at least 2 experts, the model has {num_experts}")
     if not 0.0 < hot_share <= min(1.0, 1.0 / top_k):
-        raise ValueError(f"--hot-expert-share must lie in (0, 1/top_k = {1.0 / top_k:.4g}] (an expert is chosen "
-                         f"at most once per token), got {hot_share}")
+        raise ValueError(
+            f"--hot-expert-share must lie in (0, 1/top_k = {1.0 / top_k:.4g}] (an expert is chosen "
+            f"at most once per token), got {hot_share}"
+        )
     return RoutingModel(num_experts, top_k, hot_share)

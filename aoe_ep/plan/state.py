@@ -32,8 +32,11 @@ def model_parameters(cfg: Config) -> list[ParamShape]:
 
     with torch.device("meta"):
         model = Decoder(cfg.model, cfg.moe)
-    return [ParamShape(name, tuple(p.shape), bool(getattr(p, "expert_parallel", False)))
-            for name, p in model.named_parameters() if p.requires_grad]
+    return [
+        ParamShape(name, tuple(p.shape), bool(getattr(p, "expert_parallel", False)))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
 
 
 def sharded_over_ep(param: ParamShape, cfg: Config, ep: int) -> bool:
@@ -91,8 +94,9 @@ class RankState:
     numel_local: int
 
 
-def rank_state(cfg: Config, ep: int, world: int, params: list[ParamShape] | None = None,
-               micro_batches: int = 1) -> RankState:
+def rank_state(
+    cfg: Config, ep: int, world: int, params: list[ParamShape] | None = None, micro_batches: int = 1
+) -> RankState:
     """The state rank 0 of a world of `world` ranks holds with expert-parallel size `ep` (FSDP2's first shard is
     the largest) and `micro_batches` per step; `params`: `model_parameters(cfg)` when the caller has them."""
     kind = cfg.train.dense_parallel
@@ -112,13 +116,19 @@ def rank_state(cfg: Config, ep: int, world: int, params: list[ParamShape] | None
             numel += _shard_numel(shape, dense_shards)
             grad_numel += _shard_numel(shape, dense_grad_shards)
         tensors += 1
-    return RankState(params_dense=params_dense, params_expert=params_expert, bytes_weights=numel * FP32,
-                     bytes_grads=grad_numel * FP32, bytes_optimizer=ADAM_MOMENTS * numel * FP32 + tensors * FP32,
-                     numel_local=numel)
+    return RankState(
+        params_dense=params_dense,
+        params_expert=params_expert,
+        bytes_weights=numel * FP32,
+        bytes_grads=grad_numel * FP32,
+        bytes_optimizer=ADAM_MOMENTS * numel * FP32 + tensors * FP32,
+        numel_local=numel,
+    )
 
 
-def gradient_sync_bytes(dense_parallel: str, world: int, ep: int, dense_numel: int, expert_numel: int,
-                        micro_batches: int) -> dict[str, float]:
+def gradient_sync_bytes(
+    dense_parallel: str, world: int, ep: int, dense_numel: int, expert_numel: int, micro_batches: int
+) -> dict[str, float]:
     """Bytes one rank sends per step to keep the state consistent, by collective (ring algorithms: an all-reduce
     sends 2(N−1)/N of the buffer, an all-gather or reduce-scatter (N−1)/N). `dense_numel` / `expert_numel`: the
     unsharded element counts on this rank.
@@ -135,8 +145,10 @@ def gradient_sync_bytes(dense_parallel: str, world: int, ep: int, dense_numel: i
         return (n - 1) / n
 
     dense_shards, expert_shards = state_shards(dense_parallel, world, ep)
-    for part, numel, group, shards in (("dense", dense_numel, world, dense_shards),
-                                       ("expert", expert_numel, expert_group, expert_shards)):
+    for part, numel, group, shards in (
+        ("dense", dense_numel, world, dense_shards),
+        ("expert", expert_numel, expert_group, expert_shards),
+    ):
         if group == 1 or numel == 0:
             continue
         if shards > 1:

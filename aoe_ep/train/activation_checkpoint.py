@@ -21,13 +21,18 @@ checkpoints are unchanged, and FSDP2's hooks (applied afterwards) wrap the check
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
-                                    set_checkpoint_early_stop)
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    set_checkpoint_early_stop,
+)
 
 from aoe_ep.config import AC_MODES
 from aoe_ep.model.kv_cache import LayerKVCache
@@ -38,10 +43,15 @@ MATMULS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default)
 # Attention kernels whose outputs (the attention output and its log-sum-exp) are kept: recomputing them costs as much
 # as the first forward.
 ATTENTION_KERNELS = tuple(
-    getattr(_aten, name).default for name in (
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(_aten, name))
+    getattr(_aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(_aten, name)
+)
 
 
 def in_backward() -> bool:
@@ -55,6 +65,7 @@ def _moe_layers(module: nn.Module) -> list[MoELayer]:
 
 def _counted_once(fn: Callable, moe_layers: list[MoELayer]) -> Callable:
     """`fn`, with the MoE layers' byte counters paused when it runs as a recompute."""
+
     def run(*args, **kwargs):
         if not moe_layers or not in_backward():
             return fn(*args, **kwargs)

@@ -5,7 +5,8 @@ The schemes (`aoe_ep.moe.balancing`) return their values by bare name; the names
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from aoe_ep.moe import LoadStats, MoELayer
 
@@ -15,8 +16,7 @@ def layer_key(index: int, name: str) -> str:
     return f"moe/layer{index:02d}/{name}"
 
 
-def balancing_scalars(layers: Sequence[MoELayer],
-                      stats: Sequence[LoadStats] = ()) -> dict[str, float | list[float]]:
+def balancing_scalars(layers: Sequence[MoELayer], stats: Sequence[LoadStats] = ()) -> dict[str, float | list[float]]:
     """Each layer's scheme's values (`moe/layerNN/bias` and `bias_max_abs` under `moe.balance: bias`;
     `moe/layerNN/density` and `threshold_lambda` under threshold selection); `stats`: the logging window's
     `LoadStats` per layer, where there are any."""

@@ -8,8 +8,9 @@ ranks, reads exactly the samples the uninterrupted run would have read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -46,15 +47,17 @@ def plan_batches(cfg: Config, world_size: int, rank: int) -> BatchPlan:
     if seq > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len: {seq} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if t.global_batch_tokens % seq:
-        raise ConfigError(f"train.global_batch_tokens: {t.global_batch_tokens} is not a multiple of "
-                          f"data.seq_len={seq}")
+        raise ConfigError(f"train.global_batch_tokens: {t.global_batch_tokens} is not a multiple of data.seq_len={seq}")
     samples = t.global_batch_tokens // seq
     per_pass = t.micro_batch_size * world_size
     if samples % per_pass:
-        raise ConfigError(f"train.global_batch_tokens: {t.global_batch_tokens} tokens = {samples} sequences of "
-                          f"{seq}, not divisible by train.micro_batch_size={t.micro_batch_size} x {world_size} rank(s)")
-    return BatchPlan(seq_len=seq, global_samples=samples, micro_batch_size=t.micro_batch_size,
-                     world_size=world_size, rank=rank)
+        raise ConfigError(
+            f"train.global_batch_tokens: {t.global_batch_tokens} tokens = {samples} sequences of "
+            f"{seq}, not divisible by train.micro_batch_size={t.micro_batch_size} x {world_size} rank(s)"
+        )
+    return BatchPlan(
+        seq_len=seq, global_samples=samples, micro_batch_size=t.micro_batch_size, world_size=world_size, rank=rank
+    )
 
 
 @dataclass(frozen=True)
@@ -73,5 +76,8 @@ def collate(dataset: Any, indices: Sequence[int], device: torch.device) -> Batch
         t = torch.stack([torch.as_tensor(item[key]) for item in items]).to(dtype)
         return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
 
-    return Batch(tokens=stack("tokens", torch.long), labels=stack("labels", torch.long),
-                 loss_mask=stack("loss_mask", torch.float32))
+    return Batch(
+        tokens=stack("tokens", torch.long),
+        labels=stack("labels", torch.long),
+        loss_mask=stack("loss_mask", torch.float32),
+    )

@@ -14,7 +14,8 @@ over the "ep" mesh dimension (and, under FSDP2, further over the expert-DP "dp" 
 DCP reads whatever slice a rank now holds. Experts are saved by global identity: under an expert placement other than
 the contiguous one (`parallel.expert_placement`), a rank's stack is moved to the contiguous split before the save
 and from it to the rank's placement after the load (`aoe_ep.parallel.reshard`), optimizer moments with their
-experts; `meta.json` records the placement and the load it was chosen from. RNG states are per rank: a rank that did not exist
+experts; `meta.json` records the placement and the load it was chosen from. RNG states are per rank: a rank that did
+not exist
 at save time keeps its freshly seeded generator.
 
 Everything saved is a tensor (step counters and generator states are encoded as tensors), `meta.json` records every
@@ -42,17 +43,28 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from aoe_ep.moe import MoELayer
 from aoe_ep.moe.placement import Placement
 from aoe_ep.parallel.reshard import move_experts
-from aoe_ep.train.checkpoint_integrity import (MANIFEST_KEY, CheckpointError, SafeFileSystemReader,
-                                               TensorsOnlyLoadPlanner, assert_tensors_only, file_sha256,
-                                               shard_digests, verify_digests)
 from aoe_ep.parallel.runtime import Runtime
+from aoe_ep.train.checkpoint_integrity import (
+    MANIFEST_KEY,
+    CheckpointError,
+    SafeFileSystemReader,
+    TensorsOnlyLoadPlanner,
+    assert_tensors_only,
+    file_sha256,
+    shard_digests,
+    verify_digests,
+)
 from aoe_ep.train.optim import is_expert_param
 
 LATEST = "latest"
@@ -83,11 +95,14 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{pointer}: cannot be read ({err})") from None
     if not name:
-        raise CheckpointError(f"{pointer} is empty: it should name a checkpoint such as step_00000100; write "
-                              f"the newest step directory's name into it, or delete it")
+        raise CheckpointError(
+            f"{pointer} is empty: it should name a checkpoint such as step_00000100; write "
+            f"the newest step directory's name into it, or delete it"
+        )
     if not STEP_NAME.fullmatch(name):  # a path would let `latest` point outside the run directory
-        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a step directory beside it "
-                              f"(such as step_00000100)")
+        raise CheckpointError(
+            f"{pointer} holds {name[:80]!r}, not the name of a step directory beside it (such as step_00000100)"
+        )
     path = root / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {name}, which does not exist")
@@ -100,8 +115,11 @@ def checkpoint_steps(root: Path) -> dict[int, Path]:
     """The complete checkpoints directly under `root`, by step."""
     if not root.is_dir():
         return {}
-    return {int(p.name[len("step_"):]): p for p in root.iterdir()
-            if STEP_NAME.fullmatch(p.name) and p.is_dir() and is_complete(p)}
+    return {
+        int(p.name[len("step_") :]): p
+        for p in root.iterdir()
+        if STEP_NAME.fullmatch(p.name) and p.is_dir() and is_complete(p)
+    }
 
 
 def set_aside_after(root: Path, step: int) -> Optional[Path]:
@@ -136,13 +154,16 @@ def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
         root = checkpoint_root(out_dir)
         path = latest_checkpoint(root)
         if path is None:
-            raise CheckpointError(f"--resume: no checkpoint under {root} (no '{LATEST}' file); "
-                                  f"train without --resume first, or name a checkpoint directory")
+            raise CheckpointError(
+                f"--resume: no checkpoint under {root} (no '{LATEST}' file); "
+                f"train without --resume first, or name a checkpoint directory"
+            )
         return path
     path = Path(spec)
     if not is_complete(path):
-        raise CheckpointError(f"--resume {spec}: not a complete checkpoint directory "
-                              f"(it needs .metadata and meta.json)")
+        raise CheckpointError(
+            f"--resume {spec}: not a complete checkpoint directory (it needs .metadata and meta.json)"
+        )
     return path
 
 
@@ -151,10 +172,15 @@ def read_meta(path: Path) -> dict:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}/meta.json: cannot be read ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) \
-            or not isinstance(meta.get("consumed_samples"), int):
-        raise CheckpointError(f"{path}/meta.json: not a checkpoint description (no integer step and "
-                              f"consumed_samples); the checkpoint was modified or corrupted")
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("step"), int)
+        or not isinstance(meta.get("consumed_samples"), int)
+    ):
+        raise CheckpointError(
+            f"{path}/meta.json: not a checkpoint description (no integer step and "
+            f"consumed_samples); the checkpoint was modified or corrupted"
+        )
     return meta
 
 
@@ -187,12 +213,15 @@ def expert_placements(model: nn.Module) -> dict[str, Placement]:
 
 def _to_contiguous(placements: dict[str, Placement], runtime: Runtime):
     """fn(name, local stack) -> the stack the rank holds under the contiguous split (what a checkpoint stores)."""
+
     def fn(name: str, t: torch.Tensor) -> torch.Tensor:
         placement = placements.get(name)
         if placement is None:
             return t
-        return move_experts(t, placement, Placement.contiguous(placement.num_experts, placement.num_devices),
-                            runtime.groups.ep_group)
+        return move_experts(
+            t, placement, Placement.contiguous(placement.num_experts, placement.num_devices), runtime.groups.ep_group
+        )
+
     return fn
 
 
@@ -200,11 +229,13 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """torch's generators, Python's and numpy's, as tensors (so that loading them unpickles nothing)."""
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"cpu": torch.get_rng_state(),
-             "python": torch.tensor([version, *words], dtype=torch.int64),
-             "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
-             "numpy": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_extra": torch.tensor([pos, has_gauss, cached], dtype=torch.float64)}
+    state = {
+        "cpu": torch.get_rng_state(),
+        "python": torch.tensor([version, *words], dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_extra": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -223,8 +254,11 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
 
 def _scheduler_state(scheduler: Any) -> dict[str, torch.Tensor]:
     """The scheduler's numbers as float64 tensors (its strings are the configuration's, rebuilt on load)."""
-    return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in scheduler.state_dict().items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: torch.tensor(float(v), dtype=torch.float64)
+        for k, v in scheduler.state_dict().items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _load_scheduler_state(scheduler: Any, saved: dict[str, torch.Tensor]) -> None:
@@ -241,8 +275,10 @@ def _map_experts(model_sd: dict, optim_sd: dict, experts: set[str], fn) -> None:
     for name in sorted(experts):  # one order on every rank: moving a placed expert is a collective
         model_sd[name] = fn(name, model_sd[name])
         if name in states:
-            states[name] = {key: fn(name, value) if isinstance(value, torch.Tensor) and value.ndim > 0 else value
-                            for key, value in states[name].items()}
+            states[name] = {
+                key: fn(name, value) if isinstance(value, torch.Tensor) and value.ndim > 0 else value
+                for key, value in states[name].items()
+            }
 
 
 def _saved_expert(t: torch.Tensor, runtime: Runtime) -> DTensor:
@@ -253,12 +289,24 @@ def _saved_expert(t: torch.Tensor, runtime: Runtime) -> DTensor:
         return DTensor.from_local(t, runtime.mesh, [Replicate(), Shard(0)], run_check=False)
     (placement,) = t.placements
     shape = torch.Size([t.shape[0] * runtime.ep_size, *t.shape[1:]])
-    return DTensor.from_local(t.to_local(), runtime.expert_mesh, [Shard(0), placement], run_check=False,
-                              shape=shape, stride=torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(
+        t.to_local(),
+        runtime.expert_mesh,
+        [Shard(0), placement],
+        run_check=False,
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
+    )
 
 
-def _state_and_groups(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
-                      runtime: Runtime, by_identity: bool = True) -> tuple[dict, list]:
+def _state_and_groups(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    progress: dict,
+    runtime: Runtime,
+    by_identity: bool = True,
+) -> tuple[dict, list]:
     """by_identity: move placed expert stacks to the contiguous split (a save; a load's template needs only the
     shapes)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -267,14 +315,19 @@ def _state_and_groups(model: nn.Module, optimizer: torch.optim.Optimizer, schedu
     # Per-parameter moments are saved by name; the groups (which parameters share hyperparameters) are each run's:
     # their make-up changes with the layout (expert-parallel or not), and lr / weight decay come from the schedule.
     param_groups = optim_sd.pop("param_groups")
-    state = {"model": model_sd, "optim": optim_sd, "scheduler": _scheduler_state(scheduler),
-             "progress": {k: torch.tensor(int(v), dtype=torch.int64) for k, v in progress.items()},
-             f"rng_rank{runtime.rank}": _rng_state(runtime.device)}
+    state = {
+        "model": model_sd,
+        "optim": optim_sd,
+        "scheduler": _scheduler_state(scheduler),
+        "progress": {k: torch.tensor(int(v), dtype=torch.int64) for k, v in progress.items()},
+        f"rng_rank{runtime.rank}": _rng_state(runtime.device),
+    }
     return state, param_groups
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict,
-                   runtime: Runtime) -> dict:
+def training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict, runtime: Runtime
+) -> dict:
     """The nested dict of tensors DCP saves and loads, expert tensors as `_saved_expert` DTensors."""
     return _state_and_groups(model, optimizer, scheduler, progress, runtime)[0]
 
@@ -283,8 +336,9 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 # Save
 
 
-def save_checkpoint(root: Path, step: int, state: dict, runtime: Runtime, meta: dict, config_yaml: str,
-                    keep: int = 0) -> Optional[Path]:
+def save_checkpoint(
+    root: Path, step: int, state: dict, runtime: Runtime, meta: dict, config_yaml: str, keep: int = 0
+) -> Optional[Path]:
     """Write `state` as checkpoint `step` (collective: every rank calls it). Returns the path, or None when a
     complete checkpoint of that step already exists (the state at a step is the same; it is left untouched).
 
@@ -359,8 +413,9 @@ def _causes(err: BaseException):
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
             for _, failure in sorted(failures.items()):
-                todo.extend(x for x in (failure if isinstance(failure, tuple) else (failure,))
-                            if isinstance(x, BaseException))
+                todo.extend(
+                    x for x in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(x, BaseException)
+                )
 
 
 def _first_os_error(err: BaseException) -> int:
@@ -373,11 +428,13 @@ def _save_error(root: Path, step: int, stage: str, code: int, err: Optional[Base
         previous = latest_checkpoint(root)
     except CheckpointError:
         previous = None
-    kept = (f"the previous checkpoint {previous.name} is intact and `latest` still names it" if previous
-            else "no earlier checkpoint exists")
+    kept = (
+        f"the previous checkpoint {previous.name} is intact and `latest` still names it"
+        if previous
+        else "no earlier checkpoint exists"
+    )
     reason = f"{os.strerror(code)} [errno {code}]" if code else (str(err).strip().splitlines() or ["?"])[-1]
-    return CheckpointError(f"train.out_dir: cannot {stage} checkpoint {step_name(step)} under {root}: "
-                           f"{reason}; {kept}")
+    return CheckpointError(f"train.out_dir: cannot {stage} checkpoint {step_name(step)} under {root}: {reason}; {kept}")
 
 
 def _abandon(tmp: Path, final: Path, root: Path, runtime: Runtime) -> None:
@@ -404,7 +461,7 @@ def prune(root: Path, keep: int) -> None:
     """Delete the oldest complete checkpoints beyond `keep`, never the one `latest` names."""
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != latest)
-    for path in steps[:max(0, len(steps) - (keep - 1))]:
+    for path in steps[: max(0, len(steps) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -446,16 +503,17 @@ def _dcp_load(state: dict, path: Path, into: str) -> None:
         refused = next((e for e in _causes(err) if isinstance(e, CheckpointError)), None)
         if refused is not None:
             raise CheckpointError(f"{path}: {refused}") from None
-        raise CheckpointError(f"{path}: cannot be loaded into {into}: "
-                              f"{str(err).strip().splitlines()[-1]}") from None
+        raise CheckpointError(f"{path}: cannot be loaded into {into}: {str(err).strip().splitlines()[-1]}") from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    runtime: Runtime) -> dict:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime
+) -> dict:
     """Restore model, optimizer, scheduler and (where saved for this rank) RNG state; returns the progress dict.
     Call `verify_checkpoint` first: this reads the files."""
-    state, param_groups = _state_and_groups(model, optimizer, scheduler, {"step": 0, "consumed_samples": 0},
-                                            runtime, by_identity=False)
+    state, param_groups = _state_and_groups(
+        model, optimizer, scheduler, {"step": 0, "consumed_samples": 0}, runtime, by_identity=False
+    )
     reader = SafeFileSystemReader(str(path))
     saved = set(reader.read_metadata().state_dict_metadata)
     rng_key = f"rng_rank{runtime.rank}"
@@ -472,12 +530,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         like = params[name]
         if not isinstance(like, DTensor):
             return _from_contiguous(placements.get(name), t.to_local(), runtime)
-        local = DTensor.from_local(t.to_local(), like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                                   stride=like.stride())
+        local = DTensor.from_local(
+            t.to_local(), like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+        )
         if name not in placements:
             return local
-        return DTensor.from_local(_from_contiguous(placements[name], local, runtime), like.device_mesh,
-                                  like.placements, run_check=False, shape=like.shape, stride=like.stride())
+        return DTensor.from_local(
+            _from_contiguous(placements[name], local, runtime),
+            like.device_mesh,
+            like.placements,
+            run_check=False,
+            shape=like.shape,
+            stride=like.stride(),
+        )
 
     _map_experts(state["model"], state["optim"], expert_names(model), to_param_layout)
     state["optim"]["param_groups"] = param_groups
@@ -491,8 +556,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def _from_contiguous(placement: Optional[Placement], t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if placement is None:
         return t
-    return move_experts(t, Placement.contiguous(placement.num_experts, placement.num_devices), placement,
-                        runtime.groups.ep_group)
+    return move_experts(
+        t, Placement.contiguous(placement.num_experts, placement.num_devices), placement, runtime.groups.ep_group
+    )
 
 
 def load_model_weights(path: Path, model: nn.Module, runtime: Runtime) -> None:
@@ -510,5 +576,7 @@ def load_model_weights(path: Path, model: nn.Module, runtime: Runtime) -> None:
 
 def describe(path: Path) -> str:
     meta = read_meta(path)
-    return (f"{path} (step {meta.get('step')}, saved by {meta.get('world_size')} rank(s), "
-            f"expert-parallel size {meta.get('expert_parallel_size')})")
+    return (
+        f"{path} (step {meta.get('step')}, saved by {meta.get('world_size')} rank(s), "
+        f"expert-parallel size {meta.get('expert_parallel_size')})"
+    )

@@ -49,16 +49,23 @@ class TensorsOnlyLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner, except that a pickled (non-tensor) value in the checkpoint is refused unread."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        raise CheckpointError(f"{read_item.dest_index.fqn}: the checkpoint holds a pickled object there; "
-                              f"aoe-ep checkpoints hold tensors only and never unpickle arbitrary objects")
+        raise CheckpointError(
+            f"{read_item.dest_index.fqn}: the checkpoint holds a pickled object there; "
+            f"aoe-ep checkpoints hold tensors only and never unpickle arbitrary objects"
+        )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata records, torch.Size, dtypes and layouts, paths; nothing else."""
 
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-               ("collections", "OrderedDict")}
+    ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("collections", "OrderedDict"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
@@ -69,8 +76,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             obj = getattr(dcp_metadata, name, None)
             if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__:
                 return obj
-        raise CheckpointError(f"the checkpoint's .metadata refers to {module}.{name}, which a DCP metadata file "
-                              f"never holds; refusing to unpickle it")
+        raise CheckpointError(
+            f"the checkpoint's .metadata refers to {module}.{name}, which a DCP metadata file "
+            f"never holds; refusing to unpickle it"
+        )
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -84,8 +93,9 @@ class SafeFileSystemReader(FileSystemReader):
             except CheckpointError:
                 raise
             except Exception as err:
-                raise CheckpointError(f"{path}: not a readable DCP metadata file ({type(err).__name__}: {err})") \
-                    from None
+                raise CheckpointError(
+                    f"{path}: not a readable DCP metadata file ({type(err).__name__}: {err})"
+                ) from None
         if not isinstance(metadata, dcp_metadata.Metadata):
             raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
@@ -123,8 +133,10 @@ def verify_digests(path: Path, manifest: Any, device: torch.device) -> None:
     """Collective: every rank checks its share of the files against `manifest` and all raise the same
     CheckpointError if any file is missing or differs."""
     if not isinstance(manifest, dict) or not manifest:
-        raise CheckpointError(f"{path}: meta.json has no '{MANIFEST_KEY}' file digests (written by an older aoe-ep, "
-                              f"or modified); it cannot be trusted")
+        raise CheckpointError(
+            f"{path}: meta.json has no '{MANIFEST_KEY}' file digests (written by an older aoe-ep, "
+            f"or modified); it cannot be trusted"
+        )
     names = sorted(manifest)
     status = torch.zeros(len(names), dtype=torch.int64)  # 1: missing, 2: differs
     for i in _mine(names):
@@ -142,6 +154,8 @@ def verify_digests(path: Path, manifest: Any, device: torch.device) -> None:
     if bad:
         name, kind = bad[0]
         what = "is missing" if kind == 1 else "does not match the SHA-256 recorded when it was saved"
-        raise CheckpointError(f"{path}: {name} {what}" + (f" ({len(bad)} files in all)" if len(bad) > 1 else "")
-                              + "; the checkpoint was modified or corrupted, resume from another one")
-
+        raise CheckpointError(
+            f"{path}: {name} {what}"
+            + (f" ({len(bad)} files in all)" if len(bad) > 1 else "")
+            + "; the checkpoint was modified or corrupted, resume from another one"
+        )

@@ -30,11 +30,12 @@ def check_compile(device: torch.device) -> None:
         got = torch.compile(_probe, dynamic=False)(x)
     except Exception as err:  # noqa: BLE001 - inductor raises many kinds (a missing compiler is a CppCompileError or an OSError)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"train.compile: this machine cannot compile for {device.type} ({type(err).__name__}: "
-                          f"{first}); set train.compile=false") from None
+        raise ConfigError(
+            f"train.compile: this machine cannot compile for {device.type} ({type(err).__name__}: "
+            f"{first}); set train.compile=false"
+        ) from None
     if not torch.allclose(got, _probe(x)):
-        raise ConfigError(f"train.compile: compiled code on {device.type} gives wrong results; set "
-                          f"train.compile=false")
+        raise ConfigError(f"train.compile: compiled code on {device.type} gives wrong results; set train.compile=false")
 
 
 def compiled_modules(model: nn.Module) -> list[nn.Module]:

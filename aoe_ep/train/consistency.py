@@ -43,8 +43,14 @@ def package_versions() -> dict[str, str]:
         megatron = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:
         megatron = "not installed"
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "megatron-core": megatron,
-            "numpy": str(np.__version__), "aoe_ep": str(aoe_ep.__version__), "aoe_ep sources": source_digest()}
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "megatron-core": megatron,
+        "numpy": str(np.__version__),
+        "aoe_ep": str(aoe_ep.__version__),
+        "aoe_ep sources": source_digest(),
+    }
 
 
 def identity(cfg: Config, resume: Optional[str] = None) -> dict:
@@ -66,10 +72,10 @@ def check_ranks_agree(cfg: Config, device: torch.device, resume: Optional[str] =
     # Rare path: exchange the texts (padded to the longest) so that every rank can name the same differences.
     longest = max(int(g[1]) for g in gathered)
     buf = torch.zeros(longest, dtype=torch.uint8, device=device)
-    buf[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
+    buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
     texts = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(texts, buf, group=group)
-    identities = [yaml.safe_load(bytes(t[:int(g[1])].cpu().tolist()).decode()) for t, g in zip(texts, gathered)]
+    identities = [yaml.safe_load(bytes(t[: int(g[1])].cpu().tolist()).decode()) for t, g in zip(texts, gathered)]
     raise ConfigError(describe_differences(identities))
 
 
@@ -98,11 +104,15 @@ def describe_differences(identities: list[dict]) -> str:
         by_value: dict[str, list[int]] = {}
         for rank, value in enumerate(values):
             by_value.setdefault(repr(value), []).append(rank)
-        where = "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-                          for value, ranks in by_value.items())
+        where = "; ".join(
+            f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+            for value, ranks in by_value.items()
+        )
         parts.append(f"{key}: {where}")
-    return (" | ".join(parts) + " -- the ranks were started with different configurations or package versions; "
-            "start every node with the same config, overrides and installation")
+    return (
+        " | ".join(parts) + " -- the ranks were started with different configurations or package versions; "
+        "start every node with the same config, overrides and installation"
+    )
 
 
 def check_replicas_agree(named: dict[str, torch.Tensor], group=None) -> None:
@@ -121,8 +131,10 @@ def check_replicas_agree(named: dict[str, torch.Tensor], group=None) -> None:
         end = start + t.numel()
         ranks = [r for r in range(1, world) if not torch.equal(gathered[r][start:end], gathered[0][start:end])]
         if ranks:
-            parts.append(f"{name} differs from rank 0's on rank{'s' if len(ranks) > 1 else ''} "
-                         f"{', '.join(map(str, ranks))}")
+            parts.append(
+                f"{name} differs from rank 0's on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+            )
         start = end
-    raise TrainingError("; ".join(parts) + " -- state that every rank updates as one replica has diverged; not "
-                        "checkpointing it")
+    raise TrainingError(
+        "; ".join(parts) + " -- state that every rank updates as one replica has diverged; not checkpointing it"
+    )

@@ -25,8 +25,8 @@ import torch
 from aoe_ep.log_keys import layer_prefix
 from aoe_ep.moe import LoadStats
 from aoe_ep.moe.context import DEFAULT_CONTEXT, StepContext
-from aoe_ep.train.batches import BatchPlan, collate
 from aoe_ep.parallel.runtime import all_reduce_
+from aoe_ep.train.batches import BatchPlan, collate
 
 
 def dead_experts(stats: LoadStats) -> int:
@@ -73,8 +73,9 @@ class ChurnProbe:
         self.previous: Optional[list[torch.Tensor]] = None
 
     @torch.no_grad()
-    def selections(self, model, moe_layers: list, autocast=contextlib.nullcontext,
-                   ctx: StepContext = DEFAULT_CONTEXT) -> list[torch.Tensor]:
+    def selections(
+        self, model, moe_layers: list, autocast=contextlib.nullcontext, ctx: StepContext = DEFAULT_CONTEXT
+    ) -> list[torch.Tensor]:
         """Per MoE layer, the selection mask [probe tokens of this rank, n] in eval mode (collective under EP), the
         layers running under `ctx` with `record_selection` set; their byte counters are paused, so logged bytes stay
         those of training steps."""
@@ -93,16 +94,20 @@ class ChurnProbe:
         model.train(was_training)
         return [torch.cat(m) for m in masks]
 
-    def update(self, model, moe_layers: list, group=None, autocast=contextlib.nullcontext,
-               ctx: StepContext = DEFAULT_CONTEXT) -> Optional[list[float]]:
+    def update(
+        self, model, moe_layers: list, group=None, autocast=contextlib.nullcontext, ctx: StepContext = DEFAULT_CONTEXT
+    ) -> Optional[list[float]]:
         """Probe now; the churn per layer since the previous probe, summed over the ranks of `group` (default: the
         world), or None at the first probe (collective)."""
         masks = self.selections(model, moe_layers, autocast, ctx)
         previous, self.previous = self.previous, masks
         if previous is None:
             return None
-        counts_L2 = torch.stack([torch.stack([(now != before).any(dim=1).sum(), now.new_tensor(now.shape[0],
-                                                                                             dtype=torch.int64)])
-                                 for now, before in zip(masks, previous)]).double()
+        counts_L2 = torch.stack(
+            [
+                torch.stack([(now != before).any(dim=1).sum(), now.new_tensor(now.shape[0], dtype=torch.int64)])
+                for now, before in zip(masks, previous)
+            ]
+        ).double()
         all_reduce_(counts_L2, group=group)
         return (counts_L2[:, 0] / counts_L2[:, 1].clamp_min(1)).tolist()

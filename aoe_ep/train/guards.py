@@ -13,8 +13,9 @@ reduced loss sum non-finite or a flag non-zero on every rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -37,25 +38,39 @@ class StepHealth:
         if not infos:
             return
         # an int under expert parallelism (it came with the dispatcher's sizes), else a 0-dim device tensor
-        self.nonfinite_inputs_L += torch.stack([torch.as_tensor(info.nonfinite_inputs).to(self.nonfinite_inputs_L)
-                                                for info in infos])
-        self.bad_stats_L += torch.stack([(~torch.isfinite(info.stats.score_mean).all()
-                                          | ~torch.isfinite(info.stats.ent_conf)).to(self.bad_stats_L)
-                                         for info in infos])
+        self.nonfinite_inputs_L += torch.stack(
+            [torch.as_tensor(info.nonfinite_inputs).to(self.nonfinite_inputs_L) for info in infos]
+        )
+        self.bad_stats_L += torch.stack(
+            [
+                (~torch.isfinite(info.stats.score_mean).all() | ~torch.isfinite(info.stats.ent_conf)).to(
+                    self.bad_stats_L
+                )
+                for info in infos
+            ]
+        )
 
     def packed(self, losses: torch.Tensor, grad_norm: float) -> torch.Tensor:
         """[lm, aux, gradient norm not finite, nonfinite inputs per layer (L), bad statistics per layer (L)]
         (`health_packing`): what the step all-reduces over the world."""
-        packed, _ = pack({"loss": losses[0], "aux_loss": losses[1],
-                          "grad_norm_bad": losses.new_tensor(0.0 if math.isfinite(grad_norm) else 1.0),
-                          "nonfinite_inputs": self.nonfinite_inputs_L, "bad_stats": self.bad_stats_L})
+        packed, _ = pack(
+            {
+                "loss": losses[0],
+                "aux_loss": losses[1],
+                "grad_norm_bad": losses.new_tensor(0.0 if math.isfinite(grad_norm) else 1.0),
+                "nonfinite_inputs": self.nonfinite_inputs_L,
+                "bad_stats": self.bad_stats_L,
+            }
+        )
         return packed
 
 
 def health_packing(num_layers: int) -> PackedLayout:
     """The layout of `StepHealth.packed` for a model of `num_layers` MoE layers."""
-    return PackedLayout(("loss", "aux_loss", "grad_norm_bad", "nonfinite_inputs", "bad_stats"),
-                        (None, None, None, num_layers, num_layers))
+    return PackedLayout(
+        ("loss", "aux_loss", "grad_norm_bad", "nonfinite_inputs", "bad_stats"),
+        (None, None, None, num_layers, num_layers),
+    )
 
 
 @dataclass(frozen=True)
@@ -65,17 +80,25 @@ class Verdict:
     loss: float
     aux_loss: float
     grad_norm_bad: bool
-    nonfinite_inputs: tuple[int, ...]   # per MoE layer, counted once per EP group
-    bad_stats: tuple[bool, ...]        # per MoE layer, on any rank
+    nonfinite_inputs: tuple[int, ...]  # per MoE layer, counted once per EP group
+    bad_stats: tuple[bool, ...]  # per MoE layer, on any rank
 
     @property
     def good(self) -> bool:
-        return (math.isfinite(self.loss) and math.isfinite(self.aux_loss) and not self.grad_norm_bad
-                and not any(self.nonfinite_inputs) and not any(self.bad_stats))
+        return (
+            math.isfinite(self.loss)
+            and math.isfinite(self.aux_loss)
+            and not self.grad_norm_bad
+            and not any(self.nonfinite_inputs)
+            and not any(self.bad_stats)
+        )
 
     def bad_layers(self) -> list[str]:
-        return [f"layer {i}" + (f" ({n} non-finite input value(s))" if n else " (non-finite statistics)")
-                for i, (n, stats) in enumerate(zip(self.nonfinite_inputs, self.bad_stats)) if n or stats]
+        return [
+            f"layer {i}" + (f" ({n} non-finite input value(s))" if n else " (non-finite statistics)")
+            for i, (n, stats) in enumerate(zip(self.nonfinite_inputs, self.bad_stats))
+            if n or stats
+        ]
 
 
 def verdict(reduced: torch.Tensor, world_size: int, ep_size: int) -> Verdict:
@@ -83,10 +106,13 @@ def verdict(reduced: torch.Tensor, world_size: int, ep_size: int) -> Verdict:
     num_layers = (reduced.numel() - 3) // 2  # three scalars, then two values per layer
     f = {k: v.tolist() for k, v in health_packing(num_layers).unpack(reduced.cpu()).items()}
     # each EP rank reports its group's count: the world sum holds every group's count ep_size times
-    return Verdict(loss=f["loss"] / world_size, aux_loss=f["aux_loss"] / world_size,
-                   grad_norm_bad=f["grad_norm_bad"] > 0,
-                   nonfinite_inputs=tuple(int(round(n / ep_size)) for n in f["nonfinite_inputs"]),
-                   bad_stats=tuple(s > 0 for s in f["bad_stats"]))
+    return Verdict(
+        loss=f["loss"] / world_size,
+        aux_loss=f["aux_loss"] / world_size,
+        grad_norm_bad=f["grad_norm_bad"] > 0,
+        nonfinite_inputs=tuple(int(round(n / ep_size)) for n in f["nonfinite_inputs"]),
+        bad_stats=tuple(s > 0 for s in f["bad_stats"]),
+    )
 
 
 class BadStepCounter:
@@ -109,16 +135,22 @@ class BadStepCounter:
         if self.in_a_row < self.max_bad_steps:
             return
         layers = v.bad_layers()
-        where = ("in MoE " + ", ".join(layers)) if layers else \
-            "in no MoE layer's inputs or statistics (the loss or gradients went bad elsewhere)"
+        where = (
+            ("in MoE " + ", ".join(layers))
+            if layers
+            else "in no MoE layer's inputs or statistics (the loss or gradients went bad elsewhere)"
+        )
         raise TrainingError(
             f"step {step}: {self.in_a_row} steps in a row with a non-finite loss or gradient norm "
             f"(train.max_bad_steps={self.max_bad_steps}; last: loss {v.loss}, gradient norm {grad_norm}); "
             f"non-finite values {where}; "
-            + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"))
+            + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet")
+        )
 
     def describe(self, step: int, v: Verdict, grad_norm: float) -> str:
         layers = v.bad_layers()
-        return (f"step {step}: loss {v.loss:.4g}, gradient norm {grad_norm:.4g}"
-                + (f", non-finite in MoE {', '.join(layers)}" if layers else "")
-                + f"; update skipped on every rank ({self.in_a_row} in a row, {self.skipped} in all)")
+        return (
+            f"step {step}: loss {v.loss:.4g}, gradient norm {grad_norm:.4g}"
+            + (f", non-finite in MoE {', '.join(layers)}" if layers else "")
+            + f"; update skipped on every rank ({self.in_a_row} in a row, {self.skipped} in all)"
+        )

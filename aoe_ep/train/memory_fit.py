@@ -1,5 +1,6 @@
 """Refuse, before anything is allocated, a model whose parameters, gradients and AdamW state cannot fit in this
-machine's memory: the per-rank bytes of the plan's arithmetic (`aoe_ep.plan.state`, from `aoe_ep.train.optim`'s sizes: fp32 weights and gradients,
+machine's memory: the per-rank bytes of the plan's arithmetic (`aoe_ep.plan.state`, from `aoe_ep.train.optim`'s sizes:
+fp32 weights and gradients,
 two AdamW moments) against the accelerator's memory, or the host's physical memory shared by the ranks of this
 node."""
 
@@ -14,7 +15,7 @@ import torch
 from aoe_ep.config import Config, ConfigError, count_parameters, ffn_param_count
 from aoe_ep.train.optim import ADAM_MOMENTS, FP32
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def host_memory_bytes() -> Optional[int]:
@@ -56,6 +57,8 @@ def check_state_fits(cfg: Config, ep: int, world: int, device: torch.device, ran
     need = state_bytes(cfg, ep, world) * (ranks_sharing if device.type == "cpu" else 1)
     if need > available:
         who = f"{ranks_sharing} rank(s) on this host" if device.type == "cpu" else "each rank"
-        raise ConfigError(f"model: the parameters, gradients and AdamW state need {need / GIB:,.1f} GiB for {who} "
-                          f"(EP {ep}, world {world}), more than the {available / GIB:,.1f} GiB of {device.type} "
-                          f"memory here; reduce model.d_model, model.n_layers or moe.num_experts, or use more ranks")
+        raise ConfigError(
+            f"model: the parameters, gradients and AdamW state need {need / GIB:,.1f} GiB for {who} "
+            f"(EP {ep}, world {world}), more than the {available / GIB:,.1f} GiB of {device.type} "
+            f"memory here; reduce model.d_model, model.n_layers or moe.num_experts, or use more ranks"
+        )

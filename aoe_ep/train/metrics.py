@@ -32,7 +32,7 @@ class MoEStatsAccumulator:
     trainer's logging steps)."""
 
     def __init__(self) -> None:
-        self.sums: Optional[torch.Tensor] = None   # [L, 2E + 4] float64, `packing`: counts, score sums, entropy sum,
+        self.sums: Optional[torch.Tensor] = None  # [L, 2E + 4] float64, `packing`: counts, score sums, entropy sum,
         self.packing: Optional[PackedLayout] = None  # tokens, margin sum, margin tokens
         self.seconds: Optional[torch.Tensor] = None  # [L, 2] float64: expert, combine
         self.erc: Optional[torch.Tensor] = None  # [L, 3] float64, `erc_packing`: Σ ERC loss, Σ mean ε, micro-batches
@@ -42,27 +42,35 @@ class MoEStatsAccumulator:
         if not infos:
             return
         stats = [info.stats for info in infos]
-        tokens_L = torch.tensor([float(s.num_tokens) for s in stats], dtype=torch.float64,
-                                device=stats[0].tokens_per_expert.device)
-        sums, self.packing = pack({
-            "counts": torch.stack([s.tokens_per_expert.double() for s in stats]),
-            "score_sum": torch.stack([s.score_mean.double() for s in stats]) * tokens_L[:, None],
-            "entropy_sum": torch.stack([s.ent_conf.double() for s in stats]) * tokens_L,
-            "tokens": tokens_L,
-            "margin_sum": torch.stack([s.score_margin.double() * s.margin_tokens for s in stats]),
-            "margin_tokens": torch.stack([s.margin_tokens.double() for s in stats]),
-        }, batch_dims=1)
+        tokens_L = torch.tensor(
+            [float(s.num_tokens) for s in stats], dtype=torch.float64, device=stats[0].tokens_per_expert.device
+        )
+        sums, self.packing = pack(
+            {
+                "counts": torch.stack([s.tokens_per_expert.double() for s in stats]),
+                "score_sum": torch.stack([s.score_mean.double() for s in stats]) * tokens_L[:, None],
+                "entropy_sum": torch.stack([s.ent_conf.double() for s in stats]) * tokens_L,
+                "tokens": tokens_L,
+                "margin_sum": torch.stack([s.score_margin.double() * s.margin_tokens for s in stats]),
+                "margin_tokens": torch.stack([s.margin_tokens.double() for s in stats]),
+            },
+            batch_dims=1,
+        )
         self.sums = sums if self.sums is None else self.sums + sums
         if infos[0].erc_loss is not None:
-            erc, self.erc_packing = pack({"erc_loss": torch.stack([i.erc_loss.double() for i in infos]),
-                                          "erc_eps": torch.stack([i.erc_eps.double() for i in infos]),
-                                          "micro_batches": torch.ones(len(infos), dtype=torch.float64,
-                                                                            device=infos[0].erc_loss.device)},
-                                         batch_dims=1)
+            erc, self.erc_packing = pack(
+                {
+                    "erc_loss": torch.stack([i.erc_loss.double() for i in infos]),
+                    "erc_eps": torch.stack([i.erc_eps.double() for i in infos]),
+                    "micro_batches": torch.ones(len(infos), dtype=torch.float64, device=infos[0].erc_loss.device),
+                },
+                batch_dims=1,
+            )
             self.erc = erc if self.erc is None else self.erc + erc
         if timed:
-            seconds = torch.tensor([[i.timing.expert_seconds, i.timing.combine_seconds] for i in infos],
-                                   dtype=torch.float64)
+            seconds = torch.tensor(
+                [[i.timing.expert_seconds, i.timing.combine_seconds] for i in infos], dtype=torch.float64
+            )
             self.seconds = seconds if self.seconds is None else self.seconds + seconds
 
     def reduce(self, runtime: Runtime) -> tuple[list[LoadStats], Optional[torch.Tensor]]:
@@ -77,9 +85,17 @@ class MoEStatsAccumulator:
         hi = all_reduce_(seconds.clone(), op=dist.ReduceOp.MAX)
         lo = all_reduce_(seconds.clone(), op=dist.ReduceOp.MIN)
         f = self.packing.unpack(sums.cpu())
-        stats = [LoadStats.from_counts(f["counts"][i].round().long(), f["entropy_sum"][i], f["score_sum"][i],
-                                       int(f["tokens"][i]), f["margin_sum"][i], f["margin_tokens"][i].round().long())
-                 for i in range(sums.shape[0])]
+        stats = [
+            LoadStats.from_counts(
+                f["counts"][i].round().long(),
+                f["entropy_sum"][i],
+                f["score_sum"][i],
+                int(f["tokens"][i]),
+                f["margin_sum"][i],
+                f["margin_tokens"][i].round().long(),
+            )
+            for i in range(sums.shape[0])
+        ]
         self.sums = self.seconds = None
         return stats, torch.stack([hi.cpu(), lo.cpu()], dim=-1)
 
@@ -93,8 +109,13 @@ class MoEStatsAccumulator:
         return torch.stack([f["erc_loss"], f["erc_eps"]], dim=-1) / f["micro_batches"].clamp_min(1.0)[:, None]
 
 
-def moe_scalars(stats: list[LoadStats], seconds: Optional[torch.Tensor], ep_size: int,
-                placements: Optional[list] = None, erc: Optional[torch.Tensor] = None) -> dict[str, float | list]:
+def moe_scalars(
+    stats: list[LoadStats],
+    seconds: Optional[torch.Tensor],
+    ep_size: int,
+    placements: Optional[list] = None,
+    erc: Optional[torch.Tensor] = None,
+) -> dict[str, float | list]:
     """The MoE layers' record of one logging window. Floats are summary scalars (per layer Ent_load, Ent_conf,
     max − min per expert and per device; the idle-time sums; seconds); lists hold one value per expert or device
     (`RunLogger` writes them to the JSONL whole and to tensorboard as histograms). `placements`: each layer's
@@ -134,7 +155,8 @@ HEATMAP_MAX_RELATIVE_LOAD = 2.0
 
 def load_heatmap(stats: list[LoadStats]) -> np.ndarray:
     """[H, W, 3] uint8 image of the layer × expert load (rows: layers from the top, columns: experts), coloured by
-    load × E on a diverging map (blue 0, grey 1 = balanced, red `HEATMAP_MAX_RELATIVE_LOAD` or more); each cell a block of pixels, so that tensorboard
+    load × E on a diverging map (blue 0, grey 1 = balanced, red `HEATMAP_MAX_RELATIVE_LOAD` or more); each cell a
+    block of pixels, so that tensorboard
     shows it at a readable size without a plotting library in the training loop."""
     from matplotlib import colormaps
 
@@ -171,8 +193,14 @@ class RunLogger:
     logged after its last checkpoint. `config_yaml` and `run_info` (world size, batch layout) are written to
     `<out_dir>/config.yaml` and `<out_dir>/run.json` at start, for `aoe-ep report`."""
 
-    def __init__(self, out_dir: Path, enabled: bool, purge_step: Optional[int] = None,
-                 config_yaml: Optional[str] = None, run_info: Optional[dict] = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        enabled: bool,
+        purge_step: Optional[int] = None,
+        config_yaml: Optional[str] = None,
+        run_info: Optional[dict] = None,
+    ):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -214,5 +242,12 @@ class RunLogger:
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """Rank 0's bar: steps done, loss and tokens/s as postfix, elapsed and ETA from tqdm."""
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                mininterval=0.5 if interactive else 15.0, desc="train")
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5 if interactive else 15.0,
+        desc="train",
+    )

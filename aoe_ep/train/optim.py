@@ -31,12 +31,15 @@ def param_groups(model: nn.Module) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             groups.setdefault((is_expert_param(p), p.ndim >= 2), []).append(p)
-    return [{"params": params, "wd_mult": 1.0 if decay else 0.0, "expert_parallel": expert}
-            for (expert, decay), params in sorted(groups.items())]
+    return [
+        {"params": params, "wd_mult": 1.0 if decay else 0.0, "expert_parallel": expert}
+        for (expert, decay), params in sorted(groups.items())
+    ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                    allow_apex: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, allow_apex: bool = True
+) -> torch.optim.Optimizer:
     """AdamW over `param_groups(model)`; the learning rate and weight decay are set by the scheduler each step."""
     groups = param_groups(model)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=1e-8)
@@ -55,7 +58,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Optim
     (default: max_steps). The trainer calls `step(1)` before each update, so update k uses the rate of step k."""
     decay_steps = cfg.max_steps if cfg.lr_decay_steps is None else cfg.lr_decay_steps
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
-        lr_decay_steps=decay_steps, lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )

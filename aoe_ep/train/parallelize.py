@@ -63,6 +63,7 @@ def expert_shard_placement(shard_size: int):
     """FSDP2's placement for an expert tensor [E_local, ...]: dim 0 when E_local splits evenly over the expert-DP
     group, else the first dim that does (so that a rank holding fewer experts than the group still holds its
     share), else dim 0 with FSDP2's uneven chunks."""
+
     def placement(p: nn.Parameter) -> Shard:
         dims = [d for d in range(p.ndim) if p.shape[d] % shard_size == 0]
         return Shard(dims[0] if dims else 0)
@@ -88,8 +89,9 @@ class DataParallelModel:
             # Every buffer is the same on every rank by construction (RoPE tables from the config; the balancing bias
             # moves with global counts and is compared across ranks before each checkpoint), so DDP's broadcast of
             # them from rank 0 before every forward would be a collective that only hides a divergence.
-            self.module = DDP(model, device_ids=device_ids, process_group=runtime.groups.dp_group,
-                              broadcast_buffers=False)
+            self.module = DDP(
+                model, device_ids=device_ids, process_group=runtime.groups.dp_group, broadcast_buffers=False
+            )
         elif self.kind == "fsdp":
             self._shard(model)
             self.module = model
@@ -107,8 +109,10 @@ class DataParallelModel:
         from torch.distributed.fsdp import fully_shard
 
         if "shard_placement_fn" not in inspect.signature(fully_shard).parameters:
-            raise ConfigError(f"train.dense_parallel: 'fsdp' needs FSDP2 with shard_placement_fn (torch >= 2.6), "
-                              f"this is torch {torch.__version__}; use 'ddp'")
+            raise ConfigError(
+                f"train.dense_parallel: 'fsdp' needs FSDP2 with shard_placement_fn (torch >= 2.6), "
+                f"this is torch {torch.__version__}; use 'ddp'"
+            )
         rt = self.runtime
         # AoE's scorer returns its cache as a view; nothing writes into it in place, which is what FSDP2 warns about.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPAoEScorer\) returned a view tensor")

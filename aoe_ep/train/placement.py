@@ -5,7 +5,8 @@ The load is the global token count per layer and expert over the applied steps s
 (`ExpertLoad`): their plain sum, and a recency-weighted sum (each step's counts weighted by 0.5 ** (age in steps /
 `parallel.placement_half_life`)), which is what the placement is chosen from, since routing keeps moving during
 training and the recent load predicts the next steps' load better than the whole interval's (measured on the tiny
-run: docs/studies.md). Each checkpoint records both in `meta.json` (`expert_load`) with the placement those steps ran under
+run: docs/studies.md). Each checkpoint records both in `meta.json` (`expert_load`) with the placement those steps ran
+under
 (`expert_placement`). Under `balanced`, a run re-places its experts when it loads a checkpoint (from the load
 that checkpoint recorded) and after each save (from the load just recorded); every rank computes the same placement
 from the same counts. Re-placing moves each expert's parameters and AdamW moments to its new rank
@@ -14,7 +15,8 @@ from the same counts. Re-placing moves each expert's parameters and AdamW moment
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -32,8 +34,13 @@ class ExpertLoad:
     counts; `reduce` sums the EP groups): `counts_LE` the plain sum, `recent_LE` the recency-weighted one
     (half-life `half_life` steps; 0: the plain sum)."""
 
-    def __init__(self, num_layers: int, num_experts: int, half_life: float = 0.0,
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        half_life: float = 0.0,
+        device: torch.device = torch.device("cpu"),  # noqa: B008 (an immutable default)
+    ) -> None:
         self.shape = (num_layers, num_experts)
         self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
         self.half_life = half_life
@@ -74,11 +81,16 @@ def recorded_load(meta: dict) -> Optional[torch.Tensor]:
     return counts if counts.ndim == 2 and float(counts.sum()) > 0 else None
 
 
-def load_meta(counts_LE: torch.Tensor, recent_LE: torch.Tensor, steps: int, since_step: int,
-              half_life: float) -> dict:
-    return {LOAD_KEY: {"since_step": since_step, "steps": steps, "half_life_steps": half_life,
-                       "tokens_per_expert": [[int(round(v)) for v in row] for row in counts_LE.tolist()],
-                       "recent_tokens_per_expert": [[round(v, 4) for v in row] for row in recent_LE.tolist()]}}
+def load_meta(counts_LE: torch.Tensor, recent_LE: torch.Tensor, steps: int, since_step: int, half_life: float) -> dict:
+    return {
+        LOAD_KEY: {
+            "since_step": since_step,
+            "steps": steps,
+            "half_life_steps": half_life,
+            "tokens_per_expert": [[int(round(v)) for v in row] for row in counts_LE.tolist()],
+            "recent_tokens_per_expert": [[round(v, 4) for v in row] for row in recent_LE.tolist()],
+        }
+    }
 
 
 def placement_meta(mode: str, layers: Sequence[MoELayer]) -> dict:
@@ -91,8 +103,12 @@ def choose(counts_LE: torch.Tensor, num_devices: int) -> list[Placement]:
 
 
 @torch.no_grad()
-def apply_placements(layers: Sequence[MoELayer], placements: Sequence[Placement],
-                     optimizer: Optional[torch.optim.Optimizer], runtime: Runtime) -> int:
+def apply_placements(
+    layers: Sequence[MoELayer],
+    placements: Sequence[Placement],
+    optimizer: Optional[torch.optim.Optimizer],
+    runtime: Runtime,
+) -> int:
     """Move each layer's expert parameters and their optimizer state to `placements` (collective over the EP
     group), then route by them. Returns how many layers changed."""
     changed = 0
@@ -124,6 +140,8 @@ def describe(layers: Sequence[MoELayer], placements: Sequence[Placement], counts
     lines = []
     for i, (layer, new) in enumerate(zip(layers, placements)):
         load = counts_LE[i] / counts_LE[i].sum().clamp_min(1)
-        lines.append(f"  layer {i:02d}: {new.as_lists()} per-device max-min load {layer.placement.spread(load):.4f} "
-                     f"-> {new.spread(load):.4f}")
+        lines.append(
+            f"  layer {i:02d}: {new.as_lists()} per-device max-min load {layer.placement.spread(load):.4f} "
+            f"-> {new.spread(load):.4f}"
+        )
     return lines

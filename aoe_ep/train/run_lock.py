@@ -58,7 +58,7 @@ class RunLock:
     stale: Optional[str] = None
 
     @classmethod
-    def acquire(cls, out_dir: Path) -> "RunLock":
+    def acquire(cls, out_dir: Path) -> RunLock:
         """Lock `out_dir` (which exists) or raise a ConfigError naming the run that holds it."""
         lock_file, pid_file = out_dir / LOCK_NAME, out_dir / PID_NAME
         try:
@@ -69,8 +69,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(f"train.out_dir: {out_dir} is in use by another run ({_describe(_holder(pid_file))}); "
-                              f"wait for it to end, or set train.out_dir to another directory") from None
+            raise ConfigError(
+                f"train.out_dir: {out_dir} is in use by another run ({_describe(_holder(pid_file))}); "
+                f"wait for it to end, or set train.out_dir to another directory"
+            ) from None
         except OSError as err:
             os.close(fd)
             raise ConfigError(f"train.out_dir: cannot lock {lock_file}: {err.strerror or err}") from None

@@ -78,8 +78,9 @@ class RunLog:
 
     @property
     def ep_size(self) -> int:
-        return int(self.run_info.get("expert_parallel_size")
-                   or self.section("parallel").get("expert_parallel_size") or 1)
+        return int(
+            self.run_info.get("expert_parallel_size") or self.section("parallel").get("expert_parallel_size") or 1
+        )
 
 
 def read_run(path: str | Path) -> RunLog:
@@ -102,11 +103,15 @@ def read_run(path: str | Path) -> RunLog:
     if skipped:
         log.notes.append(f"{skipped} unreadable line(s) of {jsonl.name} left out")
     if source.endswith("tb"):
-        log.notes.append("read from the tensorboard events (no log.jsonl): per-expert values are not in them, so "
-                         "the per-expert figures are left out")
+        log.notes.append(
+            "read from the tensorboard events (no log.jsonl): per-expert values are not in them, so "
+            "the per-expert figures are left out"
+        )
     if config is None:
-        log.notes.append("no config.yaml in the run directory or its checkpoints: the communication model and the "
-                         "score labels are left out")
+        log.notes.append(
+            "no config.yaml in the run directory or its checkpoints: the communication model and the "
+            "score labels are left out"
+        )
     return log
 
 
@@ -134,6 +139,7 @@ def _read_jsonl(path: Path) -> tuple[dict[int, dict], int]:
 def _drop_malformed(records: dict[int, dict], path: Path) -> dict[int, dict]:
     """Leave out, with a warning, a record whose value is neither a number nor a list of numbers, or whose list
     (one value per expert or device) has another length than that key's other records."""
+
     def numeric(x) -> bool:
         return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
@@ -146,17 +152,29 @@ def _drop_malformed(records: dict[int, dict], path: Path) -> dict[int, dict]:
     usual = {key: max(counts, key=lambda n: (counts[n], n)) for key, counts in lengths.items()}
     kept = {}
     for step, record in records.items():
-        bad = next((key for key, value in record.items()
-                    if not (numeric(value) or (isinstance(value, list) and all(map(numeric, value))
-                                               and len(value) == usual[key]))), None)
+        bad = next(
+            (
+                key
+                for key, value in record.items()
+                if not (
+                    numeric(value)
+                    or (isinstance(value, list) and all(map(numeric, value)) and len(value) == usual[key])
+                )
+            ),
+            None,
+        )
         if bad is None:
             kept[step] = record
             continue
         value = record[bad]
-        what = (f"{len(value)} values where the other records have {usual[bad]}" if isinstance(value, list)
-                and len(value) != usual[bad] else "not a number or a list of numbers")
-        print(f"aoe-ep report: {path}: the record of step {step} is malformed ({bad}: {what}), left out",
-              file=sys.stderr)
+        what = (
+            f"{len(value)} values where the other records have {usual[bad]}"
+            if isinstance(value, list) and len(value) != usual[bad]
+            else "not a number or a list of numbers"
+        )
+        print(
+            f"aoe-ep report: {path}: the record of step {step} is malformed ({bad}: {what}), left out", file=sys.stderr
+        )
     return kept
 
 

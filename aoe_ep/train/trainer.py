@@ -19,9 +19,10 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from aoe_ep.moe import MoELayer, StepContext
 from aoe_ep.moe.balance import step_token_counts
 from aoe_ep.moe.balancing import needs_step_counts, update_balancing
 from aoe_ep.moe.threshold import step_tokens
+from aoe_ep.parallel.runtime import all_reduce_, setup_runtime, teardown
 from aoe_ep.train import checkpoint as ckpt
 from aoe_ep.train import placement as place
 from aoe_ep.train.activation_checkpoint import apply_activation_checkpointing
@@ -41,15 +43,21 @@ from aoe_ep.train.batches import BatchPlan, collate, plan_batches
 from aoe_ep.train.compile import compile_blocks
 from aoe_ep.train.consistency import check_ranks_agree, check_replicas_agree
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars, probe_tokens
-from aoe_ep.parallel.runtime import all_reduce_, setup_runtime, teardown
+from aoe_ep.train.flops import peak_flops, train_flops_per_token
 from aoe_ep.train.guards import BadStepCounter, StepHealth, TrainingError, verdict
 from aoe_ep.train.memory_fit import check_state_fits
-from aoe_ep.train.run_lock import RunLock, prepare_out_dir
-from aoe_ep.train.flops import peak_flops, train_flops_per_token
-from aoe_ep.train.metrics import (MoEStatsAccumulator, RunLogger, comm_scalars, load_heatmap, moe_scalars,
-                                  peak_memory_bytes, progress_bar)
+from aoe_ep.train.metrics import (
+    MoEStatsAccumulator,
+    RunLogger,
+    comm_scalars,
+    load_heatmap,
+    moe_scalars,
+    peak_memory_bytes,
+    progress_bar,
+)
 from aoe_ep.train.optim import build_optimizer, build_scheduler
 from aoe_ep.train.parallelize import DataParallelModel
+from aoe_ep.train.run_lock import RunLock, prepare_out_dir
 from aoe_ep.train.validation import autocast, autocast_dtype, num_validation_batches, validation_sums
 
 # The data pipeline's two entry points (aoe_ep.data's signatures); tests hand in small in-memory versions.
@@ -117,16 +125,20 @@ class Trainer:
         build_tokenizer, build_datasets = data
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the "
-                              f"tokenizer {cfg.data.tokenizer!r} ({tokenizer.vocab_size} ids); set model.vocab_size "
-                              f">= {tokenizer.vocab_size}")
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the "
+                f"tokenizer {cfg.data.tokenizer!r} ({tokenizer.vocab_size} ids); set model.vocab_size "
+                f">= {tokenizer.vocab_size}"
+            )
 
         self.ckpt_root = ckpt.checkpoint_root(self.out_dir)
         resume_path = self._resolve_resume(resume)
         start_step = int(ckpt.read_meta(resume_path)["step"]) if resume_path is not None else 0
         if resume_path is not None and start_step > cfg.train.max_steps:
-            raise ConfigError(f"train.max_steps: the checkpoint {resume_path} is at step {start_step}, past "
-                              f"max_steps={cfg.train.max_steps}: nothing to train; raise train.max_steps")
+            raise ConfigError(
+                f"train.max_steps: the checkpoint {resume_path} is at step {start_step}, past "
+                f"max_steps={cfg.train.max_steps}: nothing to train; raise train.max_steps"
+            )
         self.config_changes = self._config_changes(resume_path) if resume_path is not None else []
         self.superseded = self._branch_history(start_step) if resume_path is not None else None
         self._record_start(start_step)
@@ -135,8 +147,12 @@ class Trainer:
         meta = ckpt.read_meta(resume_path) if resume_path is not None else {"step": 0, "consumed_samples": 0}
         remaining = max(0, cfg.train.max_steps - int(meta["step"]))
         self.train_ds, self.valid_ds = build_datasets(
-            cfg.data, tokenizer, train_samples=int(meta["consumed_samples"]) + remaining * self.plan.global_samples,
-            valid_samples=cfg.train.eval_steps * self.plan.global_samples, seed=cfg.train.seed)
+            cfg.data,
+            tokenizer,
+            train_samples=int(meta["consumed_samples"]) + remaining * self.plan.global_samples,
+            valid_samples=cfg.train.eval_steps * self.plan.global_samples,
+            seed=cfg.train.seed,
+        )
         self.eval_batches = num_validation_batches(self.valid_ds, self.plan, cfg.train.eval_steps)
 
         torch.manual_seed(cfg.train.seed)
@@ -146,8 +162,9 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         self.bias_balancing = any(layer.cfg.balance == "bias" for layer in self.moe_layers)
-        self.threshold_balancing = any(layer.cfg.selection == "threshold" and layer.cfg.balance == "aux"
-                                       for layer in self.moe_layers)
+        self.threshold_balancing = any(
+            layer.cfg.selection == "threshold" and layer.cfg.balance == "aux" for layer in self.moe_layers
+        )
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
         if cfg.train.compile:
             compile_blocks(model, rt.device)
@@ -158,8 +175,9 @@ class Trainer:
         self.bad_steps = BadStepCounter(cfg.train.max_bad_steps, skipped=int(meta.get("skipped_steps", 0)))
 
         self.resumed_from = resume_path
-        self.expert_load = place.ExpertLoad(len(self.moe_layers), cfg.moe.num_experts if cfg.moe else 0,
-                                            cfg.parallel.placement_half_life, rt.device)
+        self.expert_load = place.ExpertLoad(
+            len(self.moe_layers), cfg.moe.num_experts if cfg.moe else 0, cfg.parallel.placement_half_life, rt.device
+        )
         self.load_since = int(meta["step"])
         self.placement_note: list[str] = []
         if resume_path is not None:
@@ -176,15 +194,28 @@ class Trainer:
         self.peak_flops = peak_flops(rt.device, cfg.train.peak_tflops)
         self.moe_stats = MoEStatsAccumulator()
         probe_set = self.valid_ds if self.eval_batches else self.train_ds
-        self.probe = (ChurnProbe(probe_tokens(probe_set, self.plan, rt.device))
-                      if self.moe_layers and len(probe_set) >= self.plan.global_samples else None)
-        run_info = {"world_size": rt.world_size, "expert_parallel_size": rt.ep_size,
-                    "micro_batch_size": self.plan.micro_batch_size, "num_micro_batches": self.plan.num_micro_batches,
-                    "seq_len": self.plan.seq_len, "precision": str(self.autocast_dtype or torch.float32)}
+        self.probe = (
+            ChurnProbe(probe_tokens(probe_set, self.plan, rt.device))
+            if self.moe_layers and len(probe_set) >= self.plan.global_samples
+            else None
+        )
+        run_info = {
+            "world_size": rt.world_size,
+            "expert_parallel_size": rt.ep_size,
+            "micro_batch_size": self.plan.micro_batch_size,
+            "num_micro_batches": self.plan.num_micro_batches,
+            "seq_len": self.plan.seq_len,
+            "precision": str(self.autocast_dtype or torch.float32),
+        }
         # `config.yaml` stays the record of the run's first start; every start has its own file under starts/
         first_start = not (self.out_dir / "config.yaml").exists()
-        self.logger = RunLogger(self.out_dir, rt.is_main, purge_step=self.step if resume_path is not None else None,
-                                config_yaml=self._config_yaml() if first_start else None, run_info=run_info)
+        self.logger = RunLogger(
+            self.out_dir,
+            rt.is_main,
+            purge_step=self.step if resume_path is not None else None,
+            config_yaml=self._config_yaml() if first_start else None,
+            run_info=run_info,
+        )
         if resume_path is not None and self.step < cfg.train.max_steps:
             self._settle_ddp_buckets()
 
@@ -217,15 +248,18 @@ class Trainer:
                 self.lock = RunLock.acquire(self.out_dir)
             except ConfigError as err:
                 error = err
-        failed = all_reduce_(torch.tensor([int(error is not None)], device=self.runtime.device),
-                             op=dist.ReduceOp.MAX).item()
+        failed = all_reduce_(
+            torch.tensor([int(error is not None)], device=self.runtime.device), op=dist.ReduceOp.MAX
+        ).item()
         if error is not None:
             raise error
         if failed:
             raise ConfigError(f"train.out_dir: rank 0 could not create or lock {self.out_dir}")
         if self.lock is not None and self.lock.stale:
-            print(f"aoe-ep train: note: {self.out_dir} had the stale lock of a run that no longer runs "
-                  f"({self.lock.stale}); taken over")
+            print(
+                f"aoe-ep train: note: {self.out_dir} had the stale lock of a run that no longer runs "
+                f"({self.lock.stale}); taken over"
+            )
 
     def _release_lock(self) -> None:
         if self.lock is not None:
@@ -244,13 +278,18 @@ class Trainer:
                 error = f"{err.strerror or err}"
             if aside is not None:
                 moved = ", ".join(sorted(p.name for p in aside.iterdir()))
-                print(f"aoe-ep train: resuming at step {step} starts a new history: the later checkpoints "
-                      f"({moved}) were moved to {aside}")
-        failed = all_reduce_(torch.tensor([int(error is not None)], device=self.runtime.device),
-                             op=dist.ReduceOp.MAX).item()
+                print(
+                    f"aoe-ep train: resuming at step {step} starts a new history: the later checkpoints "
+                    f"({moved}) were moved to {aside}"
+                )
+        failed = all_reduce_(
+            torch.tensor([int(error is not None)], device=self.runtime.device), op=dist.ReduceOp.MAX
+        ).item()
         if failed:
-            raise ckpt.CheckpointError(f"{self.ckpt_root}: cannot move the checkpoints after step {step} aside "
-                                       f"({error or 'on rank 0'}); nothing was resumed")
+            raise ckpt.CheckpointError(
+                f"{self.ckpt_root}: cannot move the checkpoints after step {step} aside "
+                f"({error or 'on rank 0'}); nothing was resumed"
+            )
         return aside
 
     def _config_changes(self, path: Path) -> list[str]:
@@ -265,8 +304,11 @@ class Trainer:
             before = saved.get(section) if isinstance(saved, dict) else None
             if not isinstance(values, dict) or not isinstance(before, dict):
                 continue
-            changes += [f"{section}.{key} {before[key]!r} -> {value!r}" for key, value in values.items()
-                        if key in before and before[key] != value]
+            changes += [
+                f"{section}.{key} {before[key]!r} -> {value!r}"
+                for key, value in values.items()
+                if key in before and before[key] != value
+            ]
         return changes
 
     def _record_start(self, step: int) -> None:
@@ -299,9 +341,11 @@ class Trainer:
             return
         placements = place.choose(counts, self.runtime.ep_size)
         entry = meta.get(place.LOAD_KEY, {})
-        self.placement_note = ["expert placement: balanced, from the load the checkpoint recorded (steps "
-                               f"{entry.get('since_step')}-{meta['step']}, half-life {entry.get('half_life_steps')}):",
-                               *place.describe(self.moe_layers, placements, counts)]
+        self.placement_note = [
+            "expert placement: balanced, from the load the checkpoint recorded (steps "
+            f"{entry.get('since_step')}-{meta['step']}, half-life {entry.get('half_life_steps')}):",
+            *place.describe(self.moe_layers, placements, counts),
+        ]
         for layer, placement in zip(self.moe_layers, placements):
             layer.set_placement(placement)
 
@@ -324,8 +368,10 @@ class Trainer:
             resume = ckpt.LATEST if latest is not None else None
         if resume is None:
             if latest is not None:
-                raise ckpt.CheckpointError(f"{self.ckpt_root} already holds checkpoints: pass --resume to continue "
-                                           f"that run, or set train.out_dir to a new directory")
+                raise ckpt.CheckpointError(
+                    f"{self.ckpt_root} already holds checkpoints: pass --resume to continue "
+                    f"that run, or set train.out_dir to a new directory"
+                )
             return None
         path = ckpt.resolve_checkpoint(resume, self.out_dir)
         ckpt.verify_checkpoint(path, self.runtime.device)  # every rank refuses a modified checkpoint together
@@ -340,18 +386,25 @@ class Trainer:
         free = {("moe", "dispatcher"), ("model", "max_seq_len")}
         tokenizer = (saved.get("data") or {}).get("tokenizer", "byte")
         if tokenizer != self.cfg.data.tokenizer:
-            raise ckpt.CheckpointError(f"{path} was trained with data.tokenizer={tokenizer!r}, the config names "
-                                       f"{self.cfg.data.tokenizer!r}: token ids would change meaning")
+            raise ckpt.CheckpointError(
+                f"{path} was trained with data.tokenizer={tokenizer!r}, the config names "
+                f"{self.cfg.data.tokenizer!r}: token ids would change meaning"
+            )
         # a field added after the checkpoint was written (`moe.balance`) reads there as its default
-        defaults = {"model": {f.name: f.default for f in dataclasses.fields(ModelConfig)},
-                    "moe": {f.name: f.default for f in dataclasses.fields(MoEConfig)}}
+        defaults = {
+            "model": {f.name: f.default for f in dataclasses.fields(ModelConfig)},
+            "moe": {f.name: f.default for f in dataclasses.fields(MoEConfig)},
+        }
 
         def stored(section: str, key: str):
             return (saved.get(section) or {}).get(key, defaults[section].get(key))
 
-        diffs = [f"{section}.{key}: {stored(section, key)!r} in the checkpoint, {value!r} now"
-                 for section in ("model", "moe") for key, value in (now.get(section) or {}).items()
-                 if (section, key) not in free and stored(section, key) != value]
+        diffs = [
+            f"{section}.{key}: {stored(section, key)!r} in the checkpoint, {value!r} now"
+            for section in ("model", "moe")
+            for key, value in (now.get(section) or {}).items()
+            if (section, key) not in free and stored(section, key) != value
+        ]
         if (saved.get("moe") is None) != (now.get("moe") is None):
             diffs.append("moe: present in only one of the checkpoint and the config")
         if diffs:
@@ -365,8 +418,13 @@ class Trainer:
         guard decides), the ERC noise follows (run seed, layer, step), and the aux loss comes in the form added to
         the loss below (DDP averages the gradients of every rank). `timed`: the layers synchronise the accelerator
         to time their phases."""
-        return StepContext(step=self.step, seed=self.cfg.train.seed, synchronize_timing=timed, input_check="flag",
-                           rank_mean_gradients=True)
+        return StepContext(
+            step=self.step,
+            seed=self.cfg.train.seed,
+            synchronize_timing=timed,
+            input_check="flag",
+            rank_mean_gradients=True,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # the loop
@@ -434,14 +492,15 @@ class Trainer:
         packed = health.packed(sums / plan.num_micro_batches, grad_norm)
         counts_LE = step_token_counts(infos, self.moe_layers, rt.device) if self.moe_layers else None
         balance = counts_LE is not None and needs_step_counts(self.moe_layers)
-        reduced = all_reduce_(torch.cat([packed, counts_LE.flatten(), step_tokens(infos, rt.device)]) if balance
-                              else packed)
-        v = verdict(reduced[:packed.numel()], rt.world_size, rt.ep_size)
+        reduced = all_reduce_(
+            torch.cat([packed, counts_LE.flatten(), step_tokens(infos, rt.device)]) if balance else packed
+        )
+        v = verdict(reduced[: packed.numel()], rt.world_size, rt.ep_size)
         self.scheduler.step(1)
         if v.good:
             self.optimizer.step()
             if balance:
-                global_LE = reduced[packed.numel():-1].view_as(counts_LE) / rt.ep_size
+                global_LE = reduced[packed.numel() : -1].view_as(counts_LE) / rt.ep_size
                 update_balancing(self.moe_layers, global_LE, reduced[-1] / rt.ep_size)
             for micro_infos in infos:
                 self.moe_stats.add(micro_infos, timed)
@@ -455,16 +514,30 @@ class Trainer:
                 print(self.bad_steps.describe(self.step, v, grad_norm))
             latest = ckpt.latest_checkpoint(self.ckpt_root)
             self.bad_steps.raise_if_exhausted(self.step, v, grad_norm, str(latest) if latest else None)
-        return StepRecord(step=self.step, loss=v.loss, aux_loss=v.aux_loss, grad_norm=grad_norm,
-                          lr=self.optimizer.param_groups[0]["lr"], skipped=not v.good)
+        return StepRecord(
+            step=self.step,
+            loss=v.loss,
+            aux_loss=v.aux_loss,
+            grad_norm=grad_norm,
+            lr=self.optimizer.param_groups[0]["lr"],
+            skipped=not v.good,
+        )
 
     def evaluate(self) -> Optional[float]:
         """Token-mean cross-entropy over `eval_steps` global batches of the validation set (the same samples at
         every evaluation, whatever the number of ranks); None when the validation split is empty."""
         if self.eval_batches == 0:
             return None
-        sums = validation_sums(self.dp.model, self.moe_layers, self.valid_ds, self.plan, self.eval_batches,
-                               self.runtime.device, self.autocast_dtype, ctx=self._step_context(timed=False))
+        sums = validation_sums(
+            self.dp.model,
+            self.moe_layers,
+            self.valid_ds,
+            self.plan,
+            self.eval_batches,
+            self.runtime.device,
+            self.autocast_dtype,
+            ctx=self._step_context(timed=False),
+        )
         all_reduce_(sums)
         return float(sums[0] / sums[1].clamp_min(1.0))
 
@@ -488,23 +561,32 @@ class Trainer:
             return
         tokens_per_s = len(window) * self.plan.tokens_per_step / max(seconds, 1e-9)
         applied = [r for r in window if not r.skipped]  # a skipped step's NaN would hide the window's figures
-        scalars = {
-            "train/loss": sum(r.loss for r in applied) / len(applied),
-            "train/aux_loss": sum(r.aux_loss for r in applied) / len(applied),
-            "train/grad_norm": sum(r.grad_norm for r in applied) / len(applied),
-        } if applied else {}
-        scalars.update({
-            "train/skipped_steps": float(self.bad_steps.skipped),
-            "train/lr": window[-1].lr,
-            "train/consumed_tokens": float(self.consumed_samples * self.plan.seq_len),
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/step_seconds": seconds / len(window),
-            "perf/peak_memory_gib": peak_memory_bytes(self.runtime.device) / 2 ** 30,
-        })
+        scalars = (
+            {
+                "train/loss": sum(r.loss for r in applied) / len(applied),
+                "train/aux_loss": sum(r.aux_loss for r in applied) / len(applied),
+                "train/grad_norm": sum(r.grad_norm for r in applied) / len(applied),
+            }
+            if applied
+            else {}
+        )
+        scalars.update(
+            {
+                "train/skipped_steps": float(self.bad_steps.skipped),
+                "train/lr": window[-1].lr,
+                "train/consumed_tokens": float(self.consumed_samples * self.plan.seq_len),
+                "perf/tokens_per_s": tokens_per_s,
+                "perf/step_seconds": seconds / len(window),
+                "perf/peak_memory_gib": peak_memory_bytes(self.runtime.device) / 2**30,
+            }
+        )
         if self.peak_flops:
             scalars["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.runtime.world_size * self.peak_flops)
-        scalars.update(moe_scalars(stats, timing, self.runtime.ep_size,
-                                   placements=[layer.placement for layer in self.moe_layers], erc=erc))
+        scalars.update(
+            moe_scalars(
+                stats, timing, self.runtime.ep_size, placements=[layer.placement for layer in self.moe_layers], erc=erc
+            )
+        )
         # AoE diagnostics: score margin, top-K churn, dead experts, wasted precompute (plain scalars per layer)
         if stats:
             scalars.update(diagnostic_scalars(stats, self.cfg.moe.scorer, churn))
@@ -514,33 +596,43 @@ class Trainer:
 
     def _probe_churn(self) -> Optional[list[float]]:
         """Churn per MoE layer of the fixed probe batch since the last probe (collective over the world)."""
-        return self.probe.update(self.dp.model, self.moe_layers, autocast=self._autocast,
-                                 ctx=self._step_context(timed=False))
+        return self.probe.update(
+            self.dp.model, self.moe_layers, autocast=self._autocast, ctx=self._step_context(timed=False)
+        )
 
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (collective). None if that step's checkpoint already exists."""
         rt = self.runtime
         if self.bias_balancing:
-            check_replicas_agree({f"MoE layer {i} expert_bias": layer.expert_bias
-                                  for i, layer in enumerate(self.moe_layers)})
+            check_replicas_agree(
+                {f"MoE layer {i} expert_bias": layer.expert_bias for i, layer in enumerate(self.moe_layers)}
+            )
         if self.threshold_balancing:
-            check_replicas_agree({f"MoE layer {i} threshold_lambda": layer.threshold_lambda.view(1)
-                                  for i, layer in enumerate(self.moe_layers)})
+            check_replicas_agree(
+                {
+                    f"MoE layer {i} threshold_lambda": layer.threshold_lambda.view(1)
+                    for i, layer in enumerate(self.moe_layers)
+                }
+            )
         self._refuse_nonfinite_parameters()
         progress = {"step": self.step, "consumed_samples": self.consumed_samples}
         state = ckpt.training_state(self.dp.model, self.optimizer, self.scheduler, progress, rt)
-        meta = dict(progress, world_size=rt.world_size, expert_parallel_size=rt.ep_size,
-                    skipped_steps=self.bad_steps.skipped,
-                    consumed_tokens=self.consumed_samples * self.plan.seq_len)
+        meta = dict(
+            progress,
+            world_size=rt.world_size,
+            expert_parallel_size=rt.ep_size,
+            skipped_steps=self.bad_steps.skipped,
+            consumed_tokens=self.consumed_samples * self.plan.seq_len,
+        )
         recent = None
         if self.moe_layers:
             counts, recent, steps = self.expert_load.reduce(rt)
-            meta.update(place.load_meta(counts, recent, steps, self.load_since,
-                                        self.cfg.parallel.placement_half_life))
+            meta.update(place.load_meta(counts, recent, steps, self.load_since, self.cfg.parallel.placement_half_life))
             meta.update(place.placement_meta(self.cfg.parallel.expert_placement, self.moe_layers))
             self.load_since = self.step
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, state, rt, meta, self._config_yaml(),
-                                    keep=self.cfg.train.keep_checkpoints)
+        path = ckpt.save_checkpoint(
+            self.ckpt_root, self.step, state, rt, meta, self._config_yaml(), keep=self.cfg.train.keep_checkpoints
+        )
         if recent is not None and self._balanced() and float(recent.sum()) > 0:
             self._replace(recent)
         return path if path is not None else self.ckpt_root / ckpt.step_name(self.step)
@@ -556,16 +648,25 @@ class Trainer:
             return
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         kept = f"`latest` still names {latest}" if latest is not None else "no checkpoint was written"
-        raise TrainingError(f"step {self.step}: the parameters are not finite, so no checkpoint is written; {kept}; "
-                            f"resume from it with a smaller train.lr or train.grad_clip")
+        raise TrainingError(
+            f"step {self.step}: the parameters are not finite, so no checkpoint is written; {kept}; "
+            f"resume from it with a smaller train.lr or train.grad_clip"
+        )
 
     def _replace(self, counts) -> None:
         """After a save under `balanced`: re-place the experts by the load just recorded (collective)."""
         placements = place.choose(counts, self.runtime.ep_size)
         lines = place.describe(self.moe_layers, placements, counts)
         if place.apply_placements(self.moe_layers, placements, self.optimizer, self.runtime) and self.runtime.is_main:
-            print("\n".join([f"step {self.step}: expert placement: balanced, from the load since the last "
-                             f"checkpoint (half-life {self.cfg.parallel.placement_half_life} steps):", *lines]))
+            print(
+                "\n".join(
+                    [
+                        f"step {self.step}: expert placement: balanced, from the load since the last "
+                        f"checkpoint (half-life {self.cfg.parallel.placement_half_life} steps):",
+                        *lines,
+                    ]
+                )
+            )
 
     def _config_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
@@ -575,20 +676,26 @@ class Trainer:
             return
         cfg, rt, plan = self.cfg, self.runtime, self.plan
         kind = cfg.moe.scorer if cfg.model.ffn == "moe" else "dense"
-        print(f"aoe-ep train: {kind} decoder, {self.num_params / 1e6:,.2f}M parameters on this rank; "
-              f"{rt.world_size} rank(s) on {rt.device.type} (EP {rt.ep_size}, dense weights: {self.dp.kind}); "
-              f"{plan.tokens_per_step:,} tokens/step = {plan.num_micro_batches} micro-batch(es) of "
-              f"{plan.micro_batch_size} x {plan.seq_len} per rank; {type(self.optimizer).__name__}; "
-              f"precision {self.autocast_dtype or torch.float32}; steps {self.step} -> {stop}; out_dir {self.out_dir}")
+        print(
+            f"aoe-ep train: {kind} decoder, {self.num_params / 1e6:,.2f}M parameters on this rank; "
+            f"{rt.world_size} rank(s) on {rt.device.type} (EP {rt.ep_size}, dense weights: {self.dp.kind}); "
+            f"{plan.tokens_per_step:,} tokens/step = {plan.num_micro_batches} micro-batch(es) of "
+            f"{plan.micro_batch_size} x {plan.seq_len} per rank; {type(self.optimizer).__name__}; "
+            f"precision {self.autocast_dtype or torch.float32}; steps {self.step} -> {stop}; out_dir {self.out_dir}"
+        )
         if self.resumed_from is not None:
             print(f"resumed from {ckpt.describe(self.resumed_from)}")
-            print("changed since that checkpoint: " + ("; ".join(self.config_changes) if self.config_changes
-                                                       else "nothing"))
+            print(
+                "changed since that checkpoint: "
+                + ("; ".join(self.config_changes) if self.config_changes else "nothing")
+            )
         if self.placement_note:
             print("\n".join(self.placement_note))
         if cfg.model.ffn == "moe" and rt.ep_size >= 4 and cfg.moe.dispatcher == "allgather":
-            print(f"aoe-ep train: note: at EP {rt.ep_size} the allgather dispatcher sends about (EP-1)·d values per "
-                  f"token against alltoall's under K·(2d + d_low); consider --set moe.dispatcher=alltoall")
+            print(
+                f"aoe-ep train: note: at EP {rt.ep_size} the allgather dispatcher sends about (EP-1)·d values per "
+                f"token against alltoall's under K·(2d + d_low); consider --set moe.dispatcher=alltoall"
+            )
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -597,7 +704,7 @@ class Trainer:
         self._release_lock()
         teardown(self.runtime)
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -623,7 +730,10 @@ def train(cfg: Config, resume: Optional[str] = None, data: Optional[DataBuilders
                 latest = ckpt.latest_checkpoint(trainer.ckpt_root)
             except ckpt.CheckpointError:
                 latest = None
-            where = (f"the last checkpoint is {latest} (step {ckpt.read_meta(latest)['step']}); continue from it with "
-                     f"the same command and --resume" if latest is not None
-                     else "no checkpoint was written yet; start again without --resume")
+            where = (
+                f"the last checkpoint is {latest} (step {ckpt.read_meta(latest)['step']}); continue from it with "
+                f"the same command and --resume"
+                if latest is not None
+                else "no checkpoint was written yet; start again without --resume"
+            )
             raise Interrupted(f"interrupted at step {trainer.step}; {where}") from None

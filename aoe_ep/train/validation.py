@@ -33,9 +33,17 @@ def num_validation_batches(dataset: Any, plan: BatchPlan, eval_steps: int) -> in
 
 
 @torch.no_grad()
-def validation_sums(model, moe_layers: list, dataset: Any, plan: BatchPlan, num_batches: int,
-                    device: torch.device, dtype: Optional[torch.dtype], progress=None,
-                    ctx: StepContext = DEFAULT_CONTEXT) -> torch.Tensor:
+def validation_sums(
+    model,
+    moe_layers: list,
+    dataset: Any,
+    plan: BatchPlan,
+    num_batches: int,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    progress=None,
+    ctx: StepContext = DEFAULT_CONTEXT,
+) -> torch.Tensor:
     """[Σ masked cross-entropy, Σ mask] (float64) of this rank's share of global batches [0, num_batches) of
     `dataset`, in the trainer's micro-batch layout; the caller sums over ranks. `progress` (a tqdm bar) advances
     one per global batch; `ctx`: the `StepContext` the MoE layers run under. The MoE layers' byte counters are paused:

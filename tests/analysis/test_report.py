@@ -21,8 +21,15 @@ from aoe_ep.train.metrics import RunLogger, load_heatmap, moe_scalars
 from aoe_ep.train.trainer import train
 from tests.train.synthetic import BUILDERS, small_config
 
-FIGURES = ("loss.png", "load_heatmaps.png", "load_over_training.png", "idle_time.png", "entropy.png", "scores.png",
-           "wait.png")
+FIGURES = (
+    "loss.png",
+    "load_heatmaps.png",
+    "load_over_training.png",
+    "idle_time.png",
+    "entropy.png",
+    "scores.png",
+    "wait.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +100,23 @@ def test_tensorboard_holds_histograms_and_a_heatmap_not_one_scalar_per_expert(ti
     assert acc.Histograms("moe/layer00/load")[0].histogram_value.num == 4  # one value per expert
     (image,) = tags["images"]
     assert image == "moe/load_heatmap" and len(acc.Images(image)) == 3
-    for tag in ("moe/idle_time", "moe/idle_time_device", "moe/layer00/ent_load", "moe/layer01/max_minus_min",
-                "train/loss", "valid/loss"):
+    for tag in (
+        "moe/idle_time",
+        "moe/idle_time_device",
+        "moe/layer00/ent_load",
+        "moe/layer01/max_minus_min",
+        "train/loss",
+        "valid/loss",
+    ):
         assert tag in tags["scalars"], tag
     assert not [t for t in tags["scalars"] if re.search(r"/(expert|device)\d+$", t)]
 
 
 def test_heatmap_image_colours_each_layer_and_expert():
-    stats = [LoadStats.from_counts(torch.tensor(c), torch.tensor(0.0), torch.zeros(4), 10)
-             for c in ([5, 5, 5, 5], [20, 0, 0, 0])]
+    stats = [
+        LoadStats.from_counts(torch.tensor(c), torch.tensor(0.0), torch.zeros(4), 10)
+        for c in ([5, 5, 5, 5], [20, 0, 0, 0])
+    ]
     image_HW3 = load_heatmap(stats)
     assert image_HW3.dtype == np.uint8 and image_HW3.shape[2] == 3
     cell_h, cell_w = image_HW3.shape[0] // 2, image_HW3.shape[1] // 4
@@ -145,9 +160,17 @@ def test_tensorboard_fallback_and_the_earlier_log_format(tiny_run, tmp_path, cap
 
     old = tmp_path / "old"
     old.mkdir()
-    lines = [{"step": s, "train/loss": 2.0 / s, "moe/idle_time": 0.1 * s, "moe/idle_time_device": 0.0,
-              **{f"moe/layer00/load/expert{e}": [0.1, 0.2, 0.3, 0.4][e] for e in range(4)},
-              "moe/layer00/max_minus_min": 0.3} for s in (1, 2)]
+    lines = [
+        {
+            "step": s,
+            "train/loss": 2.0 / s,
+            "moe/idle_time": 0.1 * s,
+            "moe/idle_time_device": 0.0,
+            **{f"moe/layer00/load/expert{e}": [0.1, 0.2, 0.3, 0.4][e] for e in range(4)},
+            "moe/layer00/max_minus_min": 0.3,
+        }
+        for s in (1, 2)
+    ]
     (old / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     log = read_run(old)
     assert log.series("moe/layer00/load") == ([1, 2], [[0.1, 0.2, 0.3, 0.4]] * 2)
@@ -158,19 +181,42 @@ def _synthetic_ep2_run(path, cfg) -> list[dict]:
     """An EP = 2 run's log written by the trainer's logger from made-up statistics, with the optional keys of the
     AoE diagnostics and bias balancing, and counted bytes; its config and layout files as the trainer writes them."""
     gen = torch.Generator().manual_seed(0)
-    logger = RunLogger(path, enabled=True, config_yaml=yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False),
-                       run_info={"world_size": 2, "expert_parallel_size": 2, "micro_batch_size": 2,
-                                 "num_micro_batches": 2, "seq_len": 16, "precision": "torch.float32"})
+    logger = RunLogger(
+        path,
+        enabled=True,
+        config_yaml=yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False),
+        run_info={
+            "world_size": 2,
+            "expert_parallel_size": 2,
+            "micro_batch_size": 2,
+            "num_micro_batches": 2,
+            "seq_len": 16,
+            "precision": "torch.float32",
+        },
+    )
     records = []
     for step in (5, 10, 15):
-        stats = [LoadStats.from_counts(torch.randint(1, 40, (4,), generator=gen), torch.tensor(50.0),
-                                       torch.rand(4, generator=gen) * 100, 64) for _ in range(2)]
-        record = {"train/loss": 3.0 / step, **moe_scalars(stats, torch.rand(2, 2, 2, generator=gen), ep_size=2),
-                  "moe/bytes_per_step/dispatch/fwd": 1000.0 * step, "moe/bytes_per_step/stats/fwd": 400.0}
+        stats = [
+            LoadStats.from_counts(
+                torch.randint(1, 40, (4,), generator=gen), torch.tensor(50.0), torch.rand(4, generator=gen) * 100, 64
+            )
+            for _ in range(2)
+        ]
+        record = {
+            "train/loss": 3.0 / step,
+            **moe_scalars(stats, torch.rand(2, 2, 2, generator=gen), ep_size=2),
+            "moe/bytes_per_step/dispatch/fwd": 1000.0 * step,
+            "moe/bytes_per_step/stats/fwd": 400.0,
+        }
         for layer in range(2):
-            record.update({f"moe/layer{layer:02d}/score_margin": 0.1 * step, f"moe/layer{layer:02d}/churn": 0.5,
-                           f"moe/layer{layer:02d}/dead_experts": 0.0,
-                           f"moe/layer{layer:02d}/bias": [0.01 * step, -0.01 * step, 0.0, 0.002]})
+            record.update(
+                {
+                    f"moe/layer{layer:02d}/score_margin": 0.1 * step,
+                    f"moe/layer{layer:02d}/churn": 0.5,
+                    f"moe/layer{layer:02d}/dead_experts": 0.0,
+                    f"moe/layer{layer:02d}/bias": [0.01 * step, -0.01 * step, 0.0, 0.002],
+                }
+            )
         logger.log(step, record, images={"moe/load_heatmap": load_heatmap(stats)})
         records.append(record)
     logger.close()

@@ -18,7 +18,6 @@ from aoe_ep.analysis.router_free import NODES, RouterFreeMoE, evaluate_node, loa
 from aoe_ep.cli import main  # noqa: E402
 
 
-
 def _reference_moe(block, x_TD: torch.Tensor, node: str, norm: str) -> torch.Tensor:
     """Per token: every expert's activation at `node` from Eq. 1, its norm, the top-K (ties: lower index), gates
     softmax over the chosen norms, y = Σ g_i E_i(x)."""
@@ -70,8 +69,19 @@ def mixtral_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixtral")
     torch.set_num_threads(1)
     make_small_mixtral(root / "random", steps=0, progress=False, layers=2, experts=4, hidden=32, ffn=64)
-    losses = make_small_mixtral(root / "trained", steps=40, batch=8, seq_len=64, cache_dir=str(root / "cache"),
-                                corpus_bytes=1_000_000, progress=False, layers=2, experts=4, hidden=32, ffn=64)
+    losses = make_small_mixtral(
+        root / "trained",
+        steps=40,
+        batch=8,
+        seq_len=64,
+        cache_dir=str(root / "cache"),
+        corpus_bytes=1_000_000,
+        progress=False,
+        layers=2,
+        experts=4,
+        hidden=32,
+        ffn=64,
+    )
     assert losses[-1] < losses[0] - 1.0
     return root / "random", root / "trained"
 
@@ -92,8 +102,7 @@ def test_router_free_command_reports_every_node(mixtral_dirs, tmp_path, capsys):
     _, trained = mixtral_dirs
     text = tmp_path / "text.txt"
     text.write_text("class Stack:\n    def push(self, item):\n        self.items.append(item)\n" * 4)
-    args = ["router-free", str(trained), "--node", "all", "--tokenizer", "byte", "--text", str(text),
-            "--seq-len", "64"]
+    args = ["router-free", str(trained), "--node", "all", "--tokenizer", "byte", "--text", str(text), "--seq-len", "64"]
     assert main(args + ["--json"]) == 0
     rows = {r["node"]: r for r in json.loads(capsys.readouterr().out)}
     assert list(rows) == list(NODES) + ["router"]

@@ -13,7 +13,6 @@ from aoe_ep.cli import main
 pytest.importorskip("matplotlib")
 
 
-
 def test_stage_one_separates_classes_in_moe_and_not_in_aoe():
     cfg = ToyConfig(dim=8, stage1_steps=120, stage2_steps=20, eval_per_class=128)
     summary = summarize({s: train_toy(cfg, s, every=40) for s in ("aoe", "router")})

@@ -9,11 +9,23 @@ from aoe_ep.bench.dispatch import main
 
 def test_bench_dispatch_tiny(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"tokens_per_rank": 16, "ep_sizes": [1, 2], "rounds": 2,
-                                    "layer": {"d_model": 16, "d_ffn": 8, "d_low": 4, "num_experts": 4, "top_k": 2},
-                                    "cases": {"wide": {"tokens_per_rank": 8, "ep_sizes": [2],
-                                                       "layer": {"d_model": 16, "d_ffn": 8, "d_low": 4,
-                                                                 "num_experts": 8, "top_k": 4}}}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "tokens_per_rank": 16,
+                "ep_sizes": [1, 2],
+                "rounds": 2,
+                "layer": {"d_model": 16, "d_ffn": 8, "d_low": 4, "num_experts": 4, "top_k": 2},
+                "cases": {
+                    "wide": {
+                        "tokens_per_rank": 8,
+                        "ep_sizes": [2],
+                        "layer": {"d_model": 16, "d_ffn": 8, "d_low": 4, "num_experts": 8, "top_k": 4},
+                    }
+                },
+            }
+        )
+    )
     results = main(str(spec), None, iters=1, ep_sizes=None, out=None)
     out = capsys.readouterr().out
     assert "allgather / alltoall" in out and "alltoall rank / pair" in out and "case wide" in out
@@ -34,7 +46,10 @@ def test_bench_dispatch_tiny(tmp_path, capsys):
 
 def test_bench_dispatch_rejects_an_incomplete_case(tmp_path):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"tokens_per_rank": 16, "ep_sizes": [1], "layer": {"d_model": 16},
-                                    "cases": {"broken": {"ep_sizes": [2]}}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {"tokens_per_rank": 16, "ep_sizes": [1], "layer": {"d_model": 16}, "cases": {"broken": {"ep_sizes": [2]}}}
+        )
+    )
     with pytest.raises(ValueError, match="case 'broken' lacks"):
         main(str(spec), None, iters=1, ep_sizes=None, out=None)

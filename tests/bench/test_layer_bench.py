@@ -8,8 +8,8 @@ import yaml
 
 from aoe_ep.bench.layer import main
 from aoe_ep.bench.measure import saved_bytes_counter
-from aoe_ep.moe.cost import dense_flops, moe_flops
 from aoe_ep.config import MoEConfig
+from aoe_ep.moe.cost import dense_flops, moe_flops
 
 
 def test_erc_flops_are_two_n_squared_d_D_per_step():
@@ -18,8 +18,16 @@ def test_erc_flops_are_two_n_squared_d_D_per_step():
     cfg = MoEConfig(d_model=768, num_experts=64, top_k=3, d_ffn=768, scorer="router", erc_loss_coeff=1.0)
     assert erc_flops(cfg) == 2 * 64 * 64 * 768 * 768
     assert erc_flops(MoEConfig(d_model=768, num_experts=64, d_ffn=768, scorer="router")) == 0.0
-    factorised = MoEConfig(d_model=16, num_experts=4, d_ffn=16, d_low=4, d_wide=8, scorer="router",
-                           expert_kind="factorized", erc_loss_coeff=1.0)
+    factorised = MoEConfig(
+        d_model=16,
+        num_experts=4,
+        d_ffn=16,
+        d_low=4,
+        d_wide=8,
+        scorer="router",
+        expert_kind="factorized",
+        erc_loss_coeff=1.0,
+    )
     assert erc_flops(factorised) == 2 * 16 * (16 * 4 + 4 * 8)
 
 
@@ -42,11 +50,23 @@ def test_saved_bytes_counts_activations_not_parameters():
 
 def test_bench_layer_runs_tiny_case(tmp_path, capsys):
     cases = tmp_path / "cases.yaml"
-    cases.write_text(yaml.safe_dump({"tokens": 32, "cases": [
-        {"name": "tiny", "d_model": 16, "d_ffn": 16, "d_low": 8, "num_experts": 4, "top_k": 2}]}))
+    cases.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": 32,
+                "cases": [{"name": "tiny", "d_model": 16, "d_ffn": 16, "d_low": 8, "num_experts": 4, "top_k": 2}],
+            }
+        )
+    )
     results = main(str(cases), None, iters=1, rounds=1, device="cpu", dtype="float32", out=str(tmp_path / "r.json"))
     out = capsys.readouterr().out
-    assert "aoe/moe" in out and "aoe/dense" in out and "threshold/aoe" in out and "moe_erc/moe" in out and "efficiency" in out
+    assert (
+        "aoe/moe" in out
+        and "aoe/dense" in out
+        and "threshold/aoe" in out
+        and "moe_erc/moe" in out
+        and "efficiency" in out
+    )
     (r,) = results
     assert r["params"]["aoe"] == r["params"]["moe"] - 4 * 16  # Eq. 5 equalises experts; MoE adds its router
     assert all(q["measured"] > 0 and q["bound"] > 0 for q in r["ratios"])
@@ -58,9 +78,17 @@ def test_bench_layer_runs_tiny_case(tmp_path, capsys):
 def test_bench_layer_contenders_skew_and_model_cases(tmp_path, capsys):
     cases = tmp_path / "cases.yaml"
     tiny = {"d_model": 16, "d_ffn": 16, "d_low": 8, "num_experts": 4, "top_k": 2}
-    cases.write_text(yaml.safe_dump({"tokens": 32, "cases": [
-        {"name": "skewed", "tokens": 48, "skew": "hot_expert", **tiny},
-        {"name": "slice", "model": {"n_layers": 2, "n_heads": 2, "vocab_size": 50, "seq_len": 16}, **tiny}]}))
+    cases.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": 32,
+                "cases": [
+                    {"name": "skewed", "tokens": 48, "skew": "hot_expert", **tiny},
+                    {"name": "slice", "model": {"n_layers": 2, "n_heads": 2, "vocab_size": 50, "seq_len": 16}, **tiny},
+                ],
+            }
+        )
+    )
     out = tmp_path / "r.json"
     skewed, model = main(str(cases), None, iters=1, rounds=1, device="cpu", dtype="float32", out=str(out))
     assert skewed["tokens"] == 48 and model["tokens"] == 32  # a case's own `tokens` wins over the file's
@@ -135,7 +163,6 @@ def test_loop_reference_breaks_ties_as_the_layer_does(top_k):
     torch.testing.assert_close(info.aux_loss, info_ref.aux_loss)
 
 
-
 def test_paired_speedup_is_the_median_of_per_round_ratios():
     from aoe_ep.bench.measure import paired_speedup
 
@@ -145,14 +172,14 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     assert median == pytest.approx(2.0) and low == pytest.approx(2.0 / 1.1) and high == pytest.approx(2.0)
 
 
-
 def test_calibrated_threshold_fires_each_expert_on_its_share_of_tokens():
     from aoe_ep.bench.layer import calibrate_threshold
     from aoe_ep.moe import MoELayer
 
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(d_model=16, num_experts=4, d_ffn=16, d_low=8, selection="threshold",
-                               threshold_density=0.5))
+    layer = MoELayer(
+        MoEConfig(d_model=16, num_experts=4, d_ffn=16, d_low=8, selection="threshold", threshold_density=0.5)
+    )
     x = torch.randn(64, 16)
     calibrate_threshold(layer, x)
     counts = layer(x)[1].stats.tokens_per_expert

@@ -24,8 +24,12 @@ def hf_json(tmp_path_factory) -> str:
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TEXTS * 10, trainer)
     path = tmp_path_factory.mktemp("hf") / "bpe.json"
     tok.save(str(path))
@@ -37,10 +41,17 @@ def sp_model(tmp_path_factory) -> str:
     """A sentencepiece BPE with byte fallback (any text round-trips), trained on TEXTS; eos `</s>` = id 2."""
     spm = pytest.importorskip("sentencepiece")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 10), model_writer=model, vocab_size=300,
-                                   model_type="bpe", byte_fallback=True, hard_vocab_limit=False,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 10),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     path = tmp_path_factory.mktemp("sp") / "tiny.model"
     path.write_bytes(model.getvalue())
     return str(path)

@@ -48,13 +48,15 @@ def consistent_with(win: list[int], docs: list[list[int]], eod: int = EOD) -> bo
     if len(parts) == 1:
         return any(_contains(d, parts[0]) for d in docs)
     head, *middle, tail = parts
-    return (any(d[len(d) - len(head):] == head for d in docs if len(d) >= len(head))
-            and all(m in docs for m in middle)
-            and any(d[:len(tail)] == tail for d in docs))
+    return (
+        any(d[len(d) - len(head) :] == head for d in docs if len(d) >= len(head))
+        and all(m in docs for m in middle)
+        and any(d[: len(tail)] == tail for d in docs)
+    )
 
 
 def _contains(doc: list[int], piece: list[int]) -> bool:
-    return any(doc[i:i + len(piece)] == piece for i in range(len(doc) - len(piece) + 1))
+    return any(doc[i : i + len(piece)] == piece for i in range(len(doc) - len(piece) + 1))
 
 
 def test_one_document_gives_exactly_the_windows_of_its_token_stream(tmp_path, make_dataset):
@@ -64,7 +66,7 @@ def test_one_document_gives_exactly_the_windows_of_its_token_stream(tmp_path, ma
     assert valid is None
     epoch = list(text.encode()) + [EOD]  # 102 tokens; every epoch repeats the one document
     stream = epoch * math.ceil((20 * 16 + 1) / len(epoch))
-    expected = sorted(stream[j * 16: j * 16 + 17] for j in range((len(stream) - 1) // 16))
+    expected = sorted(stream[j * 16 : j * 16 + 17] for j in range((len(stream) - 1) // 16))
     assert len(train) == len(expected) >= 20
     assert sorted(window(train[i]) for i in range(len(train))) == expected
     item = train[0]
@@ -108,8 +110,9 @@ def test_a_larger_request_within_the_same_epoch_keeps_the_items(tmp_path, make_d
 
 def test_split_puts_later_documents_in_valid(tmp_path, make_dataset):
     prefix = make_dataset("ab", random_docs(50, seed=2, letters="a") + random_docs(50, seed=3, letters="b"))
-    train, valid = build_datasets(config(tmp_path, [prefix], split="50,50,0"), BYTE, train_samples=30,
-                                  valid_samples=10, seed=0)
+    train, valid = build_datasets(
+        config(tmp_path, [prefix], split="50,50,0"), BYTE, train_samples=30, valid_samples=10, seed=0
+    )
     assert len(valid) >= 10
     assert set().union(*(window(train[i]) for i in range(len(train)))) == {ord("a"), EOD}
     assert set().union(*(window(valid[i]) for i in range(len(valid)))) == {ord("b"), EOD}
@@ -118,8 +121,9 @@ def test_split_puts_later_documents_in_valid(tmp_path, make_dataset):
 def test_blend_follows_weights(tmp_path, make_dataset):
     a = make_dataset("a", random_docs(40, seed=4, letters="a"))
     b = make_dataset("b", random_docs(40, seed=5, letters="b"))
-    train, _ = build_datasets(config(tmp_path, [a, b], weights=[1, 3]), BYTE, train_samples=400, valid_samples=0,
-                              seed=0)
+    train, _ = build_datasets(
+        config(tmp_path, [a, b], weights=[1, 3]), BYTE, train_samples=400, valid_samples=0, seed=0
+    )
     items = [train[i] for i in range(400)]
     ids = [int(item["dataset_id"]) for item in items]
     assert abs(ids.count(0) - 100) <= 1
@@ -128,8 +132,8 @@ def test_blend_follows_weights(tmp_path, make_dataset):
 
 
 def test_blend_without_weights_follows_dataset_sizes(tmp_path, make_dataset):
-    small = make_dataset("small", ["a" * 99] * 10)   # 1,000 tokens
-    large = make_dataset("large", ["b" * 99] * 30)   # 3,000 tokens
+    small = make_dataset("small", ["a" * 99] * 10)  # 1,000 tokens
+    large = make_dataset("large", ["b" * 99] * 30)  # 3,000 tokens
     train, _ = build_datasets(config(tmp_path, [small, large]), BYTE, train_samples=200, valid_samples=0, seed=0)
     ids = [int(train[i]["dataset_id"]) for i in range(200)]
     assert abs(ids.count(0) - 50) <= 1
@@ -138,8 +142,7 @@ def test_blend_without_weights_follows_dataset_sizes(tmp_path, make_dataset):
 def test_zero_weight_leaves_a_path_out(tmp_path, make_dataset):
     a = make_dataset("a", ["a" * 50] * 4)
     b = make_dataset("b", ["b" * 50] * 4)
-    train, _ = build_datasets(config(tmp_path, [a, b], weights=[0, 2]), BYTE, train_samples=8, valid_samples=0,
-                              seed=0)
+    train, _ = build_datasets(config(tmp_path, [a, b], weights=[0, 2]), BYTE, train_samples=8, valid_samples=0, seed=0)
     assert set(window(train[0])) <= {ord("b"), EOD}
 
 
@@ -235,13 +238,16 @@ def test_missing_files_are_named(tmp_path, make_dataset):
         build_datasets(cfg, BYTE, 4, 0, 0)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: _truncate(p + ".bin", 2), r"d\.bin is truncated or corrupt: .*d\.idx describes 44 tokens of uint16"),
-    (lambda p: _truncate(p + ".idx", 8), r"d\.idx is truncated or corrupt: its header promises 4 sequences"),
-    (lambda p: _truncate(p + ".idx", 10_000), r"d\.idx is truncated: 0 bytes"),
-    (lambda p: _overwrite(p + ".idx", 0, b"XX"), r"d\.idx is not a megatron-core index file"),
-    (lambda p: _overwrite(p + ".idx", 34, b"\x07"), r"d\.idx is corrupt: its byte offsets"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _truncate(p + ".bin", 2), r"d\.bin is truncated or corrupt: .*d\.idx describes 44 tokens of uint16"),
+        (lambda p: _truncate(p + ".idx", 8), r"d\.idx is truncated or corrupt: its header promises 4 sequences"),
+        (lambda p: _truncate(p + ".idx", 10_000), r"d\.idx is truncated: 0 bytes"),
+        (lambda p: _overwrite(p + ".idx", 0, b"XX"), r"d\.idx is not a megatron-core index file"),
+        (lambda p: _overwrite(p + ".idx", 34, b"\x07"), r"d\.idx is corrupt: its byte offsets"),
+    ],
+)
 def test_corrupt_files_are_named(tmp_path, make_dataset, damage, message):
     prefix = make_dataset("d", ["0123456789"] * 4)
     damage(prefix)
@@ -261,8 +267,11 @@ def _overwrite(path: str, offset: int, data: bytes) -> None:
 
 def test_data_of_another_tokenizer_is_refused(tmp_path, make_dataset, hf_json):
     prefix = make_dataset("hf", ["the quick brown fox"] * 4, hf_json)
-    with pytest.raises(DataError, match=rf"{prefix}\.bin was tokenized with 'hf:bpe\.json@.*' \(vocab_size 300, "
-                                        rf"per .*hf\.meta\.json\) but data\.tokenizer is 'byte'"):
+    with pytest.raises(
+        DataError,
+        match=rf"{prefix}\.bin was tokenized with 'hf:bpe\.json@.*' \(vocab_size 300, "
+        rf"per .*hf\.meta\.json\) but data\.tokenizer is 'byte'",
+    ):
         build_datasets(config(tmp_path, [prefix]), BYTE, 4, 0, 0)
 
 
@@ -286,18 +295,24 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
         builder.add_item(torch.tensor(doc))
         builder.end_document()
     builder.finalize(prefix + ".idx")
-    with pytest.raises(DataError, match=r"foreign\.bin holds token id 300, outside the vocabulary of data\.tokenizer "
-                                        r"'byte' \(vocab_size 257\)"):
+    with pytest.raises(
+        DataError,
+        match=r"foreign\.bin holds token id 300, outside the vocabulary of data\.tokenizer "
+        r"'byte' \(vocab_size 257\)",
+    ):
         build_datasets(config(tmp_path, [prefix]), BYTE, 4, 0, 0)
 
 
-@pytest.mark.parametrize("weights, message", [
-    ([1.0], "1 weights for 2 paths"),
-    ([1.0, -1.0], r"the weight of .*b must be a finite number >= 0, got -1\.0"),
-    ([1.0, float("nan")], r"the weight of .*b must be a finite number >= 0, got nan"),
-    ([0, 0], r"all weights are 0"),
-    ([1.0, "x"], r"the weight of .*b must be a finite number >= 0, got 'x'"),
-])
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([1.0], "1 weights for 2 paths"),
+        ([1.0, -1.0], r"the weight of .*b must be a finite number >= 0, got -1\.0"),
+        ([1.0, float("nan")], r"the weight of .*b must be a finite number >= 0, got nan"),
+        ([0, 0], r"all weights are 0"),
+        ([1.0, "x"], r"the weight of .*b must be a finite number >= 0, got 'x'"),
+    ],
+)
 def test_bad_weights(tmp_path, make_dataset, weights, message):
     paths = [make_dataset("a", ["abc"] * 4), make_dataset("b", ["abc"] * 4)]
     with pytest.raises(DataError, match=rf"data\.weights: {message}"):
@@ -313,8 +328,11 @@ def test_bad_paths_and_sizes(tmp_path, make_dataset):
 
 def test_split_without_documents_for_valid_is_refused(tmp_path, make_dataset):
     prefix = make_dataset("d", ["one long document " * 20])
-    with pytest.raises(DataError, match=r"d: data.split '98,2,0' leaves the valid part no documents \(it has 1 "
-                                        r"documents\); .*--txt-mode paragraph"):
+    with pytest.raises(
+        DataError,
+        match=r"d: data.split '98,2,0' leaves the valid part no documents \(it has 1 "
+        r"documents\); .*--txt-mode paragraph",
+    ):
         build_datasets(config(tmp_path, [prefix], split="98,2,0"), BYTE, 4, 4, 0)
     train, valid = build_datasets(config(tmp_path, [prefix], split="98,2,0"), BYTE, 4, 0, 0)
     assert valid is None and len(train) >= 4  # nothing asked of valid: it is not built
@@ -330,12 +348,15 @@ def test_helpers_that_cannot_be_built_give_one_clear_error(tmp_path, monkeypatch
         ensure_megatron_helpers(str(tmp_path))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("default_corpus_max_bytes", 0, "must be a positive integer"),
-    ("split", "0,1,0", "gives the train part no weight"),
-    ("tokenizer", "", "must be 'byte' or a tokenizer file path"),
-    ("cache_dir", "", "must be a directory path"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("default_corpus_max_bytes", 0, "must be a positive integer"),
+        ("split", "0,1,0", "gives the train part no weight"),
+        ("tokenizer", "", "must be 'byte' or a tokenizer file path"),
+        ("cache_dir", "", "must be a directory path"),
+    ],
+)
 def test_data_config_fields_are_validated(field, value, message):
     from aoe_ep.config import ConfigError
 

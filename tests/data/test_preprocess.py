@@ -27,8 +27,7 @@ def byte_doc(text: str) -> list[int]:
 def test_txt_is_one_document_per_file_and_jsonl_one_per_line(tmp_path):
     (tmp_path / "a.txt").write_text("first file\n\nstill the first file\n")
     write_jsonl(tmp_path / "b.jsonl", ["línea uno", "line two"])
-    result = preprocess([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out" / "ds", "byte",
-                        progress=False)
+    result = preprocess([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out" / "ds", "byte", progress=False)
     docs = ["first file\n\nstill the first file\n", "línea uno", "line two"]
     assert stored(result.prefix) == [byte_doc(d) for d in docs]
     assert (result.documents, result.tokens) == (3, sum(len(byte_doc(d)) for d in docs))
@@ -76,8 +75,9 @@ def test_tokens_match_the_tokenizers_library(tmp_path, hf_json):
 
 
 def test_interrupted_run_keeps_the_previous_dataset_and_no_temporary_files(tmp_path):
-    prefix = preprocess([write_jsonl(tmp_path / "s.jsonl", ["old"])], tmp_path / "out" / "ds", "byte",
-                        progress=False).prefix
+    prefix = preprocess(
+        [write_jsonl(tmp_path / "s.jsonl", ["old"])], tmp_path / "out" / "ds", "byte", progress=False
+    ).prefix
     before = {name: open(prefix + name, "rb").read() for name in (".bin", ".idx", ".meta.json")}
 
     def documents():
@@ -97,12 +97,15 @@ def test_empty_input_is_a_data_error_and_writes_nothing(tmp_path):
     assert os.listdir(tmp_path / "out") == []
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"text": "ok"', r"s\.jsonl:2: not valid JSON"),
-    ('{"body": "x"}', r"s\.jsonl:2: no 'text' field \(found 'body'\); choose the field with --jsonl-key"),
-    ('["text"]', r"s\.jsonl:2: no 'text' field \(found a JSON list\)"),
-    ('{"text": 3}', r"s\.jsonl:2: field 'text' holds int, not a string"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "ok"', r"s\.jsonl:2: not valid JSON"),
+        ('{"body": "x"}', r"s\.jsonl:2: no 'text' field \(found 'body'\); choose the field with --jsonl-key"),
+        ('["text"]', r"s\.jsonl:2: no 'text' field \(found a JSON list\)"),
+        ('{"text": 3}', r"s\.jsonl:2: field 'text' holds int, not a string"),
+    ],
+)
 def test_bad_jsonl_lines_are_named(tmp_path, line, message):
     (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
@@ -119,11 +122,13 @@ def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "data.csv").write_text("a,b")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "empty_dir").mkdir()
-    cases = [([tmp_path / "missing.txt"], r"missing\.txt: no such file or directory"),
-             ([tmp_path / "data.csv"], r"data\.csv: unsupported input type '\.csv'"),
-             ([tmp_path / "latin1.txt"], r"latin1\.txt: not UTF-8 text"),
-             ([tmp_path / "empty_dir"], r"empty_dir: the directory holds no \.txt or \.jsonl files"),
-             ([], "no input files")]
+    cases = [
+        ([tmp_path / "missing.txt"], r"missing\.txt: no such file or directory"),
+        ([tmp_path / "data.csv"], r"data\.csv: unsupported input type '\.csv'"),
+        ([tmp_path / "latin1.txt"], r"latin1\.txt: not UTF-8 text"),
+        ([tmp_path / "empty_dir"], r"empty_dir: the directory holds no \.txt or \.jsonl files"),
+        ([], "no input files"),
+    ]
     for inputs, message in cases:
         with pytest.raises(DataError, match=message):
             preprocess(inputs, tmp_path / "ds", "byte", progress=False)

@@ -98,4 +98,3 @@ def test_missing_package_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
     with pytest.raises(DataError, match=r"tok\.model: .*pip install sentencepiece"):
         build_tokenizer(str(path))
-

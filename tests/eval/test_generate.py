@@ -13,8 +13,18 @@ from aoe_ep.model import Decoder
 
 
 def _model(scorer: str) -> Decoder:
-    cfg = load_config("tiny", ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=40",
-                               "moe.d_ffn=32", "moe.d_low=8", f"moe.scorer={scorer}"])
+    cfg = load_config(
+        "tiny",
+        [
+            "model.n_layers=2",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.max_seq_len=40",
+            "moe.d_ffn=32",
+            "moe.d_low=8",
+            f"moe.scorer={scorer}",
+        ],
+    )
     torch.manual_seed(0)
     return Decoder(cfg.model, cfg.moe).eval()
 
@@ -35,7 +45,7 @@ def test_cached_decoding_equals_rerunning_the_prefix(scorer):
         cache = model.new_cache(1)
         first = model(ids[:, :4], cache).logits[0]
         second = model(ids[:, 4:10], cache).logits[0]
-        steps = [model(ids[:, t:t + 1], cache).logits[0, 0] for t in range(10, ids.shape[1])]
+        steps = [model(ids[:, t : t + 1], cache).logits[0, 0] for t in range(10, ids.shape[1])]
     got = torch.cat([first, second, torch.stack(steps)])
     assert cache.length == ids.shape[1]
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
@@ -51,10 +61,10 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus():
 
     logits = torch.tensor([2.0, 1.0, 0.0, 2.0, -1.0])
     probs = torch.softmax(logits, 0)
-    kept = top_p_filter(logits, 0.5)              # the two tied 2.0s make 0.63 > 0.5: both kept, ids 0 and 3
+    kept = top_p_filter(logits, 0.5)  # the two tied 2.0s make 0.63 > 0.5: both kept, ids 0 and 3
     assert kept.nonzero().flatten().tolist() == [0, 3]
     torch.testing.assert_close(kept[[0, 3]], probs[[0, 3]] / probs[[0, 3]].sum())
-    assert top_p_filter(logits, 0.2).nonzero().flatten().tolist() == [0]   # the tie goes to the lower id
+    assert top_p_filter(logits, 0.2).nonzero().flatten().tolist() == [0]  # the tie goes to the lower id
     torch.testing.assert_close(top_p_filter(logits, 1.0), probs)
 
 

@@ -30,8 +30,17 @@ GEN_DOCS = [{"prompt": "def ", "answer": "f"}, {"prompt": "class A", "answer": "
 
 
 def _model() -> Decoder:
-    cfg = load_config("tiny", ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=48",
-                               "moe.d_ffn=32", "moe.d_low=8"])
+    cfg = load_config(
+        "tiny",
+        [
+            "model.n_layers=1",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.max_seq_len=48",
+            "moe.d_ffn=32",
+            "moe.d_low=8",
+        ],
+    )
     torch.manual_seed(0)
     return Decoder(cfg.model, cfg.moe).eval()
 
@@ -43,16 +52,19 @@ def _write_tasks(root) -> None:
     (root / "choice.yaml").write_text(
         f"task: aoe_tiny_choice\n{common}dataset_kwargs:\n  data_files: {root}/choice.jsonl\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
     (root / "text.yaml").write_text(
         f"task: aoe_tiny_text\n{common}dataset_kwargs:\n  data_files: {root}/text.jsonl\n"
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
     (root / "gen.yaml").write_text(
         f"task: aoe_tiny_gen\n{common}dataset_kwargs:\n  data_files: {root}/gen.jsonl\n"
         "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
         "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n")
+        "metric_list:\n  - metric: exact_match\n"
+    )
 
 
 def _logprob(model, ids: list[int], start: int) -> float:
@@ -72,9 +84,14 @@ def test_harness_metrics_equal_a_direct_computation(tmp_path, monkeypatch):
     _write_tasks(tmp_path)
     model, tok = _model(), build_tokenizer("byte")
     lm = AoeEpLM(model=model, tokenizer=tok, batch_size=3)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["aoe_tiny_choice", "aoe_tiny_text", "aoe_tiny_gen"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)), num_fewshot=0,
-                                  log_samples=False, bootstrap_iters=0)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["aoe_tiny_choice", "aoe_tiny_text", "aoe_tiny_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        num_fewshot=0,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     results = out["results"]
 
     # multiple choice: the choice of highest log-likelihood (acc), or per byte of the choice (acc_norm)
@@ -92,21 +109,22 @@ def test_harness_metrics_equal_a_direct_computation(tmp_path, monkeypatch):
     total, n_bytes, n_words = 0.0, 0, 0
     for doc in TEXT_DOCS:
         ids = tok.encode(doc["text"])
-        for begin in range(0, len(ids), 48):      # disjoint windows, each conditioned on the 48 tokens before
-            context = [tok.eod] + ids[:begin] if begin == 0 else ids[begin - 48:begin]
-            window = ids[begin:begin + 48]
+        for begin in range(0, len(ids), 48):  # disjoint windows, each conditioned on the 48 tokens before
+            context = [tok.eod] + ids[:begin] if begin == 0 else ids[begin - 48 : begin]
+            window = ids[begin : begin + 48]
             seq = (context + window)[-49:]
             total += _logprob(model, seq, len(seq) - len(window))
         n_bytes += len(doc["text"].encode())
-        n_words += len(re.split(r"\s+", doc["text"]))   # the harness counts words this way
+        n_words += len(re.split(r"\s+", doc["text"]))  # the harness counts words this way
     assert results["aoe_tiny_text"]["bits_per_byte,none"] == pytest.approx(-total / n_bytes / math.log(2), rel=1e-5)
     assert results["aoe_tiny_text"]["word_perplexity,none"] == pytest.approx(math.exp(-total / n_words), rel=1e-5)
 
     # generation: greedy until a newline, at most 6 tokens
     matches = 0
     for doc in GEN_DOCS:
-        text = tok.decode(generate(model, tok.encode(doc["prompt"]), SamplingConfig(max_new_tokens=6),
-                                   stop_id=tok.eod)).split("\n")[0]
+        text = tok.decode(
+            generate(model, tok.encode(doc["prompt"]), SamplingConfig(max_new_tokens=6), stop_id=tok.eod)
+        ).split("\n")[0]
         matches += text.strip() == doc["answer"]
     assert results["aoe_tiny_gen"]["exact_match,none"] == pytest.approx(matches / len(GEN_DOCS))
 

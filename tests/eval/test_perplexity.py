@@ -28,11 +28,11 @@ def _eval_json(capsys, *args: str) -> dict:
 def test_eval_equals_the_validation_loss_the_trainer_logged(tiny_run, capsys):
     run, logged = tiny_run
     assert sorted(logged) == [0, 2, 4]
-    for step, path in ((2, run / "checkpoints" / "step_00000002"), (4, run)):   # a run directory: its newest
+    for step, path in ((2, run / "checkpoints" / "step_00000002"), (4, run)):  # a run directory: its newest
         got = _eval_json(capsys, "--checkpoint", str(path))
-        assert got["loss"] == logged[step], step          # exactly: the same code, data and layout
+        assert got["loss"] == logged[step], step  # exactly: the same code, data and layout
         assert got["perplexity"] == pytest.approx(math.exp(logged[step]))
-        assert got["tokens"] == 2 * 2048                  # eval_steps x global batch, every token counted
+        assert got["tokens"] == 2 * 2048  # eval_steps x global batch, every token counted
         assert got["step"] == step
     assert logged[4] < logged[0]
 
@@ -53,10 +53,10 @@ def _direct_loss(run, windows: list[list[int]]) -> tuple[float, int]:
 def test_eval_on_a_text_file_and_a_prefix_equals_a_direct_computation(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     text = tmp_path / "snippet.txt"
-    text.write_text(TEXT * 3)   # 3 x 82 bytes + eod: two windows of 128 predicted tokens, the second partial
+    text.write_text(TEXT * 3)  # 3 x 82 bytes + eod: two windows of 128 predicted tokens, the second partial
     ids = build_tokenizer("byte").encode(TEXT * 3) + [256]
     seq = 128
-    windows = [ids[i:i + seq + 1] for i in range(0, len(ids) - 1, seq)]
+    windows = [ids[i : i + seq + 1] for i in range(0, len(ids) - 1, seq)]
     want, count = _direct_loss(run, windows)
 
     got = _eval_json(capsys, "--checkpoint", str(run), "--data", str(text), "--batch-size", "1")
@@ -78,10 +78,10 @@ def _ep_worker(rank: int, world: int, checkpoint: str, text: str) -> tuple:
 def test_eval_under_expert_parallelism_matches_one_process(tiny_run, tmp_path):
     run, _ = tiny_run
     text = tmp_path / "snippet.txt"
-    text.write_text(TEXT * 5)   # 386 tokens = 4 windows over 2 ranks x batch 1: two global batches
+    text.write_text(TEXT * 5)  # 386 tokens = 4 windows over 2 ranks x batch 1: two global batches
     one = evaluate_checkpoint(str(run), [str(text)], batch_size=1)
     results = run_distributed(2, _ep_worker, str(run), str(text))
-    assert results[0] == results[1]   # every rank reports the global value
+    assert results[0] == results[1]  # every rank reports the global value
     loss, tokens = results[0]
     assert tokens == one.tokens == len(TEXT * 5) and loss == pytest.approx(one.loss, rel=1e-5)
 

@@ -25,7 +25,12 @@ def _run(layer, x, g):
     x = x.clone().requires_grad_()
     y, info = layer(x)
     ((y.double() * g).sum() + info.aux_loss.double()).backward()
-    return y.double().cpu(), info, x.grad.double().cpu(), {n: p.grad.double().cpu() for n, p in layer.named_parameters()}
+    return (
+        y.double().cpu(),
+        info,
+        x.grad.double().cpu(),
+        {n: p.grad.double().cpu() for n, p in layer.named_parameters()},
+    )
 
 
 @pytest.mark.parametrize("selection", ["top_k", "top_p", "expert_choice"])
@@ -71,11 +76,14 @@ def test_cuda_grouped_gemm_matches_loop(width):
     w = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(sum(counts), 128, device="cuda", dtype=torch.bfloat16)
     for fn, args in ((gmm, (a, w)), (gmm_wgrad, (a, b))):
-        torch.testing.assert_close(fn(*args, groups, "grouped").float(), fn(*args, groups, "loop").float(),
-                                   rtol=2e-2, atol=2e-2)
-    ws = [torch.randn(4, 64, width, device="cuda", dtype=torch.bfloat16) * 0.1,
-          torch.randn(4, 64, width, device="cuda", dtype=torch.bfloat16) * 0.1,
-          torch.randn(4, width, 64, device="cuda", dtype=torch.bfloat16) * 0.1]
+        torch.testing.assert_close(
+            fn(*args, groups, "grouped").float(), fn(*args, groups, "loop").float(), rtol=2e-2, atol=2e-2
+        )
+    ws = [
+        torch.randn(4, 64, width, device="cuda", dtype=torch.bfloat16) * 0.1,
+        torch.randn(4, 64, width, device="cuda", dtype=torch.bfloat16) * 0.1,
+        torch.randn(4, width, 64, device="cuda", dtype=torch.bfloat16) * 0.1,
+    ]
     outs = {k: grouped_glu(a, a, *ws, groups, k).float() for k in ("grouped", "loop")}
     torch.testing.assert_close(outs["grouped"], outs["loop"], rtol=3e-2, atol=3e-2)
 
@@ -85,8 +93,9 @@ def test_bf16_training_step_and_world_of_one_on_nccl(tmp_path):
     from aoe_ep.train.trainer import train
     from tests.train.synthetic import BUILDERS, small_config
 
-    cfg = small_config(tmp_path, "train.device=cuda", "train.precision=bf16", "train.max_steps=8",
-                       "train.eval_interval=4")
+    cfg = small_config(
+        tmp_path, "train.device=cuda", "train.precision=bf16", "train.max_steps=8", "train.eval_interval=4"
+    )
     result = train(cfg, data=BUILDERS)
     losses = [r.loss for r in result.history]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))

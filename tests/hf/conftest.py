@@ -10,9 +10,19 @@ from aoe_ep.config import load_config
 from aoe_ep.model import Decoder
 from tests.data.conftest import hf_json, sp_model  # noqa: F401  (tokenizers trained in the tests)
 
-BASE = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=257", "model.max_seq_len=48",
-        "model.rope_theta=500.0", "model.norm_eps=1e-6", "moe.num_experts=4", "moe.top_k=2", "moe.d_ffn=24",
-        "moe.d_low=6"]
+BASE = [
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.vocab_size=257",
+    "model.max_seq_len=48",
+    "model.rope_theta=500.0",
+    "model.norm_eps=1e-6",
+    "moe.num_experts=4",
+    "moe.top_k=2",
+    "moe.d_ffn=24",
+    "moe.d_low=6",
+]
 ROUTER = ["moe.scorer=router", "moe.expert_kind=swiglu"]
 
 # name: (overrides, the format `auto` exports it as)

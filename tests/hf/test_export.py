@@ -24,8 +24,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def load_exported(out_dir, fmt: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=fmt == "aoe_ep",
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(out_dir), trust_remote_code=fmt == "aoe_ep", dtype=torch.float32
+    ).eval()
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -53,9 +54,9 @@ def test_exported_model_equals_aoe_ep(kind, tmp_path):
 
     prompt = tokens_BS[0, :12].tolist()
     new = generate(model, prompt, SamplingConfig(max_new_tokens=10))
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :].tolist()
     eod = 256
-    assert out[:len(new)] == new and (len(new) == 10 or out[len(new)] == eod)
+    assert out[: len(new)] == new and (len(new) == 10 or out[len(new)] == eod)
 
 
 def test_kv_cache_generation_equals_full_recompute(tmp_path):
@@ -80,11 +81,16 @@ def test_sharded_export_writes_an_index(tmp_path):
         assert _relative(hf(tokens_BS).logits, model(tokens_BS).logits) < 1e-5
 
 
-@pytest.mark.parametrize("kind, fmt, setting", [("aoe_l2", "mixtral", "moe.scorer='aoe'"),
-                                                ("router_factorized", "mixtral", "moe.expert_kind='factorized'"),
-                                                ("balance_bias", "mixtral", "moe.balance='bias'"),
-                                                ("mixtral", "llama", "model.ffn='moe'"),
-                                                ("dense", "aoe_ep", "model.ffn='dense'")])
+@pytest.mark.parametrize(
+    "kind, fmt, setting",
+    [
+        ("aoe_l2", "mixtral", "moe.scorer='aoe'"),
+        ("router_factorized", "mixtral", "moe.expert_kind='factorized'"),
+        ("balance_bias", "mixtral", "moe.balance='bias'"),
+        ("mixtral", "llama", "model.ffn='moe'"),
+        ("dense", "aoe_ep", "model.ffn='dense'"),
+    ],
+)
 def test_unexpressible_format_is_refused_naming_the_setting(kind, fmt, setting, tmp_path):
     cfg = kind_config(kind)
     with pytest.raises(ConversionError, match=setting.replace("(", r"\(")) as err:

@@ -53,17 +53,31 @@ def test_round_trip_is_bit_identical(kind, exported, tmp_path):
     assert sorted(before) == sorted(after)
     for name in before:
         assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
-    assert json.loads((hf_dir / "config.json").read_text()) == json.loads((tmp_path / "again" / "config.json").read_text())
+    assert json.loads((hf_dir / "config.json").read_text()) == json.loads(
+        (tmp_path / "again" / "config.json").read_text()
+    )
 
 
 def test_grouped_query_attention_is_expanded_exactly(tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=257, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                           bos_token_id=None, eos_token_id=256, pad_token_id=None)
+    config = MixtralConfig(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        bos_token_id=None,
+        eos_token_id=256,
+        pad_token_id=None,
+    )
     hf = MixtralForCausalLM(config).eval()
     hf.save_pretrained(str(tmp_path / "hf"))
     import_hf(tmp_path / "hf", tmp_path / "run", tokenizer="byte")
@@ -77,16 +91,27 @@ def test_cli_import_then_eval_generate_and_resume(exported, tmp_path, capsys):
     hf_dir, _ = exported["mixtral"]
     run = tmp_path / "run"
     assert main(["import", str(hf_dir), str(run)]) == 0
-    assert main(["generate", "--checkpoint", str(run), "--prompt", "def f", "--max-new-tokens", "4",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["generate", "--checkpoint", str(run), "--prompt", "def f", "--max-new-tokens", "4", "--device", "cpu"])
+        == 0
+    )
     from aoe_ep.config import load_config
     from aoe_ep.train.trainer import Trainer
     from tests.train.synthetic import BUILDERS
 
-    cfg = load_config(str(run / "config.yaml"), ["train.max_steps=2", "train.warmup_steps=1", "data.seq_len=16",
-                                                 "train.global_batch_tokens=64", "train.micro_batch_size=2",
-                                                 "train.eval_at_start=false", "train.save_interval=2",
-                                                 "train.eval_interval=100"])
+    cfg = load_config(
+        str(run / "config.yaml"),
+        [
+            "train.max_steps=2",
+            "train.warmup_steps=1",
+            "data.seq_len=16",
+            "train.global_batch_tokens=64",
+            "train.micro_batch_size=2",
+            "train.eval_at_start=false",
+            "train.save_interval=2",
+            "train.eval_interval=100",
+        ],
+    )
     with Trainer(cfg, resume="latest", data=BUILDERS) as trainer:
         assert trainer.step == 0
         result = trainer.fit()
@@ -112,10 +137,15 @@ def _damaged(exported, tmp_path, how: str):
     return hf_dir
 
 
-@pytest.mark.parametrize("how, message", [("truncated", "not a readable safetensors file"),
-                                          ("foreign", "do not fit MixtralForCausalLM"),
-                                          ("architecture", "model_type 'gpt2'"),
-                                          ("tokenizer", "no tokenizer.json or tokenizer.model")])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "not a readable safetensors file"),
+        ("foreign", "do not fit MixtralForCausalLM"),
+        ("architecture", "model_type 'gpt2'"),
+        ("tokenizer", "no tokenizer.json or tokenizer.model"),
+    ],
+)
 def test_bad_directory_gives_one_clear_error_and_writes_nothing(how, message, exported, tmp_path, capsys):
     hf_dir = _damaged(exported, tmp_path, how)
     out = tmp_path / "out"

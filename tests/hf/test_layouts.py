@@ -14,8 +14,14 @@ from aoe_ep.parallel.spawn import run_distributed
 from tests.train.synthetic import BUILDERS, small_config
 
 # Two 16-token sequences per step: one per rank at EP 2, one micro-batch of both in one process.
-COMMON = ("train.global_batch_tokens=32", "train.max_steps=2", "train.save_interval=2", "train.eval_interval=100",
-          "train.eval_at_start=false", "model.vocab_size=257")
+COMMON = (
+    "train.global_batch_tokens=32",
+    "train.max_steps=2",
+    "train.save_interval=2",
+    "train.eval_interval=100",
+    "train.eval_at_start=false",
+    "model.vocab_size=257",
+)
 
 
 def _train(cfg) -> None:
@@ -27,8 +33,15 @@ def _train(cfg) -> None:
 
 
 def _ep2_worker(rank: int, world: int, root) -> None:
-    _train(small_config(root / "ep2", *COMMON, "parallel.expert_parallel_size=2", "train.micro_batch_size=1",
-                        "train.dense_parallel=fsdp"))
+    _train(
+        small_config(
+            root / "ep2",
+            *COMMON,
+            "parallel.expert_parallel_size=2",
+            "train.micro_batch_size=1",
+            "train.dense_parallel=fsdp",
+        )
+    )
 
 
 def test_ep2_checkpoint_exports_as_the_one_process_model(tmp_path):
@@ -43,8 +56,9 @@ def test_ep2_checkpoint_exports_as_the_one_process_model(tmp_path):
     export_checkpoint(tmp_path / "ep2" / "run", tmp_path / "hf_trained")
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_trained"), trust_remote_code=True,
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf_trained"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
     tokens_BS = torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(0))
     with open_checkpoint(tmp_path / "ep2" / "run", device="cpu") as loaded, torch.no_grad():
         assert loaded.step == 2

@@ -23,8 +23,8 @@ def test_factorise_splits_the_singular_values_evenly():
         gram = torch.diag(s_K[:rank]).float()
         torch.testing.assert_close(down_DR.t() @ down_DR, gram, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(up_RF @ up_RF.t(), gram, rtol=1e-5, atol=1e-5)
-        assert error == pytest.approx(float((s_K[rank:] ** 2).sum().sqrt() / (s_K ** 2).sum().sqrt()), rel=1e-6)
-        assert energy == pytest.approx(float((s_K[:rank] ** 2).sum() / (s_K ** 2).sum()), rel=1e-9)
+        assert error == pytest.approx(float((s_K[rank:] ** 2).sum().sqrt() / (s_K**2).sum().sqrt()), rel=1e-6)
+        assert energy == pytest.approx(float((s_K[:rank] ** 2).sum() / (s_K**2).sum()), rel=1e-9)
     down_DR, up_RF, error, _ = factorise(w_DF, 12)
     torch.testing.assert_close(down_DR @ up_RF, w_DF, rtol=1e-5, atol=1e-5)
     assert error < 1e-6
@@ -44,8 +44,9 @@ def test_upcycled_run_is_aoe_with_the_factorised_experts(tmp_path, capsys):
         old = model.blocks[0].ffn
         x_TD = torch.randn(5, cfg.model.d_model, generator=torch.Generator().manual_seed(1))
         for e in range(cfg.moe.num_experts):
-            before = (torch.nn.functional.silu(x_TD @ old.experts.w_gate[e]) * (x_TD @ old.experts.w_p[e])) \
-                @ old.experts.w_o[e]
+            before = (
+                torch.nn.functional.silu(x_TD @ old.experts.w_gate[e]) * (x_TD @ old.experts.w_p[e])
+            ) @ old.experts.w_o[e]
             gate = x_TD @ new.scorer.w_down[e] @ new.experts.w_up[e]
             after = (torch.nn.functional.silu(gate) * (x_TD @ new.experts.w_p[e])) @ new.experts.w_o[e]
             torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aoe_ep.config import MoEConfig, ModelConfig, config_from_dict, count_parameters
+from aoe_ep.config import ModelConfig, MoEConfig, config_from_dict, count_parameters
 from aoe_ep.model import Decoder, Rotary, token_cross_entropy
-
 
 
 @pytest.fixture(autouse=True)
@@ -128,12 +127,15 @@ def test_aux_loss_enters_every_selector_gradient_and_vanishes_with_coefficient_z
     assert model0(tokens).aux_loss.item() == 0.0
 
 
-@pytest.mark.parametrize("ffn, moe", [
-    ("dense", None),
-    ("moe", dict(scorer="aoe", num_experts=4, top_k=2, d_ffn=12, d_low=4)),
-    ("moe", dict(scorer="router", num_experts=4, top_k=2, d_ffn=12)),
-    ("moe", dict(scorer="self_routing", num_experts=4, top_k=1, d_ffn=12)),
-])
+@pytest.mark.parametrize(
+    "ffn, moe",
+    [
+        ("dense", None),
+        ("moe", dict(scorer="aoe", num_experts=4, top_k=2, d_ffn=12, d_low=4)),
+        ("moe", dict(scorer="router", num_experts=4, top_k=2, d_ffn=12)),
+        ("moe", dict(scorer="self_routing", num_experts=4, top_k=1, d_ffn=12)),
+    ],
+)
 def test_parameters_as_built_equal_the_counted_untied_total(ffn, moe):
     raw = {"model": dict(n_layers=3, d_model=16, n_heads=4, vocab_size=50, max_seq_len=8, ffn=ffn, d_ffn=20)}
     if moe:
@@ -149,8 +151,7 @@ def test_token_cross_entropy_masks_tokens():
     labels = torch.randint(0, 5, (2, 3))
     mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
     total, count = token_cross_entropy(logits, labels, mask)
-    expected = sum(-torch.log_softmax(logits[b, s], -1)[labels[b, s]] for b in range(2) for s in range(3)
-                   if mask[b, s])
+    expected = sum(-torch.log_softmax(logits[b, s], -1)[labels[b, s]] for b in range(2) for s in range(3) if mask[b, s])
     torch.testing.assert_close(total, expected.float() if total.dtype == torch.float32 else expected)
     assert count.item() == 4
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from aoe_ep.config import MoEConfig, ModelConfig
+from aoe_ep.config import ModelConfig, MoEConfig
 from aoe_ep.model import Decoder, init_parameters
 
 VARIANTS = {

@@ -55,8 +55,7 @@ def test_layer_biases_move_with_the_counts_of_all_micro_batches():
 
 @pytest.mark.parametrize("selection", ["top_k", "top_p"])
 def test_decide_with_bias_is_decide_on_shifted_scores(selection):
-    cfg = MoEConfig(d_model=8, num_experts=6, top_k=2, scorer="router", d_ffn=8, selection=selection,
-                    balance="bias")
+    cfg = MoEConfig(d_model=8, num_experts=6, top_k=2, scorer="router", d_ffn=8, selection=selection, balance="bias")
     s_TE = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
     b_E = torch.tensor([0.8, -0.6, 0.0, 0.3, -1.0, 0.5])
     biased = decide(s_TE, cfg, bias_E=b_E).mask_SE
@@ -93,13 +92,16 @@ def test_balance_none_and_bias_drop_the_load_balancing_loss_but_keep_the_top_p_e
     assert not make_cfg("aoe", "top_k", "softmax_topk", balance="bias").unselected_get_gradient
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("balance", "dynamic", "moe.balance: 'dynamic' is not one of 'aux', 'bias', 'none'"),
-    ("balance_rate", 0, "moe.balance_rate: must be a positive finite number, got 0"),
-    ("balance_rate", -1e-3, "moe.balance_rate: must be a positive finite number"),
-    ("balance_rate", "inf", "moe.balance_rate: must be a positive finite number"),
-    ("balance_rate", "fast", "moe.balance_rate: expected float, got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("balance", "dynamic", "moe.balance: 'dynamic' is not one of 'aux', 'bias', 'none'"),
+        ("balance_rate", 0, "moe.balance_rate: must be a positive finite number, got 0"),
+        ("balance_rate", -1e-3, "moe.balance_rate: must be a positive finite number"),
+        ("balance_rate", "inf", "moe.balance_rate: must be a positive finite number"),
+        ("balance_rate", "fast", "moe.balance_rate: expected float, got 'fast'"),
+    ],
+)
 def test_bad_balance_settings_are_config_errors_naming_the_field(field, value, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")):
         load_config("tiny", [f"moe.{field}={value}"])

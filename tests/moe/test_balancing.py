@@ -9,8 +9,16 @@ import torch
 from aoe_ep.config import MoEConfig
 from aoe_ep.moe import MoELayer, StepContext
 from aoe_ep.moe.balance import bias_update
-from aoe_ep.moe.balancing import (AuxLoss, BiasBalancing, ExpertRouterCoupling, ThresholdBalancing, build_balancing,
-                                  build_coupling, needs_step_counts, update_balancing)
+from aoe_ep.moe.balancing import (
+    AuxLoss,
+    BiasBalancing,
+    ExpertRouterCoupling,
+    ThresholdBalancing,
+    build_balancing,
+    build_coupling,
+    needs_step_counts,
+    update_balancing,
+)
 from aoe_ep.moe.threshold import lambda_update
 
 DIMS = dict(d_model=8, num_experts=4, top_k=2, scorer="router", d_ffn=8)
@@ -20,15 +28,18 @@ def _cfg(**over) -> MoEConfig:
     return MoEConfig(**{**DIMS, **over})
 
 
-@pytest.mark.parametrize("over,scheme,updates", [
-    (dict(), AuxLoss, False),
-    (dict(balance="none"), AuxLoss, False),
-    (dict(selection="expert_choice"), AuxLoss, False),
-    (dict(balance="bias"), BiasBalancing, True),
-    (dict(balance="bias", selection="top_p"), BiasBalancing, True),
-    (dict(selection="threshold"), ThresholdBalancing, True),
-    (dict(selection="threshold", balance="none"), ThresholdBalancing, False),
-])
+@pytest.mark.parametrize(
+    "over,scheme,updates",
+    [
+        (dict(), AuxLoss, False),
+        (dict(balance="none"), AuxLoss, False),
+        (dict(selection="expert_choice"), AuxLoss, False),
+        (dict(balance="bias"), BiasBalancing, True),
+        (dict(balance="bias", selection="top_p"), BiasBalancing, True),
+        (dict(selection="threshold"), ThresholdBalancing, True),
+        (dict(selection="threshold", balance="none"), ThresholdBalancing, False),
+    ],
+)
 def test_the_config_chooses_one_scheme_with_its_state(over, scheme, updates):
     layer = MoELayer(_cfg(**over))
     assert type(layer.balancing) is scheme and type(build_balancing(layer.cfg)) is scheme
@@ -91,8 +102,11 @@ def test_aux_loss_scheme_has_no_state_to_move():
 
 
 def test_update_balancing_gives_each_layer_its_own_counts():
-    layers = [MoELayer(_cfg(balance="bias", balance_rate=1.0)), MoELayer(_cfg()),
-              MoELayer(_cfg(balance="bias", balance_rate=0.5))]
+    layers = [
+        MoELayer(_cfg(balance="bias", balance_rate=1.0)),
+        MoELayer(_cfg()),
+        MoELayer(_cfg(balance="bias", balance_rate=0.5)),
+    ]
     counts_LE = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 4.0]], dtype=torch.float64)
     update_balancing(layers, counts_LE, 4)
     assert layers[0].expert_bias.tolist() == [-1.0, 1.0, 1.0, 1.0]
@@ -106,4 +120,3 @@ def test_the_bias_scheme_ranks_the_shifted_scores_in_the_layer():
         layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1e3]))
     _, info = layer(torch.randn(12, 8), ctx=StepContext(record_selection=True))
     assert info.mask_TE[:, 3].all() and int(info.stats.tokens_per_expert[3]) == 12
-

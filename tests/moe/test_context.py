@@ -20,13 +20,16 @@ MOE = dict(d_model=16, num_experts=4, top_k=2, scorer="router", d_ffn=12)
 
 def _decoder(**moe) -> Decoder:
     torch.manual_seed(0)
-    return Decoder(ModelConfig(n_layers=2, d_model=16, n_heads=2, vocab_size=19, max_seq_len=8, ffn="moe"),
-                   MoEConfig(**{**MOE, **moe}))
+    return Decoder(
+        ModelConfig(n_layers=2, d_model=16, n_heads=2, vocab_size=19, max_seq_len=8, ffn="moe"),
+        MoEConfig(**{**MOE, **moe}),
+    )
 
 
 def test_default_context_and_its_errors():
-    assert DEFAULT_CONTEXT == StepContext(step=0, seed=0, synchronize_timing=False, record_selection=False,
-                                          input_check="raise", rank_mean_gradients=False)
+    assert DEFAULT_CONTEXT == StepContext(
+        step=0, seed=0, synchronize_timing=False, record_selection=False, input_check="raise", rank_mean_gradients=False
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT_CONTEXT.step = 3
     with pytest.raises(ValueError, match="input_check must be one of"):
@@ -72,7 +75,7 @@ def test_seed_step_and_layer_index_key_each_layers_erc_noise():
 
 def test_scale_gradient_keeps_the_value_and_scales_the_gradient():
     x = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    loss = (x ** 2).sum()
+    loss = (x**2).sum()
     scaled = scale_gradient(loss, 3)
     assert torch.equal(scaled, loss)
     (grad,) = torch.autograd.grad(scaled, x)

@@ -38,9 +38,9 @@ def _reference(R, W, alpha, u):
 def _inputs(seed, n=5, d=6, width=7, low=3):
     g = torch.Generator().manual_seed(seed)
     R = torch.randn(n, d, generator=g, dtype=torch.float64)
-    W = torch.randn(n, d, width, generator=g, dtype=torch.float64) / d ** 0.5
-    W_down = torch.randn(n, d, low, generator=g, dtype=torch.float64) / d ** 0.5
-    W_up = torch.randn(n, low, width, generator=g, dtype=torch.float64) / low ** 0.5
+    W = torch.randn(n, d, width, generator=g, dtype=torch.float64) / d**0.5
+    W_down = torch.randn(n, d, low, generator=g, dtype=torch.float64) / d**0.5
+    W_up = torch.randn(n, low, width, generator=g, dtype=torch.float64) / low**0.5
     u = torch.rand(n, d, generator=g, dtype=torch.float64) * 2 - 1
     return R, W, W_down, W_up, u
 
@@ -123,17 +123,20 @@ def test_layer_adds_the_weighted_erc_loss_and_routes_with_the_clean_router(exper
     assert info2.erc_loss is None
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(scorer="aoe", erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
-    (dict(scorer="self_routing", erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
-    (dict(scorer="router", router_hidden=8, erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
-    (dict(scorer="router", erc_loss_coeff=-0.1), "moe.erc_loss_coeff"),
-    (dict(scorer="router", erc_loss_coeff=float("nan")), "moe.erc_loss_coeff"),
-    (dict(scorer="router", erc_loss_coeff=True), "moe.erc_loss_coeff"),
-    (dict(scorer="router", num_experts=1, top_k=1, erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
-    (dict(scorer="router", erc_alpha=0.0), "moe.erc_alpha"),
-    (dict(scorer="router", erc_alpha="1"), "moe.erc_alpha"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(scorer="aoe", erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
+        (dict(scorer="self_routing", erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
+        (dict(scorer="router", router_hidden=8, erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
+        (dict(scorer="router", erc_loss_coeff=-0.1), "moe.erc_loss_coeff"),
+        (dict(scorer="router", erc_loss_coeff=float("nan")), "moe.erc_loss_coeff"),
+        (dict(scorer="router", erc_loss_coeff=True), "moe.erc_loss_coeff"),
+        (dict(scorer="router", num_experts=1, top_k=1, erc_loss_coeff=1.0), "moe.erc_loss_coeff"),
+        (dict(scorer="router", erc_alpha=0.0), "moe.erc_alpha"),
+        (dict(scorer="router", erc_alpha="1"), "moe.erc_alpha"),
+    ],
+)
 def test_bad_erc_settings_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         MoEConfig(**{"d_model": 16, "num_experts": 4, "top_k": 2, "d_ffn": 8, "d_low": 4, **overrides})
@@ -145,8 +148,9 @@ def test_erc_keeps_no_copy_of_the_gate_weights_for_backward():
     torch.manual_seed(0)
     saved = {}
     for coeff in (0.0, 1.0):
-        layer = MoELayer(MoEConfig(d_model=32, num_experts=4, top_k=2, d_ffn=256, scorer="router",
-                                   erc_loss_coeff=coeff))
+        layer = MoELayer(
+            MoEConfig(d_model=32, num_experts=4, top_k=2, d_ffn=256, scorer="router", erc_loss_coeff=coeff)
+        )
         with saved_bytes_counter(exclude=list(layer.parameters())) as count:
             layer(torch.randn(8, 32))
         saved[coeff] = count[0]

@@ -21,8 +21,10 @@ def _loop_gmm(a, w, counts):
 
 
 @pytest.mark.parametrize("counts", COUNTS, ids=str)
-@pytest.mark.parametrize("kernel,dtype", [("grouped", torch.float32), ("loop", torch.float32),
-                                          ("loop", torch.float64), ("grouped", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "kernel,dtype",
+    [("grouped", torch.float32), ("loop", torch.float32), ("loop", torch.float64), ("grouped", torch.bfloat16)],
+)
 def test_products_match_a_per_expert_loop(counts, kernel, dtype):
     gen = torch.Generator().manual_seed(sum(counts) + len(counts))
     m, k, n = sum(counts), 8, 16
@@ -32,8 +34,9 @@ def test_products_match_a_per_expert_loop(counts, kernel, dtype):
     groups = _groups(counts)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(gmm(a, w, groups, kernel), _loop_gmm(a, w, counts), **tol)
-    torch.testing.assert_close(gmm(b, w.transpose(1, 2), groups, kernel), _loop_gmm(b, w.transpose(1, 2), counts),
-                               **tol)
+    torch.testing.assert_close(
+        gmm(b, w.transpose(1, 2), groups, kernel), _loop_gmm(b, w.transpose(1, 2), counts), **tol
+    )
     want = torch.stack([x.t() @ y for x, y in zip(torch.split(a, counts), torch.split(b, counts))])
     torch.testing.assert_close(gmm_wgrad(a, b, groups, kernel), want, **tol)
 
@@ -51,8 +54,11 @@ def test_grouped_glu_values_and_gradients(kernel, counts):
     gen = torch.Generator().manual_seed(7)
     d, f = 8, 12
     x0 = torch.randn(sum(counts), d, generator=gen)
-    ws0 = [torch.randn(len(counts), d, f, generator=gen), torch.randn(len(counts), d, f, generator=gen),
-           torch.randn(len(counts), f, d, generator=gen)]
+    ws0 = [
+        torch.randn(len(counts), d, f, generator=gen),
+        torch.randn(len(counts), d, f, generator=gen),
+        torch.randn(len(counts), f, d, generator=gen),
+    ]
     x, ws = x0.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws0]
     y = grouped_glu(x, x, *ws, _groups(counts), kernel)
     y.sum().backward()  # an expanded (zero-stride) output gradient
@@ -66,12 +72,17 @@ def test_grouped_glu_values_and_gradients(kernel, counts):
 
 def test_misaligned_hidden_width_is_padded_without_changing_results():
     # bf16 rows of 7 elements are 14 bytes: the grouped kernel needs 16, so the hidden width is padded to 8
-    assert pad_to(7, torch.bfloat16) == 8 and pad_to(6470, torch.bfloat16) == 6472 and pad_to(6470, torch.float32) == 6472
+    assert (
+        pad_to(7, torch.bfloat16) == 8 and pad_to(6470, torch.bfloat16) == 6472 and pad_to(6470, torch.float32) == 6472
+    )
     gen = torch.Generator().manual_seed(3)
     counts, d, f = [4, 0, 3], 16, 7
     x0 = torch.randn(sum(counts), d, generator=gen).bfloat16()
-    ws0 = [torch.randn(3, d, f, generator=gen).bfloat16(), torch.randn(3, d, f, generator=gen).bfloat16(),
-           torch.randn(3, f, d, generator=gen).bfloat16()]
+    ws0 = [
+        torch.randn(3, d, f, generator=gen).bfloat16(),
+        torch.randn(3, d, f, generator=gen).bfloat16(),
+        torch.randn(3, f, d, generator=gen).bfloat16(),
+    ]
     results = {}
     for kernel in ("grouped", "loop"):
         x, ws = x0.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws0]

@@ -21,9 +21,20 @@ def _seed(*parts):
 
 def small_cfg(scorer, selection="top_k", gate="softmax_topk", norm="l2", **over):
     kw = dict(
-        d_model=6, num_experts=4, top_k=2, scorer=scorer, d_ffn=4, d_low=3, d_wide=4, norm=norm,
-        selection=selection, gate=gate, top_p=0.6, capacity_factor=1.0,
-        aux_loss_coeff=0.2, top_p_entropy_coeff=0.05,
+        d_model=6,
+        num_experts=4,
+        top_k=2,
+        scorer=scorer,
+        d_ffn=4,
+        d_low=3,
+        d_wide=4,
+        norm=norm,
+        selection=selection,
+        gate=gate,
+        top_p=0.6,
+        capacity_factor=1.0,
+        aux_loss_coeff=0.2,
+        top_p_entropy_coeff=0.05,
     )
     kw.update(over)
     return MoEConfig(**kw)
@@ -46,7 +57,7 @@ def _scores_for_guard(cfg, params, x):
     if cfg.scorer == "router":
         return x @ params["scorer.weight"].T, None
     if cfg.scorer == "self_routing":
-        return x[:, cfg.self_routing_offset: cfg.self_routing_offset + n], None
+        return x[:, cfg.self_routing_offset : cfg.self_routing_offset + n], None
     c = torch.einsum("td,nde->tne", x, params["scorer.w_down"])
     if cfg.norm == "l2":
         s = c.pow(2).sum(-1).sqrt()
@@ -103,9 +114,7 @@ def test_gradcheck(scorer, norm, selection):
     else:
         pytest.fail("no well-separated test data found")
 
-    inputs = (x.clone().requires_grad_(True),) + tuple(
-        params[k].clone().requires_grad_(True) for k in names
-    )
+    inputs = (x.clone().requires_grad_(True),) + tuple(params[k].clone().requires_grad_(True) for k in names)
 
     def fn(x_in, *ps):
         y, info = functional_call(layer, dict(zip(names, ps)), (x_in,))
@@ -130,6 +139,7 @@ TIE_PATTERNS = [
     ([0.5, 1.0, 2.0, 1.0], [0, 1, 1, 0], [0, 1, 1, 0]),
     ([1.0, 0.5, 1.0, 2.0], [1, 0, 0, 1], [1, 0, 0, 1]),
 ]
+
 
 def _dyadic(gen, shape, dtype=torch.float64):
     """Multiples of 1/4 in [-1, 1]: every product and sum below is exact in floating point, so ties are exact
@@ -390,15 +400,23 @@ def test_parameter_names_and_shapes(scorer):
     layer = MoELayer(cfg)
     got = {name: tuple(p.shape) for name, p in layer.named_parameters()}
     if scorer == "router":
-        want = {"scorer.weight": (n, d), "experts.w_gate": (n, d, d_ffn), "experts.w_p": (n, d, d_ffn),
-                "experts.w_o": (n, d_ffn, d)}
+        want = {
+            "scorer.weight": (n, d),
+            "experts.w_gate": (n, d, d_ffn),
+            "experts.w_p": (n, d, d_ffn),
+            "experts.w_o": (n, d_ffn, d),
+        }
     elif scorer == "self_routing":
         want = {"experts.w_gate": (n, d, d_ffn), "experts.w_p": (n, d, d_ffn), "experts.w_o": (n, d_ffn, d)}
     else:
         w = cfg.d_wide
         assert isinstance(w, int) and w > 0
-        want = {"scorer.w_down": (n, d, d_low), "experts.w_up": (n, d_low, w), "experts.w_p": (n, d, w),
-                "experts.w_o": (n, w, d)}
+        want = {
+            "scorer.w_down": (n, d, d_low),
+            "experts.w_up": (n, d_low, w),
+            "experts.w_p": (n, d, w),
+            "experts.w_o": (n, w, d),
+        }
     assert got == want
     assert set(layer.state_dict()) == set(want)
     assert all(p.dtype == torch.float32 for p in layer.parameters())
@@ -446,8 +464,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize("over,field", INVALID, ids=[f"{i}-{f if isinstance(f, str) else f[0]}" for i, (_, f) in
-                                                     enumerate(INVALID)])
+@pytest.mark.parametrize(
+    "over,field", INVALID, ids=[f"{i}-{f if isinstance(f, str) else f[0]}" for i, (_, f) in enumerate(INVALID)]
+)
 def test_invalid_config_raises(over, field):
     assert issubclass(ConfigError, ValueError)
     with pytest.raises(ConfigError) as exc:

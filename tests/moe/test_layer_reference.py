@@ -173,8 +173,9 @@ def run_and_compare(cfg, shape, seed, g_scale=1.0, bias=None, prepare=None, ties
     # reference, on detached copies of the same parameters
     ref_params = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
     x_ref = x0.clone().requires_grad_(True)
-    ref = reference.forward(cfg, ref_params, x_ref, expert_bias=bias, threshold_lambda=lam,
-                            erc_noise=u if cfg.erc_loss_coeff > 0 else None)
+    ref = reference.forward(
+        cfg, ref_params, x_ref, expert_bias=bias, threshold_lambda=lam, erc_noise=u if cfg.erc_loss_coeff > 0 else None
+    )
     if not ties:
         check_clear_of_ties(cfg, ref, ref_params.get("threshold_bias"))
     y_ref, aux_ref, stats_ref, masks = ref.y, ref.aux_loss, ref.stats, ref.masks
@@ -283,7 +284,13 @@ def test_self_routing_offset(selection):
 def test_default_loss_coefficients():
     # the documented defaults (aux_loss_coeff=0.01, top_p_entropy_coeff=1e-4, top_p=0.6) reach the loss
     cfg = MoEConfig(
-        d_model=D_MODEL, num_experts=6, top_k=2, scorer="aoe", d_ffn=D_FFN, d_low=D_LOW, d_wide=D_WIDE,
+        d_model=D_MODEL,
+        num_experts=6,
+        top_k=2,
+        scorer="aoe",
+        d_ffn=D_FFN,
+        d_low=D_LOW,
+        d_wide=D_WIDE,
         selection="top_p",
     )
     assert cfg.aux_loss_coeff == 0.01 and cfg.top_p_entropy_coeff == 1e-4 and cfg.top_p == 0.6
@@ -302,9 +309,14 @@ def test_aoe_recomputed_cache_matches_reference(selection, gate, norm):
 
 
 @pytest.mark.parametrize("aoe_cache", ["keep", "recompute"])
-@pytest.mark.parametrize("selection,over", [("top_k", dict(aux_loss_coeff=0.0)),
-                                            ("top_p", dict(aux_loss_coeff=0.0, top_p_entropy_coeff=0.0)),
-                                            ("expert_choice", {})])
+@pytest.mark.parametrize(
+    "selection,over",
+    [
+        ("top_k", dict(aux_loss_coeff=0.0)),
+        ("top_p", dict(aux_loss_coeff=0.0, top_p_entropy_coeff=0.0)),
+        ("expert_choice", {}),
+    ],
+)
 @pytest.mark.parametrize("norm", ["l2", "l1", "linf"])
 def test_aoe_sparse_backward_matches_reference(selection, over, norm, aoe_cache):
     # softmax_topk gates and no loss on the full softmax: unselected experts get no gradient, so only the selected
@@ -323,6 +335,7 @@ def test_aoe_sparse_backward_matches_reference(selection, over, norm, aoe_cache)
 def _threshold_prepare(cfg, seed):
     """Sets b around the middle of the scores and makes token 0 fire every expert and token 1 none: AoE scales
     them (its scores are norms), the router and Self-Routing get logits of +4 and -4 for every expert."""
+
     def prepare(layer, x0):
         n, gen = cfg.num_experts, torch.Generator().manual_seed(seed + 2)
         xt = x0.view(-1, cfg.d_model)
@@ -330,8 +343,9 @@ def _threshold_prepare(cfg, seed):
             if cfg.scorer == "aoe":
                 xt[0] *= 4.0
                 xt[1] *= 0.02
-                s_TE = torch.stack([torch.linalg.vector_norm(xt @ w, ord=layer.scorer.ord, dim=1)
-                                    for w in layer.scorer.w_down], dim=1)
+                s_TE = torch.stack(
+                    [torch.linalg.vector_norm(xt @ w, ord=layer.scorer.ord, dim=1) for w in layer.scorer.w_down], dim=1
+                )
                 centre = s_TE[2:].median(dim=0).values
             else:
                 if cfg.scorer == "router":
@@ -339,10 +353,11 @@ def _threshold_prepare(cfg, seed):
                     xt[0] = torch.linalg.lstsq(w, torch.full((n,), 4.0, dtype=w.dtype).unsqueeze(1)).solution[:, 0]
                 else:
                     xt[0] = 0.0
-                    xt[0, cfg.self_routing_offset:cfg.self_routing_offset + n] = 4.0
+                    xt[0, cfg.self_routing_offset : cfg.self_routing_offset + n] = 4.0
                 xt[1] = -xt[0]
                 centre = torch.zeros(n, dtype=torch.float64)
             layer.threshold_bias.copy_(centre + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64))
+
     return prepare
 
 
@@ -354,18 +369,25 @@ THRESHOLD_CASES = [("aoe", "l2"), ("aoe", "l1"), ("aoe", "linf"), ("router", "l2
 def test_threshold_selection_matches_reference(scorer, norm, threshold):
     # λ large enough that the balancing loss's gradient shows beside the output's; under threshold 0.3 unfired
     # experts with 0 < G <= 0.3 get a gradient through mean G, so AoE keeps its cache
-    cfg = make_cfg(scorer, "threshold", "softmax_topk", norm, threshold=threshold, threshold_lambda_init=0.7,
-                   threshold_mu=0.3)
+    cfg = make_cfg(
+        scorer, "threshold", "softmax_topk", norm, threshold=threshold, threshold_lambda_init=0.7, threshold_mu=0.3
+    )
     assert cfg.unselected_get_gradient == (threshold > 0)
-    masks = run_and_compare(cfg, (14,), _seed("threshold", scorer, norm, threshold),
-                            prepare=_threshold_prepare(cfg, _seed("thr", scorer, norm)))
+    masks = run_and_compare(
+        cfg,
+        (14,),
+        _seed("threshold", scorer, norm, threshold),
+        prepare=_threshold_prepare(cfg, _seed("thr", scorer, norm)),
+    )
     sizes = [len(m) for m in masks]
     assert sizes[0] == cfg.num_experts and sizes[1] == 0, sizes
     assert len(set(sizes[2:])) >= 2, sizes  # the rest fire a varying number of experts
 
 
 THRESHOLD_VARIANTS = [("aoe", dict(aoe_cache="recompute", threshold=0.3))]
-THRESHOLD_VARIANTS += [(s, over) for s in SCORERS for over in (dict(balance="none"), dict(balance="none", threshold=0.3))]
+THRESHOLD_VARIANTS += [
+    (s, over) for s in SCORERS for over in (dict(balance="none"), dict(balance="none", threshold=0.3))
+]
 
 
 @pytest.mark.parametrize("scorer,over", THRESHOLD_VARIANTS)
@@ -374,8 +396,12 @@ def test_threshold_selection_variants_match_reference(scorer, over):
     cfg = make_cfg(scorer, "threshold", "softmax_topk", threshold_lambda_init=0.7, **over)
     if cfg.balance == "none":
         assert not cfg.unselected_get_gradient
-    run_and_compare(cfg, (3, 4), _seed("thr-var", scorer, tuple(sorted(over.items()))),
-                    prepare=_threshold_prepare(cfg, _seed("thrv", scorer)))
+    run_and_compare(
+        cfg,
+        (3, 4),
+        _seed("thr-var", scorer, tuple(sorted(over.items()))),
+        prepare=_threshold_prepare(cfg, _seed("thrv", scorer)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,6 +427,7 @@ def _twin_prepare(cfg):
     the router's rows repeat, Self-Routing's channels repeat; the second half of the tokens repeats the first. The
     inputs and scorer weights are rounded to multiples of 1/64, so that every score is exact in float64 whatever
     order a kernel sums in, and twins tie exactly in the layer too."""
+
     def prepare(layer, x0):
         n, xt = cfg.num_experts, x0.view(-1, cfg.d_model)
         with torch.no_grad():
@@ -408,14 +435,15 @@ def _twin_prepare(cfg):
             for w in layer.scorer.parameters():
                 w.copy_(torch.round(w * 64) / 64)
             if cfg.scorer == "aoe":
-                layer.scorer.w_down[1::2] = -layer.scorer.w_down[0::2][:n // 2]
+                layer.scorer.w_down[1::2] = -layer.scorer.w_down[0::2][: n // 2]
             elif cfg.scorer == "router":
-                layer.scorer.weight[1::2] = layer.scorer.weight[0::2][:n // 2]
+                layer.scorer.weight[1::2] = layer.scorer.weight[0::2][: n // 2]
             else:
                 off = cfg.self_routing_offset
-                xt[:, off + 1:off + n:2] = xt[:, off:off + n - 1:2][:, :n // 2]
+                xt[:, off + 1 : off + n : 2] = xt[:, off : off + n - 1 : 2][:, : n // 2]
             half = xt.shape[0] // 2
-            xt[half:2 * half] = xt[:half]
+            xt[half : 2 * half] = xt[:half]
+
     return prepare
 
 

@@ -30,14 +30,20 @@ def test_top_p_margin_and_tokens_without_one():
     assert margin_T.tolist() == pytest.approx([3.0 - 1.0, 0.0, 1.9 - 1.8])
     every, none = torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)
     assert torch.isnan(selection_margin(s_TE[:1], every)).all() and torch.isnan(selection_margin(s_TE[:1], none)).all()
-    sums = BatchSums.of(mask_TE, torch.softmax(s_TE, 1), torch.zeros(3), s_TE,
-                        torch.cat([margin_T[:2], margin_T.new_tensor([float("nan")])]))
+    sums = BatchSums.of(
+        mask_TE,
+        torch.softmax(s_TE, 1),
+        torch.zeros(3),
+        s_TE,
+        torch.cat([margin_T[:2], margin_T.new_tensor([float("nan")])]),
+    )
     stats = sums.stats()
     assert int(stats.margin_tokens) == 2 and float(stats.score_margin) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("selection,k,has_margin", [("top_k", 2, True), ("top_k", 4, False),
-                                                     ("expert_choice", 2, False)])
+@pytest.mark.parametrize(
+    "selection,k,has_margin", [("top_k", 2, True), ("top_k", 4, False), ("expert_choice", 2, False)]
+)
 def test_layer_records_the_margin_of_its_decision_scores(selection, k, has_margin):
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=8, num_experts=4, top_k=k, scorer="router", d_ffn=8, selection=selection)

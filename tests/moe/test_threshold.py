@@ -126,8 +126,14 @@ def test_layer_lambdas_follow_the_step_density_and_are_logged():
     assert layers[1].threshold_lambda.item() == pytest.approx(0.1 / 1.5)
     stats = [micro[0][i].stats for i in range(2)]
     logged = balancing_scalars(layers, stats)
-    assert logged == pytest.approx({"moe/layer00/density": 1.0, "moe/layer00/threshold_lambda": 0.15,
-                                    "moe/layer01/density": 0.0, "moe/layer01/threshold_lambda": 0.1 / 1.5})
+    assert logged == pytest.approx(
+        {
+            "moe/layer00/density": 1.0,
+            "moe/layer00/threshold_lambda": 0.15,
+            "moe/layer01/density": 0.0,
+            "moe/layer01/threshold_lambda": 0.1 / 1.5,
+        }
+    )
 
 
 def test_aux_loss_is_lambda_times_the_balance_loss():
@@ -142,17 +148,20 @@ def test_aux_loss_is_lambda_times_the_balance_loss():
     assert info_quarter.aux_loss.item() == pytest.approx(info.aux_loss.item() * 0.25, rel=1e-6)
 
 
-@pytest.mark.parametrize("over,field", [
-    (dict(threshold=-0.1), "moe.threshold"),
-    (dict(threshold_density=0.0), "moe.threshold_density"),
-    (dict(threshold_density=1.5), "moe.threshold_density"),
-    (dict(threshold_mu=1.2), "moe.threshold_mu"),
-    (dict(threshold_eta=0.0), "moe.threshold_eta"),
-    (dict(threshold_lambda_init=0.0), "moe.threshold_lambda_init"),
-    (dict(threshold_lambda_init=2.0), "moe.threshold_lambda_init"),
-    (dict(threshold=True), "moe.threshold"),
-    (dict(balance="bias"), "moe.balance"),
-])
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        (dict(threshold=-0.1), "moe.threshold"),
+        (dict(threshold_density=0.0), "moe.threshold_density"),
+        (dict(threshold_density=1.5), "moe.threshold_density"),
+        (dict(threshold_mu=1.2), "moe.threshold_mu"),
+        (dict(threshold_eta=0.0), "moe.threshold_eta"),
+        (dict(threshold_lambda_init=0.0), "moe.threshold_lambda_init"),
+        (dict(threshold_lambda_init=2.0), "moe.threshold_lambda_init"),
+        (dict(threshold=True), "moe.threshold"),
+        (dict(balance="bias"), "moe.balance"),
+    ],
+)
 def test_config_errors_name_the_field(over, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         _cfg(**over)

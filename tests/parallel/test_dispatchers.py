@@ -17,18 +17,28 @@ from aoe_ep.parallel.spawn import run_distributed
 SCORERS = ("aoe", "router", "self_routing")
 SELECTIONS = ("top_k", "top_p", "expert_choice")
 DISPATCHERS = ("allgather", "alltoall")
-CASES = [dict(scorer=s, selection=sel, dispatcher=disp, gate=("softmax_all" if i % 3 == 2 else "softmax_topk"))
-         for i, (s, sel, disp) in enumerate(itertools.product(SCORERS, SELECTIONS, DISPATCHERS))]
-CASES += [dict(scorer="aoe", selection="top_k", dispatcher=disp, norm=norm) for disp in DISPATCHERS
-          for norm in ("l1", "linf")]
+CASES = [
+    dict(scorer=s, selection=sel, dispatcher=disp, gate=("softmax_all" if i % 3 == 2 else "softmax_topk"))
+    for i, (s, sel, disp) in enumerate(itertools.product(SCORERS, SELECTIONS, DISPATCHERS))
+]
+CASES += [
+    dict(scorer="aoe", selection="top_k", dispatcher=disp, norm=norm) for disp in DISPATCHERS for norm in ("l1", "linf")
+]
 CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, expert_kind="factorized") for disp in DISPATCHERS]
 # The ERC loss (arXiv 2512.23447): one all-gather of M's expert columns; SwiGLU and factorised experts.
-CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, erc_loss_coeff=1.0, erc_alpha=alpha, **kind)
-          for disp in DISPATCHERS for alpha, kind in ((1.0, {}), (0.7, dict(expert_kind="factorized")))]
+CASES += [
+    dict(scorer="router", selection="top_k", dispatcher=disp, erc_loss_coeff=1.0, erc_alpha=alpha, **kind)
+    for disp in DISPATCHERS
+    for alpha, kind in ((1.0, {}), (0.7, dict(expert_kind="factorized")))
+]
 # Threshold selection (Routing-Free MoE): b is set to each expert's median score on the group's batch (and above the
-# first token's scores), so that tokens fire 0..n experts; λ large enough that the balancing loss shows in the gradients.
-CASES += [dict(scorer=s, selection="threshold", dispatcher=disp, threshold=thr, threshold_lambda_init=0.5)
-          for disp in DISPATCHERS for s, thr in (("aoe", 0.0), ("aoe", 0.3), ("router", 0.3), ("self_routing", 0.0))]
+# first token's scores), so that tokens fire 0..n experts; λ large enough that the balancing loss shows in the
+# gradients.
+CASES += [
+    dict(scorer=s, selection="threshold", dispatcher=disp, threshold=thr, threshold_lambda_init=0.5)
+    for disp in DISPATCHERS
+    for s, thr in (("aoe", 0.0), ("aoe", 0.3), ("router", 0.3), ("self_routing", 0.0))
+]
 LAYOUTS = {"ep2": (2, 2), "ep4": (4, 4), "dp2xep2": (4, 2)}
 RTOL = 1e-5
 LAYER_DIMS = dict(d_model=16, num_experts=8, top_k=2, d_ffn=12, d_low=6)  # a case may override them
@@ -75,18 +85,29 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
         ((y * gs[rank]).sum() + info.aux_loss).backward()
 
         mine = slice(offset, offset + sizes[rank])
-        err = {"y": _rel(y, y_ref[mine]), "aux_loss": _rel(info.aux_loss, info_ref.aux_loss),
-               "x.grad": _rel(x.grad, x_group.grad[mine])}
+        err = {
+            "y": _rel(y, y_ref[mine]),
+            "aux_loss": _rel(info.aux_loss, info_ref.aux_loss),
+            "x.grad": _rel(x.grad, x_group.grad[mine]),
+        }
         if cfg.erc_loss_coeff:
             err["erc_loss"] = _rel(info.erc_loss, info_ref.erc_loss)
             err["erc_eps"] = _rel(info.erc_eps, info_ref.erc_eps)
-        for field in ("tokens_per_expert", "load", "ent_load", "ent_conf", "max_minus_min", "score_mean",
-                      "score_margin", "margin_tokens"):
+        for field in (
+            "tokens_per_expert",
+            "load",
+            "ent_load",
+            "ent_conf",
+            "max_minus_min",
+            "score_mean",
+            "score_margin",
+            "margin_tokens",
+        ):
             err[f"stats.{field}"] = _rel(getattr(info.stats, field).double(), getattr(info_ref.stats, field).double())
         ref_params = dict(ref.named_parameters())
         for name, p in layer.named_parameters():
             if getattr(p, "expert_parallel", False):
-                expected = ref_params[name].grad[layer.expert_offset: layer.expert_offset + layer.num_local_experts]
+                expected = ref_params[name].grad[layer.expert_offset : layer.expert_offset + layer.num_local_experts]
                 got = p.grad
             else:  # replicated: each rank's gradient comes from its tokens; the EP-group sum is the reference
                 expected, got = ref_params[name].grad, p.grad.clone()
@@ -95,11 +116,24 @@ def _check_layout(rank: int, world: int, ep: int, cases: list[dict], sizes: list
 
         with torch.no_grad():
             s_TE = ref.scorer(x_group).s_TE
-            mask = (select(s_TE, cfg).mask_TE if threshold_bias is None
-                    else decide(s_TE, cfg, threshold_bias_E=threshold_bias).mask_SE)
-        model = layer_bytes(cfg.dispatcher, mask, [sizes[r] for r in members], rank - members[0], cfg.d_model,
-                            cfg.d_low, 4, aoe_cache=cfg.scorer == "aoe", expert_choice=cfg.selection == "expert_choice",
-                            threshold=threshold_bias is not None, erc=cfg.erc_loss_coeff > 0)
+            mask = (
+                select(s_TE, cfg).mask_TE
+                if threshold_bias is None
+                else decide(s_TE, cfg, threshold_bias_E=threshold_bias).mask_SE
+            )
+        model = layer_bytes(
+            cfg.dispatcher,
+            mask,
+            [sizes[r] for r in members],
+            rank - members[0],
+            cfg.d_model,
+            cfg.d_low,
+            4,
+            aoe_cache=cfg.scorer == "aoe",
+            expert_choice=cfg.selection == "expert_choice",
+            threshold=threshold_bias is not None,
+            erc=cfg.erc_loss_coeff > 0,
+        )
         if threshold_bias is not None:  # the data must exercise tokens of no expert and of several
             fired = mask.sum(dim=1)
             err["threshold_data"] = 0.0 if bool((fired == 0).any() and (fired >= 2).any()) else 1.0
@@ -141,10 +175,22 @@ def _ties(rank: int, world: int, dispatcher: str) -> list:
 
     groups = initialize_groups(world)
     out = []
-    for scorer, selection in (("self_routing", "top_k"), ("self_routing", "top_p"), ("router", "top_k"),
-                              ("self_routing", "expert_choice")):
-        cfg = MoEConfig(d_model=16, num_experts=8, top_k=2, d_ffn=8, scorer=scorer, selection=selection,
-                        top_p=0.3, dispatcher=dispatcher)
+    for scorer, selection in (
+        ("self_routing", "top_k"),
+        ("self_routing", "top_p"),
+        ("router", "top_k"),
+        ("self_routing", "expert_choice"),
+    ):
+        cfg = MoEConfig(
+            d_model=16,
+            num_experts=8,
+            top_k=2,
+            d_ffn=8,
+            scorer=scorer,
+            selection=selection,
+            top_p=0.3,
+            dispatcher=dispatcher,
+        )
         torch.manual_seed(7)
         ref = MoELayer(cfg)
         if scorer == "router":
@@ -154,10 +200,15 @@ def _ties(rank: int, world: int, dispatcher: str) -> list:
         x_all[:, :8] = 0.5  # Self-Routing: every expert's logit ties; expert choice: every token ties
         layer = MoELayer(cfg, ep_group=groups.ep_group)
         layer.load_full_state_dict(ref.state_dict())
-        y, info = layer(x_all[rank * 3:(rank + 1) * 3])
+        y, info = layer(x_all[rank * 3 : (rank + 1) * 3])
         y_ref, info_ref = ref(x_all)
-        out.append((info.stats.tokens_per_expert.tolist(), info_ref.stats.tokens_per_expert.tolist(),
-                    _rel(y, y_ref[rank * 3:(rank + 1) * 3])))
+        out.append(
+            (
+                info.stats.tokens_per_expert.tolist(),
+                info_ref.stats.tokens_per_expert.tolist(),
+                _rel(y, y_ref[rank * 3 : (rank + 1) * 3]),
+            )
+        )
     return out
 
 

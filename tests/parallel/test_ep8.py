@@ -21,21 +21,36 @@ from tests.parallel.test_dispatchers import RTOL, _check_layout
 from tests.train.synthetic import BUILDERS, small_config
 
 WORLD = 8
-CASES = [dict(scorer=s, selection=sel, dispatcher=disp, num_experts=16, gate=gate)
-         for (s, sel, gate), disp in itertools.product((("aoe", "top_k", "softmax_topk"),
-                                                        ("router", "top_p", "softmax_all"),
-                                                        ("self_routing", "expert_choice", "softmax_topk")),
-                                                       ("allgather", "alltoall"))]
-CASES += [dict(scorer="router", selection="top_k", dispatcher=disp, num_experts=16, expert_kind="factorized")
-          for disp in ("allgather", "alltoall")]
+CASES = [
+    dict(scorer=s, selection=sel, dispatcher=disp, num_experts=16, gate=gate)
+    for (s, sel, gate), disp in itertools.product(
+        (
+            ("aoe", "top_k", "softmax_topk"),
+            ("router", "top_p", "softmax_all"),
+            ("self_routing", "expert_choice", "softmax_topk"),
+        ),
+        ("allgather", "alltoall"),
+    )
+]
+CASES += [
+    dict(scorer="router", selection="top_k", dispatcher=disp, num_experts=16, expert_kind="factorized")
+    for disp in ("allgather", "alltoall")
+]
 SIZES = [0] + [3 + r for r in range(1, WORLD)]  # uneven, and rank 0 holds no tokens
 TRAIN_RTOL = 2e-5
 
 
 def _config(tmp_path, name: str, *overrides: str):
-    return small_config(tmp_path / name, "moe.num_experts=16", "train.max_steps=4", "train.global_batch_tokens=128",
-                        "train.eval_interval=100", "train.save_interval=100", "train.eval_at_start=false",
-                        *overrides)
+    return small_config(
+        tmp_path / name,
+        "moe.num_experts=16",
+        "train.max_steps=4",
+        "train.global_batch_tokens=128",
+        "train.eval_interval=100",
+        "train.save_interval=100",
+        "train.eval_at_start=false",
+        *overrides,
+    )
 
 
 def _losses(cfg) -> list[tuple[float, float]]:
@@ -44,8 +59,17 @@ def _losses(cfg) -> list[tuple[float, float]]:
 
 def _worker(rank: int, world: int, tmp_path) -> dict:
     layer = _check_layout(rank, world, world, CASES, SIZES)
-    trained = {"alltoall": _losses(_config(tmp_path, "alltoall", "train.micro_batch_size=1", "moe.dispatcher=alltoall",
-                                           f"parallel.expert_parallel_size={world}"))}
+    trained = {
+        "alltoall": _losses(
+            _config(
+                tmp_path,
+                "alltoall",
+                "train.micro_batch_size=1",
+                "moe.dispatcher=alltoall",
+                f"parallel.expert_parallel_size={world}",
+            )
+        )
+    }
     return {"layer": layer, "trained": trained}
 
 
@@ -64,8 +88,9 @@ def test_both_dispatchers_at_ep8_match_the_single_device_layer(ep8):
                 if not rel <= RTOL:
                     failures.append(f"rank {rank} {case}: {quantity} relative error {rel:.2e}")
             if results["layer"][i]["bytes"] != results["layer"][i]["model"]:
-                failures.append(f"rank {rank} {case}: bytes {results['layer'][i]['bytes']} != model "
-                                f"{results['layer'][i]['model']}")
+                failures.append(
+                    f"rank {rank} {case}: bytes {results['layer'][i]['bytes']} != model {results['layer'][i]['model']}"
+                )
     assert not failures, "\n".join(failures)
     assert any(per_rank[1]["layer"][i]["bytes"] for i in range(len(CASES)))  # tokens did travel
 

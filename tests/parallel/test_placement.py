@@ -10,15 +10,16 @@ import torch.distributed as dist
 
 from aoe_ep.parallel.spawn import run_distributed
 
-CASES = [dict(scorer="aoe", selection="top_k", dispatcher="allgather"),
-         dict(scorer="aoe", selection="top_k", dispatcher="alltoall"),
-         dict(scorer="aoe", selection="top_p", dispatcher="allgather", gate="softmax_all"),
-         dict(scorer="router", selection="expert_choice", dispatcher="alltoall"),
-         dict(scorer="router", selection="top_k", dispatcher="allgather"),
-         dict(scorer="self_routing", selection="top_k", dispatcher="alltoall", top_k=3),
-         dict(scorer="router", selection="top_k", dispatcher="alltoall", erc_loss_coeff=1.0),
-         dict(scorer="router", selection="top_k", dispatcher="allgather", erc_loss_coeff=1.0,
-              expert_kind="factorized")]
+CASES = [
+    dict(scorer="aoe", selection="top_k", dispatcher="allgather"),
+    dict(scorer="aoe", selection="top_k", dispatcher="alltoall"),
+    dict(scorer="aoe", selection="top_p", dispatcher="allgather", gate="softmax_all"),
+    dict(scorer="router", selection="expert_choice", dispatcher="alltoall"),
+    dict(scorer="router", selection="top_k", dispatcher="allgather"),
+    dict(scorer="self_routing", selection="top_k", dispatcher="alltoall", top_k=3),
+    dict(scorer="router", selection="top_k", dispatcher="alltoall", erc_loss_coeff=1.0),
+    dict(scorer="router", selection="top_k", dispatcher="allgather", erc_loss_coeff=1.0, expert_kind="factorized"),
+]
 # Scrambled placements of 8 experts (each rank's experts ascending, as `Placement` requires).
 PLACEMENTS = {2: [[1, 4, 6, 7], [0, 2, 3, 5]], 4: [[3, 6], [0, 7], [1, 5], [2, 4]]}
 RTOL = 1e-5
@@ -80,8 +81,10 @@ def _check(rank: int, world: int, sizes: list[int]) -> list[dict]:
         (y_c, info_c, dx_c, grads_c), (y_p, info_p, dx_p, grads_p) = runs["contiguous"], runs["placed"]
         err["y"], exact["y"] = _rel(y_p, y_ref[mine]), torch.equal(y_p, y_c)
         err["x.grad"], exact["x.grad"] = _rel(dx_p, x_all.grad[mine]), torch.equal(dx_p, dx_c)
-        err["aux_loss"], exact["aux_loss"] = _rel(info_p.aux_loss, info_ref.aux_loss), \
-            torch.equal(info_p.aux_loss, info_c.aux_loss)
+        err["aux_loss"], exact["aux_loss"] = (
+            _rel(info_p.aux_loss, info_ref.aux_loss),
+            torch.equal(info_p.aux_loss, info_c.aux_loss),
+        )
         for field in ("tokens_per_expert", "load", "ent_load", "ent_conf", "max_minus_min", "score_mean"):
             got, want = getattr(info_p.stats, field), getattr(info_ref.stats, field)
             err[f"stats.{field}"] = _rel(got.double(), want.double())
@@ -103,9 +106,13 @@ def placed_results(request):
 
 def test_placement_changes_no_result(placed_results):
     world, per_rank = placed_results
-    failures = [f"EP {world} rank {rank} {CASES[i]}: {q} relative error {rel:.2e}"
-                for rank, results in enumerate(per_rank) for i, r in enumerate(results["cases"])
-                for q, rel in r["err"].items() if not rel <= RTOL]
+    failures = [
+        f"EP {world} rank {rank} {CASES[i]}: {q} relative error {rel:.2e}"
+        for rank, results in enumerate(per_rank)
+        for i, r in enumerate(results["cases"])
+        for q, rel in r["err"].items()
+        if not rel <= RTOL
+    ]
     assert not failures, "\n".join(failures)
 
 

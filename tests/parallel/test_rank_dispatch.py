@@ -18,19 +18,24 @@ from aoe_ep.parallel.spawn import run_distributed
 WORLD = 8
 DIMS = dict(d_model=32, num_experts=32, top_k=4, d_ffn=8, d_low=4, top_p=0.3)
 THRESHOLD = {"aoe": 0.0, "router": 0.3, "self_routing": 0.0}
-CASES = [dict(scorer=s, selection=sel, gate="softmax_all" if i % 3 == 2 else "softmax_topk")
-         for i, (s, sel) in enumerate(itertools.product(("aoe", "router", "self_routing"),
-                                                        ("top_k", "top_p", "expert_choice", "threshold")))]
+CASES = [
+    dict(scorer=s, selection=sel, gate="softmax_all" if i % 3 == 2 else "softmax_topk")
+    for i, (s, sel) in enumerate(
+        itertools.product(("aoe", "router", "self_routing"), ("top_k", "top_p", "expert_choice", "threshold"))
+    )
+]
 for case in CASES:
     if case["selection"] == "threshold":
         case.update(threshold=THRESHOLD[case["scorer"]], threshold_lambda_init=0.5)
-CASES += [dict(scorer="aoe", selection="top_k", combine="pair"),
-          dict(scorer="router", selection="top_p", combine="pair", gate="softmax_all"),
-          dict(scorer="aoe", selection="top_k", placed=True),
-          dict(scorer="router", selection="expert_choice", placed=True),
-          dict(scorer="aoe", selection="top_k", expert_kind="factorized", placed=True, combine="pair"),
-          dict(scorer="self_routing", selection="top_k", one_rank=True),
-          dict(scorer="self_routing", selection="top_k", one_rank=True, placed=True)]
+CASES += [
+    dict(scorer="aoe", selection="top_k", combine="pair"),
+    dict(scorer="router", selection="top_p", combine="pair", gate="softmax_all"),
+    dict(scorer="aoe", selection="top_k", placed=True),
+    dict(scorer="router", selection="expert_choice", placed=True),
+    dict(scorer="aoe", selection="top_k", expert_kind="factorized", placed=True, combine="pair"),
+    dict(scorer="self_routing", selection="top_k", one_rank=True),
+    dict(scorer="self_routing", selection="top_k", one_rank=True, placed=True),
+]
 SIZES = [0] + [2 + r for r in range(1, WORLD)]  # uneven, and rank 0 holds no tokens
 RTOL = 1e-5
 
@@ -101,10 +106,21 @@ def _worker(rank: int, world: int) -> list[dict]:
         ((y * gs[rank]).sum() + info.aux_loss).backward()
 
         mine = slice(offset, offset + SIZES[rank])
-        err = {"y": _rel(y, y_ref[mine]), "aux_loss": _rel(info.aux_loss, info_ref.aux_loss),
-               "x.grad": _rel(x.grad, x_all.grad[mine])}
-        for field in ("tokens_per_expert", "load", "ent_load", "ent_conf", "max_minus_min", "score_mean",
-                      "score_margin", "margin_tokens"):
+        err = {
+            "y": _rel(y, y_ref[mine]),
+            "aux_loss": _rel(info.aux_loss, info_ref.aux_loss),
+            "x.grad": _rel(x.grad, x_all.grad[mine]),
+        }
+        for field in (
+            "tokens_per_expert",
+            "load",
+            "ent_load",
+            "ent_conf",
+            "max_minus_min",
+            "score_mean",
+            "score_margin",
+            "margin_tokens",
+        ):
             err[f"stats.{field}"] = _rel(getattr(info.stats, field).double(), getattr(info_ref.stats, field).double())
         ref_params = dict(ref.named_parameters())
         for name, p in layer.named_parameters():
@@ -118,12 +134,30 @@ def _worker(rank: int, world: int) -> list[dict]:
 
         with torch.no_grad():
             mask = decide(ref.scorer(x_all).s_TE, cfg, threshold_bias_E=threshold_bias).mask_SE
-        model = layer_bytes("alltoall", mask, SIZES, rank, cfg.d_model, cfg.d_low, 4, aoe_cache=cfg.scorer == "aoe",
-                            expert_choice=cfg.selection == "expert_choice", threshold=threshold_bias is not None,
-                            combine=options.get("combine", "rank"), order=placement.order)
+        model = layer_bytes(
+            "alltoall",
+            mask,
+            SIZES,
+            rank,
+            cfg.d_model,
+            cfg.d_low,
+            4,
+            aoe_cache=cfg.scorer == "aoe",
+            expert_choice=cfg.selection == "expert_choice",
+            threshold=threshold_bias is not None,
+            combine=options.get("combine", "rank"),
+            order=placement.order,
+        )
         ranks_per_token = mask[:, placement.order].view(mask.shape[0], world, -1).any(dim=2).sum(dim=1)
-        results.append({"err": err, "bytes": dispatcher.counter.as_dict(), "model": model,
-                        "ranks_per_token": ranks_per_token.tolist(), "experts_per_token": mask.sum(dim=1).tolist()})
+        results.append(
+            {
+                "err": err,
+                "bytes": dispatcher.counter.as_dict(),
+                "model": model,
+                "ranks_per_token": ranks_per_token.tolist(),
+                "experts_per_token": mask.sum(dim=1).tolist(),
+            }
+        )
     return results
 
 
@@ -133,9 +167,13 @@ def ep8_results():
 
 
 def test_both_routes_match_the_single_device_layer_at_ep8(ep8_results):
-    failures = [f"rank {rank} {CASES[i]}: {quantity} relative error {rel:.2e}"
-                for rank, results in enumerate(ep8_results) for i, r in enumerate(results)
-                for quantity, rel in r["err"].items() if not rel <= RTOL]
+    failures = [
+        f"rank {rank} {CASES[i]}: {quantity} relative error {rel:.2e}"
+        for rank, results in enumerate(ep8_results)
+        for i, r in enumerate(results)
+        for quantity, rel in r["err"].items()
+        if not rel <= RTOL
+    ]
     assert not failures, "\n".join(failures)
 
 
@@ -169,8 +207,9 @@ def test_the_rank_route_sends_each_token_once_per_rank():
     mask[1, [4, 5, 6, 7]] = True
     mask[2, [0, 4]] = True
     mask[3, [5, 6]] = True
-    common = dict(mask_TE=mask, sizes=[2, 2], rank=0, d_model=16, d_low=4, elem_bytes=4, aoe_cache=True,
-                  expert_choice=False)
+    common = dict(
+        mask_TE=mask, sizes=[2, 2], rank=0, d_model=16, d_low=4, elem_bytes=4, aoe_cache=True, expert_choice=False
+    )
     rank, pair = layer_bytes("alltoall", combine="rank", **common), layer_bytes("alltoall", combine="pair", **common)
     assert pair["dispatch/fwd"] == 4 * (16 + 4) * 4 and pair["combine/bwd"] == 4 * 16 * 4
     # one row of d + 1 (its 4 expert flags in one column), the cache row and gate of each of its 4 pairs

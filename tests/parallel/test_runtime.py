@@ -32,10 +32,12 @@ def _worker(rank: int, world: int) -> dict:
             "ep": dist.get_process_group_ranks(groups.ep_group),
             "expert_dp": dist.get_process_group_ranks(groups.expert_dp_group),
             "dense_is_world": groups.dp_group is dist.group.WORLD,
-            "mesh_shares": (runtime.mesh.get_group("ep") is groups.ep_group
-                            and runtime.mesh.get_group("dp") is groups.expert_dp_group
-                            and runtime.expert_mesh.get_group("ep") is groups.ep_group
-                            and runtime.expert_mesh["dp"].get_group() is groups.expert_dp_group),
+            "mesh_shares": (
+                runtime.mesh.get_group("ep") is groups.ep_group
+                and runtime.mesh.get_group("dp") is groups.expert_dp_group
+                and runtime.expert_mesh.get_group("ep") is groups.ep_group
+                and runtime.expert_mesh["dp"].get_group() is groups.expert_dp_group
+            ),
             "ep_rank": groups.ep_rank,
         }
         teardown(runtime)

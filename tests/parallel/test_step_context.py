@@ -8,9 +8,11 @@ import torch
 
 from aoe_ep.parallel.spawn import run_distributed
 
-CASES = [dict(scorer="router", dispatcher="alltoall", erc_loss_coeff=0.5),
-         dict(scorer="aoe", dispatcher="allgather", selection="top_p"),
-         dict(scorer="router", dispatcher="allgather", selection="threshold", threshold_lambda_init=0.5)]
+CASES = [
+    dict(scorer="router", dispatcher="alltoall", erc_loss_coeff=0.5),
+    dict(scorer="aoe", dispatcher="allgather", selection="top_p"),
+    dict(scorer="router", dispatcher="allgather", selection="threshold", threshold_lambda_init=0.5),
+]
 DIMS = dict(d_model=16, num_experts=4, top_k=2, d_ffn=12, d_low=6)
 
 
@@ -30,10 +32,13 @@ def _compare(rank: int, world: int) -> list[dict]:
         old_grads = torch.autograd.grad(world * old.aux_loss, inputs, allow_unused=True)
         _, new = layer(x, ctx=StepContext(rank_mean_gradients=True))
         new_grads = torch.autograd.grad(new.aux_loss, inputs, allow_unused=True)
-        results.append({"value": torch.equal(new.aux_loss, old.aux_loss),
-                        "grads": all((a is None and b is None) or torch.equal(a, b)
-                                     for a, b in zip(old_grads, new_grads)),
-                        "some_grad": any(g is not None and bool(g.abs().sum() > 0) for g in new_grads)})
+        results.append(
+            {
+                "value": torch.equal(new.aux_loss, old.aux_loss),
+                "grads": all((a is None and b is None) or torch.equal(a, b) for a, b in zip(old_grads, new_grads)),
+                "some_grad": any(g is not None and bool(g.abs().sum() > 0) for g in new_grads),
+            }
+        )
     return results
 
 

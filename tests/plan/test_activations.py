@@ -13,16 +13,27 @@ from aoe_ep.config import load_config
 from aoe_ep.model import Decoder, token_cross_entropy
 from aoe_ep.plan.activations import MicroBatch, activation_bytes, routed_rows
 
-SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.vocab_size=96", "model.max_seq_len=32",
-         "moe.num_experts=4", "moe.top_k=2", "moe.d_ffn=48", "moe.d_low=8", "model.d_ffn=64", "data.seq_len=32"]
+SMALL = [
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.vocab_size=96",
+    "model.max_seq_len=32",
+    "moe.num_experts=4",
+    "moe.top_k=2",
+    "moe.d_ffn=48",
+    "moe.d_low=8",
+    "model.d_ffn=64",
+    "data.seq_len=32",
+]
 MODELS = {
     "dense": ["model.ffn=dense"],
     "router": ["moe.scorer=router"],
     "router_factorized": ["moe.scorer=router", "moe.expert_kind=factorized"],
     "self_routing": ["moe.scorer=self_routing", "moe.aux_loss_coeff=0"],
-    "aoe": ["moe.scorer=aoe"],                                              # moe.aoe_cache=keep: the whole cache
+    "aoe": ["moe.scorer=aoe"],  # moe.aoe_cache=keep: the whole cache
     "aoe_recompute": ["moe.scorer=aoe", "moe.aoe_cache=recompute"],
-    "aoe_selected_rows": ["moe.scorer=aoe", "moe.aux_loss_coeff=0"],        # only the selected rows
+    "aoe_selected_rows": ["moe.scorer=aoe", "moe.aux_loss_coeff=0"],  # only the selected rows
     "aoe_expert_choice": ["moe.scorer=aoe", "moe.selection=expert_choice", "moe.aux_loss_coeff=0"],
     "aoe_softmax_all": ["moe.scorer=aoe", "moe.gate=softmax_all", "moe.aux_loss_coeff=0"],
 }
@@ -48,8 +59,9 @@ def _measured(cfg, batch: int, autocast: bool) -> int:
 def test_activation_bytes_match_the_saved_tensors(model, precision):
     cfg = load_config("tiny", SMALL + MODELS[model] + [f"train.precision={precision}"])
     batch, autocast = 4, precision == "bf16"
-    mb = MicroBatch(batch=batch, seq_len=cfg.data.seq_len, compute_bytes=2 if autocast else 4, autocast=autocast,
-                    device="cpu")
+    mb = MicroBatch(
+        batch=batch, seq_len=cfg.data.seq_len, compute_bytes=2 if autocast else 4, autocast=autocast, device="cpu"
+    )
     rows = routed_rows(cfg.moe, mb.tokens) if cfg.model.ffn == "moe" else 0
     planned = sum(activation_bytes(cfg, mb, ep=1, expert_rows=rows).values())
     measured = _measured(cfg, batch, autocast)

@@ -49,8 +49,7 @@ def _counters(rank: int, world: int) -> dict:
     groups = initialize_groups(world)
     out = {}
     for scorer, dispatcher, routing in itertools.product(SCORERS, DISPATCHERS, ROUTINGS):
-        cfg = MoEConfig(d_model=D, num_experts=N, top_k=K, d_ffn=8, d_low=D_LOW, scorer=scorer,
-                        dispatcher=dispatcher)
+        cfg = MoEConfig(d_model=D, num_experts=N, top_k=K, d_ffn=8, d_low=D_LOW, scorer=scorer, dispatcher=dispatcher)
         torch.manual_seed(0)
         layer = MoELayer(cfg, ep_group=groups.ep_group)
         with torch.no_grad():
@@ -126,7 +125,8 @@ def test_activation_bytes_under_expert_parallelism(counted, dispatcher):
         if dispatcher == "allgather":  # the combine's row counts at their uniform expectation
             received = tokens * sum(1 - uniform.p_none(q, 2) for q in (0, 1))
             returned = (2 * tokens * (1 - uniform.p_none(rank, 2)), received)
-        mb = MicroBatch(batch=tokens // cfg.data.seq_len, seq_len=cfg.data.seq_len, compute_bytes=4, autocast=False,
-                        device="cpu")
+        mb = MicroBatch(
+            batch=tokens // cfg.data.seq_len, seq_len=cfg.data.seq_len, compute_bytes=4, autocast=False, device="cpu"
+        )
         planned = sum(activation_bytes(cfg, mb, ep=2, expert_rows=rows, returned=returned).values())
         assert planned == pytest.approx(measured, rel=0.10), (rank, planned, measured)

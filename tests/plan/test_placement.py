@@ -19,8 +19,12 @@ def _checkpoint(run, step=4, load=LOAD, placement=None):
     path = run / "checkpoints" / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / ".metadata").write_bytes(b"")
-    meta = {"step": step, "consumed_samples": 8, "expert_parallel_size": 2,
-            "expert_load": {"since_step": 0, "steps": step, "tokens_per_expert": load}}
+    meta = {
+        "step": step,
+        "consumed_samples": 8,
+        "expert_parallel_size": 2,
+        "expert_load": {"since_step": 0, "steps": step, "tokens_per_expert": load},
+    }
     if placement is not None:
         meta["expert_placement"] = {"mode": "balanced", "layers": placement}
     (path / "meta.json").write_text(json.dumps(meta))

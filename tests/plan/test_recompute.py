@@ -18,8 +18,19 @@ from aoe_ep.plan.recompute import checkpointed_bytes
 from aoe_ep.plan.report import choose_levers, plan_all
 from aoe_ep.train.activation_checkpoint import apply_activation_checkpointing
 
-SMALL = ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.vocab_size=96", "model.max_seq_len=32",
-         "moe.num_experts=4", "moe.top_k=2", "moe.d_ffn=48", "moe.d_low=8", "model.d_ffn=64", "data.seq_len=32"]
+SMALL = [
+    "model.n_layers=3",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.vocab_size=96",
+    "model.max_seq_len=32",
+    "moe.num_experts=4",
+    "moe.top_k=2",
+    "moe.d_ffn=48",
+    "moe.d_low=8",
+    "model.d_ffn=64",
+    "data.seq_len=32",
+]
 SLICE = ["model.n_layers=4", "data.seq_len=64", "model.max_seq_len=64"]  # the 732M shapes, 4 layers
 
 
@@ -42,14 +53,22 @@ def _kept(cfg, mode: str, every: int, batch: int, autocast: bool, built=None) ->
 
 
 def _planned(cfg, mode: str, every: int, batch: int, autocast: bool) -> float:
-    mb = MicroBatch(batch=batch, seq_len=cfg.data.seq_len, compute_bytes=2 if autocast else 4, autocast=autocast,
-                    device="cpu")
+    mb = MicroBatch(
+        batch=batch, seq_len=cfg.data.seq_len, compute_bytes=2 if autocast else 4, autocast=autocast, device="cpu"
+    )
     rows = routed_rows(cfg.moe, mb.tokens) if cfg.model.ffn == "moe" else 0
     return sum(checkpointed_bytes(cfg, mb, activation_bytes(cfg, mb, ep=1, expert_rows=rows), mode, every).values())
 
 
-@pytest.mark.parametrize("model, precision", [(["model.ffn=dense"], "fp32"), (["moe.scorer=router"], "fp32"),
-                                              (["moe.scorer=aoe"], "fp32"), (["moe.scorer=aoe"], "bf16")])
+@pytest.mark.parametrize(
+    "model, precision",
+    [
+        (["model.ffn=dense"], "fp32"),
+        (["moe.scorer=router"], "fp32"),
+        (["moe.scorer=aoe"], "fp32"),
+        (["moe.scorer=aoe"], "bf16"),
+    ],
+)
 def test_small_models_per_mode(model, precision):
     cfg = load_config("tiny", SMALL + model)
     autocast = precision == "bf16"

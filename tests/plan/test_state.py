@@ -48,8 +48,10 @@ def test_expert_parallel_and_fsdp_divide_the_state(tmp_path):
     assert accumulating.bytes_grads == unsharded.bytes_grads and accumulating.bytes_weights == sharded.bytes_weights
 
 
-@pytest.mark.parametrize("layout", ["dp4_ddp", "dp4_fsdp", "ep2_allgather_fsdp", "ep2_alltoall_fsdp",
-                                    "ep2_alltoall_ddp", "ep4_allgather_fsdp"])
+@pytest.mark.parametrize(
+    "layout",
+    ["dp4_ddp", "dp4_fsdp", "ep2_allgather_fsdp", "ep2_alltoall_fsdp", "ep2_alltoall_ddp", "ep4_allgather_fsdp"],
+)
 def test_optimizer_bytes_are_what_the_layout_test_measures_on_4_ranks(tmp_path, layout):
     """tests/train/test_layouts.py holds each rank's optimizer bytes on 4 gloo ranks to `expected_optimizer_bytes`;
     the plan gives the same figure for the same layouts."""
@@ -59,6 +61,7 @@ def test_optimizer_bytes_are_what_the_layout_test_measures_on_4_ranks(tmp_path, 
     cfg = _config(tmp_path, layout, *overrides)
     params = model_parameters(cfg)
     experts = {p.name for p in params if p.expert or sharded_over_ep(p, cfg, ep)}
-    want = expected_optimizer_bytes({p.name: torch.Size(p.shape) for p in params}, experts, WORLD, ep,
-                                    "train.dense_parallel=fsdp" in overrides)
+    want = expected_optimizer_bytes(
+        {p.name: torch.Size(p.shape) for p in params}, experts, WORLD, ep, "train.dense_parallel=fsdp" in overrides
+    )
     assert rank_state(cfg, ep=ep, world=WORLD, params=params).bytes_optimizer == want

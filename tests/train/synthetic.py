@@ -40,8 +40,10 @@ def build_tokenizer(spec: str) -> SyntheticTokenizer:
 
 
 def build_datasets(data_cfg, tokenizer, train_samples: int, valid_samples: int, seed: int):
-    return (SyntheticDataset(data_cfg.seq_len, train_samples, seed, salt=0),
-            SyntheticDataset(data_cfg.seq_len, valid_samples, seed, salt=1))
+    return (
+        SyntheticDataset(data_cfg.seq_len, train_samples, seed, salt=0),
+        SyntheticDataset(data_cfg.seq_len, valid_samples, seed, salt=1),
+    )
 
 
 BUILDERS = (build_tokenizer, build_datasets)
@@ -52,11 +54,28 @@ def small_config(tmp_path, *overrides: str, preset: str = "tiny"):
     writing under tmp_path; `overrides` go last."""
     from aoe_ep.config import load_config
 
-    base = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64", "model.max_seq_len=32",
-            "moe.d_ffn=32", "moe.d_low=8", "data.seq_len=16", "train.global_batch_tokens=64",
-            "train.micro_batch_size=2", "train.max_steps=6", "train.warmup_steps=1", "train.lr=0.01",
-            "train.min_lr=0.001", "train.eval_interval=3", "train.eval_steps=1", "train.save_interval=3",
-            "train.log_interval=1", f"train.out_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"]
+    base = [
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.vocab_size=64",
+        "model.max_seq_len=32",
+        "moe.d_ffn=32",
+        "moe.d_low=8",
+        "data.seq_len=16",
+        "train.global_batch_tokens=64",
+        "train.micro_batch_size=2",
+        "train.max_steps=6",
+        "train.warmup_steps=1",
+        "train.lr=0.01",
+        "train.min_lr=0.001",
+        "train.eval_interval=3",
+        "train.eval_steps=1",
+        "train.save_interval=3",
+        "train.log_interval=1",
+        f"train.out_dir={tmp_path}/run",
+        f"data.cache_dir={tmp_path}/cache",
+    ]
     return load_config(preset, base + list(overrides))
 
 
@@ -68,5 +87,10 @@ def run_recording(cfg, read, name: str, resume=None) -> dict:
     with Trainer(cfg, resume=resume, data=BUILDERS) as trainer:
         loaded = read(trainer)
         result = trainer.fit()
-        return {"loaded": loaded, name: read(trainer), "history": result.history, "evals": result.evals,
-                "state": {k: v.detach().clone() for k, v in trainer.dp.model.state_dict().items()}}
+        return {
+            "loaded": loaded,
+            name: read(trainer),
+            "history": result.history,
+            "evals": result.evals,
+            "state": {k: v.detach().clone() for k, v in trainer.dp.model.state_dict().items()},
+        }

@@ -17,8 +17,18 @@ from tests.train.synthetic import BUILDERS, small_config
 
 MODES = ("selective", "full")
 SCORERS = ("aoe", "router")
-SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64", "model.max_seq_len=16",
-         "moe.num_experts=4", "moe.top_k=2", "moe.d_ffn=24", "moe.d_low=8", "data.seq_len=16"]
+SMALL = [
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.vocab_size=64",
+    "model.max_seq_len=16",
+    "moe.num_experts=4",
+    "moe.top_k=2",
+    "moe.d_ffn=24",
+    "moe.d_low=8",
+    "data.seq_len=16",
+]
 
 
 def _step(cfg, mode: str, tokens_BS: torch.Tensor, ep_group=None, every: int = 1) -> dict:
@@ -34,9 +44,13 @@ def _step(cfg, mode: str, tokens_BS: torch.Tensor, ep_group=None, every: int = 1
     ce_sum, count = token_cross_entropy(out.logits, tokens_BS.roll(-1, 1), torch.ones(tokens_BS.shape))
     loss = ce_sum / count + out.aux_loss
     loss.backward()
-    return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-            "stats": [vars(info.stats) for info in out.moe],
-            "bytes": [layer.dispatcher.counter.as_dict() for layer in layers], "runs": runs}
+    return {
+        "loss": loss.detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "stats": [vars(info.stats) for info in out.moe],
+        "bytes": [layer.dispatcher.counter.as_dict() for layer in layers],
+        "runs": runs,
+    }
 
 
 def _assert_same(got: dict, want: dict, where: str) -> None:
@@ -105,8 +119,9 @@ def _ep_worker(rank: int, world: int) -> dict:
     out = {}
     tokens = torch.randint(0, 64, (2 + rank, 16), generator=torch.Generator().manual_seed(10 + rank))
     for dispatcher, scorer in itertools.product(("allgather", "alltoall"), SCORERS):
-        cfg = load_config("tiny", SMALL + [f"moe.scorer={scorer}", f"moe.dispatcher={dispatcher}",
-                                           "parallel.expert_parallel_size=2"])
+        cfg = load_config(
+            "tiny", SMALL + [f"moe.scorer={scorer}", f"moe.dispatcher={dispatcher}", "parallel.expert_parallel_size=2"]
+        )
         want = _step(cfg, "none", tokens, groups.ep_group)
         assert sum(sum(b.values()) for b in want["bytes"]) > 0
         for mode in MODES:
@@ -128,9 +143,15 @@ def test_trainer_with_checkpointing_trains_alike(tmp_path):
 
     losses = {}
     for mode in ("none", "full", "selective"):
-        cfg = small_config(tmp_path / mode, "model.n_layers=2", "train.max_steps=3", "train.eval_at_start=false",
-                           "train.eval_interval=100", "train.save_interval=100",
-                           f"train.activation_checkpointing={mode}")
+        cfg = small_config(
+            tmp_path / mode,
+            "model.n_layers=2",
+            "train.max_steps=3",
+            "train.eval_at_start=false",
+            "train.eval_interval=100",
+            "train.save_interval=100",
+            f"train.activation_checkpointing={mode}",
+        )
         with Trainer(cfg, data=BUILDERS) as trainer:
             losses[mode] = [(r.loss, r.aux_loss, r.grad_norm) for r in trainer.fit().history]
             if mode != "none":
@@ -139,10 +160,15 @@ def test_trainer_with_checkpointing_trains_alike(tmp_path):
     assert losses["selective"] == losses["none"]
 
 
-@pytest.mark.parametrize("override, key", [("train.activation_checkpointing=partial", "train.activation_checkpointing"),
-                                           ("train.activation_checkpointing=1", "train.activation_checkpointing"),
-                                           ("train.ac_every=0", "train.ac_every"),
-                                           ("train.compile=maybe", "train.compile")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.activation_checkpointing=partial", "train.activation_checkpointing"),
+        ("train.activation_checkpointing=1", "train.activation_checkpointing"),
+        ("train.ac_every=0", "train.ac_every"),
+        ("train.compile=maybe", "train.compile"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"^{key}:"):
         load_config("tiny", [override])
@@ -158,10 +184,19 @@ def _fsdp_worker(rank: int, world: int, tmp_path) -> dict:
 
     out = {}
     for mode in ("none", "full", "selective"):
-        cfg = small_config(tmp_path / mode, "model.n_layers=2", "train.max_steps=2", "train.eval_at_start=false",
-                           "train.eval_interval=100", "train.save_interval=100", "parallel.expert_parallel_size=2",
-                           "moe.dispatcher=alltoall", "train.dense_parallel=fsdp", "train.micro_batch_size=1",
-                           f"train.activation_checkpointing={mode}")
+        cfg = small_config(
+            tmp_path / mode,
+            "model.n_layers=2",
+            "train.max_steps=2",
+            "train.eval_at_start=false",
+            "train.eval_interval=100",
+            "train.save_interval=100",
+            "parallel.expert_parallel_size=2",
+            "moe.dispatcher=alltoall",
+            "train.dense_parallel=fsdp",
+            "train.micro_batch_size=1",
+            f"train.activation_checkpointing={mode}",
+        )
         with Trainer(cfg, data=BUILDERS) as trainer:
             out[mode] = [(r.loss, r.aux_loss, r.grad_norm) for r in trainer.fit().history]
     return out

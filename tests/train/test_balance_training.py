@@ -18,8 +18,10 @@ from tests.train.synthetic import BUILDERS, run_recording, small_config
 BIAS = ("moe.balance=bias", "moe.balance_rate=0.01", "model.n_layers=2")
 RTOL = 2e-5
 LEAN = ("train.max_steps=4", "train.save_interval=4", "train.eval_interval=100", "train.eval_at_start=false")
-EP_RUNS = {"allgather_ddp": ("moe.dispatcher=allgather", "train.dense_parallel=ddp"),
-           "alltoall_fsdp": ("moe.dispatcher=alltoall", "train.dense_parallel=fsdp")}
+EP_RUNS = {
+    "allgather_ddp": ("moe.dispatcher=allgather", "train.dense_parallel=ddp"),
+    "alltoall_fsdp": ("moe.dispatcher=alltoall", "train.dense_parallel=fsdp"),
+}
 
 
 def _biases(trainer: Trainer) -> list[torch.Tensor]:
@@ -61,8 +63,17 @@ def _layer_case(rank: int, dispatcher: str, scorer: str, selection: str, ep_grou
     from aoe_ep.config import MoEConfig
     from aoe_ep.moe import MoELayer
 
-    cfg = MoEConfig(d_model=16, num_experts=8, top_k=2, d_ffn=12, d_low=6, scorer=scorer, selection=selection,
-                    dispatcher=dispatcher, balance="bias")
+    cfg = MoEConfig(
+        d_model=16,
+        num_experts=8,
+        top_k=2,
+        d_ffn=12,
+        d_low=6,
+        scorer=scorer,
+        selection=selection,
+        dispatcher=dispatcher,
+        balance="bias",
+    )
     torch.manual_seed(7)
     ref = MoELayer(cfg)
     with torch.no_grad():
@@ -89,26 +100,35 @@ def _layer_case(rank: int, dispatcher: str, scorer: str, selection: str, ep_grou
     ref_params = dict(ref.named_parameters())
     for name, p in layer.named_parameters():
         if getattr(p, "expert_parallel", False):
-            want, got = ref_params[name].grad[layer.expert_offset: layer.expert_offset + 4], p.grad
+            want, got = ref_params[name].grad[layer.expert_offset : layer.expert_offset + 4], p.grad
         else:
             want, got = ref_params[name].grad, p.grad.clone()
             dist.all_reduce(got, group=ep_group)
         errors[f"grad.{name}"] = (got - want).abs().max() / want.abs().max()
-    return {"errors": {k: float(v) for k, v in errors.items()},
-            "counts": info.stats.tokens_per_expert.tolist(), "ref_counts": info_ref.stats.tokens_per_expert.tolist(),
-            "unbiased_counts": unbiased.tolist()}
+    return {
+        "errors": {k: float(v) for k, v in errors.items()},
+        "counts": info.stats.tokens_per_expert.tolist(),
+        "ref_counts": info_ref.stats.tokens_per_expert.tolist(),
+        "unbiased_counts": unbiased.tolist(),
+    }
 
 
 def _worker(rank: int, world: int, tmp_path) -> dict:
     from aoe_ep.parallel.groups import initialize_groups
 
     groups = initialize_groups(2)
-    layers = {(disp, scorer, sel): _layer_case(rank, disp, scorer, sel, groups.ep_group)
-              for disp in ("allgather", "alltoall") for scorer, sel in (("aoe", "top_k"), ("router", "top_p"))}
+    layers = {
+        (disp, scorer, sel): _layer_case(rank, disp, scorer, sel, groups.ep_group)
+        for disp in ("allgather", "alltoall")
+        for scorer, sel in (("aoe", "top_k"), ("router", "top_p"))
+    }
     runs = {}
     for name, overrides in EP_RUNS.items():
-        out = _run(small_config(tmp_path / name, *BIAS, *LEAN, "parallel.expert_parallel_size=2",
-                                "train.micro_batch_size=1", *overrides))
+        out = _run(
+            small_config(
+                tmp_path / name, *BIAS, *LEAN, "parallel.expert_parallel_size=2", "train.micro_batch_size=1", *overrides
+            )
+        )
         runs[name] = {"biases": out["biases"], "losses": [r.loss for r in out["history"]]}
     # the check a save runs: replicas that agree pass, one that drifted by one ulp stops every rank
     from aoe_ep.train.consistency import check_replicas_agree
@@ -143,8 +163,7 @@ def test_bias_under_expert_parallelism_equals_one_device(tmp_path):
     assert per_rank[0]["refused"].startswith("b differs from rank 0's on rank 1 -- ")
 
     # the EP 2 checkpoint (step 4, DDP) loads its bias into one process
-    with Trainer(small_config(tmp_path / "allgather_ddp", *BIAS, *LEAN), resume="latest",
-                 data=BUILDERS) as trainer:
+    with Trainer(small_config(tmp_path / "allgather_ddp", *BIAS, *LEAN), resume="latest", data=BUILDERS) as trainer:
         assert all(torch.equal(a, b) for a, b in zip(_biases(trainer), single["biases"]))
 
 

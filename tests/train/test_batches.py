@@ -12,8 +12,9 @@ from tests.train.synthetic import SyntheticDataset
 
 
 def _cfg(*overrides: str):
-    return load_config("tiny", ["data.seq_len=16", "train.global_batch_tokens=384", "train.micro_batch_size=2",
-                                *overrides])
+    return load_config(
+        "tiny", ["data.seq_len=16", "train.global_batch_tokens=384", "train.micro_batch_size=2", *overrides]
+    )
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 6])
@@ -26,11 +27,14 @@ def test_a_step_reads_each_sample_of_its_global_batch_once(world):
     assert sorted(seen) == list(range(48, 72))
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["train.global_batch_tokens=100"], "train.global_batch_tokens: 100 is not a multiple of data.seq_len=16"),
-    (["train.micro_batch_size=5"], "train.global_batch_tokens: 384 tokens = 24 sequences of 16, not divisible"),
-    (["data.seq_len=256", "train.global_batch_tokens=512"], "data.seq_len: 256 exceeds model.max_seq_len=128"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["train.global_batch_tokens=100"], "train.global_batch_tokens: 100 is not a multiple of data.seq_len=16"),
+        (["train.micro_batch_size=5"], "train.global_batch_tokens: 384 tokens = 24 sequences of 16, not divisible"),
+        (["data.seq_len=256", "train.global_batch_tokens=512"], "data.seq_len: 256 exceeds model.max_seq_len=128"),
+    ],
+)
 def test_impossible_layouts_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match="^" + field.replace(".", r"\.").replace("=", "=")):
         plan_batches(_cfg(*overrides), 1, 0)

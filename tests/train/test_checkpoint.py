@@ -63,8 +63,13 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, str(script), str(tmp_path), point], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), point],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 240
     while not (tmp_path / "blocked").exists():
         if child.poll() is not None or time.monotonic() > deadline:
@@ -105,9 +110,19 @@ def test_layout_pruning_logs_and_resume_errors(tmp_path):
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     train_record = next(r for r in records if "train/loss" in r)
-    for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/peak_memory_gib", "moe/idle_time",
-                "moe/layer00/ent_load", "moe/layer00/ent_conf", "moe/layer00/max_minus_min",
-                "moe/layer00/load", "moe/layer00/score_mean", "moe/seconds/expert_max"):
+    for tag in (
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/peak_memory_gib",
+        "moe/idle_time",
+        "moe/layer00/ent_load",
+        "moe/layer00/ent_conf",
+        "moe/layer00/max_minus_min",
+        "moe/layer00/load",
+        "moe/layer00/score_mean",
+        "moe/seconds/expert_max",
+    ):
         assert tag in train_record, tag
     assert len(train_record["moe/layer00/load"]) == 4 and sum(train_record["moe/layer00/load"]) == pytest.approx(1.0)
     assert "moe:" in (tmp_path / "run" / "config.yaml").read_text()

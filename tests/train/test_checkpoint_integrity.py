@@ -28,8 +28,14 @@ from tests.train.synthetic import BUILDERS, small_config
 
 
 def _config(tmp_path, *overrides):
-    return small_config(tmp_path, "train.max_steps=6", "train.save_interval=2", "train.eval_interval=100",
-                        "train.eval_at_start=false", *overrides)
+    return small_config(
+        tmp_path,
+        "train.max_steps=6",
+        "train.save_interval=2",
+        "train.eval_interval=100",
+        "train.eval_at_start=false",
+        *overrides,
+    )
 
 
 def _rehash(checkpoint: Path, name: str) -> None:
@@ -80,8 +86,10 @@ def test_a_pickled_value_in_place_of_a_tensor_is_refused(saved, tmp_path):
     out, checkpoint = _copy(saved, tmp_path)
     # a checkpoint whose "progress.step" is a pickled object, with a consistent manifest
     reader = SafeFileSystemReader(str(checkpoint))
-    state = {key: torch.empty(m.size, dtype=m.properties.dtype)
-             for key, m in reader.read_metadata().state_dict_metadata.items()}
+    state = {
+        key: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in reader.read_metadata().state_dict_metadata.items()
+    }
     dcp.load(state, checkpoint_id=str(checkpoint))
     state["progress.step"] = _Payload(str(tmp_path / "code_ran"))
     for f in [*checkpoint.glob("*.distcp"), checkpoint / ".metadata"]:
@@ -198,12 +206,18 @@ def test_full_or_unwritable_out_dir_and_a_tampered_shard_stop_every_rank():
     assert results[0] == results[1]  # the same errors on both ranks, and both saw the same directory
     r = results[0]
     root = Path(base) / "run" / "checkpoints"
-    assert r["full"].startswith(f"train.out_dir: cannot write checkpoint step_00000004 under {root}: "
-                                "File too large [errno 27]; the previous checkpoint step_00000002 is intact")
-    assert r["unwritable"].startswith(f"train.out_dir: cannot prepare checkpoint step_00000004 under {root}: "
-                                      "Permission denied [errno 13]; the previous checkpoint step_00000002")
+    assert r["full"].startswith(
+        f"train.out_dir: cannot write checkpoint step_00000004 under {root}: "
+        "File too large [errno 27]; the previous checkpoint step_00000002 is intact"
+    )
+    assert r["unwritable"].startswith(
+        f"train.out_dir: cannot prepare checkpoint step_00000004 under {root}: "
+        "Permission denied [errno 13]; the previous checkpoint step_00000002"
+    )
     assert r["after_full"] == r["after_unwritable"] == ["latest", "step_00000002"]
     assert r["resumed"] == (3, 6)
     assert r["earlier"] == 4
-    assert r["tampered"].startswith(f"{root / 'step_00000006'}: __1_0.distcp does not match the SHA-256 recorded "
-                                    "when it was saved; the checkpoint was modified or corrupted")
+    assert r["tampered"].startswith(
+        f"{root / 'step_00000006'}: __1_0.distcp does not match the SHA-256 recorded "
+        "when it was saved; the checkpoint was modified or corrupted"
+    )

@@ -18,8 +18,12 @@ def _sets(*overrides: str) -> list[str]:
 
 def test_train_tiny_on_the_builtin_corpus_then_resume(tmp_path, corpus_cache, capsys):
     base = real_corpus_overrides(tmp_path, corpus_cache) + [
-        "train.warmup_steps=5", "train.eval_interval=15", "train.save_interval=15", "train.eval_steps=1",
-        "train.global_batch_tokens=2048"]
+        "train.warmup_steps=5",
+        "train.eval_interval=15",
+        "train.save_interval=15",
+        "train.eval_steps=1",
+        "train.global_batch_tokens=2048",
+    ]
     assert main(["train", "--config", "tiny"] + _sets(*base, "train.max_steps=30")) == 0
     out, err = capsys.readouterr()
     assert "trained to step 30" in out and "validation loss" in out
@@ -64,8 +68,9 @@ def _corrupt_dataset(tmp_path) -> str:
     return str(prefix)
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "missing_data", "corrupt_data", "tokenizer_mismatch",
-                                  "vocab_too_small", "resume_nothing"])
+@pytest.mark.parametrize(
+    "case", ["unknown_key", "missing_data", "corrupt_data", "tokenizer_mismatch", "vocab_too_small", "resume_nothing"]
+)
 def test_errors_are_one_clear_line(tmp_path, corpus_cache, capsys, case):
     args = ["train", "--config", "tiny"] + _sets(*real_corpus_overrides(tmp_path, corpus_cache))
     if case == "unknown_key":
@@ -78,8 +83,9 @@ def test_errors_are_one_clear_line(tmp_path, corpus_cache, capsys, case):
         args += _sets(f"data.paths=[{_corrupt_dataset(tmp_path)}]")
         expected, mention = "aoe-ep: data error: ", f"{tmp_path}/broken"
     elif case == "tokenizer_mismatch":
-        args += _sets(f"data.paths=[{_byte_dataset(tmp_path)}]",
-                      f"data.tokenizer={_hf_tokenizer(tmp_path / 'tokenizer.json')}")
+        args += _sets(
+            f"data.paths=[{_byte_dataset(tmp_path)}]", f"data.tokenizer={_hf_tokenizer(tmp_path / 'tokenizer.json')}"
+        )
         expected, mention = "aoe-ep: data error: ", "tokenized with 'byte'"
     elif case == "vocab_too_small":
         args += _sets("model.vocab_size=200")

@@ -12,8 +12,15 @@ from tests.train.synthetic import BUILDERS, small_config
 
 
 def _losses(tmp_path, *overrides: str) -> list[tuple[float, float]]:
-    cfg = small_config(tmp_path, "model.n_layers=2", "train.max_steps=3", "train.eval_at_start=false",
-                       "train.eval_interval=100", "train.save_interval=100", *overrides)
+    cfg = small_config(
+        tmp_path,
+        "model.n_layers=2",
+        "train.max_steps=3",
+        "train.eval_at_start=false",
+        "train.eval_interval=100",
+        "train.save_interval=100",
+        *overrides,
+    )
     with Trainer(cfg, data=BUILDERS) as trainer:
         compiled = [m._compiled_call_impl is not None for m in compile_module.compiled_modules(trainer.dp.model)]
         assert compiled == [cfg.train.compile] * 6  # two blocks: their norms and attention (the FFNs are MoE)

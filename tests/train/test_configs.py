@@ -23,19 +23,27 @@ TABLE2 = {  # config: (file, scorer, d_low or None, aux coefficient, extra MoE f
     12: ("12_aoe_dlow512_aux", "aoe", 512, 0.01, {}),
 }
 TABLE3 = {  # file: (scorer, selection, aux coefficient)
-    "moe_top_p": ("router", "top_p", 0.01), "aoe_top_p": ("aoe", "top_p", 0.01),
-    "moe_expert_choice": ("router", "expert_choice", 0.0), "aoe_expert_choice": ("aoe", "expert_choice", 0.0),
+    "moe_top_p": ("router", "top_p", 0.01),
+    "aoe_top_p": ("aoe", "top_p", 0.01),
+    "moe_expert_choice": ("router", "expert_choice", 0.0),
+    "aoe_expert_choice": ("aoe", "expert_choice", 0.0),
 }
-SIZE_732M = [f"paper/table2/{TABLE2[i][0]}" for i in TABLE2 if i != 4] + [f"paper/table3/{n}" for n in TABLE3] + [
-    "paper/moe_732m", "paper/aoe_732m", "self_routing_732m"]
+SIZE_732M = (
+    [f"paper/table2/{TABLE2[i][0]}" for i in TABLE2 if i != 4]
+    + [f"paper/table3/{n}" for n in TABLE3]
+    + ["paper/moe_732m", "paper/aoe_732m", "self_routing_732m"]
+)
 SIZE_4B = ["paper/moe_4b", "paper/aoe_4b"]
 PAPER = SIZE_732M + SIZE_4B + ["paper/table2/04_moe_aux_large_router"]
 
 
 # The ERC paper's 3B shape (arXiv 2512.23447: 12 layers, d 1536, 64 experts of width 768, top-8; AoE r = 512 for
 # equal parameters): "3B" nominal; the counts `aoe-ep params` prints (paper convention), ERC adds no parameters.
-SIZE_3B = {"paper/erc_3b_moe": (2881.5e6, 552.5e6), "paper/erc_3b_moe_erc": (2881.5e6, 552.5e6),
-           "paper/erc_3b_aoe": (2880.3e6, 551.3e6)}
+SIZE_3B = {
+    "paper/erc_3b_moe": (2881.5e6, 552.5e6),
+    "paper/erc_3b_moe_erc": (2881.5e6, 552.5e6),
+    "paper/erc_3b_aoe": (2880.3e6, 551.3e6),
+}
 
 
 @pytest.mark.parametrize("preset", sorted(SIZE_3B))
@@ -43,7 +51,13 @@ def test_erc_3b_presets_have_the_papers_shape_and_counts(preset):
     cfg = load_config(preset)
     m, moe = cfg.model, cfg.moe
     assert (m.n_layers, m.d_model, m.vocab_size, moe.num_experts, moe.top_k, moe.expert_width) == (
-        12, 1536, 32000, 64, 8, 768)
+        12,
+        1536,
+        32000,
+        64,
+        8,
+        768,
+    )
     assert moe.erc_loss_coeff == (1.0 if preset.endswith("_erc") else 0.0)
     if moe.scorer == "aoe":
         assert (moe.d_low, moe.d_wide) == (512, 768)  # Eq. 5 keeps the MoE's width at r = 512
@@ -102,7 +116,13 @@ def test_paper_configs_train_with_the_section_4_1_recipe(preset):
     t = cfg.train
     assert t.lr == (3.2e-4 if preset in SIZE_4B else 2e-4)
     assert (t.min_lr, t.warmup_steps, t.weight_decay, t.beta1, t.beta2, t.grad_clip) == (
-        1.28e-5, 4800, 0.1, 0.9, 0.95, 1.0)
+        1.28e-5,
+        4800,
+        0.1,
+        0.9,
+        0.95,
+        1.0,
+    )
     assert t.lr_decay_style == "cosine"
     assert t.global_batch_tokens == 4194304 and cfg.data.seq_len == 2048  # 4.2M tokens
     assert t.max_steps * t.global_batch_tokens == pytest.approx(100e9, rel=1e-4)  # 100B tokens

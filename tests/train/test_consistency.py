@@ -1,4 +1,5 @@
-"""Ranks started with different configs, `--resume` or package versions stop at start-up, every one with the same error naming
+"""Ranks started with different configs, `--resume` or package versions stop at start-up, every one with the same
+error naming
 what differs and where, before any data or model is built (nothing is written to train.out_dir)."""
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def test_ranks_with_different_configs_or_versions_stop_together(tmp_path):
     results = run_distributed(2, _worker, tmp_path)
     assert results[0] == results[1]
     config, packages = results[0]["config"], results[0]["packages"]
-    assert config.startswith("train.lr: 0.01 on rank 0; 0.02 on rank 1 -- the ranks were started with different "
-                             "configurations or package versions")
+    assert config.startswith(
+        "train.lr: 0.01 on rank 0; 0.02 on rank 1 -- the ranks were started with different "
+        "configurations or package versions"
+    )
     torch_version = consistency.package_versions()["torch"]
     assert packages.startswith(f"torch: '{torch_version}' on rank 0; '2.12.0' on rank 1 -- ")
     assert results[0]["resume"].startswith("--resume: None on rank 0; 'latest' on rank 1 -- ")

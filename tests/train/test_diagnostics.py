@@ -11,9 +11,9 @@ import torch
 
 from aoe_ep.config import TrainConfig
 from aoe_ep.moe import LoadStats
+from aoe_ep.parallel.runtime import setup_runtime, teardown
 from aoe_ep.parallel.spawn import run_distributed
 from aoe_ep.train.diagnostics import ChurnProbe, diagnostic_scalars
-from aoe_ep.parallel.runtime import setup_runtime, teardown
 from aoe_ep.train.trainer import Trainer
 from tests.train.synthetic import BUILDERS, SyntheticDataset, small_config
 
@@ -24,8 +24,17 @@ PROBE_SAMPLES = 4
 
 def test_dead_experts_and_wasted_precompute_from_known_counts():
     counts = [torch.tensor([7, 0, 5, 0]), torch.tensor([3, 3, 3, 3])]
-    stats = [LoadStats.from_counts(c, torch.tensor(0.0), torch.zeros(4), num_tokens=6,
-                                   margin_sum=torch.tensor(1.5), margin_tokens=torch.tensor(6)) for c in counts]
+    stats = [
+        LoadStats.from_counts(
+            c,
+            torch.tensor(0.0),
+            torch.zeros(4),
+            num_tokens=6,
+            margin_sum=torch.tensor(1.5),
+            margin_tokens=torch.tensor(6),
+        )
+        for c in counts
+    ]
     tags = diagnostic_scalars(stats, "aoe", churn=[0.25, 0.0])
     assert tags["moe/layer00/dead_experts"] == 2 and tags["moe/layer01/dead_experts"] == 0
     assert tags["moe/dead_experts"] == 2
@@ -66,7 +75,7 @@ def _load_full(model, state: dict) -> None:
             full = state[name]
             if p.shape != full.shape:  # sharded over experts along dim 0
                 rank = torch.distributed.get_rank() % (full.shape[0] // p.shape[0])
-                full = full[rank * p.shape[0]:(rank + 1) * p.shape[0]]
+                full = full[rank * p.shape[0] : (rank + 1) * p.shape[0]]
             p.copy_(full)
 
 
@@ -85,8 +94,7 @@ def _churn_sequence(scorer: str, dispatcher: str, ep_group, samples: range) -> l
     out.append(probe.update(model, layers))
     gen = torch.Generator().manual_seed(11)
     for name in sorted(state):
-        state[name] = state[name] + 0.2 * state[name].std().nan_to_num() * torch.randn(state[name].shape,
-                                                                                        generator=gen)
+        state[name] = state[name] + 0.2 * state[name].std().nan_to_num() * torch.randn(state[name].shape, generator=gen)
     _load_full(model, state)
     out.append(probe.update(model, layers))
     _flip_first_layer(state, scorer)
@@ -103,9 +111,13 @@ def _ep2(rank: int, world: int) -> dict:
 
     groups = initialize_groups(world)
     share = PROBE_SAMPLES // world
-    out = {(scorer, dispatcher): _churn_sequence(scorer, dispatcher, groups.ep_group,
-                                                 range(rank * share, (rank + 1) * share))
-           for scorer in SCORERS for dispatcher in DISPATCHERS}
+    out = {
+        (scorer, dispatcher): _churn_sequence(
+            scorer, dispatcher, groups.ep_group, range(rank * share, (rank + 1) * share)
+        )
+        for scorer in SCORERS
+        for dispatcher in DISPATCHERS
+    }
     return out
 
 
@@ -143,8 +155,12 @@ def test_trainer_logs_the_diagnostics_and_resumes_their_churn(tmp_path):
     records = [r for r in _log(tmp_path / "full" / "run") if "moe/dead_experts" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for r in records:
-        assert {"moe/layer00/score_margin", "moe/layer00/churn", "moe/layer00/dead_experts",
-                "moe/layer00/wasted_precompute"} <= r.keys()
+        assert {
+            "moe/layer00/score_margin",
+            "moe/layer00/churn",
+            "moe/layer00/dead_experts",
+            "moe/layer00/wasted_precompute",
+        } <= r.keys()
         assert r["moe/layer00/score_margin"] > 0 and 0.0 <= r["moe/layer00/churn"] <= 1.0
         assert r["moe/layer00/wasted_precompute"] == pytest.approx(0.5)  # top-2 of 4 experts
     assert any(r["moe/layer00/churn"] > 0 for r in records)  # the selections moved while training

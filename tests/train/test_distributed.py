@@ -19,8 +19,14 @@ RTOL = 2e-5
 
 
 def _case(tmp_path, name: str, *overrides: str, resume=None):
-    cfg = small_config(tmp_path / name, "train.max_steps=6", "train.save_interval=2", "train.eval_interval=100",
-                       "train.eval_at_start=false", *overrides)
+    cfg = small_config(
+        tmp_path / name,
+        "train.max_steps=6",
+        "train.save_interval=2",
+        "train.eval_interval=100",
+        "train.eval_at_start=false",
+        *overrides,
+    )
     result = train(cfg, resume=resume, data=BUILDERS)
     return [(r.step, r.loss, r.aux_loss) for r in result.history]
 
@@ -29,10 +35,17 @@ def _worker(rank: int, world: int, tmp_path, r4_step2: str) -> dict:
     return {
         "ddp": _case(tmp_path, "ddp", "train.exit_at_step=4"),
         "fsdp": _case(tmp_path, "fsdp", "train.exit_at_step=4", "train.dense_parallel=fsdp"),
-        "ep2_allgather": _case(tmp_path, "ep2_allgather", "train.exit_at_step=4", "parallel.expert_parallel_size=2",
-                               "moe.dispatcher=allgather", resume=r4_step2),
-        "ep2_alltoall": _case(tmp_path, "ep2_alltoall", "parallel.expert_parallel_size=2", "moe.dispatcher=alltoall",
-                              resume=r4_step2),
+        "ep2_allgather": _case(
+            tmp_path,
+            "ep2_allgather",
+            "train.exit_at_step=4",
+            "parallel.expert_parallel_size=2",
+            "moe.dispatcher=allgather",
+            resume=r4_step2,
+        ),
+        "ep2_alltoall": _case(
+            tmp_path, "ep2_alltoall", "parallel.expert_parallel_size=2", "moe.dispatcher=alltoall", resume=r4_step2
+        ),
     }
 
 
@@ -44,8 +57,8 @@ def _assert_same(got, want):
 
 
 def test_two_ranks_match_one_and_checkpoints_move_between_layouts(tmp_path):
-    r2 = _case(tmp_path, "r2")                                   # micro-batches of 2 sequences
-    r4 = _case(tmp_path, "r4", "train.micro_batch_size=4")       # micro-batches of 4
+    r2 = _case(tmp_path, "r2")  # micro-batches of 2 sequences
+    r4 = _case(tmp_path, "r4", "train.micro_batch_size=4")  # micro-batches of 4
     r4_step2 = str(tmp_path / "r4" / "run" / "checkpoints" / "step_00000002")
 
     results = run_distributed(2, _worker, tmp_path, r4_step2)
@@ -53,7 +66,7 @@ def test_two_ranks_match_one_and_checkpoints_move_between_layouts(tmp_path):
     got = results[0]
     _assert_same(got["ddp"], r2[:4])
     _assert_same(got["fsdp"], r2[:4])
-    _assert_same(got["ep2_allgather"], r4[2:4])   # EP 1 checkpoint loaded with EP 2
+    _assert_same(got["ep2_allgather"], r4[2:4])  # EP 1 checkpoint loaded with EP 2
     _assert_same(got["ep2_alltoall"], r4[2:])
 
     # back to one process: from the EP 2 checkpoint and from the FSDP2 (sharded dense weights) checkpoint

@@ -25,9 +25,19 @@ from tests.train.conftest import real_corpus_overrides
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 # 8 sequences of 32 per step: one micro-batch of 2 per rank on 4 ranks; an EP group's 4 sequences in one process.
-SETS = ["model.max_seq_len=32", "data.seq_len=32", "train.global_batch_tokens=256", "train.micro_batch_size=2",
-        f"train.max_steps={STEPS}", "train.warmup_steps=1", "train.eval_interval=4", "train.eval_steps=1",
-        "train.save_interval=2", "train.log_interval=1", "parallel.expert_parallel_size=2"]
+SETS = [
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "train.global_batch_tokens=256",
+    "train.micro_batch_size=2",
+    f"train.max_steps={STEPS}",
+    "train.warmup_steps=1",
+    "train.eval_interval=4",
+    "train.eval_steps=1",
+    "train.save_interval=2",
+    "train.log_interval=1",
+    "parallel.expert_parallel_size=2",
+]
 
 
 def _free_port() -> int:
@@ -37,13 +47,29 @@ def _free_port() -> int:
 
 
 def _start_agents(out_dir: Path, sets: list[str], max_restarts: int) -> list[subprocess.Popen]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               NNODES="2", NPROC="2", RDZV_ID=f"test-{out_dir.name}", MAX_RESTARTS=str(max_restarts))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        NNODES="2",
+        NPROC="2",
+        RDZV_ID=f"test-{out_dir.name}",
+        MAX_RESTARTS=str(max_restarts),
+    )
     args = [arg for item in sets + [f"train.out_dir={out_dir}"] for arg in ("--set", item)]
-    return [subprocess.Popen(["bash", str(REPO / "launch" / "train_multinode.sh"), "--config", "tiny", *args],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-            for _ in range(2)]
+    return [
+        subprocess.Popen(
+            ["bash", str(REPO / "launch" / "train_multinode.sh"), "--config", "tiny", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
 
 
 def _finish(agents: list[subprocess.Popen], timeout: float = 420) -> list[str]:
@@ -55,8 +81,11 @@ def _finish(agents: list[subprocess.Popen], timeout: float = 420) -> list[str]:
             for a in agents:
                 os.killpg(a.pid, signal.SIGKILL)
             raise
-    failed = [f"agent {i} exited with {a.returncode}:\n{out[-3000:]}" for i, (a, out) in enumerate(zip(agents, outputs))
-              if a.returncode != 0]
+    failed = [
+        f"agent {i} exited with {a.returncode}:\n{out[-3000:]}"
+        for i, (a, out) in enumerate(zip(agents, outputs))
+        if a.returncode != 0
+    ]
     assert not failed, "\n".join(failed)
     return outputs
 
@@ -101,8 +130,9 @@ def test_two_agents_match_one_process(uninterrupted, tmp_path):
     assert sum("4 rank(s) on cpu (EP 2" in out for out in outputs) == 1  # rank 0 announces, on one agent
     got = _losses(tmp / "run")
     assert sorted(got) == list(range(1, STEPS + 1))
-    cfg = load_config("tiny", sets + ["parallel.expert_parallel_size=1", "train.micro_batch_size=4",
-                                      f"train.out_dir={tmp_path}/one"])
+    cfg = load_config(
+        "tiny", sets + ["parallel.expert_parallel_size=1", "train.micro_batch_size=4", f"train.out_dir={tmp_path}/one"]
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: intra-op threads only contend with the other processes on the box
     try:

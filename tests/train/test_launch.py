@@ -22,13 +22,25 @@ def test_launch_scripts_parse(script):
 
 def test_cpu_demo_trains_with_torchrun_on_two_processes(tmp_path, corpus_cache):
     sets = real_corpus_overrides(tmp_path, corpus_cache)[1:] + [
-        "train.max_steps=4", "train.warmup_steps=1", "train.eval_interval=2", "train.save_interval=2",
-        "train.eval_steps=1", "train.log_interval=2", "train.global_batch_tokens=2048",
-        "train.micro_batch_size=8"]
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_interval=2",
+        "train.save_interval=2",
+        "train.eval_steps=1",
+        "train.log_interval=2",
+        "train.global_batch_tokens=2048",
+        "train.micro_batch_size=8",
+    ]
     args = [arg for item in sets for arg in ("--set", item)]
     env = dict(os.environ, OUT_DIR=str(tmp_path / "run"), PYTHONPATH=str(REPO))
-    proc = subprocess.run(["bash", str(REPO / "launch" / "cpu_demo.sh"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "cpu_demo.sh"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) on cpu" in proc.stdout and "trained to step 4" in proc.stdout
     final = tmp_path / "run" / "checkpoints" / "step_00000004"

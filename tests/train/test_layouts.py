@@ -37,18 +37,31 @@ LAYOUTS = {  # name: (overrides on 4 ranks, EP size, the single-process run with
     "ep2_allgather_fsdp": (EP2 + ["moe.dispatcher=allgather", "train.dense_parallel=fsdp"], 2, (2,)),
     "ep2_alltoall_fsdp": (EP2 + ["moe.dispatcher=alltoall", "train.dense_parallel=fsdp"], 2, (2,)),
     "ep2_alltoall_ddp": (EP2 + ["moe.dispatcher=alltoall"], 2, (2,)),
-    "ep4_allgather_fsdp": (["parallel.expert_parallel_size=4", "moe.dispatcher=allgather",
-                            "train.dense_parallel=fsdp"], 4, (4,)),
-    "ep2_alltoall_fsdp_accumulating": (EP2 + ["moe.dispatcher=alltoall", "train.dense_parallel=fsdp", *ACCUMULATE],
-                                       2, (2, *ACCUMULATE)),
+    "ep4_allgather_fsdp": (
+        ["parallel.expert_parallel_size=4", "moe.dispatcher=allgather", "train.dense_parallel=fsdp"],
+        4,
+        (4,),
+    ),
+    "ep2_alltoall_fsdp_accumulating": (
+        EP2 + ["moe.dispatcher=alltoall", "train.dense_parallel=fsdp", *ACCUMULATE],
+        2,
+        (2, *ACCUMULATE),
+    ),
 }
 RESUMED = "ep2_allgather_fsdp_from_one"  # 4 ranks, FSDP2 x EP 2, from the single-process step-3 checkpoint
 
 
 def _config(tmp_path, name: str, *overrides: str):
     # Two layers: the dense weights of the second block are built after the first block's expert tensors.
-    return small_config(tmp_path / name, "model.n_layers=2", "train.max_steps=5", "train.save_interval=3",
-                        "train.eval_interval=100", "train.eval_at_start=false", *overrides)
+    return small_config(
+        tmp_path / name,
+        "model.n_layers=2",
+        "train.max_steps=5",
+        "train.save_interval=3",
+        "train.eval_interval=100",
+        "train.eval_at_start=false",
+        *overrides,
+    )
 
 
 def _single(ref: tuple) -> str:
@@ -91,20 +104,25 @@ def _run(cfg, resume=None) -> dict:
         initial = full_state(trainer) if resume is None else {}
         experts = {name for name, p in trainer.dp.model.named_parameters() if is_expert_param(p)}
         result = trainer.fit()
-        return {"initial": initial, "losses": [(r.loss, r.aux_loss) for r in result.history], "experts": experts,
-                "optimizer_bytes": optimizer_bytes(trainer.optimizer)}
+        return {
+            "initial": initial,
+            "losses": [(r.loss, r.aux_loss) for r in result.history],
+            "experts": experts,
+            "optimizer_bytes": optimizer_bytes(trainer.optimizer),
+        }
 
 
 def _worker(rank: int, world: int, tmp_path, single_step3: str) -> dict:
-    out = {name: _run(_config(tmp_path, name, "train.micro_batch_size=1", "train.exit_at_step=3", *overrides))
-           for name, (overrides, _, _) in LAYOUTS.items()}
+    out = {
+        name: _run(_config(tmp_path, name, "train.micro_batch_size=1", "train.exit_at_step=3", *overrides))
+        for name, (overrides, _, _) in LAYOUTS.items()
+    }
     overrides = LAYOUTS["ep2_allgather_fsdp"][0]
     out[RESUMED] = _run(_config(tmp_path, RESUMED, "train.micro_batch_size=1", *overrides), resume=single_step3)
     return out
 
 
-def expected_optimizer_bytes(shapes: dict[str, torch.Size], experts: set[str], world: int, ep: int,
-                             fsdp: bool) -> int:
+def expected_optimizer_bytes(shapes: dict[str, torch.Size], experts: set[str], world: int, ep: int, fsdp: bool) -> int:
     """2 fp32 moments per element a rank owns + AdamW's fp32 step per tensor (the model `aoe-ep plan` uses)."""
     elements = 0
     for name, shape in shapes.items():
@@ -122,8 +140,10 @@ def _assert_losses(got, want, name):
 
 
 def test_every_layout_is_one_model_with_sharded_expert_state(tmp_path):
-    references = {ref: _run(_config(tmp_path, _single(ref), f"train.micro_batch_size={ref[0]}", *ref[1:]))
-                  for ref in {ref for _, _, ref in LAYOUTS.values()}}
+    references = {
+        ref: _run(_config(tmp_path, _single(ref), f"train.micro_batch_size={ref[0]}", *ref[1:]))
+        for ref in {ref for _, _, ref in LAYOUTS.values()}
+    }
     per_rank = run_distributed(WORLD, _worker, tmp_path, _step3(tmp_path, _single((2,))))
 
     initial = references[(1,)]["initial"]
@@ -150,8 +170,10 @@ def test_every_layout_is_one_model_with_sharded_expert_state(tmp_path):
     assert "blocks.0.ffn.scorer.w_down" not in per_rank[0]["ep2_alltoall_fsdp"]["experts"]
 
     # and back to one process from the FSDP2 x EP 2 checkpoint
-    resumed = _run(_config(tmp_path, "single_from_fsdp_ep2", "train.micro_batch_size=2"),
-                   resume=_step3(tmp_path, "ep2_allgather_fsdp"))
+    resumed = _run(
+        _config(tmp_path, "single_from_fsdp_ep2", "train.micro_batch_size=2"),
+        resume=_step3(tmp_path, "ep2_allgather_fsdp"),
+    )
     _assert_losses(resumed["losses"], references[(2,)]["losses"][3:], "one process from FSDP2 x EP 2")
 
 
@@ -159,9 +181,12 @@ ERC = ("moe.scorer=router", "moe.erc_loss_coeff=1.0")  # the routed MoE with the
 
 
 def _erc_worker(rank: int, world: int, tmp_path) -> dict:
-    return {disp: _run(_config(tmp_path, f"erc_ep2_{disp}", "train.micro_batch_size=1", *EP2,
-                               f"moe.dispatcher={disp}", *ERC))["losses"]
-            for disp in ("allgather", "alltoall")}
+    return {
+        disp: _run(
+            _config(tmp_path, f"erc_ep2_{disp}", "train.micro_batch_size=1", *EP2, f"moe.dispatcher={disp}", *ERC)
+        )["losses"]
+        for disp in ("allgather", "alltoall")
+    }
 
 
 def test_erc_loss_trains_alike_under_expert_parallelism(tmp_path):

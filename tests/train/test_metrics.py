@@ -25,13 +25,18 @@ def _reference(layer: MoELayer, x_TD: torch.Tensor, k: int) -> dict:
     w_down = layer.scorer.w_down.detach()
     s_TE = torch.stack([(x_TD @ w_down[i]).norm(dim=-1) for i in range(w_down.shape[0])], dim=1).double()
     top = s_TE.argsort(dim=1, descending=True, stable=True)[:, :k]
-    counts = torch.zeros(s_TE.shape[1], dtype=torch.float64).index_add_(0, top.flatten(),
-                                                                        torch.ones(top.numel(), dtype=torch.float64))
+    counts = torch.zeros(s_TE.shape[1], dtype=torch.float64).index_add_(
+        0, top.flatten(), torch.ones(top.numel(), dtype=torch.float64)
+    )
     load = counts / counts.sum()
     p = torch.softmax(s_TE, dim=1)
-    return {"load": load, "ent_load": float(-(load * load.log()).sum()),
-            "ent_conf": float(-(p * p.log()).sum(dim=1).mean()), "score_mean": s_TE.mean(dim=0),
-            "max_minus_min": float(load.max() - load.min())}
+    return {
+        "load": load,
+        "ent_load": float(-(load * load.log()).sum()),
+        "ent_conf": float(-(p * p.log()).sum(dim=1).mean()),
+        "score_mean": s_TE.mean(dim=0),
+        "max_minus_min": float(load.max() - load.min()),
+    }
 
 
 def test_accumulated_stats_equal_the_concatenated_batch(runtime):
@@ -115,8 +120,13 @@ def test_ep_window_gives_global_device_load_idle_time_and_timing_spread():
     per_rank = run_distributed(2, _ep_window)
     ref = per_rank[0]["ref"]
     for r in per_rank:
-        for tag in ("moe/idle_time", "moe/idle_time_device", "moe/layer01/device_load",
-                    "moe/layer00/device_max_minus_min", "moe/layer00/load"):
+        for tag in (
+            "moe/idle_time",
+            "moe/idle_time_device",
+            "moe/layer01/device_load",
+            "moe/layer00/device_max_minus_min",
+            "moe/layer00/load",
+        ):
             assert r["tags"][tag] == pytest.approx(ref[tag], abs=1e-12), tag
     # the max / min of each rank's seconds reach every rank, so both report the same spread
     assert torch.equal(per_rank[0]["seconds"], per_rank[1]["seconds"])

@@ -28,10 +28,18 @@ DISPATCHERS = ("alltoall", "allgather")
 
 def _config(tmp_path, name: str, dispatcher: str, placement: str):
     # 8 experts over 2 ranks; 2 layers, so that a layer is re-placed whatever the other's load.
-    return small_config(tmp_path / name, "parallel.expert_parallel_size=2", f"moe.dispatcher={dispatcher}",
-                        f"parallel.expert_placement={placement}", "moe.num_experts=8", "model.n_layers=2",
-                        "train.max_steps=8", "train.save_interval=3", "train.eval_interval=100",
-                        "train.eval_at_start=false")
+    return small_config(
+        tmp_path / name,
+        "parallel.expert_parallel_size=2",
+        f"moe.dispatcher={dispatcher}",
+        f"parallel.expert_placement={placement}",
+        "moe.num_experts=8",
+        "model.n_layers=2",
+        "train.max_steps=8",
+        "train.save_interval=3",
+        "train.eval_interval=100",
+        "train.eval_at_start=false",
+    )
 
 
 def _global(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -41,7 +49,7 @@ def _global(trainer: Trainer) -> dict[str, torch.Tensor]:
     owner = {}
     for prefix, layer in trainer.dp.model.named_modules():
         if hasattr(layer, "placement"):
-            for name, p in layer.named_parameters():
+            for name, _p in layer.named_parameters():
                 owner[f"{prefix}.{name}"] = layer.placement.order
     out = {}
     for name, p in trainer.dp.model.named_parameters():
@@ -61,8 +69,11 @@ def _global(trainer: Trainer) -> dict[str, torch.Tensor]:
 def _run(cfg, resume=None) -> dict:
     with Trainer(cfg, resume=resume, data=BUILDERS) as trainer:
         result = trainer.fit()
-        return {"losses": [(r.loss, r.aux_loss, r.grad_norm) for r in result.history], "state": _global(trainer),
-                "placements": [layer.placement.as_lists() for layer in trainer.moe_layers]}
+        return {
+            "losses": [(r.loss, r.aux_loss, r.grad_norm) for r in result.history],
+            "state": _global(trainer),
+            "placements": [layer.placement.as_lists() for layer in trainer.moe_layers],
+        }
 
 
 def _worker(rank: int, world: int, tmp_path) -> dict:
@@ -73,8 +84,13 @@ def _worker(rank: int, world: int, tmp_path) -> dict:
         b = _run(_config(tmp_path, f"{dispatcher}_b", dispatcher, "balanced"), resume=str(step3))
         step6 = tmp_path / f"{dispatcher}_b" / "run" / "checkpoints" / "step_00000006"
         c = _run(_config(tmp_path, f"{dispatcher}_c", dispatcher, "contiguous"), resume=str(step6))
-        out[dispatcher] = {"a": a, "b": b, "c": c, "meta3": json.loads((step3 / "meta.json").read_text()),
-                           "meta6": json.loads((step6 / "meta.json").read_text())}
+        out[dispatcher] = {
+            "a": a,
+            "b": b,
+            "c": c,
+            "meta3": json.loads((step3 / "meta.json").read_text()),
+            "meta6": json.loads((step6 / "meta.json").read_text()),
+        }
     return out
 
 
@@ -93,8 +109,7 @@ def test_balanced_resume_continues_the_contiguous_run(runs, dispatcher):
         r = per_rank[dispatcher]
         a, b, c = r["a"], r["b"], r["c"]
         # the checkpoints record the load they were chosen from and the placement of the steps before them
-        assert r["meta3"]["expert_placement"] == {"mode": "contiguous",
-                                                  "layers": [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2}
+        assert r["meta3"]["expert_placement"] == {"mode": "contiguous", "layers": [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2}
         assert r["meta3"]["expert_load"]["steps"] == 3 and r["meta6"]["expert_load"]["since_step"] == 3
         load = r["meta3"]["expert_load"]
         assert all(sum(row) == 3 * 64 * 2 for row in load["tokens_per_expert"])  # 3 steps x 64 tokens x top-2
@@ -124,15 +139,25 @@ def test_recent_load_halves_a_step_s_weight_every_half_life():
         load.add(torch.tensor([counts], dtype=torch.float64))
     assert load.counts_LE.tolist() == [[8.0, 16.0]] and load.steps == 3
     # expert 0's counts are 2 steps old (weight 0.5), expert 1's 1 and 0 steps old (2 ** -0.5 and 1)
-    assert load.recent_LE[0].tolist() == pytest.approx([4.0, 8 * 2 ** -0.5 + 8])
+    assert load.recent_LE[0].tolist() == pytest.approx([4.0, 8 * 2**-0.5 + 8])
 
 
 def _fsdp_worker(rank: int, world: int, tmp_path) -> dict:
     def config(name, placement):
-        return small_config(tmp_path / name, "parallel.expert_parallel_size=2", "moe.dispatcher=allgather",
-                            f"parallel.expert_placement={placement}", "moe.num_experts=8", "train.max_steps=5",
-                            "train.save_interval=3", "train.eval_interval=100", "train.eval_at_start=false",
-                            "train.dense_parallel=fsdp", "train.micro_batch_size=1")
+        return small_config(
+            tmp_path / name,
+            "parallel.expert_parallel_size=2",
+            "moe.dispatcher=allgather",
+            f"parallel.expert_placement={placement}",
+            "moe.num_experts=8",
+            "train.max_steps=5",
+            "train.save_interval=3",
+            "train.eval_interval=100",
+            "train.eval_at_start=false",
+            "train.dense_parallel=fsdp",
+            "train.micro_batch_size=1",
+        )
+
     a = _run(config("a", "contiguous"))
     b = _run(config("b", "balanced"), resume=str(tmp_path / "a" / "run" / "checkpoints" / "step_00000003"))
     return {"a": a, "b": b}

@@ -16,8 +16,11 @@ def _run(cfg, resume=None):
     with Trainer(cfg, resume=resume, data=BUILDERS) as trainer:
         result = trainer.fit()
         params = {k: v.detach().clone() for k, v in trainer.dp.model.state_dict().items()}
-        moments = [{k: v.clone() for k, v in trainer.optimizer.state[p].items()}
-                   for group in trainer.optimizer.param_groups for p in group["params"]]
+        moments = [
+            {k: v.clone() for k, v in trainer.optimizer.state[p].items()}
+            for group in trainer.optimizer.param_groups
+            for p in group["params"]
+        ]
         lr = trainer.optimizer.param_groups[0]["lr"]
     return result, params, moments, lr
 
@@ -33,8 +36,7 @@ def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extr
     interrupted = small_config(tmp_path / "split", "train.max_steps=6", "train.exit_at_step=3", *extra)
     first, _, _, _ = _run(interrupted)
     assert first.step == 3 and first.checkpoint.name == "step_00000003"
-    second, params, moments, lr = _run(small_config(tmp_path / "split", "train.max_steps=6", *extra),
-                                       resume="latest")
+    second, params, moments, lr = _run(small_config(tmp_path / "split", "train.max_steps=6", *extra), resume="latest")
 
     assert [r.step for r in first.history + second.history] == list(range(1, 7))
     for a, b in zip(full.history, first.history + second.history):
@@ -52,10 +54,14 @@ def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extr
     assert full.history[-1].loss < full.history[0].loss
     assert second.history[0].step == 4
     if extra:  # the ERC loss and ε are logged per layer, and the resumed half logs the same values
+
         def erc_log(run):
             records = [json.loads(line) for line in (tmp_path / run / "run" / "log.jsonl").read_text().splitlines()]
-            return {r["step"]: (r["moe/layer00/erc_loss"], r["moe/layer00/erc_eps"]) for r in records
-                    if "moe/layer00/erc_loss" in r}
+            return {
+                r["step"]: (r["moe/layer00/erc_loss"], r["moe/layer00/erc_eps"])
+                for r in records
+                if "moe/layer00/erc_loss" in r
+            }
 
         full_log, split_log = erc_log("full"), erc_log("split")
         assert sorted(full_log) == list(range(1, 7)) and full_log == split_log

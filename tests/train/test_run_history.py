@@ -41,15 +41,27 @@ def documents(tmp_path_factory) -> str:
 def test_resuming_from_an_older_checkpoint_saves_the_new_history(tmp_path, documents, capsys):
     """The diverged-run workflow: train to 10, go back to 5 with another lr. The step-10 checkpoint the second run
     reports is its own (eval gives its logged validation loss) and the first run's is kept aside."""
-    base = [f"train.out_dir={tmp_path}/run", f"data.paths=[{documents}]", f"data.cache_dir={tmp_path}/cache",
-            "train.eval_interval=1000", "train.eval_at_start=false", "train.warmup_steps=1", "train.max_steps=10",
-        "train.save_interval=5", "train.eval_steps=1", "train.global_batch_tokens=512", "train.micro_batch_size=4",
-        "train.device=cpu"]
+    base = [
+        f"train.out_dir={tmp_path}/run",
+        f"data.paths=[{documents}]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.eval_interval=1000",
+        "train.eval_at_start=false",
+        "train.warmup_steps=1",
+        "train.max_steps=10",
+        "train.save_interval=5",
+        "train.eval_steps=1",
+        "train.global_batch_tokens=512",
+        "train.micro_batch_size=4",
+        "train.device=cpu",
+    ]
     root = tmp_path / "run" / "checkpoints"
     assert main(["train", "--config", "tiny"] + _sets(*base)) == 0
     first_out = capsys.readouterr().out
-    assert main(["train", "--config", "tiny", "--resume", str(root / "step_00000005")]
-                + _sets(*base, "train.lr=0.02")) == 0
+    assert (
+        main(["train", "--config", "tiny", "--resume", str(root / "step_00000005")] + _sets(*base, "train.lr=0.02"))
+        == 0
+    )
     out = capsys.readouterr().out
     assert "changed since that checkpoint: train.lr 0.003 -> 0.02" in out
     assert "moved to" in out and "step_00000010" in out
@@ -93,8 +105,10 @@ def test_nonfinite_parameters_are_never_saved(tmp_path):
 
 
 def _hold_lock(out_dir) -> subprocess.Popen:
-    code = ("import sys, time; from pathlib import Path; from aoe_ep.train.run_lock import RunLock; "
-            "RunLock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from pathlib import Path; from aoe_ep.train.run_lock import RunLock; "
+        "RunLock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out_dir)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -129,15 +143,33 @@ def test_two_runs_started_together_in_one_out_dir(tmp_path, documents):
     out_dir = tmp_path / "run"
 
     def start(seed: int) -> subprocess.Popen:
-        args = ["--config", "tiny", *_sets(f"train.out_dir={out_dir}", f"data.paths=[{documents}]",
-                                            f"data.cache_dir={tmp_path}/cache{seed}", f"train.seed={seed}",
-                                            "train.max_steps=2", "train.warmup_steps=1", "train.eval_interval=2",
-                                            "train.eval_steps=1", "train.save_interval=2", "train.log_interval=1",
-                                            "train.global_batch_tokens=512", "train.micro_batch_size=4",
-                                            "train.device=cpu")]
+        args = [
+            "--config",
+            "tiny",
+            *_sets(
+                f"train.out_dir={out_dir}",
+                f"data.paths=[{documents}]",
+                f"data.cache_dir={tmp_path}/cache{seed}",
+                f"train.seed={seed}",
+                "train.max_steps=2",
+                "train.warmup_steps=1",
+                "train.eval_interval=2",
+                "train.eval_steps=1",
+                "train.save_interval=2",
+                "train.log_interval=1",
+                "train.global_batch_tokens=512",
+                "train.micro_batch_size=4",
+                "train.device=cpu",
+            ),
+        ]
         env = dict(os.environ, AOE_EP_ALLOCATOR="system")
-        return subprocess.Popen([sys.executable, "-m", "aoe_ep.cli", "train", *args], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, "-m", "aoe_ep.cli", "train", *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     runs = [start(1), start(2)]
     results = [(p.returncode, *p.communicate(timeout=300)) for p in runs]
@@ -160,13 +192,28 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, documents):
     """SIGINT to a training process once it has a checkpoint: one line naming the step, the last checkpoint and
     how to resume; exit status 130; the lock is released."""
     out_dir = tmp_path / "run"
-    args = _sets(f"train.out_dir={out_dir}", f"data.paths=[{documents}]", f"data.cache_dir={tmp_path}/cache",
-                 "train.max_steps=500", "train.warmup_steps=1", "train.eval_interval=1000", "train.eval_steps=1",
-                 "train.eval_at_start=false", "train.save_interval=1", "train.global_batch_tokens=512",
-                 "train.micro_batch_size=4", "train.device=cpu")
+    args = _sets(
+        f"train.out_dir={out_dir}",
+        f"data.paths=[{documents}]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.max_steps=500",
+        "train.warmup_steps=1",
+        "train.eval_interval=1000",
+        "train.eval_steps=1",
+        "train.eval_at_start=false",
+        "train.save_interval=1",
+        "train.global_batch_tokens=512",
+        "train.micro_batch_size=4",
+        "train.device=cpu",
+    )
     env = dict(os.environ, AOE_EP_ALLOCATOR="system")
-    run = subprocess.Popen([sys.executable, "-m", "aoe_ep.cli", "train", "--config", "tiny", *args], env=env,
-                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "aoe_ep.cli", "train", "--config", "tiny", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     latest = out_dir / "checkpoints" / "latest"
     while not latest.exists() and run.poll() is None:
         time.sleep(0.2)

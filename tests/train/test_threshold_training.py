@@ -63,10 +63,21 @@ def test_lambda_moves_is_logged_and_resumes_bit_identically(tmp_path):
 
 
 def _worker(rank: int, world: int, tmp_path, dispatcher: str, dense: str) -> dict:
-    out = _run(_config(tmp_path / dispatcher, *LEAN, "parallel.expert_parallel_size=2", "train.micro_batch_size=1",
-                       f"moe.dispatcher={dispatcher}", f"train.dense_parallel={dense}"))
-    return {"lambdas": out["lambdas"], "losses": [r.loss for r in out["history"]],
-            "aux": [r.aux_loss for r in out["history"]]}
+    out = _run(
+        _config(
+            tmp_path / dispatcher,
+            *LEAN,
+            "parallel.expert_parallel_size=2",
+            "train.micro_batch_size=1",
+            f"moe.dispatcher={dispatcher}",
+            f"train.dense_parallel={dense}",
+        )
+    )
+    return {
+        "lambdas": out["lambdas"],
+        "losses": [r.loss for r in out["history"]],
+        "aux": [r.aux_loss for r in out["history"]],
+    }
 
 
 @pytest.mark.parametrize("dispatcher,dense", [("allgather", "ddp"), ("alltoall", "fsdp")])

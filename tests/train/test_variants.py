@@ -25,8 +25,7 @@ CASES = [
 
 @pytest.mark.parametrize("name, overrides", CASES, ids=[c[0] for c in CASES])
 def test_each_ffn_trains(tmp_path, name, overrides):
-    cfg = small_config(tmp_path, "train.max_steps=5", "train.eval_interval=5", "train.save_interval=5",
-                       *overrides)
+    cfg = small_config(tmp_path, "train.max_steps=5", "train.eval_interval=5", "train.save_interval=5", *overrides)
     result = train(cfg, data=BUILDERS)
     losses = [r.loss for r in result.history]
     assert all(math.isfinite(x) for x in losses)

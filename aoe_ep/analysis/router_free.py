@@ -71,16 +71,16 @@ class RouterFreeMoE(nn.Module):
         g_TEF = (x_TD @ w_gate_EFD.transpose(1, 2)).transpose(0, 1) if self.node != "xWp" else None
         p_TEF = (x_TD @ w_p_EFD.transpose(1, 2)).transpose(0, 1) if self.node not in ("xWg", "silu_xWg") else None
         if self.node == "xWg":
-            paused_TEX = g_TEF
+            paused_TEW = g_TEF
         elif self.node == "xWp":
-            paused_TEX = p_TEF
+            paused_TEW = p_TEF
         elif self.node == "silu_xWg":
-            paused_TEX = g_TEF = act(g_TEF)
+            paused_TEW = g_TEF = act(g_TEF)
         else:
-            paused_TEX = h_TEF = act(g_TEF) * p_TEF
+            paused_TEW = h_TEF = act(g_TEF) * p_TEF
             if self.node == "output":
-                paused_TEX = torch.bmm(h_TEF.transpose(0, 1), w_o_EDF.transpose(1, 2)).transpose(0, 1)
-        s_TE = activation_norm(paused_TEX, self.norm)
+                paused_TEW = torch.bmm(h_TEF.transpose(0, 1), w_o_EDF.transpose(1, 2)).transpose(0, 1)
+        s_TE = activation_norm(paused_TEW, self.norm)
         chosen_TK = top_k_order(s_TE, self.top_k)
         gates_TK = (
             torch.softmax(s_TE.gather(1, chosen_TK), dim=-1)
@@ -97,7 +97,7 @@ class RouterFreeMoE(nn.Module):
             if rows.numel() == 0:
                 continue
             if self.node == "output":
-                out_RD = paused_TEX[rows, e]
+                out_RD = paused_TEW[rows, e]
             else:
                 if self.node in ("xWg", "xWp", "silu_xWg"):
                     g_RF = g_TEF[rows, e] if g_TEF is not None else x_TD[rows] @ w_gate_EFD[e].T
@@ -106,7 +106,7 @@ class RouterFreeMoE(nn.Module):
                     p_RF = p_TEF[rows, e] if p_TEF is not None else x_TD[rows] @ w_p_EFD[e].T
                     h_RF = g_RF * p_RF
                 else:
-                    h_RF = paused_TEX[rows, e]
+                    h_RF = paused_TEW[rows, e]
                 out_RD = h_RF @ w_o_EDF[e].T
             y_TD.index_add_(0, rows, (out_RD * gates_TK[rows, slot, None]).to(y_TD.dtype))
         return y_TD.reshape(hidden_BSD.shape)

@@ -38,13 +38,13 @@ def factorise(w_gate_DF: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """(W_down [d, R], W_up [R, f], relative Frobenius error, kept energy) of the rank-R truncated SVD, computed in
     float64 and returned in W_g's dtype."""
     w = w_gate_DF.double()
-    u_DK, s_K, vt_KF = torch.linalg.svd(w, full_matrices=False)
-    root_R = s_K[:rank].sqrt()
-    down_DR = u_DK[:, :rank] * root_R
-    up_RF = root_R[:, None] * vt_KF[:rank]
+    u_DJ, s_J, vt_JF = torch.linalg.svd(w, full_matrices=False)
+    root_R = s_J[:rank].sqrt()
+    down_DR = u_DJ[:, :rank] * root_R
+    up_RF = root_R[:, None] * vt_JF[:rank]
     norm = torch.linalg.matrix_norm(w)
     error = float(torch.linalg.matrix_norm(w - down_DR @ up_RF) / norm) if norm > 0 else 0.0
-    energy = float((s_K[:rank] ** 2).sum() / (s_K**2).sum()) if norm > 0 else 1.0
+    energy = float((s_J[:rank] ** 2).sum() / (s_J**2).sum()) if norm > 0 else 1.0
     return down_DR.to(w_gate_DF.dtype), up_RF.to(w_gate_DF.dtype), error, energy
 
 

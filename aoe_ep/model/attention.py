@@ -23,16 +23,16 @@ class Rotary(nn.Module):
         angles_SK = torch.cat([angles_SH, angles_SH], dim=-1)
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
         dtype = torch.get_default_dtype()
-        self.register_buffer("cos_SK", angles_SK.cos().to(dtype), persistent=False)
-        self.register_buffer("sin_SK", angles_SK.sin().to(dtype), persistent=False)
+        self.register_buffer("cos_SH", angles_SK.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_SH", angles_SK.sin().to(dtype), persistent=False)
 
-    def forward(self, x_BNSK: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x_BNSH: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x at positions [offset, offset + S)."""
-        seq = x_BNSK.shape[-2]
-        cos = self.cos_SK[offset : offset + seq].to(x_BNSK.dtype)
-        sin = self.sin_SK[offset : offset + seq].to(x_BNSK.dtype)
-        first, second = x_BNSK.chunk(2, dim=-1)
-        return x_BNSK * cos + torch.cat([-second, first], dim=-1) * sin
+        seq = x_BNSH.shape[-2]
+        cos = self.cos_SH[offset : offset + seq].to(x_BNSH.dtype)
+        sin = self.sin_SH[offset : offset + seq].to(x_BNSH.dtype)
+        first, second = x_BNSH.chunk(2, dim=-1)
+        return x_BNSH * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -52,15 +52,15 @@ class CausalSelfAttention(nn.Module):
         """x [B, S, d]; with a cache, x holds the S positions after the cached ones, which it appends."""
         batch, seq, d_model = x_BSD.shape
         qkv_BS3NK = self.wqkv(x_BSD).view(batch, seq, 3, self.n_heads, self.d_head)
-        q_BNSK, k_BNSK, v_BNSK = qkv_BS3NK.permute(2, 0, 3, 1, 4).unbind(0)
+        q_BNSH, k_BNSH, v_BNSH = qkv_BS3NK.permute(2, 0, 3, 1, 4).unbind(0)
         past = cache.length if cache is not None else 0
-        q_BNSK, k_BNSK = self.rotary(q_BNSK, past), self.rotary(k_BNSK, past)
+        q_BNSH, k_BNSH = self.rotary(q_BNSH, past), self.rotary(k_BNSH, past)
         if cache is None or past == 0:
             if cache is not None:
-                cache.append(k_BNSK, v_BNSK)
-            o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNSK, v_BNSK, is_causal=True)
+                cache.append(k_BNSH, v_BNSH)
+            o_BNSH = F.scaled_dot_product_attention(q_BNSH, k_BNSH, v_BNSH, is_causal=True)
         else:
-            k_BNTK, v_BNTK = cache.append(k_BNSK, v_BNSK)
+            k_BNTH, v_BNTH = cache.append(k_BNSH, v_BNSH)
             # query i sits at position past + i and sees keys [0, past + i]; is_causal would align it to key i
             mask_ST = (
                 None
@@ -70,5 +70,5 @@ class CausalSelfAttention(nn.Module):
                     <= past + torch.arange(seq, device=x_BSD.device)[:, None]
                 )
             )
-            o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNTK, v_BNTK, attn_mask=mask_ST)
-        return self.wo(o_BNSK.transpose(1, 2).reshape(batch, seq, d_model))
+            o_BNSH = F.scaled_dot_product_attention(q_BNSH, k_BNTH, v_BNTH, attn_mask=mask_ST)
+        return self.wo(o_BNSH.transpose(1, 2).reshape(batch, seq, d_model))

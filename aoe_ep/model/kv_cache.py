@@ -9,19 +9,19 @@ import torch
 class LayerKVCache:
     """One attention layer's keys and values [B, N, max_len, K]; positions [0, length) are filled."""
 
-    def __init__(self, owner: KVCache, k_BNMK: torch.Tensor, v_BNMK: torch.Tensor):
-        self.owner, self.k_BNMK, self.v_BNMK = owner, k_BNMK, v_BNMK
+    def __init__(self, owner: KVCache, k_BNMH: torch.Tensor, v_BNMH: torch.Tensor):
+        self.owner, self.k_BNMH, self.v_BNMH = owner, k_BNMH, v_BNMH
 
     @property
     def length(self) -> int:
         return self.owner.length
 
-    def append(self, k_BNSK: torch.Tensor, v_BNSK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, k_BNSH: torch.Tensor, v_BNSH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the S new positions after the cached ones; returns keys and values of all length + S positions."""
-        begin, end = self.length, self.length + k_BNSK.shape[2]
-        self.k_BNMK[:, :, begin:end] = k_BNSK
-        self.v_BNMK[:, :, begin:end] = v_BNSK
-        return self.k_BNMK[:, :, :end], self.v_BNMK[:, :, :end]
+        begin, end = self.length, self.length + k_BNSH.shape[2]
+        self.k_BNMH[:, :, begin:end] = k_BNSH
+        self.v_BNMH[:, :, begin:end] = v_BNSH
+        return self.k_BNMH[:, :, :end], self.v_BNMH[:, :, :end]
 
 
 class KVCache:

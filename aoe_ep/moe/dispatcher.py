@@ -83,7 +83,7 @@ class ExpertRows:
 
     x_MD: torch.Tensor
     groups: Groups
-    cache_ML: Optional[torch.Tensor]
+    cache_MR: Optional[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,8 @@ class LocalDispatcher:
     def dispatch(self, x_TD, xs_SD, scores: Scores, decision: Decision, layout: TokenLayout):
         rows = group_rows(decision)
         x_MD = x_TD.index_select(0, rows.token_index_M)
-        s_SE, cache_ML = scores.attach(rows, x_MD)
-        return ExpertRows(x_MD, rows.groups, cache_ML), DispatchState(rows, x_TD.shape[0]), s_SE
+        s_SE, cache_MR = scores.attach(rows, x_MD)
+        return ExpertRows(x_MD, rows.groups, cache_MR), DispatchState(rows, x_TD.shape[0]), s_SE
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
         gate_M = row_gates(gates_SE, state.rows)

@@ -33,8 +33,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _t(w_EKN: torch.Tensor) -> torch.Tensor:
-    return w_EKN.transpose(1, 2)
+def _t(w_EIN: torch.Tensor) -> torch.Tensor:
+    return w_EIN.transpose(1, 2)
 
 
 class _GroupedGLU(torch.autograd.Function):
@@ -43,28 +43,28 @@ class _GroupedGLU(torch.autograd.Function):
     beats a chain of whole-batch products)."""
 
     @staticmethod
-    def forward(ctx, x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, groups: Groups, kernel: str):
+    def forward(ctx, x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, groups: Groups, kernel: str):
         if kernel == "grouped":
-            a_MF = gmm(g_MK, w_gate_EKF, groups, kernel)
+            a_MF = gmm(g_MI, w_gate_EIF, groups, kernel)
             b_MF = gmm(x_MD, w_p_EDF, groups, kernel)
             y_MD = gmm(F.silu(a_MF).mul_(b_MF), w_o_EFD, groups, kernel)
         else:
-            width = w_gate_EKF.shape[2]
+            width = w_gate_EIF.shape[2]
             a_MF, b_MF = strided_empty((x_MD.shape[0], width), x_MD), strided_empty((x_MD.shape[0], width), x_MD)
             y_MD = x_MD.new_empty(x_MD.shape[0], w_o_EFD.shape[2])
             for e, rows in groups.spans():
-                torch.mm(g_MK[rows], w_gate_EKF[e], out=a_MF[rows])
+                torch.mm(g_MI[rows], w_gate_EIF[e], out=a_MF[rows])
                 torch.mm(x_MD[rows], w_p_EDF[e], out=b_MF[rows])
                 torch.mm(F.silu(a_MF[rows]).mul_(b_MF[rows]), w_o_EFD[e], out=y_MD[rows])
-        ctx.save_for_backward(x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF)
+        ctx.save_for_backward(x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, a_MF, b_MF)
         ctx.groups, ctx.kernel = groups, kernel
         return y_MD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_MD):
-        x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, a_MF, b_MF = ctx.saved_tensors
-        groups, kernel, width = ctx.groups, ctx.kernel, w_gate_EKF.shape[2]
+        x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, a_MF, b_MF = ctx.saved_tensors
+        groups, kernel, width = ctx.groups, ctx.kernel, w_gate_EIF.shape[2]
         need_x, need_g = ctx.needs_input_grad[:2]
         dy_MD = dy_MD.contiguous().to(x_MD.dtype)  # e.g. an expanded gradient from y.sum()
         if kernel == "grouped":
@@ -75,17 +75,17 @@ class _GroupedGLU(torch.autograd.Function):
             da_MF = torch.ops.aten.silu_backward(dh_MF.mul_(b_MF), a_MF)
             dx_MD = gmm(db_MF, _t(w_p_EDF), groups, kernel) if need_x else None
             dw_p = gmm_wgrad(x_MD, db_MF, groups, kernel)
-            dg_MK = gmm(da_MF, _t(w_gate_EKF), groups, kernel) if need_g else None
-            dw_gate = gmm_wgrad(g_MK, da_MF, groups, kernel)
-            return dx_MD, dg_MK, dw_gate, dw_p, dw_o, None, None
+            dg_MI = gmm(da_MF, _t(w_gate_EIF), groups, kernel) if need_g else None
+            dw_gate = gmm_wgrad(g_MI, da_MF, groups, kernel)
+            return dx_MD, dg_MI, dw_gate, dw_p, dw_o, None, None
         # an expert without rows gets a zero gradient; the others are written whole below. Products as wide as the
         # hidden layer are written with rows 64 bytes apart (`row_stride`), the weight gradients included: the
         # strided [E, K, F] views cost one copy each into the parameters' layout, far less than the slow writes.
         zero = 0 in groups.host
-        dw_gate, dw_p = strided_empty(w_gate_EKF.shape, x_MD, zero), strided_empty(w_p_EDF.shape, x_MD, zero)
+        dw_gate, dw_p = strided_empty(w_gate_EIF.shape, x_MD, zero), strided_empty(w_p_EDF.shape, x_MD, zero)
         dw_o = torch.zeros_like(w_o_EFD) if zero else torch.empty_like(w_o_EFD)
         dx_MD = torch.empty_like(x_MD) if need_x else None
-        dg_MK = torch.empty_like(g_MK) if need_g else None
+        dg_MI = torch.empty_like(g_MI) if need_g else None
         dh_MF = strided_empty((x_MD.shape[0], width), x_MD)
         for e, rows in groups.spans():
             a_mF, b_mF, dy_mD = a_MF[rows], b_MF[rows], dy_MD[rows]
@@ -95,30 +95,30 @@ class _GroupedGLU(torch.autograd.Function):
             db_mF = dh_mF * silu_mF
             da_mF = torch.ops.aten.silu_backward(dh_mF.mul_(b_mF), a_mF)
             torch.mm(x_MD[rows].t(), db_mF, out=dw_p[e])
-            torch.mm(g_MK[rows].t(), da_mF, out=dw_gate[e])
+            torch.mm(g_MI[rows].t(), da_mF, out=dw_gate[e])
             if need_x:
                 torch.mm(db_mF, w_p_EDF[e].t(), out=dx_MD[rows])
             if need_g:
-                torch.mm(da_mF, w_gate_EKF[e].t(), out=dg_MK[rows])
-        return dx_MD, dg_MK, dw_gate, dw_p, dw_o, None, None
+                torch.mm(da_mF, w_gate_EIF[e].t(), out=dg_MI[rows])
+        return dx_MD, dg_MI, dw_gate, dw_p, dw_o, None, None
 
 
 class _GroupedLinear(torch.autograd.Function):
     """y[m] = x[m] @ w[e(m)]: the factorised experts' own Wdown (Table 2 config 3)."""
 
     @staticmethod
-    def forward(ctx, x_MK, w_EKN, groups: Groups, kernel: str):
-        ctx.save_for_backward(x_MK, w_EKN)
+    def forward(ctx, x_MI, w_EIN, groups: Groups, kernel: str):
+        ctx.save_for_backward(x_MI, w_EIN)
         ctx.groups, ctx.kernel = groups, kernel
-        return gmm(x_MK, w_EKN, groups, kernel)
+        return gmm(x_MI, w_EIN, groups, kernel)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_MN):
-        x_MK, w_EKN = ctx.saved_tensors
-        dy_MN = dy_MN.contiguous().to(x_MK.dtype)
-        dx_MK = gmm(dy_MN, _t(w_EKN), ctx.groups, ctx.kernel) if ctx.needs_input_grad[0] else None
-        return dx_MK, gmm_wgrad(x_MK, dy_MN, ctx.groups, ctx.kernel), None, None
+        x_MI, w_EIN = ctx.saved_tensors
+        dy_MN = dy_MN.contiguous().to(x_MI.dtype)
+        dx_MI = gmm(dy_MN, _t(w_EIN), ctx.groups, ctx.kernel) if ctx.needs_input_grad[0] else None
+        return dx_MI, gmm_wgrad(x_MI, dy_MN, ctx.groups, ctx.kernel), None, None
 
 
 def _pad_last(w: torch.Tensor, width: int) -> torch.Tensor:
@@ -131,8 +131,8 @@ def _pad_middle(w: torch.Tensor, width: int) -> torch.Tensor:
 
 def grouped_glu(
     x_MD: torch.Tensor,
-    g_MK: torch.Tensor,
-    w_gate_EKF: torch.Tensor,
+    g_MI: torch.Tensor,
+    w_gate_EIF: torch.Tensor,
     w_p_EDF: torch.Tensor,
     w_o_EFD: torch.Tensor,
     groups: Groups,
@@ -146,29 +146,29 @@ def grouped_glu(
         kernel,
         x_MD.device,
         dtype,
-        widths=(x_MD.shape[1], g_MK.shape[1]),
+        widths=(x_MD.shape[1], g_MI.shape[1]),
         rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1),
     )
-    width = w_gate_EKF.shape[2]
+    width = w_gate_EIF.shape[2]
     if kernel == "grouped":
         width = pad_to(width, dtype)
-    same_input = g_MK is x_MD
-    x_MD, w_gate_EKF, w_p_EDF, w_o_EFD = (t.to(dtype) for t in (x_MD, w_gate_EKF, w_p_EDF, w_o_EFD))
-    g_MK = x_MD if same_input else g_MK.to(dtype)
-    w_gate_EKF, w_p_EDF, w_o_EFD = _pad_last(w_gate_EKF, width), _pad_last(w_p_EDF, width), _pad_middle(w_o_EFD, width)
-    return _GroupedGLU.apply(x_MD, g_MK, w_gate_EKF, w_p_EDF, w_o_EFD, groups, kernel)
+    same_input = g_MI is x_MD
+    x_MD, w_gate_EIF, w_p_EDF, w_o_EFD = (t.to(dtype) for t in (x_MD, w_gate_EIF, w_p_EDF, w_o_EFD))
+    g_MI = x_MD if same_input else g_MI.to(dtype)
+    w_gate_EIF, w_p_EDF, w_o_EFD = _pad_last(w_gate_EIF, width), _pad_last(w_p_EDF, width), _pad_middle(w_o_EFD, width)
+    return _GroupedGLU.apply(x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, groups, kernel)
 
 
-def grouped_linear(x_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
-    dtype = compute_dtype(x_MK)
+def grouped_linear(x_MI: torch.Tensor, w_EIN: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
+    dtype = compute_dtype(x_MI)
     kernel = choose_kernel(
         kernel,
-        x_MK.device,
+        x_MI.device,
         dtype,
-        widths=tuple(w_EKN.shape[1:]),
-        rows_per_group=x_MK.shape[0] / max(groups.num_groups, 1),
+        widths=tuple(w_EIN.shape[1:]),
+        rows_per_group=x_MI.shape[0] / max(groups.num_groups, 1),
     )
-    return _GroupedLinear.apply(x_MK.to(dtype), w_EKN.to(dtype), groups, kernel)
+    return _GroupedLinear.apply(x_MI.to(dtype), w_EIN.to(dtype), groups, kernel)
 
 
 class SwiGLUExperts(nn.Module):
@@ -187,7 +187,7 @@ class SwiGLUExperts(nn.Module):
         self,
         x_MD: torch.Tensor,
         groups: Groups,
-        cache_ML: Optional[torch.Tensor] = None,
+        cache_MR: Optional[torch.Tensor] = None,
         gate_norms_of: Optional[torch.Tensor] = None,
     ):
         """The experts' outputs for the grouped rows; with `gate_norms_of` (rows [N, d]) also ‖row · Wg_j‖ for every
@@ -221,17 +221,17 @@ class AoEExperts(nn.Module):
         self,
         x_MD: torch.Tensor,
         groups: Groups,
-        cache_ML: Optional[torch.Tensor] = None,
+        cache_MR: Optional[torch.Tensor] = None,
         gate_norms_of: Optional[torch.Tensor] = None,
     ):
         """As `SwiGLUExperts.forward`; the gate projection is Wdown_j·Wup_j, applied as two products."""
         if gate_norms_of is not None and self.w_down is None:
             raise ValueError("the gate projection of AoE experts starts from the scorer's Wdown, not their own")
-        if (cache_ML is None) == (self.w_down is None):
+        if (cache_MR is None) == (self.w_down is None):
             raise ValueError("factorised experts take the scorer's cache exactly when they hold no Wdown themselves")
-        if cache_ML is None:
-            cache_ML = grouped_linear(x_MD, self.w_down, groups, self.kernel)
-        y_MD = grouped_glu(x_MD, cache_ML, self.w_up, self.w_p, self.w_o, groups, self.kernel)
+        if cache_MR is None:
+            cache_MR = grouped_linear(x_MD, self.w_down, groups, self.kernel)
+        y_MD = grouped_glu(x_MD, cache_MR, self.w_up, self.w_p, self.w_o, groups, self.kernel)
         return y_MD if gate_norms_of is None else (y_MD, erc_gate_norms(gate_norms_of, (self.w_down, self.w_up)))
 
 

@@ -1,6 +1,6 @@
 """Grouped matrix products over rows already grouped per expert: the three products an expert projection needs.
 
-Rows `a_MK` are grouped expert-major: the first `counts[0]` rows belong to expert 0, and so on; `w_EKN` is the
+Rows `a_MI` are grouped expert-major: the first `counts[0]` rows belong to expert 0, and so on; `w_EIN` is the
 stack of the experts' weights. No autograd here: the expert and scorer `autograd.Function`s call these in their
 forward and backward, so that one weight gradient is written per projection (no per-expert `unbind`/`cat`).
 
@@ -115,33 +115,33 @@ def choose_kernel(
 LOOP_ROWS_ON_CPU = 256  # the 2-core CPU machines: see `choose_kernel`
 
 
-def _empty_wgrad(a_MK: torch.Tensor, b_MN: torch.Tensor, groups: Groups) -> torch.Tensor:
-    return a_MK.new_zeros(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+def _empty_wgrad(a_MI: torch.Tensor, b_MN: torch.Tensor, groups: Groups) -> torch.Tensor:
+    return a_MI.new_zeros(groups.num_groups, a_MI.shape[1], b_MN.shape[1])
 
 
-def gmm(a_MK: torch.Tensor, w_EKN: torch.Tensor, groups: Groups, kernel: str) -> torch.Tensor:
-    """out[m] = a[m] @ w[e(m)]: [M, K] x [E, K, N] -> [M, N]. `w_EKN` may be a transposed view (dgrad)."""
-    if a_MK.shape[0] == 0:
-        return a_MK.new_empty(0, w_EKN.shape[2])
+def gmm(a_MI: torch.Tensor, w_EIN: torch.Tensor, groups: Groups, kernel: str) -> torch.Tensor:
+    """out[m] = a[m] @ w[e(m)]: [M, K] x [E, K, N] -> [M, N]. `w_EIN` may be a transposed view (dgrad)."""
+    if a_MI.shape[0] == 0:
+        return a_MI.new_empty(0, w_EIN.shape[2])
     if kernel == "grouped":
-        return torch._grouped_mm(a_MK, w_EKN, offs=groups.offsets_E)
-    out_MN = a_MK.new_empty(a_MK.shape[0], w_EKN.shape[2])
+        return torch._grouped_mm(a_MI, w_EIN, offs=groups.offsets_E)
+    out_MN = a_MI.new_empty(a_MI.shape[0], w_EIN.shape[2])
     for e, rows in groups.spans():
-        torch.mm(a_MK[rows], w_EKN[e], out=out_MN[rows])
+        torch.mm(a_MI[rows], w_EIN[e], out=out_MN[rows])
     return out_MN
 
 
-def gmm_wgrad(a_MK: torch.Tensor, b_MN: torch.Tensor, groups: Groups, kernel: str) -> torch.Tensor:
+def gmm_wgrad(a_MI: torch.Tensor, b_MN: torch.Tensor, groups: Groups, kernel: str) -> torch.Tensor:
     """w[e] = a_e^T @ b_e over each group's rows: [M, K], [M, N] -> [E, K, N] (zeros for an empty group)."""
-    if a_MK.shape[0] == 0:
-        return _empty_wgrad(a_MK, b_MN, groups)
+    if a_MI.shape[0] == 0:
+        return _empty_wgrad(a_MI, b_MN, groups)
     if kernel == "grouped":
-        return torch._grouped_mm(a_MK.t(), b_MN, offs=groups.offsets_E)
-    out_EKN = (
-        a_MK.new_zeros(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+        return torch._grouped_mm(a_MI.t(), b_MN, offs=groups.offsets_E)
+    out_EIN = (
+        a_MI.new_zeros(groups.num_groups, a_MI.shape[1], b_MN.shape[1])
         if 0 in groups.host
-        else a_MK.new_empty(groups.num_groups, a_MK.shape[1], b_MN.shape[1])
+        else a_MI.new_empty(groups.num_groups, a_MI.shape[1], b_MN.shape[1])
     )
     for e, rows in groups.spans():
-        torch.mm(a_MK[rows].t(), b_MN[rows], out=out_EKN[e])
-    return out_EKN
+        torch.mm(a_MI[rows].t(), b_MN[rows], out=out_EIN[e])
+    return out_EIN

@@ -180,9 +180,9 @@ class MoELayer(nn.Module):
         sync = ctx.synchronize_timing
         start = _wait(x, sync)
         if proxies_nd is None:
-            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML), None
+            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_MR), None
         else:
-            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_ML, gate_norms_of=proxies_nd)
+            out_MD, m_nX = self.experts(rows.x_MD, rows.groups, rows.cache_MR, gate_norms_of=proxies_nd)
         after_experts = _wait(x, sync)
         # combine: each token's expert outputs, weighted by its gates, back on its rank
         y_TD = d.combine(out_MD, gates_SE, state)

@@ -65,13 +65,13 @@ def score(cfg: MoEConfig, p: dict, x_D: torch.Tensor) -> tuple[torch.Tensor, lis
     """One token's scores s [n], and AoE's cache [C_1 .. C_n] (else None)."""
     n = cfg.num_experts
     if cfg.scorer == "router":  # Algorithm 1: the router's logits x Wr (large router: SiLU(x W_hidden) Wr)
-        h_H = silu(x_D @ p["scorer.w_hidden"]) if "scorer.w_hidden" in p else x_D
-        return torch.stack([(h_H * p["scorer.weight"][i]).sum() for i in range(n)]), None
+        h_G = silu(x_D @ p["scorer.w_hidden"]) if "scorer.w_hidden" in p else x_D
+        return torch.stack([(h_G * p["scorer.weight"][i]).sum() for i in range(n)]), None
     if cfg.scorer == "self_routing":  # Self-Routing: n channels of the hidden state are the logits
         return torch.stack([x_D[cfg.self_routing_offset + i] for i in range(n)]), None
     # AoE (Sec. 3): every expert computes its cache C_i = x Wdown_i and rates itself by ‖C_i‖
     cache = [x_D @ p["scorer.w_down"][i] for i in range(n)]
-    return torch.stack([norm(c_L, cfg.norm) for c_L in cache]), cache
+    return torch.stack([norm(c_R, cfg.norm) for c_R in cache]), cache
 
 
 def expert(cfg: MoEConfig, p: dict, i: int, x_D: torch.Tensor, cache: list | None) -> torch.Tensor:

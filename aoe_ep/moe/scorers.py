@@ -63,8 +63,8 @@ class RouterScorer(nn.Module):
         nn.init.normal_(self.weight, std=width**-0.5)
 
     def forward(self, x_TD: torch.Tensor) -> Scores:
-        h_TH = x_TD if self.w_hidden is None else F.silu(x_TD @ self.w_hidden)
-        return _no_cache(at_least_fp32(h_TH @ self.weight.t()))
+        h_TG = x_TD if self.w_hidden is None else F.silu(x_TD @ self.w_hidden)
+        return _no_cache(at_least_fp32(h_TG @ self.weight.t()))
 
 
 # AoE's norms (Appendix A) as vector-norm orders.
@@ -75,12 +75,12 @@ def _norm(c: torch.Tensor, ord: float) -> torch.Tensor:
     return torch.linalg.vector_norm(at_least_fp32(c), ord=ord, dim=-1)
 
 
-def activation_norm(a_TEX: torch.Tensor, norm: str) -> torch.Tensor:
+def activation_norm(a_TEW: torch.Tensor, norm: str) -> torch.Tensor:
     """The score AoE gives an activation: its norm `norm` ("l2" | "l1" | "linf") over the last dimension, at least
     fp32: [..., X] -> [...]."""
     if norm not in NORM_ORDERS:
         raise ValueError(f"norm: {norm!r} is not one of {', '.join(NORM_ORDERS)}")
-    return _norm(a_TEX, NORM_ORDERS[norm])
+    return _norm(a_TEW, NORM_ORDERS[norm])
 
 
 def _norm_grad(c: torch.Tensor, ord: float, ds: torch.Tensor, s: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -101,47 +101,47 @@ class _LowRankScores(torch.autograd.Function):
     "sparse" the selected rows (shared with the experts), "keep" the whole cache, "recompute" nothing."""
 
     @staticmethod
-    def forward(ctx, x_TD, x_MD, w_down_EDL, s_TE, cache_TEL, token_index_M, expert_index_M, groups, mode, ord):
-        cache_ML = cache_TEL[token_index_M, expert_index_M]
+    def forward(ctx, x_TD, x_MD, w_down_EDR, s_TE, cache_TER, token_index_M, expert_index_M, groups, mode, ord):
+        cache_MR = cache_TER[token_index_M, expert_index_M]
         saved_x = x_MD if mode == "sparse" else x_TD
-        saved_cache = cache_TEL if mode == "keep" else cache_TEL.new_empty(0)
-        ctx.save_for_backward(saved_x, w_down_EDL, saved_cache, cache_ML, token_index_M, expert_index_M, s_TE)
+        saved_cache = cache_TER if mode == "keep" else cache_TER.new_empty(0)
+        ctx.save_for_backward(saved_x, w_down_EDR, saved_cache, cache_MR, token_index_M, expert_index_M, s_TE)
         ctx.groups, ctx.mode, ctx.ord = groups, mode, ord
         ctx.kernel = choose_kernel(
             "auto",
             x_TD.device,
             x_TD.dtype,
-            widths=tuple(w_down_EDL.shape[1:]),
+            widths=tuple(w_down_EDR.shape[1:]),
             rows_per_group=x_MD.shape[0] / max(groups.num_groups, 1),
         )
-        return s_TE.clone(), cache_ML
+        return s_TE.clone(), cache_MR
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, ds_TE, dcache_ML):
-        x, w_down_EDL, cache_TEL, cache_ML, token_index_M, expert_index_M, s_TE = ctx.saved_tensors
-        num_experts, d_model, d_low = w_down_EDL.shape
-        dcache_ML = torch.zeros_like(cache_ML) if dcache_ML is None else dcache_ML.to(cache_ML.dtype)
+    def backward(ctx, ds_TE, dcache_MR):
+        x, w_down_EDR, cache_TER, cache_MR, token_index_M, expert_index_M, s_TE = ctx.saved_tensors
+        num_experts, d_model, d_low = w_down_EDR.shape
+        dcache_MR = torch.zeros_like(cache_MR) if dcache_MR is None else dcache_MR.to(cache_MR.dtype)
         if ds_TE is None:
-            ds_TE = cache_ML.new_zeros(())
+            ds_TE = cache_MR.new_zeros(())
         if ctx.mode == "sparse":  # unselected scores have no gradient: Wdown's backward over the selected rows only
             if ds_TE.dim():
-                dcache_ML = dcache_ML + _norm_grad(cache_ML, ctx.ord, ds_TE[token_index_M, expert_index_M]).to(
-                    cache_ML.dtype
+                dcache_MR = dcache_MR + _norm_grad(cache_MR, ctx.ord, ds_TE[token_index_M, expert_index_M]).to(
+                    cache_MR.dtype
                 )
             dx_MD = None
             if ctx.needs_input_grad[1]:
-                dx_MD = gmm(dcache_ML, w_down_EDL.transpose(1, 2), ctx.groups, ctx.kernel)
-            return None, dx_MD, gmm_wgrad(x, dcache_ML, ctx.groups, ctx.kernel), *([None] * 7)
-        w_down_DX = w_down_EDL.permute(1, 0, 2).reshape(d_model, num_experts * d_low)
+                dx_MD = gmm(dcache_MR, w_down_EDR.transpose(1, 2), ctx.groups, ctx.kernel)
+            return None, dx_MD, gmm_wgrad(x, dcache_MR, ctx.groups, ctx.kernel), *([None] * 7)
+        w_down_DW = w_down_EDR.permute(1, 0, 2).reshape(d_model, num_experts * d_low)
         if ctx.mode == "recompute":
-            cache_TEL = (x @ w_down_DX).view(x.shape[0], num_experts, d_low)
-        dcache_TEL = _norm_grad(cache_TEL, ctx.ord, ds_TE.expand(cache_TEL.shape[:2]), s_TE).to(cache_TEL.dtype)
-        dcache_TEL = dcache_TEL.contiguous()
-        dcache_TEL.index_put_((token_index_M, expert_index_M), dcache_ML, accumulate=True)
-        dcache_TX = dcache_TEL.view(x.shape[0], num_experts * d_low)
-        dx_TD = dcache_TX @ w_down_DX.t() if ctx.needs_input_grad[0] else None
-        dw_down = (x.t() @ dcache_TX).view(d_model, num_experts, d_low).permute(1, 0, 2)
+            cache_TER = (x @ w_down_DW).view(x.shape[0], num_experts, d_low)
+        dcache_TER = _norm_grad(cache_TER, ctx.ord, ds_TE.expand(cache_TER.shape[:2]), s_TE).to(cache_TER.dtype)
+        dcache_TER = dcache_TER.contiguous()
+        dcache_TER.index_put_((token_index_M, expert_index_M), dcache_MR, accumulate=True)
+        dcache_TW = dcache_TER.view(x.shape[0], num_experts * d_low)
+        dx_TD = dcache_TW @ w_down_DW.t() if ctx.needs_input_grad[0] else None
+        dw_down = (x.t() @ dcache_TW).view(d_model, num_experts, d_low).permute(1, 0, 2)
         return dx_TD, None, dw_down, *([None] * 7)
 
 
@@ -160,8 +160,8 @@ class AoEScorer(nn.Module):
 
     def cache(self, x_TD: torch.Tensor) -> torch.Tensor:
         num_experts, d_model, d_low = self.w_down.shape
-        w_down_DX = self.w_down.to(x_TD.dtype).permute(1, 0, 2).reshape(d_model, num_experts * d_low)
-        return (x_TD @ w_down_DX).view(x_TD.shape[0], num_experts, d_low)
+        w_down_DW = self.w_down.to(x_TD.dtype).permute(1, 0, 2).reshape(d_model, num_experts * d_low)
+        return (x_TD @ w_down_DW).view(x_TD.shape[0], num_experts, d_low)
 
     def forward(self, x_TD: torch.Tensor, attach_to: Optional[tuple] = None):
         """Score x_TD; or, with `attach_to`, the differentiable (s_TE, cache rows) of an earlier scoring. Both go
@@ -171,13 +171,13 @@ class AoEScorer(nn.Module):
             return _LowRankScores.apply(*attach_to[:2], self.w_down.to(x_TD.dtype), *attach_to[2:], self.mode, self.ord)
         x_TD = x_TD.to(compute_dtype(x_TD))
         with torch.no_grad():
-            cache_TEL = self.cache(x_TD)
-            s_TE = _norm(cache_TEL, self.ord)
+            cache_TER = self.cache(x_TD)
+            s_TE = _norm(cache_TER, self.ord)
 
         def attach(rows: GroupedRows, x_MD: Optional[torch.Tensor] = None):
             x_MD = x_TD[rows.token_index_M] if x_MD is None else x_MD.to(x_TD.dtype)
             return self(
-                x_TD, attach_to=(x_TD, x_MD, s_TE, cache_TEL, rows.token_index_M, rows.expert_index_M, rows.groups)
+                x_TD, attach_to=(x_TD, x_MD, s_TE, cache_TER, rows.token_index_M, rows.expert_index_M, rows.groups)
             )
 
         return Scores(s_TE=s_TE, attach=attach)

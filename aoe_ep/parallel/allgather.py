@@ -59,9 +59,9 @@ class AllGatherDispatcher(GroupDispatcher):
         mask_SP = self.placed(decision.mask_SE)
         rows = group_rows(Decision(mask_SE=mask_SP), self.local_experts)
         x_MD = xs_SD.index_select(0, rows.token_index_M)
-        s_SX, cache_ML = scores.attach(rows, x_MD)
+        s_SX, cache_MR = scores.attach(rows, x_MD)
         state = DispatchState(rows, xs_SD.shape[0], route=(layout, mask_SP))
-        return ExpertRows(x_MD, rows.groups, cache_ML), state, s_SX
+        return ExpertRows(x_MD, rows.groups, cache_MR), state, s_SX
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
         layout, mask_SP = state.route

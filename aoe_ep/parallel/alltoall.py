@@ -71,35 +71,35 @@ class AllToAllDispatcher(GroupDispatcher):
             return dispatch_by_rank(self, x_TD, scores, decision)
         rows = group_rows(decision)
         x_MD = x_TD.index_select(0, rows.token_index_M)
-        s_SX, cache_ML = scores.attach(rows, x_MD)
-        payload_MX = x_MD if cache_ML is None else torch.cat([x_MD, cache_ML.to(x_MD.dtype)], dim=1)
+        s_SX, cache_MR = scores.attach(rows, x_MD)
+        payload_MW = x_MD if cache_MR is None else torch.cat([x_MD, cache_MR.to(x_MD.dtype)], dim=1)
         counts_P, perm_M = rows.groups.counts_E, None
         if self._order is not None:  # rows to each rank's experts in turn, as the placement lists them
             order = self._index("order", x_TD.device)
             counts_P, perm_M = counts_P.index_select(0, order), placed_rows(rows.groups.counts_E, order)
-            payload_MX = payload_MX.index_select(0, perm_M)
-        send_RL = counts_P.view(self.ep_size, self.num_local)  # rows for rank r's local expert e
-        recv_QL = all_to_all_counts(send_RL, self.group, self.counter)  # rows from rank q for my expert e
-        send, recv_sizes_QL = send_RL.sum(dim=1).tolist(), recv_QL.tolist()
-        recv = [sum(row) for row in recv_sizes_QL]
-        received_NX = all_to_all_rows(payload_MX, send, recv, self.group, self.counter, "dispatch")
+            payload_MW = payload_MW.index_select(0, perm_M)
+        send_QX = counts_P.view(self.ep_size, self.num_local)  # rows for rank r's local expert e
+        recv_QX = all_to_all_counts(send_QX, self.group, self.counter)  # rows from rank q for my expert e
+        send, recv_sizes_QX = send_QX.sum(dim=1).tolist(), recv_QX.tolist()
+        recv = [sum(row) for row in recv_sizes_QX]
+        received_NW = all_to_all_rows(payload_MW, send, recv, self.group, self.counter, "dispatch")
         # Received rows are grouped (source rank, expert); the experts want them grouped (expert, source rank).
-        grouped_NX = regroup(received_NX, recv_sizes_QL)
-        per_expert = [sum(row[e] for row in recv_sizes_QL) for e in range(self.num_local)]
+        grouped_NW = regroup(received_NW, recv_sizes_QX)
+        per_expert = [sum(row[e] for row in recv_sizes_QX) for e in range(self.num_local)]
         groups = Groups(torch.tensor(per_expert, dtype=torch.int64, device=x_TD.device), _host=per_expert)
         d = x_TD.shape[1]
         expert_rows = ExpertRows(
-            x_MD=grouped_NX[:, :d], groups=groups, cache_ML=None if cache_ML is None else grouped_NX[:, d:]
+            x_MD=grouped_NW[:, :d], groups=groups, cache_MR=None if cache_MR is None else grouped_NW[:, d:]
         )
-        state = DispatchState(rows, x_TD.shape[0], route=(recv_sizes_QL, send, recv, perm_M))
+        state = DispatchState(rows, x_TD.shape[0], route=(recv_sizes_QX, send, recv, perm_M))
         return expert_rows, state, s_SX
 
     def combine(self, out_MD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
         if self.combine_on == "rank":
             return combine_on_rank(self, out_MD, gates_SE, state)
-        recv_sizes_QL, send, recv, perm_M = state.route
-        sizes_LQ = [list(col) for col in zip(*recv_sizes_QL)] if recv_sizes_QL else []
-        back_MD = regroup(out_MD, sizes_LQ)
+        recv_sizes_QX, send, recv, perm_M = state.route
+        sizes_XQ = [list(col) for col in zip(*recv_sizes_QX)] if recv_sizes_QX else []
+        back_MD = regroup(out_MD, sizes_XQ)
         returned_MD = all_to_all_rows(back_MD, recv, send, self.group, self.counter, "combine")
         if perm_M is not None:  # back to rows grouped by global expert
             inverse_M = torch.empty_like(perm_M)

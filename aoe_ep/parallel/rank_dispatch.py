@@ -30,13 +30,13 @@ from aoe_ep.parallel.collectives import all_to_all_counts, all_to_all_rows
 from aoe_ep.parallel.comm_model import EXPERT_BITS, expert_columns
 
 
-def pack_experts(flags_UL: torch.Tensor) -> torch.Tensor:
-    """Boolean flags [U, L] -> int64 codes [U, ⌈L/8⌉], flag j of a row as bit j % 8 of its column j // 8."""
-    rows, n = flags_UL.shape
+def pack_experts(flags_UX: torch.Tensor) -> torch.Tensor:
+    """Boolean flags [U, X] -> int64 codes [U, ⌈X/8⌉], flag j of a row as bit j % 8 of its column j // 8."""
+    rows, n = flags_UX.shape
     columns = expert_columns(n)
-    padded = flags_UL.new_zeros(rows, columns * EXPERT_BITS)
-    padded[:, :n] = flags_UL
-    bits = torch.arange(EXPERT_BITS, device=flags_UL.device)
+    padded = flags_UX.new_zeros(rows, columns * EXPERT_BITS)
+    padded[:, :n] = flags_UX
+    bits = torch.arange(EXPERT_BITS, device=flags_UX.device)
     return (padded.view(rows, columns, EXPERT_BITS).long() << bits).sum(dim=2)
 
 
@@ -58,9 +58,9 @@ def placed_rows(counts_E: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return starts_E.index_select(0, order)[slot_M] + torch.arange(total, device=order.device) - starts_P[slot_M]
 
 
-def regroup(x_MX: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
+def regroup(x_MW: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
     """Rows in consecutive chunks ordered (a, b), chunk (a, b) of sizes_AB[a][b] rows, reordered to (b, a)."""
-    chunks = torch.split(x_MX, [n for row in sizes_AB for n in row])
+    chunks = torch.split(x_MW, [n for row in sizes_AB for n in row])
     width = len(sizes_AB[0]) if sizes_AB else 0
     return torch.cat([chunks[a * width + b] for b in range(width) for a in range(len(sizes_AB))])
 
@@ -85,14 +85,14 @@ class _RowsWithExperts(torch.autograd.Function):
     def forward(ctx, x_UD, codes_UC, send, recv, group, counter: CommCounter, name: str):
         ctx.send, ctx.recv, ctx.group, ctx.counter, ctx.name = send, recv, group, counter, name
         ctx.d = x_UD.shape[1]
-        payload_UX = torch.cat([x_UD, codes_UC.to(x_UD.dtype)], dim=1)
+        payload_UW = torch.cat([x_UD, codes_UC.to(x_UD.dtype)], dim=1)
         rank = dist.get_rank(group)
-        counter.add(name, "fwd", _remote(send, rank) * payload_UX.shape[1] * payload_UX.element_size())
-        return _exchange(payload_UX, send, recv, group)
+        counter.add(name, "fwd", _remote(send, rank) * payload_UW.shape[1] * payload_UW.element_size())
+        return _exchange(payload_UW, send, recv, group)
 
     @staticmethod
-    def backward(ctx, grad_NX):
-        grad_ND = grad_NX[:, : ctx.d].contiguous()
+    def backward(ctx, grad_NW):
+        grad_ND = grad_NW[:, : ctx.d].contiguous()
         rank = dist.get_rank(ctx.group)
         ctx.counter.add(ctx.name, "bwd", _remote(ctx.recv, rank) * ctx.d * grad_ND.element_size())
         return _exchange(grad_ND, ctx.recv, ctx.send, ctx.group), None, None, None, None, None, None
@@ -110,7 +110,7 @@ class RankRoute:
     send_rows: list[int]
     recv_rows: list[int]
     send_pairs: list[int]
-    recv_pairs_QL: list[list[int]]
+    recv_pairs_QX: list[list[int]]
     row_index_P: torch.Tensor
 
 
@@ -121,16 +121,16 @@ def dispatch_by_rank(
     group, counter = dispatcher.group, dispatcher.counter
     ep, n_local = dispatcher.ep_size, dispatcher.num_local
     rows = group_rows(decision)
-    s_SX, cache_ML = scores.attach(rows, x_TD.index_select(0, rows.token_index_M))
-    mask_SQL = dispatcher.placed(decision.mask_SE).view(-1, ep, n_local)
-    hit_QS = mask_SQL.any(dim=2).t()
+    s_SX, cache_MR = scores.attach(rows, x_TD.index_select(0, rows.token_index_M))
+    mask_SQX = dispatcher.placed(decision.mask_SE).view(-1, ep, n_local)
+    hit_QS = mask_SQX.any(dim=2).t()
     dest_U, token_U = torch.nonzero(hit_QS, as_tuple=True)  # destination-major, tokens ascending
     send_rows_Q = hit_QS.sum(dim=1)
     recv_rows_Q = all_to_all_counts(send_rows_Q.view(ep, 1), group, counter).view(ep)
     send_rows, recv_rows = send_rows_Q.tolist(), recv_rows_Q.tolist()
-    received_NX = _RowsWithExperts.apply(
+    received_NW = _RowsWithExperts.apply(
         x_TD.index_select(0, token_U),
-        pack_experts(mask_SQL[token_U, dest_U]),
+        pack_experts(mask_SQX[token_U, dest_U]),
         send_rows,
         recv_rows,
         group,
@@ -138,26 +138,26 @@ def dispatch_by_rank(
         "dispatch",
     )
     d = x_TD.shape[1]
-    experts_NL = unpack_experts(received_NX[:, d:].detach(), n_local)
-    _, row_P = torch.nonzero(experts_NL.t(), as_tuple=True)  # expert-major, received rows ascending
-    recv_pairs_QL = torch.stack([c.sum(dim=0) for c in torch.split(experts_NL, recv_rows)]).tolist()
-    send_pairs = mask_SQL.sum(dim=(0, 2)).tolist()
+    experts_NX = unpack_experts(received_NW[:, d:].detach(), n_local)
+    _, row_P = torch.nonzero(experts_NX.t(), as_tuple=True)  # expert-major, received rows ascending
+    recv_pairs_QX = torch.stack([c.sum(dim=0) for c in torch.split(experts_NX, recv_rows)]).tolist()
+    send_pairs = mask_SQX.sum(dim=(0, 2)).tolist()
     perm_M = None
     if dispatcher._order is not None:  # pairs grouped by global expert -> each rank's local experts in turn
         perm_M = placed_rows(rows.groups.counts_E, dispatcher._index("order", x_TD.device))
-    cache_PL = None
-    if cache_ML is not None:
-        cache_ML = cache_ML.to(x_TD.dtype)
-        sent_ML = cache_ML if perm_M is None else cache_ML.index_select(0, perm_M)
-        cache_PL = regroup(
-            all_to_all_rows(sent_ML, send_pairs, [sum(r) for r in recv_pairs_QL], group, counter, "cache"),
-            recv_pairs_QL,
+    cache_PR = None
+    if cache_MR is not None:
+        cache_MR = cache_MR.to(x_TD.dtype)
+        sent_MR = cache_MR if perm_M is None else cache_MR.index_select(0, perm_M)
+        cache_PR = regroup(
+            all_to_all_rows(sent_MR, send_pairs, [sum(r) for r in recv_pairs_QX], group, counter, "cache"),
+            recv_pairs_QX,
         )
-    per_expert = experts_NL.sum(dim=0)
+    per_expert = experts_NX.sum(dim=0)
     groups = Groups(per_expert, _host=per_expert.tolist())
-    x_PD = received_NX[:, :d].index_select(0, row_P)
-    route = RankRoute(token_U, perm_M, send_rows, recv_rows, send_pairs, recv_pairs_QL, row_P)
-    return ExpertRows(x_MD=x_PD, groups=groups, cache_ML=cache_PL), DispatchState(rows, x_TD.shape[0], route), s_SX
+    x_PD = received_NW[:, :d].index_select(0, row_P)
+    route = RankRoute(token_U, perm_M, send_rows, recv_rows, send_pairs, recv_pairs_QX, row_P)
+    return ExpertRows(x_MD=x_PD, groups=groups, cache_MR=cache_PR), DispatchState(rows, x_TD.shape[0], route), s_SX
 
 
 def combine_on_rank(dispatcher, out_PD: torch.Tensor, gates_SE: torch.Tensor, state: DispatchState) -> torch.Tensor:
@@ -167,9 +167,9 @@ def combine_on_rank(dispatcher, out_PD: torch.Tensor, gates_SE: torch.Tensor, st
     gate_M = row_gates(gates_SE, state.rows)
     if route.perm_M is not None:
         gate_M = gate_M.index_select(0, route.perm_M)
-    recv_pairs = [sum(r) for r in route.recv_pairs_QL]
+    recv_pairs = [sum(r) for r in route.recv_pairs_QX]
     gate_P = regroup(
-        all_to_all_rows(gate_M.view(-1, 1), route.send_pairs, recv_pairs, group, counter, "gates"), route.recv_pairs_QL
+        all_to_all_rows(gate_M.view(-1, 1), route.send_pairs, recv_pairs, group, counter, "gates"), route.recv_pairs_QX
     ).view(-1)
     combined_ND = weighted_sum(out_PD, gate_P, route.row_index_P, sum(route.recv_rows))
     back_UD = all_to_all_rows(combined_ND, route.recv_rows, route.send_rows, group, counter, "combine")

@@ -359,6 +359,18 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    """`--set SECTION.FIELD=VALUE`, repeatable: the config overrides every config-taking subcommand accepts."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config value; may repeat",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from aoe_ep import __version__
 
@@ -368,14 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="parameter counts of configs (presets in configs/ or YAML paths)")
     p.add_argument("config", nargs="+", help="preset name (e.g. paper/aoe_732m) or YAML path")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config value; may repeat",
-    )
+    _add_overrides(p)
     p.set_defaults(func=_params)
 
     p = sub.add_parser(
@@ -411,26 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train.ac_every=N); auto: per layout the mode and micro-batch that fit with the shortest step",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per layout (a list)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config value; may repeat",
-    )
+    _add_overrides(p)
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
     p.add_argument("--config", required=True, help="preset name (e.g. tiny, paper/aoe_732m) or YAML path")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config value; may repeat",
-    )
+    _add_overrides(p)
     p.add_argument(
         "--resume",
         nargs="?",

@@ -8,6 +8,7 @@ caching allocator (CUDA context, NCCL buffers and fragmentation take the rest).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,25 +32,19 @@ class GPU:
         return self.memory_bytes * USABLE_FRACTION
 
 
+H100 = GPU(
+    "H100 SXM 80GB",
+    bf16_flops=989e12,
+    fp32_flops=67e12,
+    hbm_bytes_per_s=3.35e12,
+    memory_bytes=81559 * MIB,
+    nvlink_bytes_per_s=450e9,
+    nic_bytes_per_s=400e9 / 8,
+)
 GPUS = {
-    "h100": GPU(
-        "H100 SXM 80GB",
-        bf16_flops=989e12,
-        fp32_flops=67e12,
-        hbm_bytes_per_s=3.35e12,
-        memory_bytes=81559 * MIB,
-        nvlink_bytes_per_s=450e9,
-        nic_bytes_per_s=400e9 / 8,
-    ),
-    "h200": GPU(
-        "H200 SXM 141GB",
-        bf16_flops=989e12,
-        fp32_flops=67e12,
-        hbm_bytes_per_s=4.8e12,
-        memory_bytes=143771 * MIB,
-        nvlink_bytes_per_s=450e9,
-        nic_bytes_per_s=400e9 / 8,
-    ),
+    "h100": H100,
+    # the H100's compute and links, with HBM3e: more memory and bandwidth
+    "h200": dataclasses.replace(H100, name="H200 SXM 141GB", hbm_bytes_per_s=4.8e12, memory_bytes=143771 * MIB),
     "a100": GPU(
         "A100 SXM 80GB",
         bf16_flops=312e12,

@@ -8,12 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
+from aoe_ep.log_keys import layer_key
 from aoe_ep.moe import LoadStats, MoELayer
-
-
-def layer_key(index: int, name: str) -> str:
-    """The log key of `name` for MoE layer `index` (its position among the model's MoE layers)."""
-    return f"moe/layer{index:02d}/{name}"
 
 
 def balancing_scalars(layers: Sequence[MoELayer], stats: Sequence[LoadStats] = ()) -> dict[str, float | list[float]]:

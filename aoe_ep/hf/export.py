@@ -9,7 +9,8 @@
 Weights go through transformers' own `save_pretrained` (safetensors, sharded with `model.safetensors.index.json`
 above `max_shard_size`), with `config.json` and `generation_config.json` (greedy, stopping at the end-of-document id
 as `aoe-ep generate` does). A tokenizers `.json` or sentencepiece `.model` tokenizer is copied beside them; the
-byte tokenizer has no file, and `config.json` records it as `aoe_ep_tokenizer: byte`.
+byte tokenizer is written as an equivalent `tokenizer.json` (aoe_ep/hf/byte_tokenizer.py), and `config.json`
+records it as `aoe_ep_tokenizer: byte`, which `aoe-ep import` reads back as the byte tokenizer.
 
 The layouts match aoe-ep's decoder exactly: q/k/v are the three row blocks of the fused `wqkv` (head-major, the
 same rotate-half RoPE on each head), every FFN matrix is stored transposed (aoe-ep applies x @ W, transformers
@@ -27,12 +28,13 @@ import torch
 
 from aoe_ep.config import Config
 from aoe_ep.data import build_tokenizer
+from aoe_ep.hf.byte_tokenizer import write_byte_tokenizer
 from aoe_ep.hf.errors import ConversionError
 from aoe_ep.hf.staging import quiet_transformers, staged_directory
 
 FORMATS = ("auto", "llama", "mixtral", "aoe_ep")
 TEMPLATES = ("configuration_aoe_ep.py", "modeling_aoe_ep.py")
-TOKENIZER_KEY = "aoe_ep_tokenizer"  # config.json: "byte" when the model reads bytes (no tokenizer file)
+TOKENIZER_KEY = "aoe_ep_tokenizer"  # config.json: "byte" when the model reads bytes (aoe-ep's byte tokenizer)
 TRAINING_ONLY = ("threshold_lambda",)  # buffers that only steer training (the adaptive loss weight)
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -251,10 +253,12 @@ def build_hf_model(cfg: Config, state: dict[str, torch.Tensor], fmt: str, eod: i
 # Tokenizer
 
 
-def _write_tokenizer(spec: str, out: Path, max_len: int) -> str | None:
-    """Copy a tokenizers / sentencepiece file with a tokenizer_config.json; None for the byte tokenizer."""
+def _write_tokenizer(spec: str, out: Path, max_len: int) -> str:
+    """Copy a tokenizers / sentencepiece file, or write the byte tokenizer's tokenizer.json, with a
+    tokenizer_config.json; returns the tokenizer file's name."""
     if spec == "byte":
-        return None
+        write_byte_tokenizer(out, max_len)
+        return "tokenizer.json"
     tokenizer = build_tokenizer(spec)
     path = Path(spec).expanduser()
     if path.suffix == ".json":

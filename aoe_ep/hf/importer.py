@@ -237,15 +237,16 @@ def aoe_state_dict(cfg: Config, hf: dict[str, torch.Tensor], kv_heads: int) -> d
 
 
 def find_tokenizer(hf_dir: Path, raw: dict, asked: str | None) -> tuple[str, Path | None]:
-    """(tokenizer spec for the run, file to copy or None): --tokenizer, else the directory's tokenizer.json /
-    tokenizer.model, else `aoe_ep_tokenizer: byte` in config.json (an aoe-ep export); otherwise an error."""
+    """(tokenizer spec for the run, file to copy or None): --tokenizer, else `aoe_ep_tokenizer: byte` in
+    config.json (an aoe-ep export of a byte-level model, whose tokenizer.json is the byte tokenizer), else the
+    directory's tokenizer.json / tokenizer.model; otherwise an error."""
     if asked is not None:
         return (asked, None) if asked == "byte" else (asked, Path(asked))
+    if raw.get(TOKENIZER_KEY) == "byte":
+        return "byte", None
     for name in ("tokenizer.json", "tokenizer.model"):
         if (hf_dir / name).is_file():
             return name, hf_dir / name
-    if raw.get(TOKENIZER_KEY) == "byte":
-        return "byte", None
     raise ConversionError(
         f"{hf_dir}: no tokenizer.json or tokenizer.model; pass --tokenizer (a .json / .model file, or 'byte')"
     )

@@ -134,6 +134,8 @@ def _damaged(exported, tmp_path, how: str):
         config = json.loads((hf_dir / "config.json").read_text())
         del config["aoe_ep_tokenizer"]
         (hf_dir / "config.json").write_text(json.dumps(config))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (hf_dir / name).unlink()
     return hf_dir
 
 

@@ -1,10 +1,9 @@
-"""The lm-evaluation-harness model `aoe-ep`, offline, on three small tasks written here (a multiple-choice task, a
-rolling-perplexity task, a generation task over local JSON files): every metric the harness reports equals the one
+"""The lm-evaluation-harness model `aoe-ep`, offline, on three small tasks (tests/eval/tasks.py: a multiple-choice
+task, a rolling-perplexity task, a generation task over local JSON files): every metric the harness reports equals the one
 computed directly from the model's logits in this file."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -18,15 +17,7 @@ from aoe_ep.config import load_config  # noqa: E402
 from aoe_ep.data import build_tokenizer  # noqa: E402
 from aoe_ep.eval.generate import SamplingConfig, generate  # noqa: E402
 from aoe_ep.model import Decoder  # noqa: E402
-
-CHOICE_DOCS = [
-    {"question": "1 + 1 =", "choices": [" 2", " 3", " eleven"], "label": 0},
-    {"question": "def f(x): return", "choices": [" x", " None", " [x, x]"], "label": 1},
-    {"question": "import", "choices": [" os", " sys"], "label": 1},
-    {"question": "The sky is", "choices": [" blue.", " made of cheese"], "label": 0},
-]
-TEXT_DOCS = [{"text": "for i in range(10):\n    print(i)\n" * 4}, {"text": "x = 1"}]
-GEN_DOCS = [{"prompt": "def ", "answer": "f"}, {"prompt": "class A", "answer": ":"}]
+from tests.eval.tasks import CHOICE_DOCS, GEN_DOCS, TASKS, TEXT_DOCS, offline_task_manager  # noqa: E402
 
 
 def _model() -> Decoder:
@@ -45,28 +36,6 @@ def _model() -> Decoder:
     return Decoder(cfg.model, cfg.moe).eval()
 
 
-def _write_tasks(root) -> None:
-    for name, docs in (("choice", CHOICE_DOCS), ("text", TEXT_DOCS), ("gen", GEN_DOCS)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = "dataset_path: json\ntest_split: train\n"
-    (root / "choice.yaml").write_text(
-        f"task: aoe_tiny_choice\n{common}dataset_kwargs:\n  data_files: {root}/choice.jsonl\n"
-        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
-    (root / "text.yaml").write_text(
-        f"task: aoe_tiny_text\n{common}dataset_kwargs:\n  data_files: {root}/text.jsonl\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
-    )
-    (root / "gen.yaml").write_text(
-        f"task: aoe_tiny_gen\n{common}dataset_kwargs:\n  data_files: {root}/gen.jsonl\n"
-        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n"
-    )
-
-
 def _logprob(model, ids: list[int], start: int) -> float:
     """Σ log p(ids[t] | ids[:t]) for t >= start, one unbatched forward."""
     with torch.no_grad():
@@ -75,19 +44,15 @@ def _logprob(model, ids: list[int], start: int) -> float:
 
 
 def test_harness_metrics_equal_a_direct_computation(tmp_path, monkeypatch):
-    from lm_eval.tasks import TaskManager
-
     from aoe_ep.eval.harness import AoeEpLM
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    _write_tasks(tmp_path)
+    task_manager = offline_task_manager(tmp_path, monkeypatch)
     model, tok = _model(), build_tokenizer("byte")
     lm = AoeEpLM(model=model, tokenizer=tok, batch_size=3)
     out = lm_eval.simple_evaluate(
         model=lm,
-        tasks=["aoe_tiny_choice", "aoe_tiny_text", "aoe_tiny_gen"],
-        task_manager=TaskManager(include_path=str(tmp_path)),
+        tasks=TASKS,
+        task_manager=task_manager,
         num_fewshot=0,
         log_samples=False,
         bootstrap_iters=0,

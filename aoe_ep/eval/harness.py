@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
+import lm_eval.models  # noqa: F401  (the harness's own models, registered lazily: see below)
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -28,6 +29,8 @@ from aoe_ep.eval.generate import SamplingConfig, generate
 from aoe_ep.model import Decoder
 
 
+# lm_eval registers its own models (`hf`, `vllm`, ...) only when it finds its model registry empty; `lm_eval.models`,
+# imported above, registers them first, so that `--model hf` still works once `aoe-ep` is registered.
 @register_model("aoe-ep")
 class AoeEpLM(TemplateLM):
     """`checkpoint`: a checkpoint or run directory; or, from Python, `model` and `tokenizer` objects."""

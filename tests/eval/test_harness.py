@@ -1,6 +1,6 @@
 """The lm-evaluation-harness model `aoe-ep`, offline, on three small tasks (tests/eval/tasks.py: a multiple-choice
-task, a rolling-perplexity task, a generation task over local JSON files): every metric the harness reports equals the one
-computed directly from the model's logits in this file."""
+task, a rolling-perplexity task, a generation task over local JSON files): every metric the harness reports equals
+the one computed directly from the model's logits in this file."""
 
 from __future__ import annotations
 

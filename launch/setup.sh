@@ -20,8 +20,9 @@ if ! "$PY" -c "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__vers
      >/dev/null 2>&1; then
   "$PY" -m pip install -q "setuptools>=70.1"
 fi
-if ! "$PY" -c "import aoe_ep, megatron.core, tensorboard, yaml, tqdm, matplotlib, pytest, tokenizers, sentencepiece, transformers, safetensors, importlinter" >/dev/null 2>&1 \
+# The `eval` extra too, so that the lm-evaluation-harness tests (tests/eval/test_harness.py, test_hf_harness.py) run.
+if ! "$PY" -c "import aoe_ep, megatron.core, tensorboard, yaml, tqdm, matplotlib, pytest, tokenizers, sentencepiece, transformers, safetensors, importlinter, lm_eval, accelerate" >/dev/null 2>&1 \
    || ! "$PY" -m ruff --version >/dev/null 2>&1 \
    || ! command -v aoe-ep >/dev/null 2>&1; then
-  "$PY" -m pip install -q -e ".[test]"
+  "$PY" -m pip install -q -e ".[test,eval]"
 fi

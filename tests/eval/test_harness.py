@@ -100,3 +100,4 @@ def test_the_model_is_registered_under_its_name():
     import aoe_ep.eval.harness as harness
 
     assert get_model("aoe-ep") is harness.AoeEpLM
+    assert get_model("hf").__name__ == "HFLM"  # lm_eval's own models stay registered beside it

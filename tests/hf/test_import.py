@@ -48,6 +48,7 @@ def test_round_trip_is_bit_identical(kind, exported, tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded.model(tokens_BS).logits, model(tokens_BS).logits)
     assert result.checkpoint.name == "step_00000000"
+    assert (hf_dir / "tokenizer.json").is_file() and result.cfg.data.tokenizer == "byte"  # read back as bytes
     export_checkpoint(tmp_path / "run", tmp_path / "again")
     before, after = _weights(hf_dir), _weights(tmp_path / "again")
     assert sorted(before) == sorted(after)

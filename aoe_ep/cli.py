@@ -240,10 +240,21 @@ def _router_free(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from aoe_ep.analysis.router_free import ALL_NODES, evaluate_node, load_mixtral, read_text_ids, windows
+    from aoe_ep.analysis.router_free import (
+        ALL_NODES,
+        LOW_RANK_NODE,
+        check_d_low,
+        evaluate_node,
+        load_mixtral,
+        read_text_ids,
+        windows,
+    )
     from aoe_ep.data import build_tokenizer
 
-    nodes = list(ALL_NODES) if "all" in args.node else list(dict.fromkeys(args.node))
+    every = ALL_NODES + ((LOW_RANK_NODE,) if args.d_low is not None else ())
+    nodes = list(every) if "all" in args.node else list(dict.fromkeys(args.node))
+    if LOW_RANK_NODE in nodes and args.d_low is None:
+        raise CommandError(f"--node {LOW_RANK_NODE} needs --d-low R (the rank of the factorised W_g)")
     spec = args.tokenizer
     if spec is None:
         found = [
@@ -258,19 +269,23 @@ def _router_free(args: argparse.Namespace) -> int:
     try:
         model = load_mixtral(args.hf_dir, device=args.device or default_device())
         ids = read_text_ids(args.text, build_tokenizer(spec), args.max_bytes)
+        check_d_low(args.d_low, model.config.hidden_size, model.config.intermediate_size)
         seq_len = min(args.seq_len, model.config.max_position_embeddings)
         results = []
         with tqdm(
             total=len(nodes) * len(windows(ids, seq_len)), unit="window", desc="router-free", dynamic_ncols=True
         ) as bar:
             for node in nodes:
-                results.append(evaluate_node(model, ids, node, args.norm, args.gate, seq_len, progress=bar))
+                results.append(
+                    evaluate_node(model, ids, node, args.norm, args.gate, seq_len, progress=bar, d_low=args.d_low)
+                )
     except ValueError as err:
         raise CommandError(str(err)) from None
     if args.json:
         print(json.dumps([r.as_dict() for r in results]))
         return 0
-    print(f"{args.hf_dir}: {results[0].tokens:,} predicted tokens, norm {args.norm}, gates {args.gate}")
+    rank = f", W_g at rank {args.d_low} (W_down W_up)" if args.d_low is not None else ""
+    print(f"{args.hf_dir}: {results[0].tokens:,} predicted tokens, norm {args.norm}, gates {args.gate}{rank}")
     print(f"{'node':<14}{'perplexity':>12}{'loss':>9}{'overlap w. router':>19}{'seconds':>9}")
     for r in results:
         print(f"{r.node:<14}{r.perplexity:>12.3f}{r.loss:>9.4f}{r.router_overlap:>19.3f}{r.seconds:>9.2f}")
@@ -498,8 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--node",
         nargs="+",
         required=True,
-        choices=["xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output", "router", "all"],
-        help="pause node(s) whose activation norm ranks the experts; 'router': as trained; 'all'",
+        choices=["xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output", "xWdown", "router", "all"],
+        help="pause node(s) whose activation norm ranks the experts; 'router': as trained; 'all'; "
+        "'xWdown' (with --d-low): AoE's cache x W_down",
+    )
+    p.add_argument(
+        "--d-low",
+        type=_positive_int,
+        metavar="R",
+        help="replace every expert's W_g by its rank-R factors W_down W_up (truncated SVD, as `import --to aoe "
+        "--d-low R` writes them); opens the node xWdown",
     )
     p.add_argument("--norm", default="l2", choices=["l2", "l1", "linf"], help="activation norm (default l2)")
     p.add_argument(
@@ -522,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         action="store_true",
-        help="one JSON list: per node perplexity, loss, tokens, router_overlap, seconds, load",
+        help="one JSON list: per node perplexity, loss, tokens, router_overlap, seconds, load, d_low",
     )
     p.set_defaults(func=_router_free)
 

@@ -8,6 +8,11 @@ final output, all experts run to the end); `router` is the checkpoint as trained
 
 The gate weights of the K chosen experts are the softmax of their norms (AoE's rule, `softmax_topk`), or equal
 (`uniform`). The router's weights stay in the model only to report how often its top-K agrees with the chosen set.
+
+With `d_low` = R every expert's W_g is replaced by its rank-R factors W_down W_up (`aoe_ep.model.lowrank`, the
+factorisation `aoe-ep import --to aoe --d-low R` writes) in every node, and one more node is open: `xWdown`, AoE's
+cache x W_down [R]. At `xWdown` the layer is by construction the upcycled AoE layer: the same scores ‖x W_down‖, the
+same top-K, the same softmax gates over the K chosen norms, the same experts (SiLU(x W_down W_up) ⊙ x W_p) W_o.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aoe_ep.model.lowrank import factorise
 from aoe_ep.moe.scorers import activation_norm
 from aoe_ep.moe.selection import top_k_order
 
 NODES = ("xWg", "xWp", "silu_xWg", "silu_xWg_xWp", "output")
 ALL_NODES = NODES + ("router",)
+LOW_RANK_NODE = "xWdown"  # AoE's cache x W_down: only with d_low
 GATES = ("softmax", "uniform")
 
 
@@ -47,19 +54,41 @@ class SelectionTally:
         self.chosen_per_expert = counts if self.chosen_per_expert is None else self.chosen_per_expert + counts
 
 
+def check_d_low(d_low: Optional[int], d_model: int, d_ffn: int) -> None:
+    if d_low is not None and not (isinstance(d_low, int) and 0 < d_low <= min(d_model, d_ffn)):
+        raise ValueError(f"--d-low {d_low}: must lie in [1, min(d_model={d_model}, d_ffn={d_ffn})]")
+
+
 class RouterFreeMoE(nn.Module):
     """Stands in for a `MixtralSparseMoeBlock`, with its weights: every expert runs to `node`, the top-K by the
-    `norm` of that activation finish. `tally` records the agreement with the block's router."""
+    `norm` of that activation finish. `tally` records the agreement with the block's router. With `d_low`, each
+    expert's W_g is its rank-`d_low` factors W_down W_up (the node `xWdown` then ranks by ‖x W_down‖)."""
 
-    def __init__(self, block: nn.Module, node: str, norm: str, gate: str):
+    def __init__(self, block: nn.Module, node: str, norm: str, gate: str, d_low: Optional[int] = None):
         super().__init__()
-        if node not in NODES:
-            raise ValueError(f"node: {node!r} is not one of {', '.join(NODES)}")
+        nodes = NODES + ((LOW_RANK_NODE,) if d_low is not None else ())
+        if node not in nodes:
+            hint = f" ({LOW_RANK_NODE} needs d_low)" if node == LOW_RANK_NODE else ""
+            raise ValueError(f"node: {node!r} is not one of {', '.join(nodes)}{hint}")
         if gate not in GATES:
             raise ValueError(f"gate: {gate!r} is not one of {', '.join(GATES)}")
         self.block, self.node, self.norm, self.gate = block, node, norm, gate
         self.top_k = block.gate.top_k
         self.tally = SelectionTally()
+        self.w_down_EDR = self.w_up_ERF = None
+        if d_low is not None:
+            w_gate_EFD = block.experts.gate_up_proj.chunk(2, dim=1)[0]
+            check_d_low(d_low, w_gate_EFD.shape[2], w_gate_EFD.shape[1])
+            with torch.no_grad():
+                parts = [factorise(w_FD.t(), d_low) for w_FD in w_gate_EFD]
+            self.w_down_EDR = torch.stack([p[0] for p in parts])
+            self.w_up_ERF = torch.stack([p[1] for p in parts])
+
+    def gate_projection(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
+        """x W_g of expert e for the rows x_TD (W_g, or its factors W_down W_up under d_low)."""
+        if self.w_down_EDR is not None:
+            return x_TD @ self.w_down_EDR[e] @ self.w_up_ERF[e]
+        return x_TD @ self.block.experts.gate_up_proj.chunk(2, dim=1)[0][e].T
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         experts = self.block.experts
@@ -68,9 +97,20 @@ class RouterFreeMoE(nn.Module):
         w_o_EDF = experts.down_proj
         act = experts.act_fn
         # every expert, up to the pause node (the later parts only for the chosen experts, below)
-        g_TEF = (x_TD @ w_gate_EFD.transpose(1, 2)).transpose(0, 1) if self.node != "xWp" else None
-        p_TEF = (x_TD @ w_p_EFD.transpose(1, 2)).transpose(0, 1) if self.node not in ("xWg", "silu_xWg") else None
-        if self.node == "xWg":
+        c_TER = None
+        if self.w_down_EDR is not None:
+            c_TER = torch.einsum("td,edr->ter", x_TD, self.w_down_EDR)
+            g_TEF = torch.einsum("ter,erf->tef", c_TER, self.w_up_ERF) if self.node != "xWp" else None
+        else:
+            g_TEF = (x_TD @ w_gate_EFD.transpose(1, 2)).transpose(0, 1) if self.node != "xWp" else None
+        p_TEF = (
+            (x_TD @ w_p_EFD.transpose(1, 2)).transpose(0, 1)
+            if self.node not in ("xWg", "silu_xWg", LOW_RANK_NODE)
+            else None
+        )
+        if self.node == LOW_RANK_NODE:
+            paused_TEW = c_TER
+        elif self.node == "xWg":
             paused_TEW = g_TEF
         elif self.node == "xWp":
             paused_TEW = p_TEF
@@ -99,8 +139,8 @@ class RouterFreeMoE(nn.Module):
             if self.node == "output":
                 out_RD = paused_TEW[rows, e]
             else:
-                if self.node in ("xWg", "xWp", "silu_xWg"):
-                    g_RF = g_TEF[rows, e] if g_TEF is not None else x_TD[rows] @ w_gate_EFD[e].T
+                if self.node in (LOW_RANK_NODE, "xWg", "xWp", "silu_xWg"):
+                    g_RF = g_TEF[rows, e] if g_TEF is not None else self.gate_projection(x_TD[rows], e)
                     if self.node != "silu_xWg":
                         g_RF = act(g_RF)
                     p_RF = p_TEF[rows, e] if p_TEF is not None else x_TD[rows] @ w_p_EFD[e].T
@@ -144,6 +184,7 @@ class RouterTally(nn.Module):
 class NodeResult:
     node: str
     norm: str
+    d_low: Optional[int]  # the rank of the factorised W_g, or None (W_g as trained)
     loss: float
     perplexity: float
     tokens: int
@@ -169,13 +210,17 @@ def evaluate_node(
     gate: str = "softmax",
     seq_len: int = 512,
     progress=None,
+    d_low: Optional[int] = None,
 ) -> NodeResult:
-    """Perplexity of `model` on the token ids with experts chosen at `node` (routers restored afterwards)."""
-    if node not in ALL_NODES:
-        raise ValueError(f"node: {node!r} is not one of {', '.join(ALL_NODES)}")
+    """Perplexity of `model` on the token ids with experts chosen at `node` (routers restored afterwards); with
+    `d_low`, every W_g factorised at that rank (`router` is the checkpoint as trained whatever `d_low`)."""
+    nodes = ALL_NODES + ((LOW_RANK_NODE,) if d_low is not None else ())
+    if node not in nodes:
+        hint = f" ({LOW_RANK_NODE} needs d_low)" if node == LOW_RANK_NODE else ""
+        raise ValueError(f"node: {node!r} is not one of {', '.join(nodes)}{hint}")
     blocks = moe_blocks(model)
     originals = [getattr(layer, attr) for layer, attr in blocks]
-    wrappers = [RouterTally(b) if node == "router" else RouterFreeMoE(b, node, norm, gate) for b in originals]
+    wrappers = [RouterTally(b) if node == "router" else RouterFreeMoE(b, node, norm, gate, d_low) for b in originals]
     device = next(model.parameters()).device
     total, count = 0.0, 0
     start = time.perf_counter()
@@ -201,6 +246,7 @@ def evaluate_node(
     return NodeResult(
         node=node,
         norm=norm,
+        d_low=None if node == "router" else d_low,
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
         tokens=count,

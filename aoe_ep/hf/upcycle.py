@@ -6,7 +6,8 @@ router is dropped, and the experts select themselves by ‖x W_down‖: the AoE 
 pretrained Mixtral's experts, ranked by the norm of their own activations, choose nearly as well as its router),
 made trainable. W_p and W_o are kept; d_wide = d_ffn, so the expert computes (SiLU(x W_down W_up) ⊙ x W_p) W_o.
 
-The relative Frobenius error ‖W_g − W_down W_up‖_F / ‖W_g‖_F of every expert is reported per layer.
+The relative Frobenius error ‖W_g − W_down W_up‖_F / ‖W_g‖_F of every expert is reported per layer. The factors
+come from `aoe_ep.model.lowrank.factorise`, which `aoe-ep router-free --d-low R` uses too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from aoe_ep.config import Config, ConfigError
 from aoe_ep.hf.errors import ConversionError
+from aoe_ep.model.lowrank import factorise
 
 
 @dataclass(frozen=True)
@@ -32,20 +34,6 @@ class UpcycleReport:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def factorise(w_gate_DF: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """(W_down [d, R], W_up [R, f], relative Frobenius error, kept energy) of the rank-R truncated SVD, computed in
-    float64 and returned in W_g's dtype."""
-    w = w_gate_DF.double()
-    u_DJ, s_J, vt_JF = torch.linalg.svd(w, full_matrices=False)
-    root_R = s_J[:rank].sqrt()
-    down_DR = u_DJ[:, :rank] * root_R
-    up_RF = root_R[:, None] * vt_JF[:rank]
-    norm = torch.linalg.matrix_norm(w)
-    error = float(torch.linalg.matrix_norm(w - down_DR @ up_RF) / norm) if norm > 0 else 0.0
-    energy = float((s_J[:rank] ** 2).sum() / (s_J**2).sum()) if norm > 0 else 1.0
-    return down_DR.to(w_gate_DF.dtype), up_RF.to(w_gate_DF.dtype), error, energy
 
 
 def upcycle(cfg: Config, state: dict[str, torch.Tensor], d_low: int) -> tuple[Config, dict, UpcycleReport]:

@@ -1,5 +1,6 @@
-"""AoE upcycling: truncated SVD with the singular values split evenly, the router dropped, a run directory that
-aoe-ep loads as AoE, and a per-layer report of the factorisation error."""
+"""AoE upcycling: truncated SVD with the singular values split evenly (tests/model/test_lowrank.py), the router
+dropped, a run directory that aoe-ep loads as AoE, a per-layer report of the factorisation error, and a model that
+computes what `aoe-ep router-free --d-low R --node xWdown` computes on the original."""
 
 from __future__ import annotations
 
@@ -10,24 +11,8 @@ from aoe_ep.cli import main
 from aoe_ep.eval.loading import open_checkpoint
 from aoe_ep.hf.errors import ConversionError
 from aoe_ep.hf.export import export_state
-from aoe_ep.hf.upcycle import factorise, upcycle, upcycle_import
+from aoe_ep.hf.upcycle import upcycle, upcycle_import
 from tests.hf.conftest import kind_config, random_model
-
-
-def test_factorise_splits_the_singular_values_evenly():
-    w_DF = torch.randn(12, 20, generator=torch.Generator().manual_seed(0))
-    s_J = torch.linalg.svdvals(w_DF.double())
-    for rank in (3, 7):
-        down_DR, up_RF, error, energy = factorise(w_DF, rank)
-        assert down_DR.shape == (12, rank) and up_RF.shape == (rank, 20)
-        gram = torch.diag(s_J[:rank]).float()
-        torch.testing.assert_close(down_DR.t() @ down_DR, gram, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(up_RF @ up_RF.t(), gram, rtol=1e-5, atol=1e-5)
-        assert error == pytest.approx(float((s_J[rank:] ** 2).sum().sqrt() / (s_J**2).sum().sqrt()), rel=1e-6)
-        assert energy == pytest.approx(float((s_J[:rank] ** 2).sum() / (s_J**2).sum()), rel=1e-9)
-    down_DR, up_RF, error, _ = factorise(w_DF, 12)
-    torch.testing.assert_close(down_DR @ up_RF, w_DF, rtol=1e-5, atol=1e-5)
-    assert error < 1e-6
 
 
 def test_upcycled_run_is_aoe_with_the_factorised_experts(tmp_path, capsys):
@@ -76,3 +61,33 @@ def test_upcycling_refuses_what_it_cannot_do(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--d-low" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@torch.no_grad()
+def test_upcycled_model_is_router_free_selection_at_the_same_rank(tmp_path):
+    """Below full rank, the imported AoE run's logits are the original Mixtral's with every MoE block replaced by
+    router-free selection at `xWdown` with the same d_low (scores ‖x W_down‖, top-K, softmax gates over the chosen
+    norms, experts on W_down W_up), and not those at another rank: the run's d_low, selection and gates are the
+    factors' of that rank."""
+    transformers = pytest.importorskip("transformers")
+    from aoe_ep.analysis.router_free import RouterFreeMoE, moe_blocks
+
+    cfg = kind_config("mixtral")
+    export_state(cfg, random_model(cfg, seed=3).state_dict(), tmp_path / "hf")
+    hf = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    originals = [layer.mlp for layer, _ in moe_blocks(hf)]
+    ids_BS = torch.randint(0, cfg.model.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+
+    def router_free_logits(rank: int) -> torch.Tensor:
+        for layer, block in zip(hf.model.layers, originals):
+            layer.mlp = RouterFreeMoE(block, "xWdown", "l2", "softmax", d_low=rank)
+        return hf(input_ids=ids_BS).logits
+
+    for rank in (3, 5):
+        upcycle_import(tmp_path / "hf", tmp_path / f"run{rank}", rank)
+        with open_checkpoint(tmp_path / f"run{rank}", device="cpu") as loaded:
+            assert loaded.cfg.moe.d_low == rank
+            got = loaded.model(ids_BS).logits
+        torch.testing.assert_close(got, router_free_logits(rank), rtol=1e-4, atol=1e-5)
+        other = router_free_logits(8 - rank)
+        assert (got - other).abs().max() > 1e-3

@@ -141,9 +141,9 @@ def bench_model(
     del base
     kept = {kind: _kept(models[kind], tokens, amp) for kind in contenders}  # also the compiled ones' warm-up
     steps = {kind: _step(models[kind], tokens, amp) for kind in contenders}
-    peak = {kind: _peak(step, device) for kind, step in steps.items()}
     for step in steps.values():
         step()
+    peak = {kind: _peak(step, device) for kind, step in steps.items()}  # of a warm step
     samples = interleaved_samples(steps, iters=1, rounds=rounds, device=device, progress=progress)
     rows = []
     for kind in contenders:

@@ -11,9 +11,11 @@ from aoe_ep.bench import gpu_check
 from aoe_ep.config import ConfigError
 
 
-def test_levers_alone_write_their_json_and_table(tmp_path, capsys):
-    assert gpu_check.main([str(tmp_path), "--device", "cpu", "--only", "levers"]) == 0
-    result = json.loads((tmp_path / "levers.json").read_text())
+def test_the_levers_part_runs_alone_and_writes_its_json_and_table(tmp_path):
+    """As the whole check runs it: `--only levers` in its own process, read back from levers.json."""
+    result = gpu_check._levers(tmp_path, "cpu", 300)
+    assert result["rc"] == 0, (tmp_path / "levers.log").read_text()[-2000:]
+    assert result == {"rc": 0, "seconds": result["seconds"], **json.loads((tmp_path / "levers.json").read_text())}
     assert result["dtype"] == "float32" and result["rounds"] == 1
     assert result["shapes"] == {"tiny (AoE)": [2, 32]} and result["contenders"] == ["none", "selective", "full"]
     rows = {r["contender"]: r for r in result["rows"]}
@@ -21,7 +23,7 @@ def test_levers_alone_write_their_json_and_table(tmp_path, capsys):
     assert rows["full"]["kept_bytes"] < rows["selective"]["kept_bytes"] < rows["none"]["kept_bytes"]
     assert rows["none"]["memory_vs_none"] == 1.0 and rows["none"]["speed_vs_none"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] is None and r["model"] == "tiny (AoE)" for r in rows.values())
-    table = capsys.readouterr().out.split("== aoe-ep GPU check (cpu")[1].splitlines()
+    table = (tmp_path / "levers.log").read_text().split("== aoe-ep GPU check (cpu")[1].splitlines()
     assert [line.split("  ")[0] for line in table[1:]] == [f"tiny (AoE): {c}" for c in ("none", "selective", "full")]
     assert "kept" in table[3] and "of none" in table[3]
 

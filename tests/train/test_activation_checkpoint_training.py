@@ -78,17 +78,13 @@ def _resumed(path, *overrides: str, stop: int, plain_then: tuple[str, ...] = ())
 
 
 def test_stopped_and_resumed_checkpointed_runs_equal_the_plain_run(tmp_path):
-    """AoE: `full` on every block uninterrupted, then `full` and `selective` (every other block) each stopped after
-    step 2 and resumed, and the plain run's checkpoint resumed with `full` on: all equal the plain run bit for bit,
-    with the same logged load statistics."""
+    """AoE: `full` on every block and `selective` on every other block, each stopped after step 2 and resumed, and
+    the plain run's checkpoint resumed with `full` on, all equal the uninterrupted plain run bit for bit (which the
+    uninterrupted checkpointed runs equal: test_activation_checkpoint.py, and the tests below)."""
     extra = BASE + ("train.max_steps=4",)
     plain = _run(small_config(tmp_path / "plain", *extra))
     assert not plain["checkpointed"]
     assert plain["history"][-1][1] < plain["history"][0][1]  # it trains: the comparisons are not of constants
-    whole = _run(small_config(tmp_path / "full", *extra, *_ac("full")))
-    assert whole["checkpointed"]
-    _assert_same_run(whole, plain, "full")
-    assert whole["log"] == plain["log"] and "moe/layer00/tokens_per_expert" in plain["log"][0]
     for mode, every in (("full", 1), ("selective", 2)):
         got = _resumed(tmp_path / f"{mode}_split", *extra, *_ac(mode, every), stop=2)
         assert got["checkpointed"], mode
@@ -182,8 +178,8 @@ def test_bf16_autocast_checkpointed_equals_plain(tmp_path):
     """Under bf16 autocast the recompute replays the forward's bf16 kernels on the same inputs (checkpoint restores
     the autocast state), so the losses are equal, not merely close. That autocast was on: the fp32 run differs, by
     no more than bf16's rounding allows (unit roundoff 2^-8 = 0.4% per rounding, a few roundings deep in two blocks
-    and three steps: 3%)."""
-    extra = BASE + ("train.max_steps=3",)
+    and two steps: 3%)."""
+    extra = BASE + ("train.max_steps=2",)
     runs = {
         mode: _run(small_config(tmp_path / mode, *extra, "train.precision=bf16", *_ac(mode)))
         for mode in ("none", "full", "selective")
@@ -216,6 +212,7 @@ def test_checkpointing_under_ddp_and_expert_parallelism(tmp_path):
     results = run_distributed(2, _ddp_worker, tmp_path)
     log = results[0]["none"]["log"]
     assert any(k.startswith("moe/bytes_per_step/") and v > 0 for k, v in log[0].items())
+    assert "moe/layer00/tokens_per_expert" in log[0]
     for rank, got in enumerate(results):
         assert got["none"]["history"][-1][1] < got["none"]["history"][0][1]
         for mode in ("full", "selective"):

@@ -40,3 +40,23 @@ def test_bf16_autocast_on_a_given_shape():
         bench_train.bench_model("tiny (AoE)", 1, cpu, ("none",), dtype=torch.float16, shape=(1, 16))
     with pytest.raises(ValueError, match="^contenders: must include 'none'"):
         bench_train.bench_model("tiny (AoE)", 1, cpu, ("full",), shape=(1, 16))
+
+
+def test_the_compiled_contender_is_timed_compiled(monkeypatch):
+    """torch.compile runs a module eagerly once it has been called under a dispatch mode (the kept-bytes counter's):
+    the timed steps of `compiled` must run compiled regions."""
+    from torch.profiler import profile
+
+    regions = []
+    timed = bench_train.interleaved_samples
+
+    def spy(steps, *args, **kwargs):
+        with profile() as prof:
+            steps["compiled"]()
+        regions.append(sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region")))
+        return timed(steps, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train, "interleaved_samples", spy)
+    rows = bench_train.bench_model("tiny (AoE)", 1, torch.device("cpu"), ("none", "compiled"), shape=(1, 16))
+    assert regions and regions[0] > 0
+    assert rows[1].kept_bytes == rows[0].kept_bytes  # counted on its eager twin

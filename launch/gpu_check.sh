@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks on one CUDA machine, in about 6 minutes: the `gpu` tests, `aoe-ep bench layer --device cuda --dtype
-# bfloat16`, tokens/s and MFU of the tiny model and of a 4-layer 732M-shaped AoE and MoE, and the routed MoE layer
-# against megatron-core's MoELayer. Writes gpu_check.json and the logs under $OUT (or the first argument), prints a
-# short table last. Uses the Python and torch already there, installs nothing from the network: a megatron-core
+# bfloat16`, tokens/s and MFU of the tiny model and of a 4-layer 732M-shaped AoE and MoE, the routed MoE layer
+# against megatron-core's MoELayer, and the levers in bf16 (activation checkpointing none/selective/full and compiled
+# blocks: tokens/s, kept activation bytes, peak memory; about a minute, most of it compiling). Writes gpu_check.json
+# and the logs under $OUT (or the first argument), prints a short table last. Uses the Python and torch already there, installs nothing from the network: a megatron-core
 # wheel in .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
 # manylinux_2_28_x86_64 megatron-core==0.16.1 -d .whl) is installed with --no-deps when it is missing.
 set -uo pipefail
@@ -28,4 +29,4 @@ import torch
 print(f"gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 PY
-exec timeout 420 "$PY" -m aoe_ep.bench.gpu_check "$OUT_DIR" "${@:2}"
+exec timeout 480 "$PY" -m aoe_ep.bench.gpu_check "$OUT_DIR" "${@:2}"

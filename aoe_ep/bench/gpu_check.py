@@ -4,8 +4,10 @@ the short table printed last summarises them.
 
 Parts: the `gpu` tests (pytest -m gpu); `aoe-ep bench layer --device cuda --dtype bfloat16` on
 configs/bench/gpu.yaml; tokens/s and MFU of the tiny model and of a 4-layer slice of the 732M AoE and MoE models
-(`aoe-ep train` on the built-in corpus, from its log); the routed MoE layer against megatron-core's `MoELayer`.
-`--device cpu` runs the same plumbing on the CPU with small sizes (what the test suite checks).
+(`aoe-ep train` on the built-in corpus, from its log); the routed MoE layer against megatron-core's `MoELayer`;
+the levers (`aoe_ep.bench.train`): activation checkpointing none, selective and full, and compiled blocks, side by
+side in bf16 on the tiny model and the two slices, with tokens/s, kept activation bytes and the allocator's peak.
+`--device cpu` runs the same plumbing on the CPU with small sizes in fp32; `--only levers` runs the levers alone.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from aoe_ep.config import CONFIGS_DIR
+from aoe_ep.config import CONFIGS_DIR, ConfigError
 
 # The source checkout: the `gpu` tests live in its tests/gpu, not in the installed package.
 ROOT = Path(__file__).resolve().parents[2]
+
+# The levers part: (sequences, tokens per sequence) of one micro-batch per model of `aoe_ep.bench.train.MODELS`. On
+# CUDA the slices take the micro-batch of their training runs below (8 x 2048 = 16,384 tokens, about 10 TFLOP a
+# step: tens of milliseconds on an H200, so compiling, not the few timed rounds, takes most of the part's time).
+LEVERS = {
+    "cuda": {"tiny (AoE)": (16, 128), "732M slice, AoE": (8, 2048), "732M slice, MoE": (8, 2048)},
+    "cpu": {"tiny (AoE)": (2, 32)},
+}
+LEVERS_ROUNDS = {"cuda": 3, "cpu": 1}
 
 
 def _run(cmd: list[str], timeout: float, log: Path, cwd: Path | None = None) -> tuple[int, float]:
@@ -123,13 +135,68 @@ def _train(out: Path, name: str, config: str, overrides: list[str], timeout: flo
     return result
 
 
+def levers(device: str, dtype: str, rounds: int, shapes: dict[str, tuple[int, int]], contenders=None) -> dict:
+    """Activation checkpointing none/selective/full and compiled blocks side by side (`aoe_ep.bench.train`), each
+    model of `shapes` on micro-batches of its shape, computing in `dtype` ("bfloat16" under autocast, or "float32"):
+    per model and contender tokens/s, kept activation bytes, the CUDA allocator's peak, and the ratios to `none`.
+    Where this machine cannot compile, the compiled contender is left out and `compile_error` says why."""
+    import torch
+
+    from aoe_ep.bench.train import CONTENDERS, bench_model
+    from aoe_ep.train.compile import check_compile
+
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype: must be 'bfloat16' or 'float32', got {dtype!r}")
+    dev = torch.device(device)
+    contenders = tuple(contenders or CONTENDERS)
+    result: dict = {"dtype": dtype, "rounds": rounds, "shapes": {name: list(shape) for name, shape in shapes.items()}}
+    if "compiled" in contenders:
+        try:
+            check_compile(dev)
+        except ConfigError as err:
+            result["compile_error"] = str(err)
+            contenders = tuple(c for c in contenders if c != "compiled")
+    result["contenders"] = list(contenders)
+    result["rows"] = [
+        asdict(row)
+        for name, shape in shapes.items()
+        for row in bench_model(name, rounds, dev, contenders, dtype=getattr(torch, dtype), shape=shape)
+    ]
+    return result
+
+
+def _levers(out: Path, device: str, timeout: float) -> dict:
+    """The levers part in its own process (`--only levers`), under `timeout`: its result from OUT/levers.json."""
+    path = out / "levers.json"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "aoe_ep.bench.gpu_check", str(out), "--device", device, "--only", "levers"]
+    rc, seconds = _run(cmd, timeout, out / "levers.log")
+    result = {"rc": rc, "seconds": seconds}
+    if path.exists():
+        result.update(json.loads(path.read_text()))
+    return result
+
+
+def _levers_only(out: Path, device: str) -> int:
+    cuda = device == "cuda"
+    # on the CPU without the compiled contender: compiling C++ kernels would take most of the check's time
+    contenders = None if cuda else ("none", "selective", "full")
+    result = levers(device, "bfloat16" if cuda else "float32", LEVERS_ROUNDS[device], LEVERS[device], contenders)
+    (out / "levers.json").write_text(json.dumps(result, indent=2))
+    print_table({"device": device, "levers": result})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="directory for gpu_check.json and the logs")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--only", choices=["levers"], help="run this part alone (writes OUT/levers.json)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.only == "levers":
+        return _levers_only(out, args.device)
     cuda = args.device == "cuda"
     dtype = "bfloat16" if cuda else "float32"
     results: dict = {"device": args.device}
@@ -181,8 +248,31 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:
             results["megatron_moe"] = {"error": f"{type(err).__name__}: {err}"}
         save()
+    results["levers"] = _levers(out, args.device, 120 if cuda else 300)
+    save()
     print_table(results)
     return 0 if all(r.get("rc", 0) == 0 for r in results.values() if isinstance(r, dict)) else 1
+
+
+def _lever_rows(levers: dict) -> list[tuple[str, str]]:
+    """One table row per model and contender of the levers part: tokens/s and memory, each also against `none`."""
+    if not levers:
+        return []
+    if not levers.get("rows"):
+        return [("levers", f"rc {levers.get('rc')} (see levers.log)")]
+    rows = []
+    for r in levers["rows"]:
+        peak = f", peak {r['peak_bytes'] / 2**20:,.0f} MiB" if r.get("peak_bytes") is not None else ""
+        rows.append(
+            (
+                f"{r['model']}: {r['contender']}"[:44],
+                f"{r['tokens_per_s']:,.0f} tokens/s ({r['speed_vs_none']:.2f} of none), kept "
+                f"{r['kept_bytes'] / 2**20:,.1f} MiB ({r['memory_vs_none']:.2f}){peak}",
+            )
+        )
+    if "compile_error" in levers:
+        rows.append(("levers: compiled", levers["compile_error"][:100]))
+    return rows
 
 
 def print_table(results: dict) -> None:
@@ -214,6 +304,7 @@ def print_table(results: dict) -> None:
         )
     elif m:
         rows.append(("vs megatron MoELayer", m.get("megatron_error") or m.get("error", "?")))
+    rows += _lever_rows(results.get("levers", {}))
     width = max((len(a) for a, _ in rows), default=10)
     print(f"\n== aoe-ep GPU check ({results['device']}, {results.get('seconds', 0):.0f} s) ==")
     for a, b in rows:

@@ -4,7 +4,10 @@ Per model (the tiny preset, and 4-layer slices of the 732M AoE and routed-MoE sh
 of weights: no activation checkpointing, `selective`, `full` (eager), and `compiled` (train.compile, no
 checkpointing). Each is timed in interleaved rounds (`aoe_ep.bench.measure`); a ratio is the median over rounds of
 the ratio within a round, which a shared machine's drift spares. Memory is what a forward keeps for backward
-(`kept_bytes_counter`: autograd's saved tensors and what checkpointing holds itself), parameters excluded.
+(`kept_bytes_counter`: autograd's saved tensors and what checkpointing holds itself), parameters excluded; on CUDA
+also the allocator's peak over one forward+backward (`torch.cuda.max_memory_allocated`, above what was allocated
+before it). `bench_model` takes the device, the compute dtype (bf16 runs under autocast, as `train.precision: bf16`
+does) and the micro-batch shape, which `aoe_ep.bench.gpu_check` sets for one GPU.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from typing import Optional
 
 import torch
 
-from aoe_ep.bench.measure import interleaved_samples, kept_bytes_counter, paired_speedup
+from aoe_ep.bench.measure import interleaved_samples, kept_bytes_counter, paired_speedup, synchronize
 from aoe_ep.config import Config, load_config
 from aoe_ep.model import Decoder, token_cross_entropy
 from aoe_ep.train.activation_checkpoint import apply_activation_checkpointing
 from aoe_ep.train.compile import compile_blocks
+from aoe_ep.train.validation import autocast
 
 MODELS = {
     "tiny (AoE)": ("tiny", []),
@@ -45,6 +49,7 @@ class Row:
     speed_vs_none: float  # median per-round ratio of tokens/s against `none`
     speed_range: tuple[float, float]
     memory_vs_none: float
+    peak_bytes: Optional[int] = None  # CUDA only: the allocator's peak over one step, above what was allocated before
 
 
 def _config(name: str, batch: int, seq: int) -> Config:
@@ -64,26 +69,35 @@ def _contender(base: Decoder, kind: str, device: torch.device) -> Decoder:
     return model.train()
 
 
-def _loss(model: Decoder, tokens_BS: torch.Tensor) -> torch.Tensor:
-    out = model(tokens_BS)
-    ce_sum, count = token_cross_entropy(
-        out.logits, tokens_BS.roll(-1, 1), torch.ones_like(tokens_BS, dtype=torch.float32)
-    )
-    return ce_sum / count + out.aux_loss
+def _autocast_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The autocast dtype of a compute dtype: None for fp32 (no autocast)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype: must be torch.float32 or torch.bfloat16, got {dtype}")
+    return None if dtype == torch.float32 else dtype
 
 
-def _step(model: Decoder, tokens_BS: torch.Tensor) -> Callable[[], None]:
+def _loss(model: Decoder, tokens_BS: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The training loss of one micro-batch, its forward under autocast to `dtype` (None: fp32)."""
+    with autocast(dtype, tokens_BS.device):
+        out = model(tokens_BS)
+        ce_sum, count = token_cross_entropy(
+            out.logits, tokens_BS.roll(-1, 1), torch.ones_like(tokens_BS, dtype=torch.float32)
+        )
+        return ce_sum / count + out.aux_loss
+
+
+def _step(model: Decoder, tokens_BS: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
     def step() -> None:
-        _loss(model, tokens_BS).backward()
+        _loss(model, tokens_BS, dtype).backward()
         for p in model.parameters():
             p.grad = None
 
     return step
 
 
-def _kept(model: Decoder, tokens_BS: torch.Tensor) -> int:
+def _kept(model: Decoder, tokens_BS: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int:
     with kept_bytes_counter(exclude=list(model.parameters())) as kept:
-        loss = _loss(model, tokens_BS)
+        loss = _loss(model, tokens_BS, dtype)
     measured = kept()
     loss.backward()
     for p in model.parameters():
@@ -91,19 +105,51 @@ def _kept(model: Decoder, tokens_BS: torch.Tensor) -> int:
     return measured
 
 
-def bench_model(name: str, rounds: int, device: torch.device, contenders=CONTENDERS, progress=None) -> list[Row]:
-    batch, seq = SHAPES[name]
+def _peak(step: Callable[[], None], device: torch.device) -> Optional[int]:
+    """The CUDA allocator's peak over one call of `step`, above what was allocated before it; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def bench_model(
+    name: str,
+    rounds: int,
+    device: torch.device,
+    contenders=CONTENDERS,
+    progress=None,
+    dtype: torch.dtype = torch.float32,
+    shape: Optional[tuple[int, int]] = None,
+) -> list[Row]:
+    """The contenders of model `name` side by side on `device`, computing in `dtype` (fp32, or bf16 under
+    autocast), on micro-batches of `shape` (sequences, tokens per sequence; default `SHAPES[name]`)."""
+    amp = _autocast_dtype(dtype)
+    if "none" not in contenders:
+        raise ValueError(f"contenders: must include 'none', the reference of the ratios, got {tuple(contenders)}")
+    batch, seq = shape or SHAPES[name]
     cfg = _config(name, batch, seq)
     torch.manual_seed(0)
     with torch.device(device):
         base = Decoder(cfg.model, cfg.moe)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), device=device)
     models = {kind: _contender(base, kind, device) for kind in contenders}
+    # A compiled module runs eagerly from its first call under a dispatch mode on (torch.compile skips the frame and
+    # remembers it), and the kept-bytes counter is one: `compiled` is counted on an eager twin, which keeps what `none`
+    # keeps, and never called under the counter. Its compiled memory shows in the CUDA peak.
+    kept = {
+        kind: _kept(_contender(base, "none", device) if kind == "compiled" else models[kind], tokens, amp)
+        for kind in contenders
+    }
     del base
-    kept = {kind: _kept(models[kind], tokens) for kind in contenders}  # also the compiled ones' warm-up
-    steps = {kind: _step(models[kind], tokens) for kind in contenders}
+    steps = {kind: _step(models[kind], tokens, amp) for kind in contenders}
     for step in steps.values():
         step()
+    peak = {kind: _peak(step, device) for kind, step in steps.items()}  # of a warm step
     samples = interleaved_samples(steps, iters=1, rounds=rounds, device=device, progress=progress)
     rows = []
     for kind in contenders:
@@ -117,13 +163,17 @@ def bench_model(name: str, rounds: int, device: torch.device, contenders=CONTEND
                 speed_vs_none=ratio,
                 speed_range=(low, high),
                 memory_vs_none=kept[kind] / kept["none"],
+                peak_bytes=peak[kind],
             )
         )
     return rows
 
 
 def table(rows: list[Row]) -> str:
+    """The rows as an aligned text table; a "peak MiB" column where any row has a CUDA peak."""
+    peaks = any(r.peak_bytes is not None for r in rows)
     head = ("model", "contender", "tokens/s", "kept MiB", "memory / none", "speed / none", "round range")
+    head += ("peak MiB",) if peaks else ()
     lines = [
         (
             r.model,
@@ -134,6 +184,7 @@ def table(rows: list[Row]) -> str:
             f"{r.speed_vs_none:.2f}",
             f"{r.speed_range[0]:.2f}-{r.speed_range[1]:.2f}",
         )
+        + ((f"{r.peak_bytes / 2**20:,.1f}" if r.peak_bytes is not None else "-",) if peaks else ())
         for r in rows
     ]
     widths = [max(len(x[i]) for x in lines + [head]) for i in range(len(head))]

@@ -1,20 +1,33 @@
 """`torch.compile` applied from outside the model: `compile_blocks(model, device)`.
 
-Compiled per decoder block: the two RMSNorms, attention and a dense SwiGLU, each as its own graph
-(`nn.Module.compile`, in place, so parameter names and checkpoints are unchanged). An MoE layer runs eagerly: its
-dispatchers read host-side sizes (rows per expert, per rank) every step, each of which would break the graph or
-recompile it. Before anything is compiled, one tiny function is compiled and run on the device, so that a machine
-that cannot compile (no C++ compiler for CPU code, a torch without a working inductor) stops the run at start-up
-with one clear error rather than at its first step.
+Compiled per decoder block, each as one graph (`dynamic=False`), in place, so that parameter names and checkpoints
+are unchanged:
+- the block up to its FFN, `DecoderBlock.mix`: both RMSNorms, attention and the residual add between them (one graph
+  boundary per block instead of three; the norms fuse with the residual add). With a KV cache (generation) it runs
+  eagerly: the cache's length changes every decoding step, which would recompile it each time.
+- a dense SwiGLU (`nn.Module.compile`).
+- an MoE layer's gating on a single device, `MoELayer.gate`: the gates, the softmax over all experts, the
+  per-token entropy and selection margin, the batch sums and the balancing loss, forward and backward.
+The rest of an MoE layer runs eagerly: the decision's grouping, the experts and the combine read host-side sizes
+(rows per expert, per rank), each of which would break the graph or recompile it; under expert parallelism the
+gating's batch sums are collectives, so it stays eager there too.
+
+Before anything is compiled, one tiny function is compiled and run on the device, so that a machine that cannot
+compile (no C++ compiler for CPU code, a torch without a working inductor) stops the run at start-up with one
+clear error rather than at its first step. Apply after activation checkpointing and before the data-parallel
+wrapper.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from aoe_ep.config import ConfigError
 from aoe_ep.moe import MoELayer
+from aoe_ep.moe.dispatcher import LocalDispatcher
 
 
 def _probe(x: torch.Tensor) -> torch.Tensor:
@@ -38,23 +51,51 @@ def check_compile(device: torch.device) -> None:
         raise ConfigError(f"train.compile: compiled code on {device.type} gives wrong results; set train.compile=false")
 
 
-def compiled_modules(model: nn.Module) -> list[nn.Module]:
-    """The submodules `compile_blocks` compiles: each block's norms, attention and dense FFN."""
+def compiled_methods(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, method name) of each piece `compile_blocks` compiles, in block order: every block's `mix`, a dense
+    block's FFN `forward`, and a single-device MoE layer's `gate`."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(f"compile needs a decoder with `blocks`, got {type(model).__name__}")
     out = []
     for block in blocks:
-        out += [block.attn_norm, block.attn, block.ffn_norm]
+        out.append((block, "mix"))
         if not isinstance(block.ffn, MoELayer):
-            out.append(block.ffn)
+            out.append((block.ffn, "forward"))
+        elif isinstance(block.ffn.dispatcher, LocalDispatcher):
+            out.append((block.ffn, "gate"))
     return out
 
 
-def compile_blocks(model: nn.Module, device: torch.device) -> list[nn.Module]:
-    """Check that `device` can compile, then compile the modules `compiled_modules` names, in place."""
+def is_compiled(module: nn.Module, name: str) -> bool:
+    """Whether `compile_blocks` has compiled `module`'s method `name`."""
+    if name == "forward":
+        return module._compiled_call_impl is not None
+    return getattr(getattr(module, name), "compiled", False)
+
+
+def _compiled_mix(eager: Callable) -> Callable:
+    compiled = torch.compile(eager, dynamic=False)
+
+    def mix(x_BSD: torch.Tensor, cache=None):
+        return compiled(x_BSD) if cache is None else eager(x_BSD, cache)
+
+    return mix
+
+
+def compile_blocks(model: nn.Module, device: torch.device) -> list[tuple[nn.Module, str]]:
+    """Check that `device` can compile, then compile the methods `compiled_methods` names, in place (an instance
+    attribute over the class's method; `forward` through `nn.Module.compile`). Returns them."""
     check_compile(device)
-    modules = compiled_modules(model)
-    for module in modules:
-        module.compile(dynamic=False)
-    return modules
+    methods = compiled_methods(model)
+    for module, name in methods:
+        if is_compiled(module, name):
+            continue
+        if name == "forward":
+            module.compile(dynamic=False)
+            continue
+        eager = getattr(module, name)
+        run = _compiled_mix(eager) if name == "mix" else torch.compile(eager, dynamic=False)
+        run.compiled = True
+        setattr(module, name, run)
+    return methods

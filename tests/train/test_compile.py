@@ -11,7 +11,8 @@ from aoe_ep.train.trainer import Trainer
 from tests.train.synthetic import BUILDERS, small_config
 
 
-def _losses(tmp_path, *overrides: str) -> list[tuple[float, float]]:
+def _losses(tmp_path, *overrides: str) -> list[float]:
+    """Each step's loss and aux loss, in turn (flat: `pytest.approx` compares nested tuples exactly)."""
     cfg = small_config(
         tmp_path,
         "model.n_layers=2",
@@ -22,9 +23,11 @@ def _losses(tmp_path, *overrides: str) -> list[tuple[float, float]]:
         *overrides,
     )
     with Trainer(cfg, data=BUILDERS) as trainer:
-        compiled = [m._compiled_call_impl is not None for m in compile_module.compiled_modules(trainer.dp.model)]
-        assert compiled == [cfg.train.compile] * 6  # two blocks: their norms and attention (the FFNs are MoE)
-        return [(r.loss, r.aux_loss) for r in trainer.fit().history]
+        methods = compile_module.compiled_methods(trainer.dp.model)
+        # two blocks: each block's norms and attention (`mix`) and its MoE layer's gating
+        assert [name for _, name in methods] == ["mix", "gate"] * 2
+        assert [compile_module.is_compiled(*m) for m in methods] == [cfg.train.compile] * 4
+        return [value for r in trainer.fit().history for value in (r.loss, r.aux_loss)]
 
 
 def test_compiled_blocks_train_like_eager(tmp_path):

@@ -1,16 +1,19 @@
 """`torch.compile` applied from outside the model: `compile_blocks(model, device)`.
 
-Compiled per decoder block, each as one graph (`dynamic=False`), in place, so that parameter names and checkpoints
-are unchanged:
+Compiled per decoder block, each as one graph (`dynamic=False`), in place (an instance attribute over the class's
+method), so that parameter names and checkpoints are unchanged:
 - the block up to its FFN, `DecoderBlock.mix`: both RMSNorms, attention and the residual add between them (one graph
-  boundary per block instead of three; the norms fuse with the residual add). With a KV cache (generation) it runs
-  eagerly: the cache's length changes every decoding step, which would recompile it each time.
-- a dense SwiGLU (`nn.Module.compile`).
-- an MoE layer's gating on a single device, `MoELayer.gate`: the gates, the softmax over all experts, the
-  per-token entropy and selection margin, the batch sums and the balancing loss, forward and backward.
+  boundary per block instead of three; the norms fuse with the residual add);
+- a dense SwiGLU's `forward`;
+- an MoE layer's gating on a single device, `MoELayer.gate`: the gates, the softmax over all experts, the per-token
+  entropy and selection margin, the batch sums and the balancing loss, forward and backward.
 The rest of an MoE layer runs eagerly: the decision's grouping, the experts and the combine read host-side sizes
 (rows per expert, per rank), each of which would break the graph or recompile it; under expert parallelism the
 gating's batch sums are collectives, so it stays eager there too.
+
+The compiled pieces run compiled while their module is training and without a KV cache; in eval mode (validation,
+evaluation, generation) they run eagerly: prompt lengths and decoding steps change the shapes every call, and each
+new shape would compile again.
 
 Before anything is compiled, one tiny function is compiled and run on the device, so that a machine that cannot
 compile (no C++ compiler for CPU code, a torch without a working inductor) stops the run at start-up with one
@@ -69,33 +72,27 @@ def compiled_methods(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def is_compiled(module: nn.Module, name: str) -> bool:
     """Whether `compile_blocks` has compiled `module`'s method `name`."""
-    if name == "forward":
-        return module._compiled_call_impl is not None
     return getattr(getattr(module, name), "compiled", False)
 
 
-def _compiled_mix(eager: Callable) -> Callable:
+def _while_training(module: nn.Module, eager: Callable, takes_cache: bool) -> Callable:
+    """`eager` compiled, run so while `module` trains (and, for a method that `takes_cache` as its second argument,
+    without a KV cache), else eagerly."""
     compiled = torch.compile(eager, dynamic=False)
 
-    def mix(x_BSD: torch.Tensor, cache=None):
-        return compiled(x_BSD) if cache is None else eager(x_BSD, cache)
+    def run(*args, **kwargs):
+        cached = takes_cache and (kwargs.get("cache") is not None or (len(args) > 1 and args[1] is not None))
+        return compiled(*args, **kwargs) if module.training and not cached else eager(*args, **kwargs)
 
-    return mix
+    run.compiled = True
+    return run
 
 
 def compile_blocks(model: nn.Module, device: torch.device) -> list[tuple[nn.Module, str]]:
-    """Check that `device` can compile, then compile the methods `compiled_methods` names, in place (an instance
-    attribute over the class's method; `forward` through `nn.Module.compile`). Returns them."""
+    """Check that `device` can compile, then compile the methods `compiled_methods` names, in place. Returns them."""
     check_compile(device)
     methods = compiled_methods(model)
     for module, name in methods:
-        if is_compiled(module, name):
-            continue
-        if name == "forward":
-            module.compile(dynamic=False)
-            continue
-        eager = getattr(module, name)
-        run = _compiled_mix(eager) if name == "mix" else torch.compile(eager, dynamic=False)
-        run.compiled = True
-        setattr(module, name, run)
+        if not is_compiled(module, name):
+            setattr(module, name, _while_training(module, getattr(module, name), takes_cache=name == "mix"))
     return methods

@@ -24,3 +24,20 @@ def test_tiny_model_side_by_side(monkeypatch):
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="^--models: 'huge'"):
         bench_train.main(["huge"], 1, "cpu", None)
+
+
+def test_compiled_contender_is_timed_compiled(monkeypatch):
+    """Its timed steps run compiled graphs: measuring memory first (under a dispatch mode) left it eager for good."""
+    monkeypatch.setitem(bench_train.SHAPES, "tiny (AoE)", (2, 32))
+    timed = []
+
+    def samples(steps, **kwargs):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            steps["compiled"]()
+        timed.extend(e.key for e in prof.key_averages())
+        return {kind: [1.0] for kind in steps}
+
+    monkeypatch.setattr(bench_train, "interleaved_samples", samples)
+    torch._dynamo.reset()
+    bench_train.bench_model("tiny (AoE)", 1, torch.device("cpu"), contenders=("none", "compiled"))
+    assert any(key.startswith("Torch-Compiled Region") for key in timed)

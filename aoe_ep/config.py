@@ -425,8 +425,8 @@ class TrainConfig:
     (FSDP2) for the non-expert weights; device "auto" | "cpu" | "cuda"; peak_tflops per GPU for MFU (0: by name);
     max_bad_steps: consecutive steps with a non-finite loss or gradient norm (each skipped on every rank) that stop
     the run. activation_checkpointing "none" | "selective" | "full" on every `ac_every`-th decoder block
-    (aoe_ep/train/activation_checkpoint.py); compile: torch.compile the blocks' attention, norms and dense FFNs
-    (aoe_ep/train/compile.py).
+    (aoe_ep/train/activation_checkpoint.py); compile: torch.compile each block's norms and attention as one graph,
+    dense FFNs and, on one device, the MoE layers' gating (aoe_ep/train/compile.py).
     """
 
     max_steps: int = 200

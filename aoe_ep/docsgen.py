@@ -130,7 +130,7 @@ CONFIG_HELP = {
     "train.activation_checkpointing": "recompute in backward: `full` keeps only each block's input, `selective` "
     "recomputes element-wise work only (docs/performance.md)",
     "train.ac_every": "checkpoint every N-th block (blocks 0, N, 2N, ...)",
-    "train.compile": "torch.compile each block's norms, attention and dense FFN (the MoE layers stay eager)",
+    "train.compile": "torch.compile each block's norms and attention as one graph, dense FFNs, MoE gating (one device)",
 }
 
 # Every key the trainer logs (log.jsonl and tensorboard), NN standing for the layer index and COLL for a collective.

@@ -4,10 +4,11 @@ Per model (the tiny preset, and 4-layer slices of the 732M AoE and routed-MoE sh
 of weights: no activation checkpointing, `selective`, `full` (eager), and `compiled` (train.compile, no
 checkpointing). Each is timed in interleaved rounds (`aoe_ep.bench.measure`); a ratio is the median over rounds of
 the ratio within a round, which a shared machine's drift spares. Memory is what a forward keeps for backward
-(`kept_bytes_counter`: autograd's saved tensors and what checkpointing holds itself), parameters excluded; on CUDA
-also the allocator's peak over one forward+backward (`torch.cuda.max_memory_allocated`, above what was allocated
-before it). `bench_model` takes the device, the compute dtype (bf16 runs under autocast, as `train.precision: bf16`
-does) and the micro-batch shape, which `aoe_ep.bench.gpu_check` sets for one GPU.
+(`kept_bytes_counter`: autograd's saved tensors and what checkpointing holds itself), parameters excluded; the
+compiled contender's is that of its eager twin, since compiled code does not run under the recorder. On CUDA also
+the allocator's peak over one forward+backward (`torch.cuda.max_memory_allocated`, above what was allocated before
+it). `bench_model` takes the device, the compute dtype (bf16 runs under autocast, as `train.precision: bf16` does)
+and the micro-batch shape, which `aoe_ep.bench.gpu_check` sets for one GPU.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def bench_model(
     del base
     steps = {kind: _step(models[kind], tokens, amp) for kind in contenders}
     for step in steps.values():
-        step()
+        step()  # warm-up: the compiled ones compile here
     peak = {kind: _peak(step, device) for kind, step in steps.items()}  # of a warm step
     samples = interleaved_samples(steps, iters=1, rounds=rounds, device=device, progress=progress)
     rows = []

@@ -44,14 +44,20 @@ class DecoderBlock(nn.Module):
             MoELayer(moe, ep_group=ep_group, index=index) if self.is_moe else DenseSwiGLU(model.d_model, model.d_ffn)
         )
 
+    def mix(self, x_BSD: torch.Tensor, cache: Optional[LayerKVCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block up to its FFN: (h = x + Attn(RMSNorm(x)), the FFN's input RMSNorm(h)). One method, so that
+        `train.compile` can compile it as one graph (aoe_ep/train/compile.py)."""
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cache)
+        return h_BSD, self.ffn_norm(h_BSD)
+
     def forward(
         self, x_BSD: torch.Tensor, cache: Optional[LayerKVCache] = None, ctx: StepContext = DEFAULT_CONTEXT
     ) -> tuple[torch.Tensor, Optional[MoEInfo]]:
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cache)
+        h_BSD, n_BSD = self.mix(x_BSD, cache)
         if self.is_moe:
-            f_BSD, info = self.ffn(self.ffn_norm(h_BSD), ctx=ctx)
+            f_BSD, info = self.ffn(n_BSD, ctx=ctx)
             return h_BSD + f_BSD, info
-        return h_BSD + self.ffn(self.ffn_norm(h_BSD)), None
+        return h_BSD + self.ffn(n_BSD), None
 
 
 class Decoder(nn.Module):

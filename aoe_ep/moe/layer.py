@@ -22,13 +22,13 @@ from torch import nn
 from aoe_ep.config import MoEConfig
 from aoe_ep.moe.balancing import THRESHOLD_BIAS_INIT, build_balancing, build_coupling
 from aoe_ep.moe.context import DEFAULT_CONTEXT, StepContext
-from aoe_ep.moe.dispatcher import Dispatcher, build_dispatcher
+from aoe_ep.moe.dispatcher import Dispatcher, TokenLayout, build_dispatcher
 from aoe_ep.moe.experts import build_experts, compute_dtype
 from aoe_ep.moe.losses import scale_gradient, token_entropy
 from aoe_ep.moe.placement import Placement
 from aoe_ep.moe.scorers import build_scorer, scorer_sharded_over_ep
 from aoe_ep.moe.selection import weigh
-from aoe_ep.moe.stats import LoadStats, selection_margin
+from aoe_ep.moe.stats import BatchSums, LoadStats, selection_margin
 
 __all__ = ["THRESHOLD_BIAS_INIT", "LayerTiming", "MoEInfo", "MoELayer", "StepContext"]
 
@@ -142,6 +142,26 @@ class MoELayer(nn.Module):
         else:
             torch._assert_async(nonfinite == 0, "MoELayer input holds NaN or infinite values")
 
+    def gate(
+        self, s_SE: torch.Tensor, s_dec_SE: torch.Tensor, mask_SE: torch.Tensor, layout: TokenLayout
+    ) -> tuple[torch.Tensor, BatchSums, torch.Tensor]:
+        """(gates_SE, the batch sums, the balancing loss) from the differentiable scores s_SE, the decision's scores
+        and its mask. One method, so that `train.compile` can compile it as one graph on a single device
+        (aoe_ep/train/compile.py); under expert parallelism the sums are collectives and it stays eager."""
+        d, scheme = self.dispatcher, self.balancing
+        g_SE = scheme.gates(self, s_SE)
+        probs_SE, gates_SE = weigh(s_SE, mask_SE, self.cfg.gate, g_SE)
+        entropy_S = token_entropy(s_SE, probs_SE)
+        # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded.
+        margin_S = (
+            None
+            if self.cfg.selection == "expert_choice"
+            else selection_margin(scheme.ranked(self, s_dec_SE, g_SE), mask_SE)
+        )
+        sums = d.global_sums(mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S, g_SE)
+        loss = scheme.loss(self, d.own_rows(layout), mask_SE, probs_SE, entropy_S, g_SE, sums)
+        return gates_SE, sums, loss
+
     def forward(self, x: torch.Tensor, ctx: StepContext = DEFAULT_CONTEXT) -> tuple[torch.Tensor, MoEInfo]:
         cfg, d, scheme = self.cfg, self.dispatcher, self.balancing
         nonfinite = count_nonfinite(x, cfg.d_model)
@@ -161,18 +181,7 @@ class MoELayer(nn.Module):
         # dispatch: the selected rows reach their experts' ranks; the differentiable scores come back attached
         rows, state, s_SX = d.dispatch(x_TD, xs_SD, scores, decision, layout)
         s_SE = d.attach_scores(s_SX, s_dec_SE, layout)
-        g_SE = scheme.gates(self, s_SE)
-        probs_SE, gates_SE = weigh(s_SE, decision.mask_SE, cfg.gate, g_SE)
-        entropy_S = token_entropy(s_SE, probs_SE)
-        # Expert choice decides per expert, so a token's score margin says nothing about it: none is recorded.
-        margin_S = (
-            None
-            if cfg.selection == "expert_choice"
-            else selection_margin(scheme.ranked(self, s_dec_SE, g_SE), decision.mask_SE)
-        )
-        sums = d.global_sums(decision.mask_SE, probs_SE, entropy_S, s_SE, layout, margin_S, g_SE)
-        own = d.own_rows(layout)
-        loss = scheme.loss(self, own, decision.mask_SE, probs_SE, entropy_S, g_SE, sums)
+        gates_SE, sums, loss = self.gate(s_SE, s_dec_SE, decision.mask_SE, layout)
 
         # experts (with the ERC gate norms in the same call: FSDP2 gathers their weights once per forward)
         coupling = self.coupling if self.training else None
@@ -198,7 +207,7 @@ class MoELayer(nn.Module):
             stats=sums.stats(),
             timing=LayerTiming(expert_seconds, combine_seconds),
             nonfinite_inputs=layout.nonfinite,
-            mask_TE=decision.mask_SE[own] if ctx.record_selection else None,
+            mask_TE=decision.mask_SE[d.own_rows(layout)] if ctx.record_selection else None,
             erc_loss=None if erc is None else erc.detach(),
             erc_eps=None if erc is None else eps_n.mean(),
         )

@@ -1,20 +1,36 @@
 """`torch.compile` applied from outside the model: `compile_blocks(model, device)`.
 
-Compiled per decoder block: the two RMSNorms, attention and a dense SwiGLU, each as its own graph
-(`nn.Module.compile`, in place, so parameter names and checkpoints are unchanged). An MoE layer runs eagerly: its
-dispatchers read host-side sizes (rows per expert, per rank) every step, each of which would break the graph or
-recompile it. Before anything is compiled, one tiny function is compiled and run on the device, so that a machine
-that cannot compile (no C++ compiler for CPU code, a torch without a working inductor) stops the run at start-up
-with one clear error rather than at its first step.
+Compiled per decoder block, each as one graph (`dynamic=False`), in place (an instance attribute over the class's
+method), so that parameter names and checkpoints are unchanged:
+- the block up to its FFN, `DecoderBlock.mix`: both RMSNorms, attention and the residual add between them (one graph
+  boundary per block instead of three; the norms fuse with the residual add);
+- a dense SwiGLU's `forward`;
+- an MoE layer's gating on a single device, `MoELayer.gate`: the gates, the softmax over all experts, the per-token
+  entropy and selection margin, the batch sums and the balancing loss, forward and backward.
+The rest of an MoE layer runs eagerly: the decision's grouping, the experts and the combine read host-side sizes
+(rows per expert, per rank), each of which would break the graph or recompile it; under expert parallelism the
+gating's batch sums are collectives, so it stays eager there too.
+
+The compiled pieces run compiled while their module is training and without a KV cache; in eval mode (validation,
+evaluation, generation) they run eagerly: prompt lengths and decoding steps change the shapes every call, and each
+new shape would compile again.
+
+Before anything is compiled, one tiny function is compiled and run on the device, so that a machine that cannot
+compile (no C++ compiler for CPU code, a torch without a working inductor) stops the run at start-up with one
+clear error rather than at its first step. Apply after activation checkpointing and before the data-parallel
+wrapper.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from aoe_ep.config import ConfigError
 from aoe_ep.moe import MoELayer
+from aoe_ep.moe.dispatcher import LocalDispatcher
 
 
 def _probe(x: torch.Tensor) -> torch.Tensor:
@@ -38,23 +54,45 @@ def check_compile(device: torch.device) -> None:
         raise ConfigError(f"train.compile: compiled code on {device.type} gives wrong results; set train.compile=false")
 
 
-def compiled_modules(model: nn.Module) -> list[nn.Module]:
-    """The submodules `compile_blocks` compiles: each block's norms, attention and dense FFN."""
+def compiled_methods(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, method name) of each piece `compile_blocks` compiles, in block order: every block's `mix`, a dense
+    block's FFN `forward`, and a single-device MoE layer's `gate`."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(f"compile needs a decoder with `blocks`, got {type(model).__name__}")
     out = []
     for block in blocks:
-        out += [block.attn_norm, block.attn, block.ffn_norm]
+        out.append((block, "mix"))
         if not isinstance(block.ffn, MoELayer):
-            out.append(block.ffn)
+            out.append((block.ffn, "forward"))
+        elif isinstance(block.ffn.dispatcher, LocalDispatcher):
+            out.append((block.ffn, "gate"))
     return out
 
 
-def compile_blocks(model: nn.Module, device: torch.device) -> list[nn.Module]:
-    """Check that `device` can compile, then compile the modules `compiled_modules` names, in place."""
+def is_compiled(module: nn.Module, name: str) -> bool:
+    """Whether `compile_blocks` has compiled `module`'s method `name`."""
+    return getattr(getattr(module, name), "compiled", False)
+
+
+def _while_training(module: nn.Module, eager: Callable, takes_cache: bool) -> Callable:
+    """`eager` compiled, run so while `module` trains (and, for a method that `takes_cache` as its second argument,
+    without a KV cache), else eagerly."""
+    compiled = torch.compile(eager, dynamic=False)
+
+    def run(*args, **kwargs):
+        cached = takes_cache and (kwargs.get("cache") is not None or (len(args) > 1 and args[1] is not None))
+        return compiled(*args, **kwargs) if module.training and not cached else eager(*args, **kwargs)
+
+    run.compiled = True
+    return run
+
+
+def compile_blocks(model: nn.Module, device: torch.device) -> list[tuple[nn.Module, str]]:
+    """Check that `device` can compile, then compile the methods `compiled_methods` names, in place. Returns them."""
     check_compile(device)
-    modules = compiled_modules(model)
-    for module in modules:
-        module.compile(dynamic=False)
-    return modules
+    methods = compiled_methods(model)
+    for module, name in methods:
+        if not is_compiled(module, name):
+            setattr(module, name, _while_training(module, getattr(module, name), takes_cache=name == "mix"))
+    return methods

@@ -133,8 +133,9 @@ def moe_layer_bytes(
     - experts: their rows' tokens [M, d], the two pre-activations [M, W] (SiLU and the product are recomputed in
       backward), a routed MoE's factorised experts their own cache rows [M, L]; the routing indices [M] (int64;
       AoE's cache rows add the expert index);
-    - combine (fp32): the rows' token index [M], gate values [M], the expert outputs and the weighted rows [M, d];
-      `allgather` adds the indices of the rows it returns and receives (int64) and the received rows [R, d].
+    - combine (fp32): the rows' token index [M], gate values [M] and the expert outputs [M, d] (the gates'
+      gradient reads them; the sum over a token's rows keeps only its index); `allgather` adds the indices of the
+      rows it returns and receives (int64).
     """
     t, c, d, n, autocast = scored_tokens, mb.compute_bytes, cfg.d_model, cfg.num_experts, mb.autocast
     aoe = cfg.scorer == "aoe"
@@ -151,7 +152,7 @@ def moe_layer_bytes(
     width = expert_width(cfg, c, mb.device, rows / max(num_local, 1))
     out["experts"] = rows * d * c + 2 * rows * width * c + own_cache + rows * INDEX * (2 if aoe else 1)
     sent, received = returned
-    out["combine"] = rows * INDEX + rows * FP32 + 2 * rows * d * FP32 + (sent + received) * INDEX + received * d * c
+    out["combine"] = rows * INDEX + rows * FP32 + rows * d * FP32 + (sent + received) * INDEX
     return out
 
 

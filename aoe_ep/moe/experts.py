@@ -211,9 +211,7 @@ class SwiGLUExperts(nn.Module):
         """The experts' outputs for the grouped rows; with `gate_norms_of` (rows [N, d]) also ‖row · Wg_j‖ for every
         held expert j, [N, E] (the ERC loss), from the same call: FSDP2 gathers the weights once and reduces their
         gradient once (a second differentiable call of a sharded module would be reduced apart)."""
-        y_MD = grouped_glu(
-            x_MD, x_MD, self.w_gate, self.w_p, self.w_o, groups, self.kernel, self.recompute_activations
-        )
+        y_MD = grouped_glu(x_MD, x_MD, self.w_gate, self.w_p, self.w_o, groups, self.kernel, self.recompute_activations)
         return y_MD if gate_norms_of is None else (y_MD, erc_gate_norms(gate_norms_of, self.w_gate))
 
 

@@ -130,7 +130,12 @@ def test_recomputed_pre_activations_give_identical_results(kernel, counts, gate_
         x, g = x0.clone().requires_grad_(), g0.clone().requires_grad_()
         ws = [w.clone().requires_grad_() for w in ws0]
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+
+        def pack(t, saved=saved):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = grouped_glu(x, x if gate_input == "x" else g, *ws, _groups(counts), kernel, recompute=recompute)
         y.backward(dy)
         results[recompute] = [y.detach(), x.grad] + [w.grad for w in ws] + ([g.grad] if gate_input == "cache" else [])

@@ -128,7 +128,7 @@ CONFIG_HELP = {
     "train.peak_tflops": "peak bf16 TFLOP/s per GPU for MFU (0: from the GPU's name)",
     "train.max_bad_steps": "consecutive non-finite steps (each skipped on every rank) that stop the run",
     "train.activation_checkpointing": "recompute in backward: `full` keeps only each block's input, `selective` "
-    "recomputes element-wise work only (docs/performance.md)",
+    "recomputes element-wise work and the experts' gate and up products, never a collective (docs/performance.md)",
     "train.ac_every": "checkpoint every N-th block (blocks 0, N, 2N, ...)",
     "train.compile": "torch.compile each block's norms and attention as one graph, dense FFNs, MoE gating (one device)",
 }

@@ -6,6 +6,11 @@ which starts from the scorer's cache C_i = x Wdown_i instead of recomputing x Wg
 Both run through one `autograd.Function`, `_GroupedGLU`: y = (SiLU(g Wg_e) ⊙ x Wp_e) Wo_e with g = x (SwiGLU) or
 g = C (AoE). It saves x, g and the two pre-activations and recomputes SiLU and the product in backward (megablocks
 does the same), and writes each weight gradient as one [E, ...] tensor: autograd never stacks per-expert pieces.
+With `recompute_activations` set (selective activation checkpointing sets it) it saves x and g only and recomputes
+the two pre-activations g Wg_e and x Wp_e in backward as well, with the forward's kernel and layout, so the
+gradients are bit for bit those of the saving path: two of the three expert products run again, and the two
+[M, W] tensors, the widest an expert layer keeps, are not held between forward and backward. The rows x and g are
+this rank's own (after any dispatch), so nothing is communicated again.
 Under autocast the rows and weights run in the autocast dtype; the weight gradients come back in the parameters'.
 """
 
@@ -43,7 +48,7 @@ class _GroupedGLU(torch.autograd.Function):
     beats a chain of whole-batch products)."""
 
     @staticmethod
-    def forward(ctx, x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, groups: Groups, kernel: str):
+    def forward(ctx, x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, groups: Groups, kernel: str, recompute: bool):
         if kernel == "grouped":
             a_MF = gmm(g_MI, w_gate_EIF, groups, kernel)
             b_MF = gmm(x_MD, w_p_EDF, groups, kernel)
@@ -56,18 +61,22 @@ class _GroupedGLU(torch.autograd.Function):
                 torch.mm(g_MI[rows], w_gate_EIF[e], out=a_MF[rows])
                 torch.mm(x_MD[rows], w_p_EDF[e], out=b_MF[rows])
                 torch.mm(F.silu(a_MF[rows]).mul_(b_MF[rows]), w_o_EFD[e], out=y_MD[rows])
-        ctx.save_for_backward(x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, a_MF, b_MF)
-        ctx.groups, ctx.kernel = groups, kernel
+        if recompute:
+            ctx.save_for_backward(x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD)
+        else:
+            ctx.save_for_backward(x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, a_MF, b_MF)
+        ctx.groups, ctx.kernel, ctx.recompute = groups, kernel, recompute
         return y_MD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_MD):
-        x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, a_MF, b_MF = ctx.saved_tensors
+        x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, *kept = ctx.saved_tensors
         groups, kernel, width = ctx.groups, ctx.kernel, w_gate_EIF.shape[2]
         need_x, need_g = ctx.needs_input_grad[:2]
         dy_MD = dy_MD.contiguous().to(x_MD.dtype)  # e.g. an expanded gradient from y.sum()
         if kernel == "grouped":
+            a_MF, b_MF = kept if kept else (gmm(g_MI, w_gate_EIF, groups, kernel), gmm(x_MD, w_p_EDF, groups, kernel))
             silu_MF = F.silu(a_MF)
             dw_o = gmm_wgrad(silu_MF * b_MF, dy_MD, groups, kernel)
             dh_MF = gmm(dy_MD, _t(w_o_EFD), groups, kernel)
@@ -77,7 +86,9 @@ class _GroupedGLU(torch.autograd.Function):
             dw_p = gmm_wgrad(x_MD, db_MF, groups, kernel)
             dg_MI = gmm(da_MF, _t(w_gate_EIF), groups, kernel) if need_g else None
             dw_gate = gmm_wgrad(g_MI, da_MF, groups, kernel)
-            return dx_MD, dg_MI, dw_gate, dw_p, dw_o, None, None
+            return dx_MD, dg_MI, dw_gate, dw_p, dw_o, None, None, None
+        # recomputed pre-activations go where the forward wrote them: the same row layout, the same products
+        a_MF, b_MF = kept if kept else (strided_empty((x_MD.shape[0], width), x_MD) for _ in range(2))
         # an expert without rows gets a zero gradient; the others are written whole below. Products as wide as the
         # hidden layer are written with rows 64 bytes apart (`row_stride`), the weight gradients included: the
         # strided [E, K, F] views cost one copy each into the parameters' layout, far less than the slow writes.
@@ -89,6 +100,9 @@ class _GroupedGLU(torch.autograd.Function):
         dh_MF = strided_empty((x_MD.shape[0], width), x_MD)
         for e, rows in groups.spans():
             a_mF, b_mF, dy_mD = a_MF[rows], b_MF[rows], dy_MD[rows]
+            if ctx.recompute:
+                torch.mm(g_MI[rows], w_gate_EIF[e], out=a_mF)
+                torch.mm(x_MD[rows], w_p_EDF[e], out=b_mF)
             silu_mF = F.silu(a_mF)
             torch.mm((silu_mF * b_mF).t(), dy_mD, out=dw_o[e])
             dh_mF = torch.mm(dy_mD, w_o_EFD[e].t(), out=dh_MF[rows])
@@ -100,7 +114,7 @@ class _GroupedGLU(torch.autograd.Function):
                 torch.mm(db_mF, w_p_EDF[e].t(), out=dx_MD[rows])
             if need_g:
                 torch.mm(da_mF, w_gate_EIF[e].t(), out=dg_MI[rows])
-        return dx_MD, dg_MI, dw_gate, dw_p, dw_o, None, None
+        return dx_MD, dg_MI, dw_gate, dw_p, dw_o, None, None, None
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -137,10 +151,12 @@ def grouped_glu(
     w_o_EFD: torch.Tensor,
     groups: Groups,
     kernel: str = "auto",
+    recompute: bool = False,
 ) -> torch.Tensor:
     """(SiLU(g Wg_e) ⊙ x Wp_e) Wo_e for every row, in the compute dtype. The `grouped` kernel wants 16-byte-aligned
     strides: a hidden width that is not (the 4B preset's d_wide = 6470 in bf16) is zero-padded, which changes no
-    result; input widths that are not (only odd test shapes) run the `loop` kernel."""
+    result; input widths that are not (only odd test shapes) run the `loop` kernel. `recompute`: keep only the rows
+    for backward and compute g Wg_e and x Wp_e again there."""
     dtype = compute_dtype(x_MD)
     kernel = choose_kernel(
         kernel,
@@ -156,7 +172,7 @@ def grouped_glu(
     x_MD, w_gate_EIF, w_p_EDF, w_o_EFD = (t.to(dtype) for t in (x_MD, w_gate_EIF, w_p_EDF, w_o_EFD))
     g_MI = x_MD if same_input else g_MI.to(dtype)
     w_gate_EIF, w_p_EDF, w_o_EFD = _pad_last(w_gate_EIF, width), _pad_last(w_p_EDF, width), _pad_middle(w_o_EFD, width)
-    return _GroupedGLU.apply(x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, groups, kernel)
+    return _GroupedGLU.apply(x_MD, g_MI, w_gate_EIF, w_p_EDF, w_o_EFD, groups, kernel, recompute)
 
 
 def grouped_linear(x_MI: torch.Tensor, w_EIN: torch.Tensor, groups: Groups, kernel: str = "auto") -> torch.Tensor:
@@ -172,12 +188,14 @@ def grouped_linear(x_MI: torch.Tensor, w_EIN: torch.Tensor, groups: Groups, kern
 
 
 class SwiGLUExperts(nn.Module):
-    """E_i(x) = (SiLU(x Wg_i) ⊙ x Wp_i) Wo_i."""
+    """E_i(x) = (SiLU(x Wg_i) ⊙ x Wp_i) Wo_i. `recompute_activations` (off; selective activation checkpointing
+    turns it on): keep only the rows for backward, recompute the pre-activations there (see `_GroupedGLU`)."""
 
     def __init__(self, cfg: MoEConfig, num_experts: int):
         super().__init__()
         d, f = cfg.d_model, cfg.d_ffn
         self.kernel = cfg.expert_kernel
+        self.recompute_activations = False
         self.w_gate = nn.Parameter(torch.empty(num_experts, d, f))
         self.w_p = nn.Parameter(torch.empty(num_experts, d, f))
         self.w_o = nn.Parameter(torch.empty(num_experts, f, d))
@@ -193,7 +211,7 @@ class SwiGLUExperts(nn.Module):
         """The experts' outputs for the grouped rows; with `gate_norms_of` (rows [N, d]) also ‖row · Wg_j‖ for every
         held expert j, [N, E] (the ERC loss), from the same call: FSDP2 gathers the weights once and reduces their
         gradient once (a second differentiable call of a sharded module would be reduced apart)."""
-        y_MD = grouped_glu(x_MD, x_MD, self.w_gate, self.w_p, self.w_o, groups, self.kernel)
+        y_MD = grouped_glu(x_MD, x_MD, self.w_gate, self.w_p, self.w_o, groups, self.kernel, self.recompute_activations)
         return y_MD if gate_norms_of is None else (y_MD, erc_gate_norms(gate_norms_of, self.w_gate))
 
 
@@ -201,13 +219,15 @@ class AoEExperts(nn.Module):
     """E_i(x) = (SiLU(C_i Wup_i) ⊙ x Wp_i) Wo_i, with C_i = x Wdown_i taken from the scorer's cache.
 
     With `own_down` the experts hold Wdown themselves and compute C_i on their rows only: the factorised experts of
-    a routed MoE (the paper's Table 2 config 3), where nothing else computes the cache.
+    a routed MoE (the paper's Table 2 config 3), where nothing else computes the cache. `recompute_activations`
+    as for `SwiGLUExperts`.
     """
 
     def __init__(self, cfg: MoEConfig, num_experts: int, own_down: bool = False):
         super().__init__()
         d, low, wide = cfg.d_model, cfg.d_low, cfg.d_wide
         self.kernel = cfg.expert_kernel
+        self.recompute_activations = False
         self.w_down = None
         if own_down:
             self.w_down = nn.Parameter(torch.empty(num_experts, d, low))
@@ -231,7 +251,9 @@ class AoEExperts(nn.Module):
             raise ValueError("factorised experts take the scorer's cache exactly when they hold no Wdown themselves")
         if cache_MR is None:
             cache_MR = grouped_linear(x_MD, self.w_down, groups, self.kernel)
-        y_MD = grouped_glu(x_MD, cache_MR, self.w_up, self.w_p, self.w_o, groups, self.kernel)
+        y_MD = grouped_glu(
+            x_MD, cache_MR, self.w_up, self.w_p, self.w_o, groups, self.kernel, self.recompute_activations
+        )
         return y_MD if gate_norms_of is None else (y_MD, erc_gate_norms(gate_norms_of, (self.w_down, self.w_up)))
 
 

@@ -83,11 +83,31 @@ def row_gates(gates_SE: torch.Tensor, rows: GroupedRows, expert_offset: int = 0)
     return gates_SE[rows.token_index_M, rows.expert_index_M + expert_offset]
 
 
+class _SumRows(torch.autograd.Function):
+    """y[t] = Σ over the rows m with index[m] = t of rows[m]. Autograd's `index_add` keeps its source [M, D] for
+    backward although the gradient is only dy[index]; this keeps the index alone."""
+
+    @staticmethod
+    def forward(ctx, rows_MD: torch.Tensor, index_M: torch.Tensor, num_out: int) -> torch.Tensor:
+        ctx.save_for_backward(index_M)
+        return rows_MD.new_zeros(num_out, rows_MD.shape[1]).index_add_(0, index_M, rows_MD)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_TD: torch.Tensor):
+        (index_M,) = ctx.saved_tensors
+        return dy_TD.index_select(0, index_M), None, None
+
+
+def sum_rows(rows_MD: torch.Tensor, index_M: torch.Tensor, num_out: int) -> torch.Tensor:
+    """[num_out, D]: row t is the sum of the rows m of `rows_MD` with `index_M[m] = t` (zeros where none)."""
+    return _SumRows.apply(rows_MD, index_M, num_out)
+
+
 def weighted_sum(
     out_MD: torch.Tensor, gate_M: torch.Tensor, token_index_M: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
     """y_t = Σ over the rows m of token t of gate_m · out_m; tokens without rows get zeros. Computed in the gates'
     precision (fp32) and returned in the rows' dtype."""
     weighted_MD = out_MD.to(gate_M.dtype) * gate_M.unsqueeze(1)
-    y_TD = weighted_MD.new_zeros(num_tokens, out_MD.shape[1])
-    return y_TD.index_add(0, token_index_M, weighted_MD).to(out_MD.dtype)
+    return sum_rows(weighted_MD, token_index_M, num_tokens).to(out_MD.dtype)

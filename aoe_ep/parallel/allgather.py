@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from aoe_ep.moe.dispatcher import DispatchState, ExpertRows, TokenLayout
-from aoe_ep.moe.routing import Decision, group_rows, row_gates, weighted_sum
+from aoe_ep.moe.routing import Decision, group_rows, row_gates, sum_rows, weighted_sum
 from aoe_ep.parallel.collectives import all_gather_rows, all_to_all_counts, all_to_all_rows, attach_gathered
 from aoe_ep.parallel.group import GroupDispatcher
 
@@ -90,5 +90,4 @@ class AllGatherDispatcher(GroupDispatcher):
         received = all_to_all_rows(
             partial_SD.index_select(0, send_index), send, recv, self.group, self.counter, "combine"
         )
-        y_TD = partial_SD.new_zeros(layout.sizes[layout.rank], partial_SD.shape[1])
-        return y_TD.index_add(0, recv_index, received)
+        return sum_rows(received, recv_index, layout.sizes[layout.rank])

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from aoe_ep.moe.dispatcher import CommCounter, DispatchState, ExpertRows
 from aoe_ep.moe.grouped import Groups
-from aoe_ep.moe.routing import group_rows, row_gates, weighted_sum
+from aoe_ep.moe.routing import group_rows, row_gates, sum_rows, weighted_sum
 from aoe_ep.parallel.collectives import all_to_all_counts, all_to_all_rows
 from aoe_ep.parallel.comm_model import EXPERT_BITS, expert_columns
 
@@ -173,5 +173,4 @@ def combine_on_rank(dispatcher, out_PD: torch.Tensor, gates_SE: torch.Tensor, st
     ).view(-1)
     combined_ND = weighted_sum(out_PD, gate_P, route.row_index_P, sum(route.recv_rows))
     back_UD = all_to_all_rows(combined_ND, route.recv_rows, route.send_rows, group, counter, "combine")
-    y_TD = back_UD.new_zeros(state.num_tokens, back_UD.shape[1], dtype=gate_P.dtype)
-    return y_TD.index_add(0, route.token_index_U, back_UD.to(gate_P.dtype)).to(out_PD.dtype)
+    return sum_rows(back_UD.to(gate_P.dtype), route.token_index_U, state.num_tokens).to(out_PD.dtype)

@@ -130,11 +130,13 @@ def moe_layer_bytes(
     - scorer: AoE's kept cache (see `aoe_cache_kept`) and its gathered cache rows [M, L];
     - selection (fp32 whatever the activation dtype): softmax probabilities, exp of the masked scores and
       log-softmax [T, n], the boolean mask [T, n], two per-token sums [T], the aux loss's counts [n];
-    - experts: their rows' tokens [M, d], the two pre-activations [M, W] (SiLU and the product are recomputed in
-      backward), a routed MoE's factorised experts their own cache rows [M, L]; the routing indices [M] (int64;
-      AoE's cache rows add the expert index);
-    - combine (fp32): the rows' token index [M], gate values [M], the expert outputs and the weighted rows [M, d];
-      `allgather` adds the indices of the rows it returns and receives (int64) and the received rows [R, d].
+    - experts: their rows' tokens [M, d], a routed MoE's factorised experts their own cache rows [M, L]; the
+      routing indices [M] (int64; AoE's cache rows add the expert index);
+    - expert_hidden: the experts' two pre-activations [M, W] (SiLU and the product are recomputed in backward;
+      selective activation checkpointing recomputes these too);
+    - combine (fp32): the rows' token index [M], gate values [M] and the expert outputs [M, d] (the gates'
+      gradient reads them; the sum over a token's rows keeps only its index); `allgather` adds the indices of the
+      rows it returns and receives (int64).
     """
     t, c, d, n, autocast = scored_tokens, mb.compute_bytes, cfg.d_model, cfg.num_experts, mb.autocast
     aoe = cfg.scorer == "aoe"
@@ -149,9 +151,10 @@ def moe_layer_bytes(
     out["selection"] = 3 * t * n * FP32 + t * n + 2 * t * FP32 + balance
     own_cache = rows * cfg.d_low * c if cfg.factorized and not aoe else 0
     width = expert_width(cfg, c, mb.device, rows / max(num_local, 1))
-    out["experts"] = rows * d * c + 2 * rows * width * c + own_cache + rows * INDEX * (2 if aoe else 1)
+    out["experts"] = rows * d * c + own_cache + rows * INDEX * (2 if aoe else 1)
+    out["expert_hidden"] = 2 * rows * width * c
     sent, received = returned
-    out["combine"] = rows * INDEX + rows * FP32 + 2 * rows * d * FP32 + (sent + received) * INDEX + received * d * c
+    out["combine"] = rows * INDEX + rows * FP32 + rows * d * FP32 + (sent + received) * INDEX
     return out
 
 

@@ -30,7 +30,8 @@ ADAMW_BYTES_PER_ELEMENT = 7 * FP32  # fused AdamW reads weight, gradient, two mo
 class Plan:
     """Per rank and per optimiser step unless named otherwise (`activations`: one micro-batch, as kept under
     `activation_checkpointing` on every `ac_every`-th block; `bytes_transient` adds the block a `full` backward
-    rebuilds; `flops["recompute"]`: the forward that `full` runs again)."""
+    rebuilds, or the MoE layer's expert pre-activations a `selective` one does; `flops["recompute"]`: the forward
+    that `full` runs again, or the experts' gate and up products that `selective` does)."""
 
     ep: int
     dp: int

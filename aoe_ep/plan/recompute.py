@@ -8,10 +8,14 @@ k = ceil(L / every) checkpointed blocks of L (aoe_ep/train/activation_checkpoint
 - selective: each RMSNorm keeps its input [T, d] (fp32) instead of x, x·rstd and rstd; attention keeps its input
   (the norm's output, fp32), the QKV projection [T, 3d] and the SDPA output [T, d] (compute dtype) and log-sum-exp
   [B, H, S], and recomputes RoPE's q and k and its weight casts; a dense SwiGLU keeps its input (fp32) and x·Wg and
-  x·Wp [T, d_ffn] (compute dtype), and recomputes its weight casts. MoE layers keep everything.
+  x·Wp [T, d_ffn] (compute dtype), and recomputes its weight casts. An MoE layer's experts keep their rows, which
+  they keep anyway, and recompute their two pre-activations [M, W] (`moe.expert_hidden`) in backward, one layer at
+  a time (transient, like full's rebuilt block); the rest of the layer (scorer, selection, the dispatched rows, the
+  expert outputs the gates' gradient reads) is kept, so that no collective runs again.
 
 `recompute_flops`: full runs each checkpointed block's forward again (a third of its training FLOPs); selective
-recomputes only element-wise work (no matmul), charged as memory traffic instead.
+runs the experts' gate and up products again (2·W·(d + d_gate) per routed row, d_gate = d_low for factorised
+experts, else d) and charges its element-wise recompute as memory traffic.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 
 from aoe_ep.config import AC_MODES, Config
 from aoe_ep.plan.activations import FP32, MicroBatch, attention_bytes, dense_ffn_bytes, rms_norm_bytes
-from aoe_ep.plan.flops import TRAIN_FORWARDS
+from aoe_ep.plan.flops import TRAIN_FORWARDS, expert_row_flops
 
 
 def checkpointed_blocks(n_layers: int, every: int) -> int:
@@ -67,11 +71,16 @@ def checkpointed_bytes(cfg: Config, mb: MicroBatch, acts: dict, mode: str, every
         kept_ffn = t * m.d_model * FP32 + 2 * t * m.d_ffn * c
         out["dense_ffn"] -= k * (dense_ffn_bytes(mb, m.d_model, m.d_ffn) - kept_ffn)
     out["weight_copies"] -= k * copies
+    if "moe.expert_hidden" in out:
+        out["moe.expert_hidden"] *= (layers - k) / layers
     return out
 
 
 def rebuilt_block_bytes(cfg: Config, acts: dict, mode: str) -> float:
-    """Bytes a full-mode backward rebuilds at once: one block's saved activations (0 for the other modes)."""
+    """Bytes a backward rebuilds at once: under full one block's saved activations, under selective one MoE layer's
+    expert pre-activations (0 without checkpointing)."""
+    if mode == "selective":
+        return acts.get("moe.expert_hidden", 0.0) / cfg.model.n_layers
     if mode != "full":
         return 0.0
     per_block = sum(v for kind, v in acts.items() if kind not in ("embedding", "logits", "norms", "weight_copies"))
@@ -80,9 +89,16 @@ def rebuilt_block_bytes(cfg: Config, acts: dict, mode: str) -> float:
 
 def recompute_flops(cfg: Config, flops: dict, mode: str, every: int = 1) -> float:
     """Extra FLOPs per step that `mode` adds to `flops` (`step_flops`, three forwards each)."""
-    if mode != "full":
+    if mode not in ("full", "selective"):
         return 0.0
     share = checkpointed_blocks(cfg.model.n_layers, every) / cfg.model.n_layers
+    if mode == "selective":
+        if "experts" not in flops:
+            return 0.0
+        moe = cfg.moe
+        gate_in = moe.d_low if moe.factorized else moe.d_model
+        again = 2.0 * moe.expert_width * (gate_in + moe.d_model) / expert_row_flops(moe)
+        return share * again * flops["experts"] / TRAIN_FORWARDS
     blocks = sum(v for kind, v in flops.items() if kind != "head")
     return share * blocks / TRAIN_FORWARDS
 

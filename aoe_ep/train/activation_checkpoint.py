@@ -5,7 +5,12 @@
   expert-parallel collectives produce is kept. Per block: the two RMSNorms keep only their input (x·rstd and rstd
   are recomputed); attention keeps its QKV projection and the SDPA output and log-sum-exp (RoPE's rotated q and k
   and the output projection's input copy are recomputed); a dense SwiGLU keeps x·Wg and x·Wp (SiLU and the product
-  are recomputed). An MoE layer is left as it is: recomputing it would run its all-gathers or all-to-alls again.
+  are recomputed). An MoE layer is not checkpointed as a whole (that would run its all-gathers or all-to-alls
+  again): its experts keep only their rows (x and, for AoE, the cache rows C), which they hold anyway, and recompute
+  their two [M, W] pre-activations x·Wg and x·Wp (C·Wup) in backward (`recompute_activations`,
+  aoe_ep/moe/experts.py), the widest tensors of the layer; SiLU and the product are recomputed under every mode.
+  The scorer, the decision, dispatch and combine keep what they keep without checkpointing: the dispatched rows,
+  the expert outputs the gates' gradient reads, and the small [T, n] selection tensors.
 
 A recomputed MoE layer (under `full`) takes the same decision as its first forward, since it computes the same
 scores from the same input and buffers with the same arithmetic. Its statistics are values in its `MoEInfo`,
@@ -157,6 +162,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
         _checkpoint_forward(block.attn_norm)
         _checkpoint_forward(block.ffn_norm)
         _checkpoint_forward(block.attn, partial(_selective_contexts, 1))  # keeps QKV, recomputes after Wo
-        if not isinstance(block.ffn, MoELayer):
+        if isinstance(block.ffn, MoELayer):
+            block.ffn.experts.recompute_activations = True  # keeps the rows, recomputes x·Wg, x·Wp
+        else:
             _checkpoint_forward(block.ffn, partial(_selective_contexts, 2))  # keeps x·Wg, x·Wp
     return checkpoint_entries(model)

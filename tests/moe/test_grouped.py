@@ -107,3 +107,38 @@ def test_kernel_choice():
     assert choose_kernel("auto", torch.device("meta"), torch.float32, widths=(8,)) == "loop"
     with pytest.raises(ValueError, match="expert kernel"):
         choose_kernel("fast", cpu, torch.float32)
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "loop"])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 1, 0, 0], [6, 2, 9, 2]], ids=str)
+@pytest.mark.parametrize("gate_input", ["x", "cache"])
+def test_recomputed_pre_activations_give_identical_results(kernel, counts, gate_input):
+    """`recompute=True` keeps the rows only and computes g Wg and x Wp again in backward: the same output and the
+    same gradients, bit for bit, and no [M, W] tensor saved."""
+    gen = torch.Generator().manual_seed(11)
+    m, d, low, f = sum(counts), 16, 8, 12
+    x0 = torch.randn(m, d, generator=gen)
+    g0 = torch.randn(m, low, generator=gen)
+    ws0 = [
+        torch.randn(len(counts), d if gate_input == "x" else low, f, generator=gen),
+        torch.randn(len(counts), d, f, generator=gen),
+        torch.randn(len(counts), f, d, generator=gen),
+    ]
+    dy = torch.randn(m, d, generator=gen)
+    results = {}
+    for recompute in (False, True):
+        x, g = x0.clone().requires_grad_(), g0.clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in ws0]
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = grouped_glu(x, x if gate_input == "x" else g, *ws, _groups(counts), kernel, recompute=recompute)
+        y.backward(dy)
+        results[recompute] = [y.detach(), x.grad] + [w.grad for w in ws] + ([g.grad] if gate_input == "cache" else [])
+        assert ((m, f) in saved) == (not recompute and m > 0), saved
+    for got, want in zip(results[True], results[False], strict=True):
+        assert torch.equal(got, want)

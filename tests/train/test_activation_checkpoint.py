@@ -95,6 +95,21 @@ def test_every_nth_block_and_the_dense_ffn():
     assert checkpoint_entries(Decoder(cfg.model)) == []
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "loop"])
+def test_selective_recomputes_the_chosen_experts_pre_activations(kernel):
+    """Every other block of three: the chosen blocks' experts recompute x·Wg and x·Wp in backward, bit for bit."""
+    cfg = load_config("tiny", SMALL + ["model.n_layers=3", f"moe.expert_kernel={kernel}"])
+    tokens = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(3))
+    want = _step(cfg, "none", tokens)
+    _assert_same(_step(cfg, "selective", tokens, every=2), want, f"{kernel}/selective/every 2")
+    model = Decoder(cfg.model, cfg.moe)
+    apply_activation_checkpointing(model, "selective", 2)
+    assert [block.ffn.experts.recompute_activations for block in model.blocks] == [True, False, True]
+    model = Decoder(cfg.model, cfg.moe)
+    apply_activation_checkpointing(model, "full")
+    assert not any(block.ffn.experts.recompute_activations for block in model.blocks)
+
+
 def test_no_checkpoint_without_backward():
     """Evaluation and generation run the plain forward: no gradient, or a KV cache."""
     cfg = load_config("tiny", SMALL)

@@ -14,8 +14,9 @@ mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import megatron.core" >/dev/null 2>&1; then
   if ls .whl/megatron_core-*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/aoe-ep-site .whl/megatron_core-*.whl \
-      && export PYTHONPATH="$PYTHONPATH:/tmp/aoe-ep-site"
+    SITE=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/megatron_core-*.whl \
+      && export PYTHONPATH="$PYTHONPATH:$SITE"
   else
     echo "gpu_check: megatron-core is not installed and no wheel is in .whl/" >&2
   fi

@@ -65,6 +65,7 @@ from aoe_ep.train.checkpoint_integrity import (
     shard_digests,
     verify_digests,
 )
+from aoe_ep.train.interrupt import HeldSigint, sigint_deferred
 from aoe_ep.train.optim import is_expert_param
 
 LATEST = "latest"
@@ -344,8 +345,19 @@ def save_checkpoint(
 
     Each stage that touches the disk ends with every rank knowing whether it worked on every rank (a broadcast of
     rank 0's outcome, or DCP's own gathering of the ranks' write results), so that a failure raises the same
-    CheckpointError everywhere instead of leaving the other ranks waiting in the next collective."""
+    CheckpointError everywhere instead of leaving the other ranks waiting in the next collective.
+
+    A Ctrl-C during the save is held back until the checkpoint is complete and raised then (a second one abandons
+    the save, leaving the previous checkpoint as it was): cut short inside torch's serializer, an interruption is
+    otherwise swallowed or reported as a garbled write error."""
     assert_tensors_only(state)
+    with sigint_deferred(f"writing checkpoint {step_name(step)}" if runtime.is_main else None) as held:
+        return _save(root, step, state, runtime, meta, config_yaml, keep, held)
+
+
+def _save(
+    root: Path, step: int, state: dict, runtime: Runtime, meta: dict, config_yaml: str, keep: int, held: HeldSigint
+) -> Optional[Path]:
     final = root / step_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
 
@@ -364,7 +376,7 @@ def save_checkpoint(
         dcp.save(state, checkpoint_id=str(tmp))
     except (Exception, CheckpointException) as err:  # raised on every rank: DCP gathers the ranks' results
         _abandon(tmp, final, root, runtime)
-        if any(isinstance(e, KeyboardInterrupt) for e in _causes(err)):
+        if held.count or any(isinstance(e, KeyboardInterrupt) for e in _causes(err)):
             raise KeyboardInterrupt from None  # Ctrl-C during the write: an interruption, not a write failure
         raise _save_error(root, step, "write", _first_os_error(err), err) from None
     digests = shard_digests(tmp, runtime.device)

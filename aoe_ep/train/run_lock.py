@@ -43,6 +43,31 @@ def _holder(pid_file: Path) -> Optional[dict]:
     return holder if isinstance(holder, dict) else None
 
 
+def _alive_here(holder: dict) -> bool:
+    """False only for a holder on this host whose pid no longer runs (the stale record of a previous holder)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # it exists (owned by someone else)
+    return True
+
+
+def _current_holder(pid_file: Path, wait_s: float = 5.0) -> Optional[dict]:
+    """The record of the process holding the lock. It writes its pid file just after locking, so a run that
+    started at the same moment may look before that write, or while the previous holder's stale record is still
+    there: wait (briefly) for a record naming a live process."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = _holder(pid_file)
+        if (holder is not None and _alive_here(holder)) or time.monotonic() > deadline:
+            return holder
+        time.sleep(0.02)
+
+
 def _describe(holder: Optional[dict]) -> str:
     if holder is None:
         return "a process whose pid file is missing or unreadable"
@@ -70,7 +95,7 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise ConfigError(
-                f"train.out_dir: {out_dir} is in use by another run ({_describe(_holder(pid_file))}); "
+                f"train.out_dir: {out_dir} is in use by another run ({_describe(_current_holder(pid_file))}); "
                 f"wait for it to end, or set train.out_dir to another directory"
             ) from None
         except OSError as err:

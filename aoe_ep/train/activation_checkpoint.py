@@ -3,12 +3,13 @@
 - `full`: each chosen decoder block keeps only its input; its forward runs again in backward.
 - `selective`: cheap-to-recompute, expensive-to-keep pieces of each chosen block are recomputed, everything the
   expert-parallel collectives produce is kept. Per block: the two RMSNorms keep only their input (x·rstd and rstd
-  are recomputed); attention keeps its QKV projection and the SDPA output and log-sum-exp (RoPE's rotated q and k
-  and the output projection's input copy are recomputed); a dense SwiGLU keeps x·Wg and x·Wp (SiLU and the product
-  are recomputed). An MoE layer is not checkpointed as a whole (that would run its all-gathers or all-to-alls
-  again): its experts keep only their rows (x and, for AoE, the cache rows C), which they hold anyway, and recompute
-  their two [M, W] pre-activations x·Wg and x·Wp (C·Wup) in backward (`recompute_activations`,
-  aoe_ep/moe/experts.py), the widest tensors of the layer; SiLU and the product are recomputed under every mode.
+  are recomputed); attention keeps its QKV projection and the SDPA output and log-sum-exp, and recomputes RoPE's
+  rotated q and k and the output projection's input copy (`recompute_activations`, aoe_ep/model/attention.py:
+  saved-tensor hooks, no checkpoint region, so no per-operator dispatch mode); a dense SwiGLU keeps x·Wg and x·Wp
+  (SiLU and the product are recomputed). An MoE layer is not checkpointed as a whole (that would run its all-gathers
+  or all-to-alls again): its experts keep only their rows (x and, for AoE, the cache rows C), which they hold
+  anyway, and recompute their two [M, W] pre-activations x·Wg and x·Wp (C·Wup) in backward
+  (`recompute_activations`, aoe_ep/moe/experts.py), the widest tensors of the layer; SiLU and the product are recomputed under every mode.
   The scorer, the decision, dispatch and combine keep what they keep without checkpointing: the dispatched rows,
   the expert outputs the gates' gradient reads, and the small [T, n] selection tensors.
 
@@ -102,7 +103,7 @@ def _checkpoint_forward(module: nn.Module, context_fn: Optional[Callable] = None
             return inner(*args, **kwargs)
         extra = {"context_fn": context_fn} if context_fn is not None else {}
         # A region with an MoE layer recomputes to its end, so that every rank runs the same collectives; any other
-        # stops as soon as backward has what it needs (selective attention skips its output projection).
+        # stops as soon as backward has what it needs.
         with set_checkpoint_early_stop(not moe_layers):
             return checkpoint(recompute, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
 
@@ -161,7 +162,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
             continue
         _checkpoint_forward(block.attn_norm)
         _checkpoint_forward(block.ffn_norm)
-        _checkpoint_forward(block.attn, partial(_selective_contexts, 1))  # keeps QKV, recomputes after Wo
+        block.attn.recompute_activations = True  # keeps QKV and SDPA's outputs; RoPE and Wo's input recomputed
         if isinstance(block.ffn, MoELayer):
             block.ffn.experts.recompute_activations = True  # keeps the rows, recomputes x·Wg, x·Wp
         else:

@@ -9,8 +9,8 @@
   (SiLU and the product are recomputed). An MoE layer is not checkpointed as a whole (that would run its all-gathers
   or all-to-alls again): its experts keep only their rows (x and, for AoE, the cache rows C), which they hold
   anyway, and recompute their two [M, W] pre-activations x·Wg and x·Wp (C·Wup) in backward
-  (`recompute_activations`, aoe_ep/moe/experts.py), the widest tensors of the layer; SiLU and the product are recomputed under every mode.
-  The scorer, the decision, dispatch and combine keep what they keep without checkpointing: the dispatched rows,
+  (`recompute_activations`, aoe_ep/moe/experts.py), the widest tensors of the layer; SiLU and the product are
+  recomputed under every mode. The scorer, the decision, dispatch and combine keep what they keep without checkpointing: the dispatched rows,
   the expert outputs the gates' gradient reads, and the small [T, n] selection tensors.
 
 A recomputed MoE layer (under `full`) takes the same decision as its first forward, since it computes the same

@@ -2,16 +2,16 @@
 
 - `full`: each chosen decoder block keeps only its input; its forward runs again in backward.
 - `selective`: cheap-to-recompute, expensive-to-keep pieces of each chosen block are recomputed, everything the
-  expert-parallel collectives produce is kept. Per block: the two RMSNorms keep only their input (x·rstd and rstd
-  are recomputed); attention keeps its QKV projection and the SDPA output and log-sum-exp, and recomputes RoPE's
-  rotated q and k and the output projection's input copy (`recompute_activations`, aoe_ep/model/attention.py:
-  saved-tensor hooks, no checkpoint region, so no per-operator dispatch mode); a dense SwiGLU keeps x·Wg and x·Wp
-  (SiLU and the product are recomputed). An MoE layer is not checkpointed as a whole (that would run its all-gathers
-  or all-to-alls again): its experts keep only their rows (x and, for AoE, the cache rows C), which they hold
-  anyway, and recompute their two [M, W] pre-activations x·Wg and x·Wp (C·Wup) in backward
-  (`recompute_activations`, aoe_ep/moe/experts.py), the widest tensors of the layer; SiLU and the product are
-  recomputed under every mode. The scorer, the decision, dispatch and combine keep what they keep without checkpointing: the dispatched rows,
-  the expert outputs the gates' gradient reads, and the small [T, n] selection tensors.
+  expert-parallel collectives produce is kept. Per block: the two RMSNorms keep only their input (x·rstd and rstd are
+  recomputed); attention keeps its QKV projection and the SDPA output and log-sum-exp, and recomputes RoPE's rotated q
+  and k and the output projection's input copy (`recompute_activations`, aoe_ep/model/attention.py: saved-tensor
+  hooks, no checkpoint region, so no per-operator dispatch mode); a dense SwiGLU keeps x·Wg and x·Wp (SiLU and the
+  product are recomputed). An MoE layer is not checkpointed as a whole (that would run its all-gathers or all-to-alls
+  again): its experts keep only their rows (x and, for AoE, the cache rows C), which they hold anyway, and recompute
+  their two [M, W] pre-activations x·Wg and x·Wp (C·Wup) in backward (`recompute_activations`, aoe_ep/moe/experts.py),
+  the widest tensors of the layer; SiLU and the product are recomputed under every mode. The scorer, the decision,
+  dispatch and combine keep what they keep without checkpointing: the dispatched rows, the expert outputs the gates'
+  gradient reads, and the small [T, n] selection tensors.
 
 A recomputed MoE layer (under `full`) takes the same decision as its first forward, since it computes the same
 scores from the same input and buffers with the same arithmetic. Its statistics are values in its `MoEInfo`,

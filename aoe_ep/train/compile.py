@@ -65,7 +65,7 @@ def compiled_methods(model: nn.Module) -> list[tuple[nn.Module, str]]:
         out.append((block, "mix"))
         if not isinstance(block.ffn, MoELayer):
             out.append((block.ffn, "forward"))
-        elif isinstance(block.ffn.dispatcher, LocalDispatcher):
+        elif type(block.ffn.dispatcher) is LocalDispatcher:  # the expert-parallel dispatchers derive from it
             out.append((block.ffn, "gate"))
     return out
 

@@ -10,6 +10,7 @@ import torch
 
 from aoe_ep.config import ConfigError, load_config
 from aoe_ep.model import Decoder, DecoderBlock, token_cross_entropy
+from aoe_ep.parallel.spawn import run_distributed
 from aoe_ep.train import compile as compile_module
 from aoe_ep.train.trainer import Trainer
 from tests.train.synthetic import BUILDERS, small_config
@@ -87,3 +88,50 @@ def test_compiled_router_model_matches_eager_and_decodes_eagerly():
             want, got = (model(prompt, cache).logits for model, cache in zip((eager, compiled), caches))
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     assert torch._dynamo.utils.counters["frames"]["total"] == frames  # nothing traced while decoding
+
+
+LAYOUTS = {
+    "DDP x EP 2, all-to-all": (
+        "parallel.expert_parallel_size=2",
+        "moe.dispatcher=alltoall",
+        "train.dense_parallel=ddp",
+    ),
+    "FSDP2, EP 1": ("parallel.expert_parallel_size=1", "train.dense_parallel=fsdp"),
+}
+
+
+def _layout_worker(rank: int, world: int, tmp_path) -> dict:
+    out = {}
+    for name, layout in LAYOUTS.items():
+        for compiled in (False, True):
+            cfg = small_config(
+                tmp_path / f"{name.split(',')[0]}_{compiled}",
+                "model.n_layers=2",
+                "train.max_steps=3",
+                "train.eval_at_start=false",
+                "train.eval_interval=100",
+                "train.save_interval=100",
+                f"train.compile={str(compiled).lower()}",
+                *layout,
+            )
+            with Trainer(cfg, data=BUILDERS) as trainer:
+                pieces = [
+                    m for m in compile_module.compiled_methods(trainer.dp.model) if compile_module.is_compiled(*m)
+                ]
+                history = [(r.loss, r.aux_loss, r.grad_norm) for r in trainer.fit().history]
+            out[(name, compiled)] = ([name for _, name in pieces], [v for step in history for v in step])
+    return out
+
+
+def test_compiled_blocks_under_data_and_expert_parallelism(tmp_path):
+    """On 2 gloo ranks, DDP with EP 2 (the gating runs eagerly: its batch sums are collectives) and FSDP2 with every
+    expert local (the gating compiled): loss, aux loss and gradient norm of each step within fp32 tolerance of
+    eager, on every rank."""
+    results = run_distributed(2, _layout_worker, tmp_path)
+    for rank, got in enumerate(results):
+        assert got[("DDP x EP 2, all-to-all", True)][0] == ["mix", "mix"]
+        assert got[("FSDP2, EP 1", True)][0] == ["mix", "gate", "mix", "gate"]
+        for name in LAYOUTS:
+            assert got[(name, False)][0] == []
+            eager, compiled = got[(name, False)][1], got[(name, True)][1]
+            assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6), f"rank {rank}, {name}"

@@ -532,7 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights of the chosen experts: softmax of their norms (AoE) or equal",
     )
     p.add_argument(
-        "--text", metavar="FILE", help="text to measure perplexity on (default: the last files of the built-in corpus)"
+        "--text",
+        metavar="FILE",
+        help="text to measure perplexity on (default: the 64 KiB of standard-library sources the built-in corpus "
+        "holds out; a larger --max-bytes reaches into files it trains on)",
     )
     p.add_argument("--max-bytes", type=_positive_int, default=65536, help="bytes of the text used (default 65536)")
     p.add_argument(

@@ -272,9 +272,9 @@ def load_mixtral(hf_dir: str | Path, device: str = "cpu", dtype: torch.dtype = t
 
 
 def read_text_ids(text_path: Optional[str], tokenizer, max_bytes: int) -> list[int]:
-    """Token ids of (the first `max_bytes` of) a text file; without one, of the *last* files of the built-in
-    corpus (the standard library sources in reverse order), which the demo model (trained on the first ones)
-    has not seen."""
+    """Token ids of (the first `max_bytes` of) a text file; without one, of the *last* files of the standard
+    library sources, in reverse order: their first `HELD_OUT_BYTES` (64 KiB) are the files the built-in corpus
+    holds out, which no model trained on it has seen."""
     if text_path is not None:
         path = Path(text_path)
         if not path.is_file():
@@ -287,11 +287,11 @@ def read_text_ids(text_path: Optional[str], tokenizer, max_bytes: int) -> list[i
     else:
         import sysconfig
 
-        from aoe_ep.data.default_corpus import stdlib_sources
+        from aoe_ep.data.default_corpus import library_sources
 
         root = Path(sysconfig.get_paths()["stdlib"])
         parts, size = [], 0
-        for rel, _ in reversed(stdlib_sources(10**12)):
+        for rel, _ in reversed(library_sources(root)):
             parts.append((root / rel).read_bytes())
             size += len(parts[-1])
             if size >= max_bytes:

@@ -5,6 +5,8 @@ The `.py` files under `sysconfig.get_paths()["stdlib"]`, one document each, in s
 `data.default_corpus_max_bytes` of source (about 12 MB is the whole library without tests; files are taken whole,
 so the cap falls on a file boundary). `site-packages` (third-party code that differs between machines) and test
 directories (deliberately odd inputs, not installed everywhere) are left out, as are files that are not UTF-8.
+The last files in that order, the fewest that hold `HELD_OUT_BYTES` (64 KiB), are held out whatever the cap: they
+are the default text of `aoe-ep router-free` and of the upcycling figures, which no default run trains on.
 The corpus is tokenized once per tokenizer into `data.cache_dir/default_corpus/`, keyed by the tokenizer's identity
 and the list of files with their sizes, then read like any dataset prefix.
 """
@@ -29,8 +31,12 @@ from aoe_ep.data.tokenizer import Tokenizer
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
-def stdlib_sources(max_bytes: int, root: Optional[Path] = None) -> list[tuple[str, int]]:
-    """(path relative to the stdlib, size in bytes) of the corpus files, sorted, up to `max_bytes` in total."""
+HELD_OUT_BYTES = 65_536
+
+
+def library_sources(root: Optional[Path] = None) -> list[tuple[str, int]]:
+    """(path relative to the stdlib, size in bytes) of every file the corpus may use, held-out ones included,
+    sorted."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -39,7 +45,25 @@ def stdlib_sources(max_bytes: int, root: Optional[Path] = None) -> list[tuple[st
             if name.endswith(".py"):
                 path = Path(dirpath, name)
                 found.append((path.relative_to(root).as_posix(), path.stat().st_size))
-    found.sort()
+    return sorted(found)
+
+
+def held_out_start(found: list[tuple[str, int]]) -> int:
+    """Where the held-out files of `library_sources` begin: the fewest last files that hold HELD_OUT_BYTES (all
+    but the first, for a library smaller than that)."""
+    start, total = len(found), 0
+    while start > 1 and total < HELD_OUT_BYTES:
+        start -= 1
+        total += found[start][1]
+    return start
+
+
+def stdlib_sources(max_bytes: int, root: Optional[Path] = None) -> list[tuple[str, int]]:
+    """(path relative to the stdlib, size in bytes) of the corpus files, sorted, up to `max_bytes` in total; the
+    held-out files are never among them."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    found = library_sources(root)
+    found = found[: held_out_start(found)]
     chosen, total = [], 0
     for rel, size in found:
         if chosen and total + size > max_bytes:

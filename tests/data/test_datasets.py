@@ -5,6 +5,8 @@ import pickle
 import random
 import string
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +364,30 @@ def test_data_config_fields_are_validated(field, value, message):
 
     with pytest.raises(ConfigError, match=rf"data\.{field}: {message}"):
         DataConfig(**{field: value}).validate()
+
+
+def test_the_held_out_files_are_never_in_the_default_corpus(tmp_path):
+    """The fewest last files that hold 64 KiB are left out at any cap; `aoe-ep router-free`'s default text is
+    exactly their first 64 KiB, last file first."""
+    from aoe_ep.analysis.router_free import read_text_ids
+    from aoe_ep.data import default_corpus
+
+    root = tmp_path / "lib"
+    sizes = {f"m{i:02d}.py": 10_000 + 1_000 * i for i in range(20)}  # 20 files, 390 KB
+    for name, size in sizes.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n".ljust(size, "x"))
+    names = sorted(sizes)
+    corpus = [rel for rel, _ in default_corpus.stdlib_sources(10**12, root)]
+    held_out = names[len(corpus) :]
+    assert corpus == names[: len(corpus)] and held_out == ["m17.py", "m18.py", "m19.py"]
+    assert sum(sizes[n] for n in held_out) >= default_corpus.HELD_OUT_BYTES > sum(sizes[n] for n in held_out[1:])
+    assert [rel for rel, _ in default_corpus.stdlib_sources(50_000, root)] == names[:4]  # a cap below takes the first
+
+    stdlib = default_corpus.library_sources()
+    start = default_corpus.held_out_start(stdlib)
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    held_out_bytes = b"".join((lib / rel).read_bytes() for rel, _ in reversed(stdlib[start:]))
+    want = BYTE.encode(held_out_bytes[: default_corpus.HELD_OUT_BYTES].decode("utf-8", errors="ignore"))
+    assert read_text_ids(None, BYTE, default_corpus.HELD_OUT_BYTES) == want
+    assert {rel for rel, _ in default_corpus.stdlib_sources(10**12)}.isdisjoint(rel for rel, _ in stdlib[start:])

@@ -538,7 +538,8 @@ class TrainConfig:
             f"must be a positive integer (checkpoint every N-th block), got {self.ac_every!r}",
         )
         _require(isinstance(self.compile, bool), p + "compile", f"must be true or false, got {self.compile!r}")
-        # the selective policy picks the tensors to keep op by op, which compiled kernels do not expose
+        # selective recomputes through an op-level policy (a dense FFN) and saved-tensor hooks (attention), which
+        # a compiled graph's fused kernels do not run
         _require(
             not (self.compile and self.activation_checkpointing == "selective"),
             p + "compile",

@@ -15,6 +15,15 @@ from aoe_ep.train.interrupt import sigint_deferred
 from aoe_ep.train.optim import build_optimizer, build_scheduler
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler, as in a process started from a terminal, whatever this one inherited (a
+    shell's background job starts with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _ctrl_c() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 

@@ -213,6 +213,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, documents):
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # as from a terminal, whatever this process inherited: a shell's background job ignores SIGINT, and so would
+        # the child
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     latest = out_dir / "checkpoints" / "latest"
     while not latest.exists() and run.poll() is None:

@@ -137,13 +137,23 @@ def test_a_held_out_dir_is_refused_and_a_killed_holder_leaves_a_stale_lock(tmp_p
     lock.release()
 
 
+# A training command that imports everything first, says so, and starts once the go file exists: two of them start
+# their runs within the same few milliseconds, however long each took to import on a loaded machine.
+STARTS_ON_GO = (
+    "import sys, time; from pathlib import Path; from aoe_ep import cli; import aoe_ep.train.trainer; "
+    "print('ready', flush=True); go = Path(sys.argv[1]); "
+    "[time.sleep(0.005) for _ in iter(lambda: go.exists(), True)]; sys.exit(cli.main(sys.argv[2:]))"
+)
+
+
 def test_two_runs_started_together_in_one_out_dir(tmp_path, documents):
     """Both start at the same moment: one trains, the other stops at once with one line naming the holder; the
     log has one record per step and config.yaml is the winner's."""
-    out_dir = tmp_path / "run"
+    out_dir, go = tmp_path / "run", tmp_path / "go"
 
     def start(seed: int) -> subprocess.Popen:
         args = [
+            "train",
             "--config",
             "tiny",
             *_sets(
@@ -151,7 +161,7 @@ def test_two_runs_started_together_in_one_out_dir(tmp_path, documents):
                 f"data.paths=[{documents}]",
                 f"data.cache_dir={tmp_path}/cache{seed}",
                 f"train.seed={seed}",
-                "train.max_steps=2",
+                "train.max_steps=4",
                 "train.warmup_steps=1",
                 "train.eval_interval=2",
                 "train.eval_steps=1",
@@ -164,7 +174,7 @@ def test_two_runs_started_together_in_one_out_dir(tmp_path, documents):
         ]
         env = dict(os.environ, AOE_EP_ALLOCATOR="system")
         return subprocess.Popen(
-            [sys.executable, "-m", "aoe_ep.cli", "train", *args],
+            [sys.executable, "-c", STARTS_ON_GO, str(go), *args],
             env=env,
             text=True,
             stdout=subprocess.PIPE,
@@ -172,6 +182,8 @@ def test_two_runs_started_together_in_one_out_dir(tmp_path, documents):
         )
 
     runs = [start(1), start(2)]
+    assert [p.stdout.readline().strip() for p in runs] == ["ready", "ready"]
+    go.touch()
     results = [(p.returncode, *p.communicate(timeout=300)) for p in runs]
     results = [(p.returncode, out, err) for p, (_, out, err) in zip(runs, results)]
     codes = sorted(code for code, _, _ in results)
@@ -182,7 +194,7 @@ def test_two_runs_started_together_in_one_out_dir(tmp_path, documents):
     assert len(lines) == 1 and "in use by another run" in lines[0] and "Traceback" not in loser_err, loser_err
     assert f"pid {runs[winner].pid} on" in lines[0]
     records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert f"seed: {winner + 1}" in (out_dir / "config.yaml").read_text()
     assert not (out_dir / PID_NAME).exists()  # released by the winner's clean exit
     RunLock.acquire(out_dir).release()

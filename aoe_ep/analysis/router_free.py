@@ -59,6 +59,14 @@ def check_d_low(d_low: Optional[int], d_model: int, d_ffn: int) -> None:
         raise ValueError(f"--d-low {d_low}: must lie in [1, min(d_model={d_model}, d_ffn={d_ffn})]")
 
 
+def _check_node(node: str, nodes: tuple[str, ...], d_low: Optional[int]) -> None:
+    """`node` must be one of `nodes`, or `xWdown` when W_g is factorised (`d_low`)."""
+    nodes = nodes + ((LOW_RANK_NODE,) if d_low is not None else ())
+    if node not in nodes:
+        hint = f" ({LOW_RANK_NODE} needs d_low)" if node == LOW_RANK_NODE else ""
+        raise ValueError(f"node: {node!r} is not one of {', '.join(nodes)}{hint}")
+
+
 class RouterFreeMoE(nn.Module):
     """Stands in for a `MixtralSparseMoeBlock`, with its weights: every expert runs to `node`, the top-K by the
     `norm` of that activation finish. `tally` records the agreement with the block's router. With `d_low`, each
@@ -66,10 +74,7 @@ class RouterFreeMoE(nn.Module):
 
     def __init__(self, block: nn.Module, node: str, norm: str, gate: str, d_low: Optional[int] = None):
         super().__init__()
-        nodes = NODES + ((LOW_RANK_NODE,) if d_low is not None else ())
-        if node not in nodes:
-            hint = f" ({LOW_RANK_NODE} needs d_low)" if node == LOW_RANK_NODE else ""
-            raise ValueError(f"node: {node!r} is not one of {', '.join(nodes)}{hint}")
+        _check_node(node, NODES, d_low)
         if gate not in GATES:
             raise ValueError(f"gate: {gate!r} is not one of {', '.join(GATES)}")
         self.block, self.node, self.norm, self.gate = block, node, norm, gate
@@ -214,10 +219,7 @@ def evaluate_node(
 ) -> NodeResult:
     """Perplexity of `model` on the token ids with experts chosen at `node` (routers restored afterwards); with
     `d_low`, every W_g factorised at that rank (`router` is the checkpoint as trained whatever `d_low`)."""
-    nodes = ALL_NODES + ((LOW_RANK_NODE,) if d_low is not None else ())
-    if node not in nodes:
-        hint = f" ({LOW_RANK_NODE} needs d_low)" if node == LOW_RANK_NODE else ""
-        raise ValueError(f"node: {node!r} is not one of {', '.join(nodes)}{hint}")
+    _check_node(node, ALL_NODES, d_low)
     blocks = moe_blocks(model)
     originals = [getattr(layer, attr) for layer, attr in blocks]
     wrappers = [RouterTally(b) if node == "router" else RouterFreeMoE(b, node, norm, gate, d_low) for b in originals]

@@ -30,7 +30,6 @@ from torch import nn
 
 from aoe_ep.config import ConfigError
 from aoe_ep.moe import MoELayer
-from aoe_ep.moe.dispatcher import LocalDispatcher
 
 
 def _probe(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +64,7 @@ def compiled_methods(model: nn.Module) -> list[tuple[nn.Module, str]]:
         out.append((block, "mix"))
         if not isinstance(block.ffn, MoELayer):
             out.append((block.ffn, "forward"))
-        elif type(block.ffn.dispatcher) is LocalDispatcher:  # the expert-parallel dispatchers derive from it
+        elif block.ffn.dispatcher.ep_size == 1:  # under expert parallelism the gating's sums are collectives
             out.append((block.ffn, "gate"))
     return out
 
